@@ -1,0 +1,78 @@
+"""Shared plumbing for the benchmark scripts: where results go, timing, CSV and plots."""
+import csv
+import datetime
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def hardware_name() -> str:
+    """'NVIDIA-H200' on a GPU, else the CPU's name, as a folder-safe string."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or platform.machine() or "cpu")
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+
+
+def results_dir(out: str | None = None) -> Path:
+    """benchmarks/results/<hardware>-<date>/ unless `out` names another folder."""
+    path = Path(out) if out else RESULTS / f"{hardware_name()}-{datetime.date.today().isoformat()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
+    """Median milliseconds of fn(): CUDA events via triton's do_bench on a GPU, wall clock on the CPU."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup * 5, rep=reps * 5, return_mode="median")
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def plot_lines(rows: list[dict], x: str, y: str, series: str, path: Path, title: str, facet: str | None = None, logx: bool = True) -> Path:
+    """One line per value of `series`, one panel per value of `facet`; saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    facets = sorted({r[facet] for r in rows}, key=str) if facet else [None]
+    fig, axes = plt.subplots(1, len(facets), figsize=(5 * len(facets), 4), squeeze=False)
+    for ax, fval in zip(axes[0], facets):
+        sub = [r for r in rows if facet is None or r[facet] == fval]
+        for name in sorted({r[series] for r in sub}, key=str):
+            pts = sorted((r[x], r[y]) for r in sub if r[series] == name and r[y] not in (None, ""))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=str(name))
+        if logx:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(f"{facet}={fval}" if facet else title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

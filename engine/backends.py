@@ -1,0 +1,96 @@
+"""The op interface and the backend registry.
+
+A backend is a small object with the few ops the model needs. The model calls them and never
+looks at the backend's name, so a new backend is one class and one line in BACKENDS.
+
+    attention(q, k, v, causal, kv_start=None) -> [B, H, Sq, D]
+        q: [B, H, Sq, D]; k, v: [B, H, Sk, D], Sk >= Sq, causal mask bottom-right aligned;
+        kv_start: optional LongTensor[B], first real (non left-padding) position of each row.
+    layer_norm(x, weight, bias, eps) -> y
+    add_layer_norm(x, residual, weight, bias, eps) -> (layer_norm(x + residual), x + residual)
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from engine import reference
+
+
+class ReferenceBackend:
+    """The formulas, explicit and slow: the truth every other backend is checked against."""
+
+    name = "reference"
+
+    def attention(self, q, k, v, causal=True, kv_start=None):
+        return reference.attention(q, k, v, causal=causal, kv_start=kv_start)
+
+    def layer_norm(self, x, weight, bias, eps):
+        return reference.layer_norm(x, weight, bias, eps)
+
+    def add_layer_norm(self, x, residual, weight, bias, eps):
+        s = x + residual
+        return self.layer_norm(s, weight, bias, eps), s
+
+
+class TorchBackend(ReferenceBackend):
+    """What a user would pick instead: PyTorch's fused SDPA and LayerNorm."""
+
+    name = "torch"
+
+    def attention(self, q, k, v, causal=True, kv_start=None):
+        sq, sk = q.shape[-2], k.shape[-2]
+        if kv_start is None and (not causal or sq == sk):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        # SDPA's is_causal is top-left aligned; with a KV cache (Sq < Sk) or padding we pass
+        # the bottom-right aligned mask explicitly.
+        mask = reference.attention_mask(sq, sk, causal, kv_start, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def layer_norm(self, x, weight, bias, eps):
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+class TritonBackend(ReferenceBackend):
+    """Our kernels: flash attention and fused (residual-add +) LayerNorm from `kernels`."""
+
+    name = "triton"
+
+    def __init__(self):
+        if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError(
+                "backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels "
+                "slowly on the CPU, for tests); use backend 'torch' (the CPU default) or "
+                "'reference' instead"
+            )
+        try:
+            import kernels
+        except ImportError as err:
+            raise RuntimeError(f"backend 'triton' needs the Triton kernels: {err}") from err
+        self.kernels = kernels
+
+    def attention(self, q, k, v, causal=True, kv_start=None):
+        return self.kernels.flash_attention(q, k, v, causal=causal, kv_start=kv_start)
+
+    def layer_norm(self, x, weight, bias, eps):
+        return self.kernels.layer_norm(x, weight, bias, eps)
+
+    def add_layer_norm(self, x, residual, weight, bias, eps):
+        return self.kernels.add_layer_norm(x, residual, weight, bias, eps)
+
+
+BACKENDS = {"reference": ReferenceBackend, "torch": TorchBackend, "triton": TritonBackend}
+
+
+def resolve_name(name: str, device=None) -> str:
+    """'auto' means triton on CUDA, torch elsewhere."""
+    if name == "auto":
+        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        return "triton" if on_cuda else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+    return name
+
+
+def get_backend(name: str, device=None):
+    return BACKENDS[resolve_name(name, device)]()

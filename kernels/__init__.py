@@ -1,0 +1,4 @@
+"""Triton kernels, importable on their own (nothing here imports `engine`).
+
+    from kernels import flash_attention, layer_norm, add_layer_norm, LayerNorm
+"""
