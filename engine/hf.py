@@ -1,0 +1,369 @@
+"""Hugging Face interop: GPT-2 weights in and out, and our kernels inside HF models.
+
+    gpt = from_hf("path/to/gpt2")            # a local HF folder, or a GPT2LMHeadModel object
+    hf_model = to_hf(gpt)                    # a transformers GPT2LMHeadModel with the same weights
+    export(gpt, tokenizer, "out/")           # a folder AutoModelForCausalLM.from_pretrained loads
+    patch(hf_model, backend="triton")        # our LayerNorm and attention inside the HF model
+    unpatch(hf_model)                        # back to what it was
+
+The two models hold the same numbers under different names and layouts: HF's GPT-2 keeps
+its projections in `Conv1D` modules whose weight is [in, out], ours are nn.Linear [out, in],
+so those four weights per block are transposed; the names are otherwise nanoGPT's (HF files
+saved from GPT2Model lack the "transformer." prefix). Nothing is ever downloaded, and reading
+a folder needs no `transformers` (only safetensors / torch); to_hf, export and patch need it.
+
+patch(): LayerNorm modules get a forward that calls the backend's layer_norm (same
+parameters, so the state_dict is unchanged). Attention goes through transformers'
+AttentionInterface: our function is registered under "llm_engine_<backend>" and the model's
+attention implementation set to it. HF hands attention functions an optional mask; our
+kernels take only `causal` and `kv_start` (left padding), so the mask is read once per
+forward:
+  - None or purely causal             -> our kernel;
+  - exactly left padding              -> our kernel with kv_start (the number of pad tokens);
+  - anything else (right padding, holes, a bias), attention dropout in training, or
+    output_attentions                 -> HF's SDPA function, with a warning once per patch.
+With left padding, the outputs at the padding positions differ from HF's (our padding queries
+attend to padding keys, HF's to nothing); every real position matches.
+"""
+import json
+import math
+import shutil
+import tempfile
+import types
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from engine import reference
+from engine.backends import get_backend
+from engine.config import GPTConfig
+from engine.model import GPT
+
+# GPT2Config's defaults: HF writes config.json with only the fields that differ from them.
+GPT2_DEFAULTS = dict(
+    vocab_size=50257,
+    n_positions=1024,
+    n_embd=768,
+    n_layer=12,
+    n_head=12,
+    n_inner=None,
+    activation_function="gelu_new",
+    layer_norm_epsilon=1e-5,
+    scale_attn_weights=True,
+    scale_attn_by_inverse_layer_idx=False,
+    reorder_and_upcast_attn=False,
+    add_cross_attention=False,
+    tie_word_embeddings=True,
+)
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation, like ours
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # old transformers' causal-mask buffers, not weights
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights in
+# ---------------------------------------------------------------------------------------------
+def config_from_hf(hf_config: dict) -> GPTConfig:
+    """GPTConfig from a GPT-2 config (config.json's dict); ValueError naming any field we can't run."""
+    c = {**GPT2_DEFAULTS, **hf_config}
+    model_type = c.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"config.json: model_type is {model_type!r}; only 'gpt2' checkpoints are supported")
+    if c["activation_function"] not in TANH_GELUS:
+        raise ValueError(f"config.json: activation_function must be one of {TANH_GELUS}, got {c['activation_function']!r}")
+    if c["n_inner"] not in (None, 4 * c["n_embd"]):
+        raise ValueError(f"config.json: n_inner must be null or 4*n_embd={4 * c['n_embd']}, got {c['n_inner']}")
+    expected = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
+                    add_cross_attention=False, tie_word_embeddings=True)
+    for name, value in expected.items():
+        if bool(c[name]) != value:
+            raise ValueError(f"config.json: {name}={c[name]!r} is not supported (GPT-2 as we run it needs {value})")
+    return GPTConfig(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
+                     n_embd=c["n_embd"], dropout=0.0, bias=True, layer_norm_epsilon=c["layer_norm_epsilon"])
+
+
+def state_dict_from_hf(hf_state: dict, source: str = "model") -> dict:
+    """Our names and layouts for HF GPT-2 tensors (with or without the "transformer." prefix)."""
+    ours, head = {}, None
+    for key, tensor in hf_state.items():
+        if key.endswith(HF_BUFFERS):
+            continue
+        if key == "lm_head.weight":
+            head = tensor
+            continue
+        name = key if key.startswith("transformer.") else "transformer." + key
+        ours[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+    wte = ours.get("transformer.wte.weight")
+    if head is not None and wte is not None and (head.shape != wte.shape or not torch.equal(head, wte)):
+        raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight; only tied embeddings are supported")
+    return ours
+
+
+def _read_weights(folder: Path) -> dict:
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(folder / "model.safetensors")
+    if (folder / "model.safetensors.index.json").is_file():  # sharded
+        from safetensors.torch import load_file
+
+        shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)  # can't run code
+    raise FileNotFoundError(f"{folder}: no weights; expected one of {list(WEIGHT_FILES)}")
+
+
+def from_hf(model_or_folder, backend: str = "auto") -> GPT:
+    """Our GPT from a Hugging Face GPT-2: a GPT2LMHeadModel (or GPT2Model) object, or a local
+    folder holding config.json and model.safetensors or pytorch_model.bin. Weights come out fp32."""
+    if isinstance(model_or_folder, nn.Module):
+        hf_config, hf_state, source = model_or_folder.config.to_dict(), model_or_folder.state_dict(), "model"
+    else:
+        folder = Path(model_or_folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not a folder (expected a Hugging Face GPT-2 checkpoint folder)")
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face GPT-2 checkpoint: "
+                                    f"config.json + one of {list(WEIGHT_FILES)})")
+        hf_config, source = json.loads((folder / "config.json").read_text()), str(folder)
+        config_from_hf(hf_config)  # reject an unsupported model before reading gigabytes of weights
+        hf_state = _read_weights(folder)
+    config = config_from_hf(hf_config)
+    gpt = GPT(config, backend=backend)
+    state = state_dict_from_hf(hf_state, source)
+    expected = set(gpt.state_dict()) - {"lm_head.weight"}  # the head is wte, tied
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source}: the weights don't match a GPT-2 with n_layer={config.n_layer}: "
+                         f"missing {_few(missing)}, unexpected {_few(unexpected)}")
+    with torch.no_grad():
+        gpt.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
+    return gpt
+
+
+def _few(names, n=6):
+    return f"{names[:n]}{f' (+{len(names) - n} more)' if len(names) > n else ''}"
+
+
+def load_hf(folder, backend: str = "auto"):
+    """(GPT, Tokenizer or None) from a local HF GPT-2 folder: what `--hf PATH` loads.
+    The tokenizer is the folder's tokenizer.json as is; None when there is none."""
+    from engine.tokenizer import Tokenizer
+
+    model = from_hf(folder, backend=backend)
+    tokenizer = Tokenizer.load(folder) if (Path(folder) / "tokenizer.json").is_file() else None
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size} (vocab_size)")
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights out
+# ---------------------------------------------------------------------------------------------
+def to_hf(gpt: GPT, **config_overrides):
+    """A transformers GPT2LMHeadModel holding a copy of gpt's weights (same device and dtype).
+    config_overrides go to GPT2Config (e.g. bos_token_id / eos_token_id)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = gpt.config
+    if not c.bias:
+        raise ValueError("to_hf: GPT-2 always has biases; this model has config.bias=False")
+    eos = 50256 if c.vocab_size == 50257 else None  # GPT-2's <|endoftext|>; unknown for other vocabularies
+    hf_config = GPT2Config(**{
+        **dict(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+               n_head=c.n_head, layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
+               resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=0.0,  # we have no attention dropout
+               bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True),
+        **config_overrides,
+    })
+    hf = GPT2LMHeadModel(hf_config)
+    state = {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v) for k, v in gpt.state_dict().items()}
+    with torch.no_grad():
+        hf.load_state_dict(state)
+    wte = gpt.transformer.wte.weight
+    return hf.to(device=wte.device, dtype=wte.dtype).eval()
+
+
+def export(model: GPT, tokenizer, out_folder):
+    """Write a folder transformers loads (AutoModelForCausalLM / AutoTokenizer.from_pretrained):
+    config.json, model.safetensors, generation_config.json, and with a tokenizer its
+    tokenizer.json + tokenizer_config.json. Written to a temporary folder, then renamed."""
+    out = Path(out_folder)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"export: {out} exists and is not an empty folder")
+    ids = {}
+    if tokenizer is not None:
+        from engine.tokenizer import BOS
+
+        bos = tokenizer.special_ids.get(BOS)
+        ids = dict(bos_token_id=bos, eos_token_id=bos)
+    hf = to_hf(model, **ids)
+    if tokenizer is not None and tokenizer.has_chat_tokens:  # a chat model's reply ends with <|end|>
+        hf.generation_config.eos_token_id = [tokenizer.end_id, tokenizer.bos_id]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf.save_pretrained(tmp)
+        if tokenizer is not None:
+            from transformers import PreTrainedTokenizerFast
+
+            from engine.tokenizer import BOS
+
+            tokenizer.save(tmp / "tokenizer.json")
+            special = dict(bos_token=BOS, eos_token=BOS) if BOS in tokenizer.special_ids else {}
+            PreTrainedTokenizerFast(tokenizer_file=str(tmp / "tokenizer.json"), **special).save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Our kernels inside a Hugging Face model
+# ---------------------------------------------------------------------------------------------
+PATCH_ATTR = "_llm_engine_patch"  # on a patched model: what unpatch restores
+
+
+def attention_plan(mask, sq: int, sk: int, causal: bool):
+    """How our kernel runs HF's attention mask: (causal, kv_start or None, keys to use), or None
+    when the mask is none of: absent, causal, causal with left padding, all-visible.
+
+    mask: None, a boolean [B|1, 1|H, Sq, Sk] (True = attend) or an additive float one (0 = attend).
+    """
+    if mask is None:  # HF's SDPA conventions for a missing mask
+        if sq == 1:
+            return False, None, sk  # one new query sees every cached key
+        if causal and sk > sq:
+            return True, None, sq  # a static cache's prefill: keys past the queries are empty slots
+        return causal, None, sk
+    if mask.shape[-2:] != (sq, sk):
+        return None
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        blocked = mask <= torch.finfo(mask.dtype).min / 2  # -inf or dtype-min: HF's "masked"
+        if not ((mask == 0) | blocked).all():
+            return None  # a real additive bias (ALiBi-like): our kernels don't add one
+        allowed = ~blocked
+    if allowed.shape[1] != 1 and not (allowed == allowed[:, :1]).all():
+        return None  # per-head masks
+    allowed = allowed[:, 0]  # [B|1, Sq, Sk]
+    if allowed.all():
+        return False, None, sk
+    if not causal:
+        return None
+    # Left padding: the last query sees every real key, so its leading blocked keys are the padding.
+    kv_start = (~allowed[:, -1]).long().cumprod(-1).sum(-1)  # [B|1]
+    expected = reference.attention_mask(sq, sk, True, kv_start, device=mask.device)[:, 0]
+    real_query = torch.arange(sk - sq, sk, device=mask.device)[None, :, None] >= kv_start[:, None, None]
+    if not ((allowed == expected) | ~real_query).all():  # padding queries' rows are free
+        return None
+    return True, (kv_start if kv_start.any() else None), sk
+
+
+def _make_attention(ops):
+    """An AttentionInterface function running `ops.attention`, with HF's SDPA as the fallback."""
+    from transformers import AttentionInterface
+
+    sdpa = AttentionInterface._global_mapping["sdpa"]
+    warned, last = set(), {}
+
+    def fallback(reason, module, query, key, value, mask, **kwargs):
+        if reason not in warned:
+            warned.add(reason)
+            warnings.warn(f"llm_engine patch: {reason}; this attention runs on transformers' SDPA instead of "
+                          f"the {ops.name!r} backend", stacklevel=3)
+        return sdpa(module, query, key, value, mask, **kwargs)
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        kwargs = dict(kwargs, dropout=dropout, scaling=scaling)
+        if dropout > 0:
+            return fallback("attention dropout is on (training with attn_pdrop > 0)", module, query, key, value,
+                            attention_mask, **kwargs)
+        if kwargs.get("output_attentions"):
+            return fallback("output_attentions needs the attention weights", module, query, key, value,
+                            attention_mask, **kwargs)
+        sq, sk = query.shape[-2], key.shape[-2]
+        causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
+        if last.get("mask", ()) is not attention_mask or last["shape"] != (sq, sk, causal):
+            # every layer gets the same mask object: read it (a device sync) once per forward
+            last.update(mask=attention_mask, shape=(sq, sk, causal), plan=attention_plan(attention_mask, sq, sk, causal))
+        if last["plan"] is None:
+            return fallback("the attention mask is not causal with left padding", module, query, key, value,
+                            attention_mask, **kwargs)
+        causal, kv_start, keys = last["plan"]
+        d = query.shape[-1]
+        if scaling is not None and not math.isclose(scaling, d ** -0.5, rel_tol=1e-6):
+            query = query * (scaling * math.sqrt(d))  # our kernels scale by 1/sqrt(d)
+        out = ops.attention(query, key[:, :, :keys], value[:, :, :keys], causal=causal, kv_start=kv_start)
+        return out.transpose(1, 2), None  # HF wants [B, S, H, D] and the (absent) weights
+
+    return attention
+
+
+def _layer_norm_forward(ops):
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    return forward
+
+
+def _set_attn_implementation(hf_model, name):
+    if hasattr(hf_model, "set_attn_implementation"):
+        hf_model.set_attn_implementation(name)
+    else:
+        hf_model.config._attn_implementation = name
+
+
+def patch(hf_model, backend: str = "triton"):
+    """Run a loaded Hugging Face GPT-2's LayerNorms and attention on our backend ("triton",
+    "torch", "reference"). Weights and state_dict are untouched; `unpatch` undoes it. Returns
+    the model. See the module docstring for which attention masks fall back to SDPA."""
+    import transformers
+
+    if getattr(hf_model.config, "model_type", None) != "gpt2":
+        raise ValueError(f"patch: expected a Hugging Face GPT-2 model, got model_type "
+                         f"{getattr(hf_model.config, 'model_type', None)!r}")
+    from transformers.models.gpt2 import modeling_gpt2
+
+    if not hasattr(transformers, "AttentionInterface") or not hasattr(modeling_gpt2, "ALL_ATTENTION_FUNCTIONS"):
+        raise RuntimeError(f"patch needs a transformers whose GPT-2 dispatches attention through "
+                           f"transformers.AttentionInterface (4.48 or newer); installed: {transformers.__version__}")
+    ops = get_backend(backend)  # raises, with the reason, when the backend can't run here
+    if getattr(hf_model, PATCH_ATTR, None) is not None:
+        unpatch(hf_model)
+    name = f"llm_engine_{ops.name}"
+    transformers.AttentionInterface.register(name, _make_attention(ops))
+    try:  # transformers >= 4.53 builds masks per implementation: ours wants SDPA's (boolean, or None if causal)
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionMaskInterface.register(name, sdpa_mask)
+    except ImportError:
+        pass  # older versions build the mask in the model and pass it to any implementation
+    previous = hf_model.config._attn_implementation
+    _set_attn_implementation(hf_model, name)
+    layer_norms = [m for m in hf_model.modules() if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1]
+    for m in layer_norms:
+        m.forward = types.MethodType(_layer_norm_forward(ops), m)
+    setattr(hf_model, PATCH_ATTR, dict(attn_implementation=previous, layer_norms=layer_norms))
+    return hf_model
+
+
+def unpatch(hf_model):
+    """Undo `patch`: HF's own attention implementation and LayerNorm forward again."""
+    state = getattr(hf_model, PATCH_ATTR, None)
+    if state is None:
+        raise ValueError("unpatch: this model is not patched (engine.hf.patch was not called on it)")
+    _set_attn_implementation(hf_model, state["attn_implementation"])
+    for m in state["layer_norms"]:
+        del m.forward
+    delattr(hf_model, PATCH_ATTR)
+    return hf_model
