@@ -2,3 +2,4 @@
 
     from kernels import flash_attention, layer_norm, add_layer_norm, LayerNorm
 """
+from kernels.layernorm import LayerNorm, add_layer_norm, layer_norm

@@ -1,0 +1,382 @@
+"""Fused LayerNorm, and residual add + LayerNorm, in Triton: forward and backward.
+
+    y = (s - mean(s)) * rstd * weight + bias,  rstd = 1 / sqrt(var(s) + eps),  over the last dim
+    s = x                 (layer_norm)
+    s = x + residual      (add_layer_norm: s is written once, for the residual stream)
+
+Statistics are computed in fp32 whatever the input dtype; mean and rstd are saved for the
+backward. A row that fits in registers is read once; a longer one (N above the table's
+largest block) is streamed in chunks, with the chunk statistics merged by Chan's formula.
+
+Backward: dx in one pass over each row. dweight and dbias in two stages: each program walks
+its rows and sums dy * xhat and dy into its own fp32 partial row, then a small kernel adds
+the partial rows in a fixed order. No atomics, so the gradients are bitwise reproducible.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_N = 65536  # largest feature size; the chunked path is written for it
+
+
+@triton.jit
+def _load_s(X, R, S, rows, c, mask, stride_xm, stride_rm, stride_sm, HAS_RESIDUAL: tl.constexpr):
+    """A [ROWS, BLOCK_N] tile of s in fp32; with a residual, also stores s = x + residual."""
+    s = tl.load(X + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_rm + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Round to s's dtype first: y must be the LayerNorm of the s that is handed back.
+        s_out = (s + r).to(S.dtype.element_ty)
+        tl.store(S + rows[:, None] * stride_sm + c[None, :], s_out, mask=mask)
+        s = s_out.to(tl.float32)
+    return s
+
+
+@triton.jit
+def _store_y(Y, W, B, rows, c, mask, xhat, N, stride_ym, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    y = xhat
+    if HAS_WEIGHT:
+        y = y * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_ym + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ln_fwd_kernel(
+    X, R, S, Y, W, B, Mean, Rstd,
+    stride_xm, stride_rm, stride_sm, stride_ym,
+    M, N, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr,
+):
+    """ROWS rows per program. Not CHUNKED: the row is one tile held in registers."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
+    rows = rows.to(tl.int64)  # row * stride can pass 2**31 on large batches
+    cols = tl.arange(0, BLOCK_N)
+    if CHUNKED:
+        # Pass 1: exact mean and sum of squared deviations per chunk, merged into the
+        # running ones (Chan et al.): no cancellation, unlike sum(x^2) - sum(x)^2.
+        mean = tl.zeros([ROWS], dtype=tl.float32)
+        m2 = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_ok[:, None] & (c < N)[None, :]
+            s = _load_s(X, R, S, rows, c, mask, stride_xm, stride_rm, stride_sm, HAS_RESIDUAL)
+            n_a = start * 1.0  # float(start), also when the interpreter hands a Python int
+            n_b = tl.minimum(N - start, BLOCK_N) * 1.0
+            mean_b = tl.sum(s, axis=1) / n_b
+            d = tl.where(mask, s - mean_b[:, None], 0.0)
+            delta = mean_b - mean
+            mean += delta * (n_b / (n_a + n_b))
+            m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+        rstd = tl.rsqrt(m2 / N + eps)
+        # Pass 2: normalise; s comes back from L2 (from S when we just wrote it).
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_ok[:, None] & (c < N)[None, :]
+            if HAS_RESIDUAL:
+                s = tl.load(S + rows[:, None] * stride_sm + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            else:
+                s = tl.load(X + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            xhat = (s - mean[:, None]) * rstd[:, None]
+            _store_y(Y, W, B, rows, c, mask, xhat, N, stride_ym, HAS_WEIGHT, HAS_BIAS)
+    else:
+        mask = row_ok[:, None] & (cols < N)[None, :]
+        s = _load_s(X, R, S, rows, cols, mask, stride_xm, stride_rm, stride_sm, HAS_RESIDUAL)
+        mean = tl.sum(s, axis=1) / N
+        d = tl.where(mask, s - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(d * d, axis=1) / N + eps)
+        _store_y(Y, W, B, rows, cols, mask, d * rstd[:, None], N, stride_ym, HAS_WEIGHT, HAS_BIAS)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _ln_bwd_dx_kernel(
+    X, W, DY, DS, DX, Mean, Rstd, DW_partial, DB_partial,
+    stride_xm, stride_dym, stride_dsm, stride_dxm,
+    M, N,
+    HAS_DS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr,
+):
+    """dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)) (+ ds, the gradient that
+    reaches s directly in add_layer_norm). Program p takes row blocks p, p + P, p + 2P, ...
+    and sums dy * xhat and dy over them into row p of DW_partial and DB_partial."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    if not CHUNKED:
+        col_ok = cols < N
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for first in range(pid * ROWS, M, tl.num_programs(0) * ROWS):
+        rows = first + tl.arange(0, ROWS)
+        row_ok = rows < M
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)[:, None]
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)[:, None]
+        rows = rows.to(tl.int64)
+        if CHUNKED:
+            # The row does not fit in registers: one pass for the two row sums, one for dx,
+            # adding into this program's own partial rows (still deterministic).
+            sum_xw = tl.zeros([ROWS], dtype=tl.float32)
+            sum_w = tl.zeros([ROWS], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = row_ok[:, None] & (c < N)[None, :]
+                x = tl.load(X + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                wdy = tl.load(DY + rows[:, None] * stride_dym + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_WEIGHT:
+                    wdy *= tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
+                sum_xw += tl.sum((x - mean) * rstd * wdy, axis=1)
+                sum_w += tl.sum(wdy, axis=1)
+            c1 = (sum_xw / N)[:, None]
+            c2 = (sum_w / N)[:, None]
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = row_ok[:, None] & (c < N)[None, :]
+                x = tl.load(X + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + rows[:, None] * stride_dym + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                xhat = (x - mean) * rstd
+                wdy = dy
+                if HAS_WEIGHT:
+                    wdy = dy * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
+                    tl.store(DW_partial + pid * N + c, tl.load(DW_partial + pid * N + c, mask=c < N) + tl.sum(dy * xhat, axis=0), mask=c < N)
+                if HAS_BIAS:
+                    tl.store(DB_partial + pid * N + c, tl.load(DB_partial + pid * N + c, mask=c < N) + tl.sum(dy, axis=0), mask=c < N)
+                dx = (wdy - (xhat * c1 + c2)) * rstd
+                if HAS_DS:
+                    dx += tl.load(DS + rows[:, None] * stride_dsm + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + rows[:, None] * stride_dxm + c[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        else:
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            xhat = (x - mean) * rstd  # padding lanes hold garbage, but dy = 0 there
+            wdy = dy
+            if HAS_WEIGHT:
+                wdy = dy * w
+                dw += dy * xhat
+            if HAS_BIAS:
+                db += dy
+            c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
+            c2 = tl.sum(wdy, axis=1)[:, None] / N
+            dx = (wdy - (xhat * c1 + c2)) * rstd
+            if HAS_DS:
+                dx += tl.load(DS + rows[:, None] * stride_dsm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if not CHUNKED:
+        if HAS_WEIGHT:
+            tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+        if HAS_BIAS:
+            tl.store(DB_partial + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _ln_bwd_reduce_kernel(Partial, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Out[c] = sum over p of Partial[p, c], always in the same order."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for first in range(0, P, BLOCK_P):
+        p = first + tl.arange(0, BLOCK_P)
+        mask = (p < P)[:, None] & (cols < N)[None, :]
+        acc += tl.load(Partial + p[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < N)
+
+
+# Launch table, one entry per block size (BLOCK_N, rows per program, warps); a row of N
+# features takes the smallest unchunked entry with BLOCK_N >= N, else the chunked one.
+# Rows per program keep about 2048 elements per program when rows are short; warps grow
+# with the block so each thread holds 8 to 16 fp32 values per tensor (no spills).
+_FWD_CONFIGS = (
+    (64, 32, 4, False), (128, 16, 4, False), (256, 8, 4, False), (512, 4, 4, False),
+    (1024, 2, 4, False), (2048, 1, 4, False), (4096, 1, 8, False), (8192, 1, 16, False),
+    (16384, 1, 16, False), (4096, 1, 8, True),
+)
+_BWD_CONFIGS = (
+    (64, 32, 4, False), (128, 16, 4, False), (256, 8, 4, False), (512, 4, 4, False),
+    (1024, 2, 4, False), (2048, 1, 4, False), (4096, 1, 8, False), (8192, 1, 16, False),
+    (4096, 1, 8, True),
+)
+_REDUCE_CONFIG = (32, 128, 4)  # BLOCK_P, BLOCK_C, warps
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _pick(table, n):
+    return next(cfg for cfg in table if cfg[3] or cfg[0] >= n)
+
+
+def aot_configs() -> list[dict]:
+    """Every shipped launch configuration of this module's kernels, for kernels/compile.py.
+
+    Compiled in the heaviest variant (weight, bias and residual / ds on); the fp32 and bf16
+    builds bracket the register use of all dtypes."""
+    configs = []
+    for dtype in ("bf16", "fp32"):
+        ptr = f"*{dtype}"
+        for block_n, rows, warps, chunked in _FWD_CONFIGS:
+            sig = {"X": ptr, "R": ptr, "S": ptr, "Y": ptr, "W": ptr, "B": ptr, "Mean": "*fp32", "Rstd": "*fp32",
+                   "stride_xm": "i32", "stride_rm": "i32", "stride_sm": "i32", "stride_ym": "i32",
+                   "M": "i32", "N": "i32", "eps": "fp32"}
+            constexprs = {"HAS_RESIDUAL": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
+                          "ROWS": rows, "BLOCK_N": block_n, "CHUNKED": chunked}
+            configs.append(_aot_entry("ln_fwd", _ln_fwd_kernel, sig, constexprs, warps, dtype))
+        for block_n, rows, warps, chunked in _BWD_CONFIGS:
+            sig = {"X": ptr, "W": ptr, "DY": ptr, "DS": ptr, "DX": ptr, "Mean": "*fp32", "Rstd": "*fp32",
+                   "DW_partial": "*fp32", "DB_partial": "*fp32",
+                   "stride_xm": "i32", "stride_dym": "i32", "stride_dsm": "i32", "stride_dxm": "i32",
+                   "M": "i32", "N": "i32"}
+            constexprs = {"HAS_DS": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
+                          "ROWS": rows, "BLOCK_N": block_n, "CHUNKED": chunked}
+            configs.append(_aot_entry("ln_bwd_dx", _ln_bwd_dx_kernel, sig, constexprs, warps, dtype))
+        block_p, block_c, warps = _REDUCE_CONFIG
+        sig = {"Partial": "*fp32", "Out": ptr, "P": "i32", "N": "i32"}
+        constexprs = {"BLOCK_P": block_p, "BLOCK_C": block_c}
+        configs.append(_aot_entry("ln_bwd_reduce", _ln_bwd_reduce_kernel, sig, constexprs, warps, dtype))
+    return configs
+
+
+def _aot_entry(kernel, fn, signature, constexprs, warps, dtype):
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    shape = " ".join(f"{k}={int(v)}" for k, v in constexprs.items() if not k.startswith("HAS_"))
+    return {"kernel": kernel, "fn": fn, "signature": signature, "constexprs": constexprs,
+            "num_warps": warps, "num_stages": 1, "archs": (80, 90), "wgmma": False,
+            "config": f"{dtype} {shape} w{warps}"}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs, each walking several row blocks
+
+
+def _as_rows(t, n):
+    """A [M, N] view of t with unit stride along N (copied only when it has to be)."""
+    t = t.reshape(-1, n)
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _check(x, residual, weight, bias):
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x.dtype must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() == 0 or not 1 <= x.shape[-1] <= MAX_N:
+        raise ValueError(f"x.shape[-1] (the feature size N) must be between 1 and {MAX_N}, got shape {tuple(x.shape)}")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual.shape must equal x.shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype not in _DTYPES or residual.device != x.device:
+            raise ValueError(f"residual must be a float32/float16/bfloat16 tensor on {x.device}, got {residual.dtype} on {residual.device}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (p.shape != x.shape[-1:] or p.device != x.device):
+            raise ValueError(f"{name} must have shape ({x.shape[-1]},) on {x.device}, got {tuple(p.shape)} on {p.device}")
+
+
+def _forward(x, residual, weight, bias, eps):
+    """Returns y, s (the [M, N] tensor that was normalised) and the fp32 mean and rstd."""
+    _check(x, residual, weight, bias)
+    n = x.shape[-1]
+    x2 = _as_rows(x, n)
+    m = x2.shape[0]
+    if residual is None:
+        r2, s2 = x2, x2
+    else:
+        r2 = _as_rows(residual, n)
+        s2 = torch.empty((m, n), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    y = torch.empty((m, n), dtype=s2.dtype, device=x.device)
+    mean = torch.empty(m, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        block_n, rows, warps, chunked = _pick(_FWD_CONFIGS, n)
+        w = weight.contiguous() if weight is not None else x2  # any pointer; never read
+        b = bias.contiguous() if bias is not None else x2
+        _ln_fwd_kernel[(triton.cdiv(m, rows),)](
+            x2, r2, s2, y, w, b, mean, rstd,
+            x2.stride(0), r2.stride(0), s2.stride(0), y.stride(0),
+            m, n, eps,
+            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            ROWS=rows, BLOCK_N=block_n, CHUNKED=chunked, num_warps=warps,
+        )
+    return y, s2, mean, rstd
+
+
+def _backward(dy, ds, s2, weight, bias, mean, rstd):
+    """Returns dx (the gradient of s, ds included) as [M, N], dweight and dbias."""
+    m, n = s2.shape
+    dy2 = _as_rows(dy, n)
+    ds2 = _as_rows(ds, n) if ds is not None else dy2
+    dx = torch.empty((m, n), dtype=s2.dtype, device=s2.device)
+    block_n, rows, warps, chunked = _pick(_BWD_CONFIGS, n)
+    # Enough programs to fill the GPU (about 32 warps per SM); each walks several row blocks.
+    progs = max(1, min(triton.cdiv(m, rows), _num_sms(s2.device) * max(1, 32 // warps)))
+    alloc = torch.zeros if chunked else torch.empty  # the chunked path adds into its partial rows
+    dw_part = alloc((progs, n), dtype=torch.float32, device=s2.device) if weight is not None else mean
+    db_part = alloc((progs, n), dtype=torch.float32, device=s2.device) if bias is not None else mean
+    if m:
+        _ln_bwd_dx_kernel[(progs,)](
+            s2, weight if weight is not None else s2, dy2, ds2, dx, mean, rstd, dw_part, db_part,
+            s2.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0),
+            m, n,
+            HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            ROWS=rows, BLOCK_N=block_n, CHUNKED=chunked, num_warps=warps,
+        )
+    dweight = _reduce_partials(dw_part, weight) if weight is not None else None
+    dbias = _reduce_partials(db_part, bias) if bias is not None else None
+    return dx, dweight, dbias
+
+
+def _reduce_partials(partial, param):
+    out = torch.empty_like(param)
+    progs, n = partial.shape
+    block_p, block_c, warps = _REDUCE_CONFIG
+    _ln_bwd_reduce_kernel[(triton.cdiv(n, block_c),)](partial, out, progs, n, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
+    return out
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    """layer_norm(x) -> y, or with a residual: (layer_norm(x + residual), x + residual)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        y, s2, mean, rstd = _forward(x, residual, weight, bias, eps)
+        ctx.save_for_backward(s2, weight, bias, mean, rstd)
+        ctx.input_dtypes = (x.dtype, residual.dtype if residual is not None else None)
+        if residual is None:
+            return y.view(x.shape)
+        return y.view(x.shape), s2.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        s2, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias = _backward(dy, ds, s2, weight, bias, mean, rstd)
+        dx = dx.view(dy.shape)
+        x_dtype, r_dtype = ctx.input_dtypes
+        # s = x + residual: both inputs get the same gradient (in their own dtypes).
+        dres = dx.to(r_dtype) if r_dtype is not None else None
+        return dx.to(x_dtype), dres, dweight, dbias, None
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the last dimension of x (any leading shape); weight and bias optional."""
+    return _LayerNormFunction.apply(x, None, weight, bias, eps)
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
+    """(layer_norm(x + residual), x + residual) in one pass; differentiable in both outputs."""
+    return _LayerNormFunction.apply(x, residual, weight, bias, eps)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """Drop-in for torch.nn.LayerNorm (same arguments, parameters, state_dict keys, repr)."""
+
+    def forward(self, x):
+        k = len(self.normalized_shape)
+        if tuple(x.shape[-k:]) != tuple(self.normalized_shape):
+            raise ValueError(f"input's last {k} dims must be {tuple(self.normalized_shape)}, got shape {tuple(x.shape)}")
+        # LayerNorm over the last k dims is LayerNorm over them flattened into one.
+        flat = lambda p: p.reshape(-1) if p is not None else None  # noqa: E731
+        return layer_norm(x.flatten(-k) if k > 1 else x, flat(self.weight), flat(self.bias), self.eps).view(x.shape)
