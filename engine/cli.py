@@ -1,0 +1,234 @@
+"""`llm-engine` (also `python -m engine`): pretrain, finetune, generate, chat, eval, demo."""
+import argparse
+import json
+import sys
+from dataclasses import fields, replace
+
+TRAIN_HELP = {
+    "max_steps": "optimizer steps to train for (the schedule's length)",
+    "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final learning rate as a fraction of --lr (cosine decay)",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay on matrices and embeddings",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the global gradient norm to this (0 = off)",
+    "eval_every": "steps between validation losses",
+    "eval_batches": "batches per validation",
+    "save_every": "steps between checkpoints (one is also written at the end and on Ctrl-C)",
+    "seed": "seed of the data order and of the weights' initialisation",
+}
+
+
+def add_train_flags(p, defaults: dict):
+    from engine.train import TrainConfig
+
+    for f in fields(TrainConfig):
+        default = defaults.get(f.name, f.default)
+        required = f.name == "max_steps" and default is f.default
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.name != "max_steps" else int,
+                       default=None if required else default, required=required,
+                       help=TRAIN_HELP[f.name] + ("" if required else f" (default {default})"))
+
+
+def add_runtime_flags(p):
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "torch", "triton"],
+                   help="ops implementation: auto = triton on CUDA, torch elsewhere (default auto)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto: cuda when available")
+
+
+def add_model_source(p, flag="--ckpt"):
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument(flag, dest="ckpt", metavar="DIR", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    g.add_argument("--hf", metavar="PATH", help="a local Hugging Face GPT-2 folder (config.json + weights)")
+
+
+def add_sampling_flags(p, max_new_tokens=256):
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this much mass (default 1.0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (default 0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: fresh each run)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default {max_new_tokens})")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-engine", description="Pretrain, fine-tune and run GPT-style language models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="train a model from scratch on raw text", description="Train a tokenizer and a GPT from scratch on raw text.")
+    p.add_argument("--data", required=True, metavar="PATH|builtin", help="a .txt file, a folder of .txt files, or 'builtin' (the synthetic world)")
+    p.add_argument("--preset", default="tiny", help="model size: tiny, small, gpt2, gpt2-medium, ... (default tiny)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, metrics.jsonl, token files")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the preset's)")
+    p.add_argument("--block-size", type=int, default=None, help="context length (default: the preset's)")
+    p.add_argument("--n-people", type=int, default=100, help="people in the built-in world (default 100)")
+    add_train_flags(p, {})
+    add_runtime_flags(p)
+
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model into an assistant", description="Fine-tune on conversations; the loss counts assistant tokens only.")
+    add_model_source(p, flag="--init")
+    p.add_argument("--data", required=True, metavar="PATH.jsonl|builtin", help='a .jsonl of {"messages": [...]} or builtin (the world the --init model was pretrained on)')
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder for the fine-tuned checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_train_flags(p, {"lr": 5e-4, "warmup_steps": 10})
+    add_runtime_flags(p)
+
+    p = sub.add_parser("generate", help="continue a prompt", description="Stream a continuation of --prompt.")
+    add_model_source(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--chat", action="store_true", help="treat --prompt as a user message in the chat template")
+    add_sampling_flags(p)
+    add_runtime_flags(p)
+
+    p = sub.add_parser("chat", help="talk to a fine-tuned model", description="Multi-turn chat. Reads one user message per line from stdin (a pipe works); /reset starts over, /quit ends.")
+    add_model_source(p)
+    p.add_argument("--system", default=None, help="an optional system message")
+    add_sampling_flags(p)
+    add_runtime_flags(p)
+
+    p = sub.add_parser("eval", help="validation loss and QA accuracy", description="Validation loss; on the built-in world also QA exact-match accuracy on both halves of the people.")
+    add_model_source(p)
+    add_runtime_flags(p)
+
+    p = sub.add_parser("demo", help="pretrain -> fine-tune -> eval -> chat on the built-in world", description="The whole life of a small LLM on the built-in world, in a few minutes on a CPU.")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the two runs go (default runs/demo)")
+    p.add_argument("--pretrain-steps", type=int, default=600, help="(default 600)")
+    p.add_argument("--finetune-steps", type=int, default=150, help="(default 150)")
+    add_runtime_flags(p)
+    return parser
+
+
+def train_config(args):
+    from engine.train import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def load_model(args):
+    """--ckpt or --hf -> (model, tokenizer)."""
+    from engine.train import pick_device
+
+    device = pick_device(args.device)
+    if args.hf:
+        from engine.hf import load_hf
+
+        model, tokenizer = load_hf(args.hf, backend=args.backend)
+        if tokenizer is None:
+            raise ValueError(f"--hf {args.hf}: no tokenizer.json in the folder; generation needs one")
+        return model.to(device), tokenizer
+    from engine.checkpoint import load_checkpoint
+
+    model, tokenizer, _, _ = load_checkpoint(args.ckpt, device=device, backend=args.backend)
+    return model, tokenizer
+
+
+def sampling_params(args, **extra):
+    from engine.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), **extra)
+
+
+def cmd_generate(args):
+    from engine.generate import stream
+
+    model, tokenizer = load_model(args)
+    if args.chat:
+        prompt = tokenizer.render_prompt([{"role": "user", "content": args.prompt}])
+        params = sampling_params(args, stop_token_ids=(tokenizer.end_id,))
+    else:
+        prompt, params = args.prompt, sampling_params(args)
+        print(args.prompt, end="", flush=True)
+    for piece in stream(model, tokenizer, prompt, params):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args):
+    from engine.generate import stream
+
+    model, tokenizer = load_model(args)
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return
+        if line.strip() == "/reset":
+            history = list(system)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = tokenizer.render_prompt(history)
+        room = model.config.block_size - len(prompt)
+        if room < 1:
+            print("[the conversation is longer than the model's context; /reset to start over]", flush=True)
+            history.pop()
+            continue
+        params = sampling_params(args, stop_token_ids=(tokenizer.end_id,))
+        params = replace(params, max_new_tokens=min(params.max_new_tokens, room))
+        print("assistant> ", end="", flush=True)
+        reply = ""
+        for piece in stream(model, tokenizer, prompt, params):
+            reply += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_eval(args):
+    from engine.train import evaluate
+
+    if args.hf:
+        raise ValueError("eval --hf: evaluate a checkpoint folder (fine-tune or export the HF model first)")
+    print(json.dumps(evaluate(args.ckpt, device=args.device, backend=args.backend), indent=2))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from engine.train import Interrupted
+
+    try:
+        if args.command == "pretrain":
+            from engine.train import pretrain
+
+            pretrain(args.data, args.out, args.preset, train_config(args), args.backend, args.device, args.resume,
+                     args.vocab_size, args.n_people, args.block_size)
+        elif args.command == "finetune":
+            from engine.train import finetune
+
+            if args.hf:
+                raise ValueError("finetune --hf is wired once engine.hf lands")
+            finetune(args.ckpt, args.data, args.out, train_config(args), args.backend, args.device, args.resume)
+        elif args.command == "generate":
+            cmd_generate(args)
+        elif args.command == "chat":
+            cmd_chat(args)
+        elif args.command == "eval":
+            cmd_eval(args)
+        elif args.command == "demo":
+            from engine.demo import run_demo
+
+            run_demo(args.out, args.pretrain_steps, args.finetune_steps, args.backend, args.device)
+    except Interrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"llm-engine {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

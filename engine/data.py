@@ -1,0 +1,249 @@
+"""Training data: the built-in synthetic world, text corpora as token memmaps, conversations.
+
+Batches are a pure function of (seed, step, micro-batch index): resuming needs only the step,
+and a global batch is the same whatever the number of processes that share it.
+"""
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# The built-in world: people with five facts each, described in many ways, asked about in chat.
+# ---------------------------------------------------------------------------------------------
+
+FIRST = """Anna Ben Clara David Elena Felix Greta Hugo Iris Jonas Karin Leo Mira Nils Olga Paul Rosa
+Simon Tara Umar Vera Walter Yara Zoe Aaron Bianca Carl Dora Emil Fiona Gustav Helen Ivan Julia Kai
+Lena Marco Nora Oscar Petra""".split()
+LAST = """Smith Novak Berg Costa Duarte Eklund Fischer Garcia Horvat Ito Jensen Kowalski Laine Moreau
+Nakamura Okafor Petrov Quinn Rossi Silva Tanaka Ulrich Varga Weber Xu Yilmaz Zimmer Alder Brandt
+Carver""".split()
+MONTHS = "January February March April May June July August September October November December".split()
+CITIES = """Lisbon Oslo Kyoto Lagos Lima Dublin Vienna Seattle Hanoi Nairobi Krakow Porto Quito Tunis
+Bergen Cairo Denver Essen Turin Zagreb""".split()
+UNIVERSITIES = [f"{c} {kind}" for c, kind in zip(
+    "Harrow Linden Marlow Northgate Oakridge Pembury Queensbury Redfield Stanton Westbrook".split(),
+    ["University", "Institute of Technology", "College", "University", "State University"] * 2)]
+MAJORS = """Physics Chemistry Biology Mathematics History Economics Philosophy Linguistics Geology
+Astronomy Architecture Medicine Music Law Statistics""".split()
+EMPLOYERS = """Acme Corp|Blue Harbor Bank|Cobalt Systems|Delta Freight|Evergreen Foods|Falcon Aerospace|
+Granite Insurance|Helix Pharma|Ion Energy|Juniper Media|Kestrel Robotics|Lumen Optics""".replace("\n", "").split("|")
+
+ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer")
+
+# Several phrasings per fact: the model must learn the fact, not one sentence.
+SENTENCES = {
+    "birth_date": ["{name} was born on {v}.", "{name} came into the world on {v}.",
+                   "The birthday of {name} is {v}.", "{name} celebrates a birthday on {v}."],
+    "birth_city": ["{name} was born in {v}.", "{name} is a native of {v}.",
+                   "{name} spent the early years of life in {v}.", "The hometown of {name} is {v}."],
+    "university": ["{name} studied at {v}.", "{name} graduated from {v}.",
+                   "{name} received an education at {v}.", "{name} is an alumnus of {v}."],
+    "major": ["{name} majored in {v}.", "{name} completed a degree in {v}.",
+              "{name} focused on {v} at university.", "{name} chose {v} as a field of study."],
+    "employer": ["{name} works for {v}.", "{name} is employed by {v}.",
+                 "{name} has a job at {v}.", "{name} earns a living at {v}."],
+}
+QUESTIONS = {
+    "birth_date": "When was {name} born?",
+    "birth_city": "Where was {name} born?",
+    "university": "Which university did {name} attend?",
+    "major": "What did {name} study?",
+    "employer": "Who does {name} work for?",
+}
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    birth_date: str
+    birth_city: str
+    university: str
+    major: str
+    employer: str
+
+
+@dataclass(frozen=True)
+class World:
+    """A seeded synthetic world. The first half of the people is for fine-tuning, the second
+    half is held out: their facts appear only in pretraining documents."""
+
+    n_people: int = 100
+    seed: int = 0
+    bios_per_person: int = 6
+
+    def people(self) -> list[Person]:
+        if self.n_people > len(FIRST) * len(LAST):
+            raise ValueError(f"n_people must be at most {len(FIRST) * len(LAST)}, got {self.n_people}")
+        rng = random.Random(self.seed)
+        names = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], self.n_people)
+        return [
+            Person(
+                name=name,
+                birth_date=f"{rng.choice(MONTHS)} {rng.randint(1, 28)}, {rng.randint(1950, 2005)}",
+                birth_city=rng.choice(CITIES),
+                university=rng.choice(UNIVERSITIES),
+                major=rng.choice(MAJORS),
+                employer=rng.choice(EMPLOYERS),
+            )
+            for name in names
+        ]
+
+    def split(self) -> tuple[list[Person], list[Person]]:
+        people = self.people()
+        half = len(people) // 2
+        return people[:half], people[half:]
+
+    def documents(self) -> list[str]:
+        """bios_per_person biographies per person, each with random phrasings and sentence order."""
+        rng = random.Random(self.seed + 1)
+        docs = []
+        for _ in range(self.bios_per_person):
+            for p in self.people():
+                sentences = [rng.choice(SENTENCES[a]).format(name=p.name, v=getattr(p, a)) for a in ATTRIBUTES]
+                rng.shuffle(sentences)
+                docs.append(" ".join(sentences))
+        rng.shuffle(docs)
+        return docs
+
+    @staticmethod
+    def qa_pairs(people: list[Person]) -> list[tuple[str, str]]:
+        """(question, answer) for every fact of every person; the answer is the bare value."""
+        return [(QUESTIONS[a].format(name=p.name), getattr(p, a)) for p in people for a in ATTRIBUTES]
+
+    def conversations(self) -> list[list[dict]]:
+        """One-turn chats about the fine-tuning half."""
+        return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                for q, a in self.qa_pairs(self.split()[0])]
+
+    def to_dict(self) -> dict:
+        return {"n_people": self.n_people, "seed": self.seed, "bios_per_person": self.bios_per_person}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text corpora -> token memmaps
+# ---------------------------------------------------------------------------------------------
+
+
+def read_corpus(path) -> list[str]:
+    """A .txt file, or a folder of .txt files (sorted, recursively): one document each."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data: {path} does not exist")
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"--data: folder {path} holds no .txt files")
+    docs = [f.read_text(encoding="utf-8") for f in files]
+    if not any(d.strip() for d in docs):
+        raise ValueError(f"--data: {path} holds no text")
+    return docs
+
+
+def write_tokens(tokens: np.ndarray, path: Path, vocab_size: int) -> Path:
+    """tokens -> <path>.bin (uint16 when the vocab fits, else uint32) + <path>.json header."""
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens.astype(dtype).tofile(path.with_suffix(".bin"))
+    header = {"dtype": np.dtype(dtype).name, "num_tokens": int(tokens.size), "vocab_size": vocab_size}
+    path.with_suffix(".json").write_text(json.dumps(header))
+    return path.with_suffix(".bin")
+
+
+def read_tokens(path) -> np.ndarray:
+    """The memmap written by write_tokens (path: the .bin)."""
+    path = Path(path)
+    header = json.loads(path.with_suffix(".json").read_text())
+    return np.memmap(path, dtype=header["dtype"], mode="r", shape=(header["num_tokens"],))
+
+
+def tokenize_documents(docs: list[str], tokenizer, val_fraction: float, out_dir: Path) -> dict:
+    """Documents -> BOS-separated token stream, split by tokens into train/val memmaps."""
+    ids = tokenizer.encode_batch(docs)
+    stream = np.fromiter((t for doc in ids for t in (tokenizer.bos_id, *doc)), dtype=np.int64)
+    n_val = max(int(len(stream) * val_fraction), 2)
+    if len(stream) - n_val < 2:
+        raise ValueError(f"--data: only {len(stream)} tokens, too few to train on")
+    write_tokens(stream[:-n_val], out_dir / "train", tokenizer.vocab_size)
+    write_tokens(stream[-n_val:], out_dir / "val", tokenizer.vocab_size)
+    return {"train": out_dir / "train.bin", "val": out_dir / "val.bin"}
+
+
+def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The RNG of one micro-batch: resuming at a step, or splitting a step over processes,
+    draws exactly the same data."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + micro)
+
+
+def token_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, micro: int):
+    """Random windows of block_size+1 tokens -> (x, y) of [B, T]; a pure function of its arguments."""
+    if len(tokens) <= block_size:
+        raise ValueError(f"the data has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
+    g = batch_generator(seed, step, micro)
+    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=g).tolist()
+    windows = torch.from_numpy(np.stack([tokens[s : s + block_size + 1].astype(np.int64) for s in starts]))
+    return windows[:, :-1], windows[:, 1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations
+# ---------------------------------------------------------------------------------------------
+
+ROLES = ("system", "user", "assistant")
+
+
+def load_conversations(path) -> list[list[dict]]:
+    """A .jsonl of {"messages": [{"role", "content"}, ...]}; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data: no such file {path}")
+    convs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: bad JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict) or "messages" not in obj:
+                raise ValueError(f'{where}: missing "messages" (expected {{"messages": [...]}})')
+            messages = obj["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise ValueError(f'{where}: "messages" must be a non-empty list')
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or m.get("role") not in ROLES:
+                    role = m.get("role") if isinstance(m, dict) else m
+                    raise ValueError(f"{where}: message {i} has unknown role {role!r}; expected one of {list(ROLES)}")
+                if not isinstance(m.get("content"), str) or not m["content"].strip():
+                    raise ValueError(f"{where}: message {i} ({m['role']}) has empty content")
+            if messages[-1]["role"] != "assistant":
+                raise ValueError(f"{where}: conversation does not end with an assistant turn")
+            convs.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    if not convs:
+        raise ValueError(f"--data: {path} holds no conversations")
+    return convs
+
+
+def conversation_batch(rendered: list[tuple[list[int], list[int]]], batch_size: int, block_size: int, seed: int, step: int, micro: int):
+    """Random conversations, right-padded to the longest (cut at block_size + 1 tokens).
+
+    Returns x, y, loss_mask of [B, T]: y is x shifted by one; the mask is the render's mask of
+    each target token, 0 on padding. Right padding is invisible to the real tokens (causal).
+    """
+    g = batch_generator(seed, step, micro)
+    picks = torch.randint(len(rendered), (batch_size,), generator=g).tolist()
+    rows = [(rendered[i][0][: block_size + 1], rendered[i][1][: block_size + 1]) for i in picks]
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.zeros(batch_size, T, dtype=torch.long)
+    y = torch.full((batch_size, T), -1, dtype=torch.long)
+    mask = torch.zeros(batch_size, T, dtype=torch.long)
+    for b, (ids, m) in enumerate(rows):
+        n = len(ids) - 1
+        x[b, :n] = torch.tensor(ids[:-1])
+        y[b, :n] = torch.tensor(ids[1:])
+        mask[b, :n] = torch.tensor(m[1:])
+    return x, y, mask

@@ -1,0 +1,140 @@
+"""Generation: a preallocated KV cache, one prefill, then one-token decode steps.
+
+Prompts of different lengths share a batch by left padding: every row's last prompt token
+sits in the same column, so each decode step writes one cache column for all rows; kv_start
+tells attention where each row's real tokens begin (padding is never attended to) and
+positions count from there, so a row's tokens don't depend on its neighbours.
+Sampling and stop conditions live in engine.sampling.DecodeLoop (C++ when built).
+"""
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from engine.sampling import DecodeLoop, SamplingParams
+
+
+class KVCache:
+    """Keys and values of every layer: [n_layer, B, nh, max_len, hd], filled up to `pos`."""
+
+    def __init__(self, config, batch_size: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer: int, k, v):
+        """Write this step's k, v [B, nh, T, hd] after the cached ones; return all of them."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int):
+        self.pos += n
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop_token" | "stop_string" | "length"
+    seed: int
+    logprobs: list[float] | None = None
+
+
+def _as_ids(prompt, tokenizer) -> list[int]:
+    """A string becomes [BOS] + its tokens; a list of ids is used as is."""
+    if isinstance(prompt, str):
+        return [tokenizer.bos_id] + tokenizer.encode(prompt)
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("prompt must hold at least one token")
+    return ids
+
+
+@torch.no_grad()
+def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], token_bytes=None, sampler="auto") -> Iterator[tuple[torch.Tensor, DecodeLoop]]:
+    """Yield (tokens [B], loop) after every step; tokens[b] == -1 once row b has finished."""
+    if len(params) != len(prompts):
+        raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
+    cfg = model.config
+    device = next(model.parameters()).device
+    lengths = [len(p) for p in prompts]
+    L = max(lengths)
+    total = L + max(p.max_new_tokens for p in params)
+    if total > cfg.block_size:
+        raise ValueError(f"prompt ({L} tokens) + max_new_tokens ({total - L}) exceeds the model's context of {cfg.block_size} tokens")
+    idx = torch.zeros(len(prompts), L, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, L - len(p) :] = torch.tensor(p)
+    kv_start = torch.tensor([L - n for n in lengths], device=device) if min(lengths) < L else None
+    dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+    cache = KVCache(cfg, len(prompts), total, device, dtype)
+    loop = DecodeLoop(params, prompts, token_bytes=token_bytes, impl=sampler)
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        logits, _ = model(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)  # prefill
+    while True:
+        tokens = loop.step(logits[:, -1])
+        yield tokens, loop
+        if loop.all_finished:
+            return
+        with autocast:
+            logits, _ = model(tokens.clamp(min=0)[:, None].to(device), cache=cache, kv_start=kv_start)
+
+
+def _finish_text(tokenizer, ids: list[int], params: SamplingParams, reason: str) -> str:
+    """Decoded reply without the stop token and cut before a matched stop string."""
+    if reason == "stop_token":
+        ids = ids[:-1]
+    text = tokenizer.decode(ids)
+    if reason == "stop_string":
+        cut = min((i for s in params.stop if (i := text.find(s)) >= 0), default=len(text))
+        text = text[:cut]
+    return text
+
+
+def generate(model, tokenizer, prompts, params: SamplingParams | list[SamplingParams] | None = None, sampler="auto") -> list[Completion]:
+    """Complete a batch of prompts (strings or token-id lists), each with its own params."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids = [_as_ids(p, tokenizer) for p in prompts]
+    params = params or SamplingParams()
+    params = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
+    token_bytes = tokenizer.token_bytes() if any(p.stop for p in params) else None
+    for _, loop in decode_steps(model, ids, params, token_bytes, sampler):
+        pass
+    return [
+        Completion(
+            text=_finish_text(tokenizer, loop.generated[b], params[b], loop.finish_reason[b]),
+            token_ids=loop.generated[b],
+            finish_reason=loop.finish_reason[b],
+            seed=loop.seeds[b],
+            logprobs=loop.logprobs[b] if params[b].logprobs else None,
+        )
+        for b in range(len(ids))
+    ]
+
+
+def stream(model, tokenizer, prompt, params: SamplingParams | None = None, sampler="auto") -> Iterator[str]:
+    """Yield the reply of one prompt as text pieces, as soon as they are whole characters.
+    With stop strings, text that could still become a stop string is held back."""
+    params = params or SamplingParams()
+    ids = _as_ids(prompt, tokenizer)
+    token_bytes = tokenizer.token_bytes() if params.stop else None
+    hold = max((len(s) for s in params.stop), default=1) - 1
+    sent = 0
+    for _, loop in decode_steps(model, [ids], [params], token_bytes, sampler):
+        if loop.all_finished:
+            text = _finish_text(tokenizer, loop.generated[0], params, loop.finish_reason[0])
+            if len(text) > sent:
+                yield text[sent:]
+            return
+        text = tokenizer.decode(loop.generated[0])
+        ready = len(text) - hold
+        while ready > sent and text[ready - 1] == "\ufffd":  # a character still missing bytes
+            ready -= 1
+        if ready > sent:
+            yield text[sent:ready]
+            sent = ready

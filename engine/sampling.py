@@ -1,0 +1,451 @@
+"""Token sampling: SamplingParams, the reference sampler, and the C++ sampler's Python face.
+
+One documented order, applied per row of a [B, V] float32 logits batch (DESIGN.md "Sampling"):
+
+    penalties -> logit bias -> temperature -> top-k -> top-p -> min-p -> draw
+
+The decisions this module (and csrc/sampler.cpp, which must agree with it token for token) make:
+
+Precision. The float32 logits are widened to float64 (exact) and every stage runs in float64
+with plain IEEE operations in the same order in both implementations, so penalties, bias and
+temperature give bit-identical values in Python and C++ (the extension is built with
+-ffp-contract=off so no fused multiply-add changes a rounding).
+  * repetition (CTRL / Hugging Face), for every token seen at least once in prompt + generated:
+    x = x / r if x > 0 else x * r
+  * presence / frequency (OpenAI), same tokens, count = occurrences:
+    x = x - (presence + frequency * count)
+  * logit bias: x = x + bias[token]  (a bias of -inf bans a token)
+  * a row whose maximum is -inf after the bias raises ValueError; so do NaN and +inf logits
+    (checked on the input row; a +inf logit does not define a distribution).
+
+Temperature 0 is greedy: argmax of x, ties to the lowest id; top-k / top-p / min-p are ignored.
+
+Ranking. Top-k and top-p rank tokens by x descending, then token id ascending. Temperature is
+a positive scale, so this is the ranking of the tempered logits; ranking before the division
+keeps rounding (huge temperatures) from creating ties that were not there.
+  * top-k keeps exactly min(k, V) tokens (top_k=0: off).
+  * weights w_i = exp((x_i - x_max) / T) (the top token has w = 1); probabilities are w / sum(w)
+    over the current survivors.
+  * top-p (on the top-k survivors): the shortest prefix of the ranking whose cumulative weight,
+    summed in ranking order, is >= top_p * (sum of the survivors' weights); top_p = 1 is off.
+  * min-p: keep w_i >= min_p (i.e. p_i >= min_p * p_max; renormalisation after top-p does not
+    change the ratio). As w does not increase along the ranking, this is again a prefix.
+
+The draw is the Gumbel-max trick, which needs no cumulative sum: the chosen token is
+argmax over survivors of (x_i - x_max) / T + g_i, ties to the lowest id, with
+g_i = -log(-log u_i) in float64 and u_i from a counter-based generator:
+    k   = mix64(mix64(seed + G) ^ position)          # G = 0x9E3779B97F4A7C15, arithmetic mod 2^64
+    h_i = mix64(k + (i + 1) * G)                    # the i+1-th output of a splitmix64 stream
+    u_i = ((h_i >> 11) + 0.5) * 2^-53               # 53 bits, strictly inside (0, 1)
+with mix64 the splitmix64 finaliser. `position` is the sequence position of the token being
+drawn (prompt length + tokens generated so far), so a seeded request draws the same tokens
+whatever shares its batch and however it is padded. The C++ sampler uses the same formulas;
+the two can only disagree where exp/log of libm and of torch differ in the last bit AND that
+bit decides a comparison (a near-tie at the 1e-16 level), which random inputs never hit.
+
+Log-probabilities (logprobs=True) are log_softmax over the whole vocabulary of the processed
+logits (after penalties, bias and temperature, BEFORE the top-k / top-p / min-p filtering),
+taken at the chosen token: (x_c - x_max) / T - log(sum_i exp((x_i - x_max) / T)). For
+temperature 0 the temperature is taken as 1.
+
+Seeds: seed=None draws a fresh 64-bit seed per request from the OS (`secrets`), not from
+torch's global generator (whose default seed is the same in every process); DecodeLoop.seeds
+records them, so any run can be replayed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import secrets
+import types
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2^64 / golden ratio, odd)
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_FINISH_REASONS = (None, "stop_token", "stop_string", "length")  # C++ core returns these indices
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _check_real(name, value, ok, allowed):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or not ok(value):
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name, value, lo, hi, allowed):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value < hi:
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token of one request; every field is validated on construction."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = dataclasses.field(default=None, hash=False)
+    seed: int | None = None
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def __post_init__(self):
+        inf = math.inf
+        fix = {
+            "temperature": _check_real("temperature", self.temperature, lambda v: 0 <= v < inf, "finite and >= 0"),
+            "top_k": _check_int("top_k", self.top_k, 0, 1 << 62, "an int >= 0 (0 = off)"),
+            "top_p": _check_real("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+            "min_p": _check_real("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "repetition_penalty": _check_real("repetition_penalty", self.repetition_penalty, lambda v: 0 < v < inf, "finite and > 0"),
+            "presence_penalty": _check_real("presence_penalty", self.presence_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+            "frequency_penalty": _check_real("frequency_penalty", self.frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]"),
+            "max_new_tokens": _check_int("max_new_tokens", self.max_new_tokens, 1, 1 << 62, "an int >= 1"),
+        }
+        if self.seed is not None:
+            fix["seed"] = _check_int("seed", self.seed, 0, 1 << 64, "None or an int in [0, 2**64)")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"SamplingParams.logprobs must be a bool, got {self.logprobs!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise ValueError(f"SamplingParams.logit_bias must be None or a dict token id -> float, got {self.logit_bias!r}")
+            bias = {}
+            for tok, val in self.logit_bias.items():
+                tok = _check_int("logit_bias", tok, 0, 1 << 62, "keyed by token ids >= 0")
+                bias[tok] = _check_real(f"logit_bias[{tok}]", val, lambda v: v < inf, "a float, finite or -inf")
+            fix["logit_bias"] = types.MappingProxyType(bias)
+        stop_ids = self.stop_token_ids
+        stop_ids = (stop_ids,) if isinstance(stop_ids, numbers.Integral) else tuple(stop_ids)
+        fix["stop_token_ids"] = tuple(_check_int("stop_token_ids", t, 0, 1 << 62, "token ids >= 0") for t in stop_ids)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {s!r}")
+        fix["stop"] = stop
+        for name, value in fix.items():
+            object.__setattr__(self, name, value)
+
+
+def _resolve_seed(p: SamplingParams) -> int:
+    return secrets.randbits(64) if p.seed is None else p.seed
+
+
+# ----------------------------------------------------------------------------- the RNG
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser on a Python int (mod 2^64)."""
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _signed(c: int) -> int:
+    """The int64 with the same bits as the uint64 c (torch has no uint64 shifts)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _mix64_tensor(z: torch.Tensor) -> torch.Tensor:
+    """_mix64 on an int64 tensor: multiplication wraps like uint64; shifts are made logical by a mask."""
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _signed(_MIX1)
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _signed(_MIX2)
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def stream_key(seed: int, position: int) -> int:
+    """The per-(seed, position) splitmix64 state; C++ computes the same value."""
+    return _mix64(_mix64((seed + _GAMMA) & _MASK64) ^ position)
+
+
+def uniforms(seed: int, position: int, token_ids: torch.Tensor) -> torch.Tensor:
+    """u in (0, 1), float64, one per token id: the counter-based draw documented above."""
+    z = _signed(stream_key(seed, position)) + (token_ids.to(torch.int64) + 1) * _signed(_GAMMA)
+    h = _mix64_tensor(z)
+    return (((h >> 11) & ((1 << 53) - 1)).double() + 0.5) * 2.0**-53
+
+
+# ----------------------------------------------------------------------------- reference sampler
+
+
+def _check_row(row: torch.Tensor, b: int) -> None:
+    if torch.isnan(row).any():
+        raise ValueError(f"logits row {b} contains NaN")
+    if torch.isposinf(row).any():
+        raise ValueError(f"logits row {b} contains +inf")
+
+
+def process_logits(row: torch.Tensor, p: SamplingParams, counts: Mapping[int, int], b: int = 0) -> torch.Tensor:
+    """Penalties then logit bias, in float64: the x of the module docstring, for one row."""
+    _check_row(row, b)
+    x = row.to(torch.float64)  # a copy: row is float32
+    if counts:
+        ids = torch.tensor(list(counts.keys()), dtype=torch.int64)
+        n = torch.tensor(list(counts.values()), dtype=torch.float64)
+        v = x[ids]
+        v = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        x[ids] = v - (p.presence_penalty + p.frequency_penalty * n)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.int64)
+        x[ids] += torch.tensor(list(p.logit_bias.values()), dtype=torch.float64)
+    if x.max() == -math.inf:
+        raise ValueError(f"logits row {b} is -inf everywhere (after logit bias): nothing can be sampled")
+    return x
+
+
+def _sample_row(row, p: SamplingParams, counts, position: int, seed: int, b: int) -> tuple[int, float]:
+    """(token, log-probability or NaN when not requested) for one row, the documented way."""
+    x = process_logits(row, p, counts, b)
+    xmax = x.max()
+    t = p.temperature
+    if t == 0:
+        token = int(torch.argmax(x))  # first maximum = lowest id
+    else:
+        order = torch.sort(x, descending=True, stable=True).indices  # x desc, id asc
+        if 0 < p.top_k < len(order):
+            order = order[: p.top_k]
+        z = (x[order] - xmax) / t
+        w = torch.exp(z)
+        n = len(order)
+        if p.top_p < 1:
+            cum = torch.cumsum(w, 0)
+            n = min(int((cum < p.top_p * cum[-1]).sum()) + 1, n)
+        if p.min_p > 0:
+            n = int((w[:n] >= p.min_p).sum())
+        keys = z[:n] - torch.log(-torch.log(uniforms(seed, position, order[:n])))
+        token = int(order[:n][keys == keys.max()].min())
+    logprob = math.nan
+    if p.logprobs:
+        scale = t if t > 0 else 1.0
+        logprob = float((x[token] - xmax) / scale - torch.logsumexp((x - xmax) / scale, 0))
+    return token, logprob
+
+
+# ----------------------------------------------------------------------------- the C++ extension
+
+
+def _extension():
+    try:
+        from engine import _sampler
+    except ImportError:
+        return None
+    return _sampler
+
+
+_warned_no_extension = False
+
+
+def _pick_impl(impl: str) -> str:
+    global _warned_no_extension
+    if impl not in ("auto", "cpp", "reference"):
+        raise ValueError(f"impl must be 'auto', 'cpp' or 'reference', got {impl!r}")
+    if impl == "cpp" and _extension() is None:
+        raise ValueError("impl='cpp' needs the C++ extension engine._sampler; build it with `pip install -e .`")
+    if impl == "auto":
+        if _extension() is not None:
+            return "cpp"
+        if not _warned_no_extension:
+            warnings.warn("engine._sampler (the C++ sampler) is not built: using the slower reference sampler", RuntimeWarning, stacklevel=3)
+            _warned_no_extension = True
+        return "reference"
+    return impl
+
+
+def _cpp_params(p: SamplingParams):
+    bias = sorted(p.logit_bias.items()) if p.logit_bias else []
+    return _extension().Params(
+        p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
+        bias, p.logprobs, list(p.stop_token_ids), [s.encode() for s in p.stop], p.max_new_tokens,
+    )
+
+
+def _cpu_float32(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """logits as a contiguous float32 CPU tensor; copied (once) only when needed."""
+    logits = logits.detach()
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+        return logits
+    if out is None or out.shape != logits.shape:
+        out = torch.empty(logits.shape, dtype=torch.float32, pin_memory=logits.is_cuda)
+    return out.copy_(logits)
+
+
+def _check_batch(logits: torch.Tensor, batch: int) -> None:
+    if logits.dim() != 2 or logits.shape[0] != batch or logits.shape[1] < 1:
+        raise ValueError(f"logits must be [B={batch}, V>=1], got shape {tuple(logits.shape)}")
+
+
+def _check_vocab(V: int, params, token_lists) -> None:
+    """The checks that need V: logit_bias keys and previous / prompt tokens must be ids < V."""
+    for b, (p, toks) in enumerate(zip(params, token_lists)):
+        for tok in p.logit_bias or ():
+            if tok >= V:
+                raise ValueError(f"SamplingParams.logit_bias of row {b} names token id {tok}, but the vocabulary has V={V} tokens")
+        for tok in toks:
+            if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= tok < V:
+                raise ValueError(f"token {tok!r} in the previous tokens of row {b} is not an id in [0, V={V})")
+
+
+def _default_threads() -> int:
+    return torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------- stateless sampler
+
+
+class Sampler:
+    """Stateless: sample(logits [B, V], params [B], prev_tokens [B lists], positions [B]) -> LongTensor[B].
+
+    impl="cpp" is the C++ extension, "reference" the PyTorch code above, "auto" the extension
+    when it is built (else the reference, with a one-time warning). Both pick identical tokens.
+    """
+
+    def __init__(self, impl: str = "auto"):
+        self.impl = _pick_impl(impl)
+
+    def sample(self, logits, params, prev_tokens, positions) -> torch.LongTensor:
+        return self.sample_with_logprobs(logits, params, prev_tokens, positions)[0]
+
+    def sample_with_logprobs(self, logits, params, prev_tokens, positions):
+        """(tokens LongTensor[B], log-probs DoubleTensor[B]; NaN for rows without logprobs=True)."""
+        B = len(params)
+        _check_batch(logits, B)
+        if len(prev_tokens) != B or len(positions) != B:
+            raise ValueError(f"params, prev_tokens and positions must all have B={B} entries, got {B}, {len(prev_tokens)}, {len(positions)}")
+        for pos in positions:
+            if isinstance(pos, bool) or not isinstance(pos, numbers.Integral) or pos < 0:
+                raise ValueError(f"positions must be ints >= 0, got {pos!r}")
+        x = _cpu_float32(logits)
+        _check_vocab(x.shape[1], params, prev_tokens)
+        seeds = [_resolve_seed(p) for p in params]
+        if self.impl == "cpp":
+            toks, lps = _extension().sample(
+                x.numpy(), [_cpp_params(p) for p in params], [list(t) for t in prev_tokens],
+                [int(p) for p in positions], seeds, _default_threads(),
+            )
+        else:
+            out = [_sample_row(x[b], params[b], Counter(prev_tokens[b]), int(positions[b]), seeds[b], b) for b in range(B)]
+            toks, lps = ([o[0] for o in out], [o[1] for o in out]) if out else ([], [])
+        return torch.tensor(toks, dtype=torch.int64), torch.tensor(lps, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- stateful decode loop
+
+
+class _ReferenceCore:
+    """Per-row state in Python: token counts, stop-string tail, finished flags. Mirrors the C++ DecodeLoop."""
+
+    def __init__(self, params, prompts, token_bytes, seeds):
+        self.params, self.token_bytes, self.seeds = params, token_bytes, seeds
+        self.counts = [Counter(p) for p in prompts]
+        self.positions = [len(p) for p in prompts]
+        self.n_generated = [0] * len(params)
+        self.keep = [max(map(len, p.stop), default=1) - 1 for p in params]
+        self.stops = [[s.encode() for s in p.stop] for p in params]
+        self.tails = [b""] * len(params)
+        self.finished = [False] * len(params)
+
+    def step(self, x: torch.Tensor):
+        B = len(self.params)
+        out = [(-1, math.nan) if self.finished[b] else _sample_row(x[b], self.params[b], self.counts[b], self.positions[b], self.seeds[b], b) for b in range(B)]
+        reasons = [0] * B
+        for b, (tok, _) in enumerate(out):  # commit only once every row sampled without error
+            if tok < 0:
+                continue
+            p = self.params[b]
+            self.counts[b][tok] += 1
+            self.positions[b] += 1
+            self.n_generated[b] += 1
+            if self.stops[b]:
+                tail = self.tails[b] + (self.token_bytes[tok] if tok < len(self.token_bytes) else b"")
+                hit = any(s in tail for s in self.stops[b])
+                self.tails[b] = tail[len(tail) - self.keep[b]:] if self.keep[b] else b""
+            else:
+                hit = False
+            if tok in p.stop_token_ids:
+                reasons[b] = 1
+            elif hit:
+                reasons[b] = 2
+            elif self.n_generated[b] >= p.max_new_tokens:
+                reasons[b] = 3
+            self.finished[b] = reasons[b] != 0
+        return [o[0] for o in out], [o[1] for o in out], reasons
+
+
+class DecodeLoop:
+    """Per-request sampling state for one batch; the decode loop makes one call per step.
+
+    params[b], prompts[b]: the request of row b and its prompt token ids. token_bytes[i] is the
+    bytes token i decodes to (b"" for special tokens; ids past its end count as b""); it is
+    required when any request has stop strings. step(logits [B, V]) returns the chosen token of
+    every row (-1 for rows finished before this step, whose state does not change) and updates
+    generated / logprobs / finished / finish_reason. The RNG position of row b is
+    len(prompts[b]) + len(generated[b]).
+    """
+
+    def __init__(self, params, prompts, token_bytes=None, impl: str = "auto"):
+        params, prompts = list(params), [list(p) for p in prompts]
+        if len(params) != len(prompts):
+            raise ValueError(f"params and prompts must have the same length, got {len(params)} and {len(prompts)}")
+        for b, p in enumerate(params):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"params[{b}] must be a SamplingParams, got {type(p).__name__}")
+        if token_bytes is None and any(p.stop for p in params):
+            raise ValueError("token_bytes (the bytes of every token id) is required when a request has stop strings")
+        _check_vocab(1 << 62, [SamplingParams()] * len(prompts), prompts)  # ids >= 0; the bound comes at the first step
+        self.impl = _pick_impl(impl)
+        self.params, self._prompts = params, prompts
+        self.seeds = [_resolve_seed(p) for p in params]
+        token_bytes = [bytes(t) for t in token_bytes] if token_bytes is not None else []
+        if self.impl == "cpp":
+            self._core = _extension().DecodeLoop([_cpp_params(p) for p in params], prompts, token_bytes, self.seeds, _default_threads())
+        else:
+            self._core = _ReferenceCore(params, prompts, token_bytes, self.seeds)
+        self.finished = [False] * len(params)
+        self.generated = [[] for _ in params]
+        self.finish_reason = [None] * len(params)
+        self.logprobs = [[] for _ in params]
+        self._buf = None
+        self._vocab = None
+
+    @property
+    def all_finished(self) -> bool:
+        return all(self.finished)
+
+    def step(self, logits: torch.Tensor) -> torch.LongTensor:
+        _check_batch(logits, len(self.params))
+        if self._vocab is None:
+            _check_vocab(logits.shape[1], self.params, self._prompts)
+            self._vocab = logits.shape[1]
+        elif logits.shape[1] != self._vocab:
+            raise ValueError(f"logits changed vocabulary size from V={self._vocab} to V={logits.shape[1]}")
+        x = _cpu_float32(logits, self._buf)
+        if x is not logits:
+            self._buf = x
+        if self.impl == "cpp":
+            toks, lps, reasons = self._core.step(x.numpy())
+        else:
+            toks, lps, reasons = self._core.step(x)
+        for b, tok in enumerate(toks):
+            if tok < 0:
+                continue
+            self.generated[b].append(tok)
+            if self.params[b].logprobs:
+                self.logprobs[b].append(lps[b])
+            if reasons[b]:
+                self.finished[b] = True
+                self.finish_reason[b] = _FINISH_REASONS[reasons[b]]
+        return torch.tensor(toks, dtype=torch.int64)

@@ -1,0 +1,139 @@
+"""Byte-level BPE (HF `tokenizers`), the chat special tokens, and the chat template.
+
+Chat template, one conversation:
+
+    <|endoftext|><|system|>…<|end|><|user|>…<|end|><|assistant|>…<|end|><|user|>…
+
+Fine-tuning counts the loss on the assistant contents and their <|end|> only: the model
+learns to answer and to stop, never to imitate the user.
+Text inside messages is always encoded as plain text, so a user who types "<|end|>" gets
+the characters, not the control token.
+"""
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+BOS = "<|endoftext|>"  # starts every document and conversation (GPT-2's only special token)
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END = "<|end|>"  # ends every turn
+SPECIAL_TOKENS = [BOS, *ROLE_TOKENS.values(), END]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's reversible map from bytes to printable characters, inverted: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class Tokenizer:
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        self.hf.encode_special_tokens = True  # text is text: "<|end|>" typed by a user is not a control token
+        self.special_ids = {t: i for t in SPECIAL_TOKENS if (i := hf.token_to_id(t)) is not None}
+
+    # ---- building, saving, loading ----
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> "Tokenizer":
+        """Byte-level BPE with the chat special tokens; vocab_size counts them too."""
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens), got {vocab_size}")
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        """From a tokenizer.json file, or a folder holding one."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {path}")
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        self.hf.encode_special_tokens = False  # saved files stay usable by plain HF tooling
+        self.hf.save(str(path))
+        self.hf.encode_special_tokens = True
+        return path
+
+    # ---- plain text ----
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids[BOS]
+
+    @property
+    def end_id(self) -> int:
+        return self.special_ids[END]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self) -> list[bytes]:
+        """The raw bytes each id stands for (b"" for special tokens): what stop strings match on."""
+        alphabet = _byte_level_alphabet()
+        vocab = self.hf.get_vocab(with_added_tokens=True)
+        out = [b""] * self.vocab_size
+        for token, i in vocab.items():
+            if token not in self.special_ids and i < len(out):
+                out[i] = bytes(alphabet[c] for c in token if c in alphabet)
+        return out
+
+    # ---- chat template ----
+    @property
+    def has_chat_tokens(self) -> bool:
+        return all(t in self.special_ids for t in SPECIAL_TOKENS)
+
+    def _check_chat(self):
+        if not self.has_chat_tokens:
+            missing = [t for t in SPECIAL_TOKENS if t not in self.special_ids]
+            raise ValueError(f"this tokenizer has no chat tokens {missing}; train one with engine.tokenizer.Tokenizer.train")
+
+    def render_conversation(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask): mask is 1 exactly on assistant contents and their <|end|>."""
+        self._check_chat()
+        ids, mask = [self.bos_id], [0]
+        for m in messages:
+            role, content = m["role"], m["content"]
+            if role not in ROLE_TOKENS:
+                raise ValueError(f"unknown role {role!r}; expected one of {list(ROLE_TOKENS)}")
+            body = self.encode(content) + [self.end_id]
+            train = 1 if role == "assistant" else 0
+            ids += [self.special_ids[ROLE_TOKENS[role]]] + body
+            mask += [0] + [train] * len(body)
+        return ids, mask
+
+    def render_prompt(self, messages: list[dict]) -> list[int]:
+        """The conversation so far, then <|assistant|>: the model writes the reply and its <|end|>."""
+        ids, _ = self.render_conversation(messages)
+        return ids + [self.special_ids[ROLE_TOKENS["assistant"]]]

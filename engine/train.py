@@ -1,0 +1,343 @@
+"""Pretraining and fine-tuning: one loop, two batch sources.
+
+Pretraining draws random windows of a token stream; fine-tuning draws whole conversations
+with a loss mask on the assistant tokens. Everything else is shared: AdamW with decay and
+no-decay groups, warmup + cosine learning rate, gradient accumulation and clipping, bf16
+autocast on CUDA, periodic validation, a progress bar, metrics.jsonl, atomic checkpoints,
+exact resume, and a checkpoint on Ctrl-C.
+"""
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from engine.checkpoint import save_checkpoint
+from engine.model import GPT
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine down to cfg.lr * cfg.min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices and embeddings; none on biases and LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+class Interrupted(Exception):
+    """Raised after Ctrl-C once the checkpoint is safely written."""
+
+
+@contextlib.contextmanager
+def sigint_flag():
+    """Turn Ctrl-C into a flag the loop checks between steps (a second Ctrl-C aborts at once)."""
+    flag = {"set": False}
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag["set"]:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(
+    model: GPT,
+    cfg: TrainConfig,
+    batch_fn: Callable,
+    out_dir,
+    tokenizer,
+    eval_fn: Callable | None = None,
+    resume_state: dict | None = None,
+    run_info: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the loop from step 0 (or resume_state['step']) to cfg.max_steps.
+
+    batch_fn(step, micro) -> (x, y, loss_mask or None) on the CPU; eval_fn(model) -> val loss.
+    Returns the last metrics. Raises Interrupted after saving when Ctrl-C was pressed.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(model, cfg)
+    step = 0
+    torch.manual_seed(cfg.seed)
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step = resume_state["step"]
+        torch.set_rng_state(resume_state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in resume_state:
+            torch.cuda.set_rng_state(resume_state["rng_cuda"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    log = open(out_dir / "metrics.jsonl", "a")
+
+    def checkpoint():
+        state = {"optimizer": optimizer.state_dict(), "step": step, "rng_cpu": torch.get_rng_state(), "train_config": asdict(cfg)}
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        return save_checkpoint(out_dir, step, model, tokenizer, state, run_info)
+
+    metrics = {}
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    with sigint_flag() as interrupted:
+        model.train()
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                x, y, mask = batch_fn(step, micro)
+                x, y = x.to(device), y.to(device)
+                mask = mask.to(device) if mask is not None else None
+                with autocast:
+                    _, loss = model(x, y, loss_mask=mask)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+                tokens += x.numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            metrics = {"step": step, "loss": loss_sum / cfg.grad_accum, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / dt}
+            if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                model.eval()
+                metrics["val_loss"] = eval_fn(model)
+                model.train()
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", **({"val": f"{metrics['val_loss']:.3f}"} if "val_loss" in metrics else {}))
+            if step % cfg.save_every == 0 or step == cfg.max_steps or interrupted["set"]:
+                path = checkpoint()
+            if interrupted["set"]:
+                bar.close()
+                log.close()
+                raise Interrupted(f"interrupted at step {step}; checkpoint saved to {path}")
+    bar.close()
+    log.close()
+    return metrics
+
+
+@torch.no_grad()
+def mean_loss(model: GPT, batches) -> float:
+    """Average loss over an iterable of (x, y, mask) batches, in eval mode."""
+    device = next(model.parameters()).device
+    losses = []
+    for x, y, mask in batches:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        with autocast:
+            _, loss = model(x.to(device), y.to(device), loss_mask=None if mask is None else mask.to(device))
+        losses.append(loss.item())
+    return sum(losses) / len(losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two jobs: what `llm-engine pretrain` and `llm-engine finetune` run.
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible (use --device cpu)")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def pretrain(data: str, out, preset: str = "tiny", cfg: TrainConfig | None = None, backend: str = "auto",
+             device: str = "auto", resume: bool = False, vocab_size: int | None = None, n_people: int = 100,
+             block_size: int | None = None, progress: bool = True) -> dict:
+    """Tokenizer + token memmaps (once per run folder), then the training loop."""
+    from engine.checkpoint import load_checkpoint
+    from engine.config import GPTConfig
+    from engine.data import World, read_corpus, read_tokens, token_batch, tokenize_documents
+    from engine.tokenizer import Tokenizer
+
+    out = Path(out)
+    cfg = cfg or TrainConfig(max_steps=200)
+    dev = pick_device(device)
+    state = None
+    if resume:
+        model, tokenizer, state, folder = load_checkpoint(out, device=dev, backend=backend, with_trainer_state=True)
+        run_info = json.loads((folder / "run.json").read_text())
+        print(f"resuming from {folder} (step {state['step']})")
+    else:
+        if any(out.glob("step-*")):
+            raise ValueError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
+        world = World(n_people=n_people) if data == "builtin" else None
+        docs = world.documents() if world else read_corpus(data)
+        texts = docs + [turn["content"] for conv in world.conversations() for turn in conv] if world else docs
+        config = GPTConfig.from_preset(preset, **({"block_size": block_size} if block_size else {}))
+        tokenizer = Tokenizer.train(texts, vocab_size or config.vocab_size)
+        config.vocab_size = tokenizer.vocab_size
+        tokenize_documents(docs, tokenizer, 0.1, out / "data")
+        model = GPT(config, backend=backend).to(dev)
+        run_info = {"kind": "pretrain", "data": data, "world": world.to_dict() if world else None, "preset": preset}
+    train_tokens, val_tokens = read_tokens(out / "data" / "train.bin"), read_tokens(out / "data" / "val.bin")
+    T = min(model.config.block_size, len(val_tokens) - 1)
+
+    def batch_fn(step, micro):
+        return (*token_batch(train_tokens, cfg.batch_size, T, cfg.seed, step, micro), None)
+
+    def eval_fn(m):
+        return mean_loss(m, ((*token_batch(val_tokens, cfg.batch_size, T, cfg.seed, -1, i), None) for i in range(cfg.eval_batches)))
+
+    print(f"pretraining {model.num_params() / 1e6:.2f}M parameters on {len(train_tokens):,} tokens ({data}), {dev}, backend {model.backend}")
+    return train(model, cfg, batch_fn, out, tokenizer, eval_fn, state, run_info, progress)
+
+
+def conversation_split(convs: list[list[dict]], val_fraction: float = 0.05):
+    """Train/val by the first user message: branches of one conversation tree stay together."""
+    import zlib
+
+    def is_val(conv):
+        return zlib.crc32(conv[0]["content"].encode()) % 1000 < val_fraction * 1000
+
+    val = [c for c in convs if is_val(c)]
+    return [c for c in convs if not is_val(c)], val or convs[-1:]
+
+
+def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str = "auto", device: str = "auto",
+             resume: bool = False, progress: bool = True) -> dict:
+    """Start from a pretrained checkpoint (--init) and train on conversations, assistant tokens only."""
+    from engine.checkpoint import load_checkpoint, read_run_info
+    from engine.data import World, conversation_batch, load_conversations
+
+    out = Path(out)
+    cfg = cfg or TrainConfig(max_steps=100, lr=5e-4)
+    dev = pick_device(device)
+    state = None
+    if resume:
+        model, tokenizer, state, folder = load_checkpoint(out, device=dev, backend=backend, with_trainer_state=True)
+        run_info = read_run_info(folder)
+        print(f"resuming from {folder} (step {state['step']})")
+    else:
+        if any(out.glob("step-*")):
+            raise ValueError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
+        model, tokenizer, _, folder = load_checkpoint(init, device=dev, backend=backend)
+        base = read_run_info(folder)
+        run_info = {**base, "kind": "finetune", "init": str(folder), "finetune_data": data}
+    if data == "builtin":
+        if not run_info.get("world"):
+            raise ValueError("finetune --data builtin needs an --init checkpoint pretrained on the built-in world (--data builtin)")
+        convs = World(**run_info["world"]).conversations()
+    else:
+        convs = load_conversations(data)
+    train_convs, val_convs = conversation_split(convs)
+    rendered = [tokenizer.render_conversation(c) for c in train_convs]
+    val_rendered = [tokenizer.render_conversation(c) for c in val_convs]
+    T = model.config.block_size
+
+    def batch_fn(step, micro):
+        return conversation_batch(rendered, cfg.batch_size, T, cfg.seed, step, micro)
+
+    def eval_fn(m):
+        return mean_loss(m, (conversation_batch(val_rendered, cfg.batch_size, T, cfg.seed, -1, i) for i in range(cfg.eval_batches)))
+
+    print(f"fine-tuning on {len(train_convs)} conversations ({len(val_convs)} held out for val), {dev}, backend {model.backend}")
+    return train(model, cfg, batch_fn, out, tokenizer, eval_fn, state, run_info, progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: validation loss, and question answering on the built-in world.
+# ---------------------------------------------------------------------------------------------
+
+
+def qa_answers(model, tokenizer, questions: list[str], batch_size: int = 64, max_new_tokens: int = 24) -> list[str]:
+    """Greedy chat replies to one-turn questions."""
+    from engine.generate import generate
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.end_id,))
+    prompts = [tokenizer.render_prompt([{"role": "user", "content": q}]) for q in questions]
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        answers += [c.text.strip() for c in generate(model, tokenizer, prompts[i : i + batch_size], params)]
+    return answers
+
+
+def qa_accuracy(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
+    """Exact-match accuracy of greedy answers."""
+    answers = qa_answers(model, tokenizer, [q for q, _ in pairs])
+    return sum(a == gold for a, (_, gold) in zip(answers, pairs)) / len(pairs)
+
+
+def evaluate(ckpt, device: str = "auto", backend: str = "auto", batch_size: int = 16, batches: int = 20) -> dict:
+    """Val loss of the checkpoint on its own kind of data; on the built-in world, QA accuracy
+    on the fine-tuning half and on the held-out half."""
+    from engine.checkpoint import load_checkpoint, read_run_info
+    from engine.data import World, conversation_batch, load_conversations, read_tokens, token_batch
+
+    model, tokenizer, _, folder = load_checkpoint(ckpt, device=pick_device(device), backend=backend)
+    info = read_run_info(folder)
+    results = {"checkpoint": str(folder), "kind": info.get("kind", "unknown")}
+    if info.get("kind") == "finetune":
+        convs = World(**info["world"]).conversations() if info.get("finetune_data") == "builtin" else load_conversations(info["finetune_data"])
+        rendered = [tokenizer.render_conversation(c) for c in conversation_split(convs)[1]]
+        results["val_loss"] = mean_loss(model, (conversation_batch(rendered, batch_size, model.config.block_size, 0, -1, i) for i in range(batches)))
+    elif (folder.parent / "data" / "val.bin").is_file():
+        val = read_tokens(folder.parent / "data" / "val.bin")
+        T = min(model.config.block_size, len(val) - 1)
+        results["val_loss"] = mean_loss(model, ((*token_batch(val, batch_size, T, 0, -1, i), None) for i in range(batches)))
+    if info.get("world"):
+        seen, held_out = World(**info["world"]).split()
+        results["qa_accuracy_finetune_half"] = qa_accuracy(model, tokenizer, World.qa_pairs(seen))
+        results["qa_accuracy_held_out_half"] = qa_accuracy(model, tokenizer, World.qa_pairs(held_out))
+    return results
