@@ -372,7 +372,7 @@ class _ReferenceCore:
             if self.stops[b]:
                 tail = self.tails[b] + (self.token_bytes[tok] if tok < len(self.token_bytes) else b"")
                 hit = any(s in tail for s in self.stops[b])
-                self.tails[b] = tail[len(tail) - self.keep[b]:] if self.keep[b] else b""
+                self.tails[b] = tail[-self.keep[b]:] if self.keep[b] else b""
             else:
                 hit = False
             if tok in p.stop_token_ids:
