@@ -60,7 +60,3 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
     s = x + residual
     return layer_norm(s, weight, bias, eps), s
 
-
-def gelu_tanh(x):
-    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))

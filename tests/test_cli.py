@@ -1,0 +1,44 @@
+"""Every command explains itself; errors name the argument."""
+import subprocess
+import sys
+
+import pytest
+
+from engine.cli import build_parser
+
+COMMANDS = ["pretrain", "finetune", "generate", "chat", "eval", "demo"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_top_level_help_lists_every_command():
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_subcommand_help_exits_zero(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: llm-engine " + command in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    import shutil
+
+    exe = shutil.which("llm-engine") or str(__import__("pathlib").Path(sys.executable).with_name("llm-engine"))
+    result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "pretrain" in result.stdout
+
+
+def test_bad_arguments_are_named(tmp_path):
+    result = run("pretrain", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run"), "--max-steps", "1")
+    assert result.returncode == 2
+    assert "--data" in result.stderr and "does not exist" in result.stderr
+    result = run("generate", "--ckpt", str(tmp_path), "--prompt", "hi")
+    assert result.returncode == 2 and "--ckpt" in result.stderr

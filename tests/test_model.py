@@ -1,0 +1,113 @@
+"""The GPT model: backends agree, the loss is what it says, configs and helpers are right."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import GPT, GPTConfig
+from engine.generate import KVCache
+
+SMALL = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)
+
+
+def random_model(config=SMALL, backend="reference"):
+    model = GPT(config, backend=backend)
+    with torch.no_grad():  # move LayerNorm gains/biases off 1/0 so their use is tested too
+        for name, p in model.named_parameters():
+            if "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_and_torch_backends_give_the_same_logits(bias):
+    model = random_model(GPTConfig(**{**SMALL.to_dict(), "bias": bias}))
+    idx = torch.randint(0, 97, (3, 37))
+    ref, _ = model(idx)
+    model.set_backend("torch")
+    fast, _ = model(idx)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+
+
+def test_loss_is_cross_entropy_of_the_logits():
+    model = random_model()
+    idx, targets = torch.randint(0, 97, (2, 2, 20))
+    logits, loss = model(idx, targets)
+    expected = F.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_loss_mask_excludes_what_it_should():
+    model = random_model()
+    idx, targets = torch.randint(0, 97, (2, 2, 20))
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    mask[0, 5:9] = 1
+    mask[1, 12] = 1
+    logits, loss = model(idx, targets, loss_mask=mask)
+    counted = mask.bool()
+    expected = F.cross_entropy(logits[counted], targets[counted])
+    torch.testing.assert_close(loss, expected)
+    # changing a target outside the mask changes nothing
+    targets2 = targets.clone()
+    targets2[0, 0] = (targets2[0, 0] + 1) % 97
+    torch.testing.assert_close(model(idx, targets2, loss_mask=mask)[1], loss)
+    # ignore_index -1 also excludes
+    targets3 = targets.clone()
+    targets3[0, 5] = -1
+    expected3 = F.cross_entropy(logits[counted], targets3[counted], ignore_index=-1)
+    torch.testing.assert_close(model(idx, targets3, loss_mask=mask)[1], expected3)
+
+
+def test_kv_cache_prefill_plus_decode_equals_full_forward():
+    model = random_model(backend="torch")
+    idx = torch.randint(0, 97, (2, 30))
+    full, _ = model(idx)
+    cache = KVCache(SMALL, 2, 30, "cpu", torch.float32)
+    first, _ = model(idx[:, :20], cache=cache)
+    steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(20, 30)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_left_padding_does_not_change_a_rows_logits():
+    model = random_model(backend="torch")
+    seq = torch.randint(0, 97, (1, 12))
+    alone, _ = model(seq)
+    padded = torch.cat([torch.randint(0, 97, (1, 5)), seq], dim=1)
+    logits, _ = model(padded, kv_start=torch.tensor([5]))
+    torch.testing.assert_close(logits[:, 5:], alone, atol=1e-5, rtol=0)
+
+
+def test_state_dict_keys_do_not_depend_on_the_backend():
+    model = random_model()
+    keys = list(model.state_dict())
+    model.set_backend("torch")
+    assert list(model.state_dict()) == keys
+    assert "lm_head.weight" in keys and "transformer.h.1.attn.c_attn.weight" in keys
+
+
+def test_unknown_backend_and_overlong_input_raise_clearly():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GPT(SMALL, backend="cuda-magic")
+    with pytest.raises(ValueError, match="exceeds block_size 64"):
+        random_model()(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_presets_and_parameter_counts():
+    gpt2 = GPT(GPTConfig.from_preset("gpt2"))
+    assert (gpt2.config.n_layer, gpt2.config.n_head, gpt2.config.n_embd, gpt2.config.block_size, gpt2.config.vocab_size) == (12, 12, 768, 1024, 50257)
+    assert gpt2.num_params(non_embedding=False) == 124_439_808  # GPT-2 small, tied head counted once
+    assert gpt2.num_params() == 124_439_808 - 1024 * 768
+    n, L, C, T = gpt2.num_params(), 12, 768, 1024
+    assert gpt2.flops_per_token(T) == 6 * n + 12 * L * C * T
+    with pytest.raises(ValueError, match="unknown preset"):
+        GPTConfig.from_preset("gpt5")
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        GPTConfig(n_embd=100, n_head=3)
+
+
+def test_init_follows_gpt2():
+    model = GPT(GPTConfig(vocab_size=1000, block_size=64, n_layer=8, n_head=4, n_embd=256))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert abs(model.transformer.wte.weight.std().item() - 0.02) < 0.002
+    proj = model.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(proj - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * n_layer)
+    assert model.transformer.h[0].mlp.c_fc.bias.abs().max() == 0
