@@ -69,9 +69,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def config_from_hf(hf_config: dict) -> GPTConfig:
     """GPTConfig from a GPT-2 config (config.json's dict); ValueError naming any field we can't run."""
     c = {**GPT2_DEFAULTS, **hf_config}
-    model_type = c.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise ValueError(f"config.json: model_type is {model_type!r}; only 'gpt2' checkpoints are supported")
+    if "model_type" not in c:  # HF always writes it; our own checkpoints' config.json has none
+        raise ValueError("config.json has no model_type: not a Hugging Face config (an llm-engine checkpoint "
+                         "folder loads with --ckpt / engine.checkpoint.load_checkpoint)")
+    if c["model_type"] != "gpt2":
+        raise ValueError(f"config.json: model_type is {c['model_type']!r}; only 'gpt2' checkpoints are supported")
     if c["activation_function"] not in TANH_GELUS:
         raise ValueError(f"config.json: activation_function must be one of {TANH_GELUS}, got {c['activation_function']!r}")
     if c["n_inner"] not in (None, 4 * c["n_embd"]):
