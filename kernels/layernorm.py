@@ -188,19 +188,20 @@ def _ln_bwd_reduce_kernel(Partial, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl
     tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < N)
 
 
-# Launch table, one entry per block size (BLOCK_N, rows per program, warps); a row of N
-# features takes the smallest unchunked entry with BLOCK_N >= N, else the chunked one.
-# Rows per program keep about 2048 elements per program when rows are short; warps grow
-# with the block so each thread holds 8 to 16 fp32 values per tensor (no spills).
+# Launch tables: (BLOCK_N, rows per program, warps, chunked). A row of N features takes the
+# first unchunked entry with BLOCK_N >= N, else the chunked one (the row streamed in chunks).
+# Short rows are packed several to a tile. Each thread holds about 16 values per tensor in the
+# forward and 4 to 8 in the backward (which keeps x, dy, w and two accumulators live): with
+# more, the build for an unaligned row stride spills registers (see python -m kernels.compile).
 _FWD_CONFIGS = (
     (64, 32, 4, False), (128, 16, 4, False), (256, 8, 4, False), (512, 4, 4, False),
     (1024, 2, 4, False), (2048, 1, 4, False), (4096, 1, 8, False), (8192, 1, 16, False),
-    (16384, 1, 16, False), (4096, 1, 8, True),
+    (8192, 1, 16, True),
 )
 _BWD_CONFIGS = (
-    (64, 32, 4, False), (128, 16, 4, False), (256, 8, 4, False), (512, 4, 4, False),
-    (1024, 2, 4, False), (2048, 1, 4, False), (4096, 1, 8, False), (8192, 1, 16, False),
-    (4096, 1, 8, True),
+    (64, 16, 8, False), (128, 8, 8, False), (256, 4, 8, False), (512, 2, 8, False),
+    (1024, 1, 4, False), (2048, 1, 8, False), (4096, 1, 16, False), (8192, 1, 32, False),
+    (4096, 1, 16, True),
 )
 _REDUCE_CONFIG = (32, 128, 4)  # BLOCK_P, BLOCK_C, warps
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
