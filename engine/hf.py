@@ -234,18 +234,21 @@ def export(model: GPT, tokenizer, out_folder):
 PATCH_ATTR = "_llm_engine_patch"  # on a patched model: what unpatch restores
 
 
-def attention_plan(mask, sq: int, sk: int, causal: bool):
-    """How our kernel runs HF's attention mask: (causal, kv_start or None, keys to use), or None
-    when the mask is none of: absent, causal, causal with left padding, all-visible.
+def attention_plan(mask, sq: int, sk: int):
+    """How our kernel runs HF's mask for GPT-2's (causal) self-attention: (causal, kv_start or
+    None, keys to use), or None when the mask is none of: absent, causal, causal with left
+    padding, all-visible.
 
-    mask: None, a boolean [B|1, 1|H, Sq, Sk] (True = attend) or an additive float one (0 = attend).
+    mask: None, a boolean [B|1, 1|H, Sq, >=Sk] (True = attend) or an additive float one (0 = attend);
+    keys past Sk are cut off, as HF's own SDPA function does (transformers 4.x pads the mask).
     """
     if mask is None:  # HF's SDPA conventions for a missing mask
         if sq == 1:
             return False, None, sk  # one new query sees every cached key
-        if causal and sk > sq:
+        if sk > sq:
             return True, None, sq  # a static cache's prefill: keys past the queries are empty slots
-        return causal, None, sk
+        return True, None, sk
+    mask = mask[..., :sk]
     if mask.shape[-2:] != (sq, sk):
         return None
     if mask.dtype == torch.bool:
@@ -260,8 +263,6 @@ def attention_plan(mask, sq: int, sk: int, causal: bool):
     allowed = allowed[:, 0]  # [B|1, Sq, Sk]
     if allowed.all():
         return False, None, sk
-    if not causal:
-        return None
     # Left padding: the last query sees every real key, so its leading blocked keys are the padding.
     kv_start = (~allowed[:, -1]).long().cumprod(-1).sum(-1)  # [B|1]
     expected = reference.attention_mask(sq, sk, True, kv_start, device=mask.device)[:, 0]
@@ -294,10 +295,9 @@ def _make_attention(ops):
             return fallback("output_attentions needs the attention weights", module, query, key, value,
                             attention_mask, **kwargs)
         sq, sk = query.shape[-2], key.shape[-2]
-        causal = kwargs.get("is_causal") if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)
-        if last.get("mask", ()) is not attention_mask or last["shape"] != (sq, sk, causal):
+        if last.get("mask", ()) is not attention_mask or last["shape"] != (sq, sk):
             # every layer gets the same mask object: read it (a device sync) once per forward
-            last.update(mask=attention_mask, shape=(sq, sk, causal), plan=attention_plan(attention_mask, sq, sk, causal))
+            last.update(mask=attention_mask, shape=(sq, sk), plan=attention_plan(attention_mask, sq, sk))
         if last["plan"] is None:
             return fallback("the attention mask is not causal with left padding", module, query, key, value,
                             attention_mask, **kwargs)
@@ -334,11 +334,14 @@ def patch(hf_model, backend: str = "triton"):
     if getattr(hf_model.config, "model_type", None) != "gpt2":
         raise ValueError(f"patch: expected a Hugging Face GPT-2 model, got model_type "
                          f"{getattr(hf_model.config, 'model_type', None)!r}")
+    if getattr(hf_model.config, "add_cross_attention", False):
+        raise ValueError("patch: GPT-2 with cross-attention (add_cross_attention=True) is not supported")
     from transformers.models.gpt2 import modeling_gpt2
 
     if not hasattr(transformers, "AttentionInterface") or not hasattr(modeling_gpt2, "ALL_ATTENTION_FUNCTIONS"):
         raise RuntimeError(f"patch needs a transformers whose GPT-2 dispatches attention through "
-                           f"transformers.AttentionInterface (4.48 or newer); installed: {transformers.__version__}")
+                           f"transformers.AttentionInterface (4.51 or newer; tested with 4.53 and 5.x); installed: "
+                           f"{transformers.__version__}")
     ops = get_backend(backend)  # raises, with the reason, when the backend can't run here
     if getattr(hf_model, PATCH_ATTR, None) is not None:
         unpatch(hf_model)

@@ -280,19 +280,21 @@ def test_attention_plan_reads_hf_masks():
     neg = torch.finfo(torch.float32).min
     additive = torch.zeros(2, 1, 5, 5).masked_fill(~bool_mask, neg)  # older transformers' eager-style mask
     for mask in (bool_mask, additive):
-        causal, ks, keys = hf.attention_plan(mask, 5, 5, causal=True)
+        causal, ks, keys = hf.attention_plan(mask, 5, 5)
         assert causal and torch.equal(ks, kv_start) and keys == 5
-    assert hf.attention_plan(attention_mask(5, 5, True), 5, 5, True)[:2] == (True, None)
-    assert hf.attention_plan(torch.ones(1, 1, 1, 6, dtype=torch.bool), 1, 6, True)[:2] == (False, None)
-    assert hf.attention_plan(None, 1, 6, True) == (False, None, 6)  # decode: one query sees every key
-    assert hf.attention_plan(None, 4, 9, True) == (True, None, 4)  # static-cache prefill: top-left
+    assert hf.attention_plan(attention_mask(5, 5, True), 5, 5)[:2] == (True, None)
+    assert hf.attention_plan(torch.ones(1, 1, 1, 6, dtype=torch.bool), 1, 6)[:2] == (False, None)
+    padded = torch.cat([additive, torch.full((2, 1, 5, 1), neg)], dim=-1)  # transformers 4.x: one key too many
+    assert hf.attention_plan(padded, 5, 5)[1].tolist() == [2, 0]
+    assert hf.attention_plan(None, 1, 6) == (False, None, 6)  # decode: one query sees every key
+    assert hf.attention_plan(None, 4, 9) == (True, None, 4)  # static-cache prefill: top-left
     holes = bool_mask.clone()
     holes[1, 0, 4, 1] = False
-    assert hf.attention_plan(holes, 5, 5, True) is None
-    assert hf.attention_plan(additive + 0.5 * (additive == 0), 5, 5, True) is None  # a bias, not a mask
+    assert hf.attention_plan(holes, 5, 5) is None
+    assert hf.attention_plan(additive + 0.5 * (additive == 0), 5, 5) is None  # a bias, not a mask
     per_head = bool_mask.expand(2, 3, 5, 5).clone()
     per_head[0, 1, 4, 3] = False
-    assert hf.attention_plan(per_head, 5, 5, True) is None
+    assert hf.attention_plan(per_head, 5, 5) is None
 
 
 def test_patch_refuses_what_it_cannot_run(monkeypatch):
@@ -300,6 +302,8 @@ def test_patch_refuses_what_it_cannot_run(monkeypatch):
     m.config.model_type = "llama"
     with pytest.raises(ValueError, match="GPT-2"):
         hf.patch(m, backend="reference")
+    with pytest.raises(ValueError, match="cross-attention"):
+        hf.patch(hf_gpt2(add_cross_attention=True), backend="reference")
     if not torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(RuntimeError, match="CUDA"):
