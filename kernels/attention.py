@@ -333,21 +333,22 @@ class Config(NamedTuple):
 # "decode": forward for Sq <= DECODE_MAX_SQ (split-KV), "dkdv" / "dq": the backward.
 # fp32 runs exact (ieee) dots on CUDA cores, so its tiles are smaller.
 _C = Config
+_SMALL_D = (16, 32, 64)
 _CONFIGS = {
-    (90, "fwd", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 4, 3), 128: _C(128, 128, 8, 2)},
-    (80, "fwd", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 4, 3), 128: _C(128, 64, 8, 3)},
-    (90, "decode", True): {16: _C(16, 64, 4, 3), 32: _C(16, 64, 4, 3), 64: _C(16, 64, 4, 3), 128: _C(16, 64, 4, 3)},
-    (90, "dkdv", True): {16: _C(64, 128, 8, 3), 32: _C(64, 128, 8, 3), 64: _C(64, 128, 8, 3), 128: _C(64, 128, 8, 2)},
-    (80, "dkdv", True): {16: _C(32, 128, 4, 3), 32: _C(32, 128, 4, 3), 64: _C(32, 128, 4, 3), 128: _C(32, 128, 8, 2)},
-    (90, "dq", True): {16: _C(128, 64, 8, 3), 32: _C(128, 64, 8, 3), 64: _C(128, 64, 8, 3), 128: _C(128, 64, 8, 2)},
-    (80, "dq", True): {16: _C(128, 32, 4, 3), 32: _C(128, 32, 4, 3), 64: _C(128, 32, 4, 3), 128: _C(128, 32, 8, 2)},
-    (90, "fwd", False): {16: _C(64, 32, 4, 2), 32: _C(64, 32, 4, 2), 64: _C(64, 32, 4, 2), 128: _C(32, 32, 4, 2)},
-    (90, "decode", False): {16: _C(16, 32, 4, 2), 32: _C(16, 32, 4, 2), 64: _C(16, 32, 4, 2), 128: _C(16, 32, 4, 2)},
-    (90, "dkdv", False): {16: _C(32, 32, 4, 2), 32: _C(32, 32, 4, 2), 64: _C(32, 32, 4, 2), 128: _C(16, 32, 4, 2)},
-    (90, "dq", False): {16: _C(32, 32, 4, 2), 32: _C(32, 32, 4, 2), 64: _C(32, 32, 4, 2), 128: _C(32, 16, 4, 2)},
+    (90, "fwd", True): {**dict.fromkeys(_SMALL_D, _C(128, 64, 4, 3)), 128: _C(128, 64, 8, 3)},
+    (80, "fwd", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 8, 3), 128: _C(128, 64, 8, 3)},
+    (90, "decode", True): dict.fromkeys(HEAD_DIMS, _C(16, 64, 4, 3)),
+    (80, "decode", True): dict.fromkeys(HEAD_DIMS, _C(16, 64, 4, 3)),
+    (90, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 128, 8, 2)},
+    (80, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 64, 8, 3)},
+    (90, "dq", True): {**dict.fromkeys(_SMALL_D, _C(128, 64, 4, 3)), 128: _C(128, 64, 8, 2)},
+    (80, "dq", True): {**dict.fromkeys(_SMALL_D, _C(128, 32, 4, 3)), 128: _C(128, 32, 8, 2)},
+    # fp32: ieee dots on CUDA cores hold whole tiles in registers; 8 warps keep them from spilling
+    (90, "fwd", False): {**dict.fromkeys(_SMALL_D, _C(64, 32, 8, 2)), 128: _C(16, 32, 8, 2)},
+    (90, "decode", False): dict.fromkeys(HEAD_DIMS, _C(16, 32, 8, 2)),
+    (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 32, 4, 2)},
+    (90, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(32, 16, 4, 2)},
 }
-for _kind in ("decode",):
-    _CONFIGS[(80, _kind, True)] = _CONFIGS[(90, _kind, True)]
 for _kind in ("fwd", "decode", "dkdv", "dq"):
     _CONFIGS[(80, _kind, False)] = _CONFIGS[(90, _kind, False)]
 ARCHS = (80, 90)
@@ -373,6 +374,7 @@ def _num_splits(bh: int, m_tiles: int, sk: int, block_n: int, device: torch.devi
     return max(1, min(want, triton.cdiv(sk, block_n * _MIN_TILES_PER_SPLIT)))
 
 
+_INT_PARAMS = {"H", "SQ", "SK", "SPLIT_SIZE", "NUM_SPLITS"}
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -380,9 +382,9 @@ def aot_configs() -> list[dict]:
     """Every shipped launch configuration of this module's kernels, for kernels/compile.py.
 
     Each is compiled in its most general variant (CAUSAL and HAS_KV_START on: both the unmasked
-    and the masked loops, plus the padding mask)."""
+    and the masked loops, plus the padding mask), for bf16 and fp32; fp16 shares bf16's configs."""
     out = []
-    for dtype in DTYPES:
+    for dtype in (torch.bfloat16, torch.float32):  # fp16 builds the same code as bf16
         t = _TRITON_TYPE[dtype]
         for head_dim in HEAD_DIMS:
             flags = {"CAUSAL": True, "HAS_KV_START": True, "HEAD_DIM": head_dim}
@@ -395,8 +397,8 @@ def aot_configs() -> list[dict]:
                         "kernel": f"attn_{kind}", "fn": fn, "signature": sig,
                         "constexprs": {**flags, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
                         "num_warps": c.num_warps, "num_stages": c.num_stages, "archs": (arch,),
-                        # tensor-core wgmma needs 16-bit operands and a 64-row (warpgroup) tile
-                        "wgmma": dtype != torch.float32 and min(c.block_m, c.block_n) >= 64,
+                        # Hopper tensor cores for the 16-bit matmul kernels; decode tiles are 16 rows
+                        "wgmma": dtype != torch.float32 and kind != "decode",
                         "config": f"D={head_dim} {t} BM={c.block_m} BN={c.block_n} w{c.num_warps} s{c.num_stages}",
                     })
             for fn, name, constexprs, warps in (
@@ -423,7 +425,7 @@ def _signature(fn, t: str, out_t: str) -> dict:
         elif p.name in types:
             sig[p.name] = types[p.name]
         else:
-            sig[p.name] = f"*{t}" if p.name.isupper() else "i32"
+            sig[p.name] = "i32" if p.name.startswith("stride") or p.name in _INT_PARAMS else f"*{t}"
     return sig
 
 
