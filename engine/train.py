@@ -228,6 +228,7 @@ def pretrain(data: str, out, preset: str = "tiny", cfg: TrainConfig | None = Non
         tokenizer = Tokenizer.train(texts, vocab_size or config.vocab_size)
         config.vocab_size = tokenizer.vocab_size
         tokenize_documents(docs, tokenizer, 0.1, out / "data")
+        torch.manual_seed(cfg.seed)
         model = GPT(config, backend=backend).to(dev)
         run_info = {"kind": "pretrain", "data": data, "world": world.to_dict() if world else None, "preset": preset}
     train_tokens, val_tokens = read_tokens(out / "data" / "train.bin"), read_tokens(out / "data" / "val.bin")

@@ -7,12 +7,17 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def shared_file(name: str) -> Path:
-    """A file of ../shared/data, or a clean skip saying why."""
-    path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (the shared sample data is not beside this checkout)")
-    return path
+@pytest.fixture
+def shared_file():
+    """shared_file(name): a file of ../shared/data, or a clean skip saying why."""
+
+    def find(name: str) -> Path:
+        path = SHARED_DATA / name
+        if not path.is_file():
+            pytest.skip(f"{path} is absent (the shared sample data is not beside this checkout)")
+        return path
+
+    return find
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,145 @@
+"""Training: the loss falls, resume is exact, Ctrl-C saves, crashes never leave a valid-looking
+checkpoint, fine-tuning reads real conversations."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import engine.data
+from engine import checkpoint
+from engine.train import TrainConfig, finetune, pretrain
+
+SMALL = dict(vocab_size=512, block_size=64)
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in open(run_dir / "metrics.jsonl")]
+
+
+def small_pretrain(data, out, steps, **kw):
+    cfg = TrainConfig(max_steps=steps, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=steps, save_every=kw.pop("save_every", steps))
+    return pretrain(data, out, "tiny", cfg, backend="torch", device="cpu", progress=False, block_size=64, vocab_size=512, **kw)
+
+
+def test_loss_falls_on_the_builtin_world(tmp_path):
+    small_pretrain("builtin", tmp_path, 40, n_people=20)
+    curve = losses(tmp_path)
+    assert sum(curve[-5:]) / 5 < 0.7 * sum(curve[:5]) / 5
+
+
+def test_loss_falls_on_shakespeare(tmp_path, shared_file):
+    text = shared_file("tinyshakespeare.txt").read_text()[:100_000]
+    (tmp_path / "shakespeare.txt").write_text(text)
+    small_pretrain(str(tmp_path / "shakespeare.txt"), tmp_path / "run", 30)
+    curve = losses(tmp_path / "run")
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5  # nats
+    header = json.loads((tmp_path / "run" / "data" / "train.json").read_text())
+    assert header["dtype"] == "uint16"
+
+
+def test_interrupted_run_resumes_to_the_same_losses(tmp_path, monkeypatch):
+    small_pretrain("builtin", tmp_path / "straight", 10, n_people=10)
+
+    real_batch = engine.data.token_batch
+
+    def interrupt_at_step_4(tokens, batch_size, block_size, seed, step, micro):
+        if step == 4:  # Ctrl-C arrives in the middle of step 5
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(tokens, batch_size, block_size, seed, step, micro)
+
+    monkeypatch.setattr(engine.data, "token_batch", interrupt_at_step_4)
+    with pytest.raises(Exception, match="interrupted at step 5"):
+        small_pretrain("builtin", tmp_path / "resumed", 10, n_people=10)
+    assert checkpoint.find_checkpoint(tmp_path / "resumed").name == "step-0000005"
+    monkeypatch.setattr(engine.data, "token_batch", real_batch)
+    small_pretrain("builtin", tmp_path / "resumed", 10, n_people=10, resume=True)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_a_crash_during_save_leaves_no_valid_looking_checkpoint(tmp_path, monkeypatch):
+    small_pretrain("builtin", tmp_path, 4, n_people=10, save_every=2)
+    assert checkpoint.find_checkpoint(tmp_path).name == "step-0000004"
+    model, tok, state, _ = checkpoint.load_checkpoint(tmp_path, with_trainer_state=True)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)  # dies after the weights, before the trainer state
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(tmp_path, 6, model, tok, state)
+    assert any(p.name.startswith(".tmp-step-0000006") for p in tmp_path.iterdir())  # the debris exists...
+    assert checkpoint.find_checkpoint(tmp_path).name == "step-0000004"  # ...and is never picked up
+    # a step folder with a file missing is not a checkpoint either
+    (tmp_path / "step-0000009").mkdir()
+    (tmp_path / "step-0000009" / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint.find_checkpoint(tmp_path).name == "step-0000004"
+
+
+def test_checkpoints_load_without_running_code(tmp_path):
+    small_pretrain("builtin", tmp_path, 2, n_people=10)
+    model, tok, state, folder = checkpoint.load_checkpoint(tmp_path, with_trainer_state=True)
+    assert state["step"] == 2 and set(state) >= {"optimizer", "rng_cpu", "step"}
+    again, _, _, _ = checkpoint.load_checkpoint(folder)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_ctrl_c_on_the_command_line_saves_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "engine", "pretrain", "--data", "builtin", "--n-people", "10", "--out", str(out),
+           "--max-steps", "100000", "--batch-size", "4", "--block-size", "64", "--vocab-size", "400", "--save-every", "100000", "--backend", "torch", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err
+    assert checkpoint.find_checkpoint(out).name.startswith("step-")
+
+
+BAD_CONVERSATIONS = [
+    ("{not json", "line 1: bad JSON"),
+    ('{"turns": []}', 'line 1: missing "messages"'),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role 'robot'"),
+    ('{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}', "message 0 (user) has empty content"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "does not end with an assistant turn"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD_CONVERSATIONS)
+def test_malformed_conversations_get_their_documented_error(tmp_path, line, message):
+    path = tmp_path / "chats.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message.replace("line 1", "line 2").replace("(", r"\(").replace(")", r"\)")) as err:
+        engine.data.load_conversations(path)
+    assert str(path) in str(err.value)
+
+
+def test_conversation_batches_train_only_on_assistant_tokens():
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["what is two plus two? four. hello"], vocab_size=300)
+    rendered = [tok.render_conversation([{"role": "user", "content": "what is two plus two?"}, {"role": "assistant", "content": "four."}])]
+    x, y, mask = engine.data.conversation_batch(rendered, 2, 64, 0, 0, 0)
+    for b in range(2):
+        trained = [int(t) for t, m in zip(y[b], mask[b]) if m]
+        assert tok.decode(trained, skip_special_tokens=False) == "four.<|end|>"
+        assert (y[b][mask[b] == 0] != -1).sum() == len(rendered[0][0]) - 1 - len(trained)
+
+
+def test_finetune_runs_on_real_conversations(tmp_path, shared_file):
+    conversations = shared_file("conversations.jsonl")
+    text = shared_file("tinyshakespeare.txt").read_text()[:50_000]
+    (tmp_path / "text.txt").write_text(text)
+    small_pretrain(str(tmp_path / "text.txt"), tmp_path / "base", 2)
+    cfg = TrainConfig(max_steps=3, batch_size=4, eval_every=3, eval_batches=2, save_every=3)
+    metrics = finetune(tmp_path / "base", str(conversations), tmp_path / "chat", cfg, backend="torch", device="cpu", progress=False)
+    assert metrics["step"] == 3 and metrics["val_loss"] > 0
+    assert checkpoint.read_run_info(checkpoint.find_checkpoint(tmp_path / "chat"))["kind"] == "finetune"
