@@ -22,11 +22,11 @@ forward:
   - exactly left padding              -> our kernel with kv_start (the number of pad tokens);
   - anything else (right padding, holes, a bias), attention dropout in training, or
     output_attentions                 -> HF's SDPA function, with a warning once per patch.
+(transformers 4.x's head_mask argument is not supported.)
 With left padding, the outputs at the padding positions differ from HF's (our padding queries
 attend to padding keys, HF's to nothing); every real position matches.
 """
 import json
-import math
 import shutil
 import tempfile
 import types
@@ -302,9 +302,7 @@ def _make_attention(ops):
             return fallback("the attention mask is not causal with left padding", module, query, key, value,
                             attention_mask, **kwargs)
         causal, kv_start, keys = last["plan"]
-        d = query.shape[-1]
-        if scaling is not None and not math.isclose(scaling, d ** -0.5, rel_tol=1e-6):
-            query = query * (scaling * math.sqrt(d))  # our kernels scale by 1/sqrt(d)
+        # scale is 1/sqrt(head_dim), our kernels' default: patch() accepts only GPT-2s that use it
         out = ops.attention(query, key[:, :, :keys], value[:, :, :keys], causal=causal, kv_start=kv_start)
         return out.transpose(1, 2), None  # HF wants [B, S, H, D] and the (absent) weights
 
@@ -334,8 +332,10 @@ def patch(hf_model, backend: str = "triton"):
     if getattr(hf_model.config, "model_type", None) != "gpt2":
         raise ValueError(f"patch: expected a Hugging Face GPT-2 model, got model_type "
                          f"{getattr(hf_model.config, 'model_type', None)!r}")
-    if getattr(hf_model.config, "add_cross_attention", False):
-        raise ValueError("patch: GPT-2 with cross-attention (add_cross_attention=True) is not supported")
+    needs = dict(add_cross_attention=False, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
+    for name, value in needs.items():
+        if bool(getattr(hf_model.config, name, value)) != value:
+            raise ValueError(f"patch: GPT-2 with {name}={not value} is not supported (our attention needs {value})")
     from transformers.models.gpt2 import modeling_gpt2
 
     if not hasattr(transformers, "AttentionInterface") or not hasattr(modeling_gpt2, "ALL_ATTENTION_FUNCTIONS"):
@@ -347,7 +347,7 @@ def patch(hf_model, backend: str = "triton"):
         unpatch(hf_model)
     name = f"llm_engine_{ops.name}"
     transformers.AttentionInterface.register(name, _make_attention(ops))
-    try:  # transformers >= 4.53 builds masks per implementation: ours wants SDPA's (boolean, or None if causal)
+    try:  # transformers 5 builds the mask per implementation and gives unknown ones none: ask for SDPA's
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         AttentionMaskInterface.register(name, sdpa_mask)

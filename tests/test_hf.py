@@ -302,8 +302,9 @@ def test_patch_refuses_what_it_cannot_run(monkeypatch):
     m.config.model_type = "llama"
     with pytest.raises(ValueError, match="GPT-2"):
         hf.patch(m, backend="reference")
-    with pytest.raises(ValueError, match="cross-attention"):
-        hf.patch(hf_gpt2(add_cross_attention=True), backend="reference")
+    for unsupported in ("add_cross_attention", "scale_attn_by_inverse_layer_idx"):
+        with pytest.raises(ValueError, match=unsupported):
+            hf.patch(hf_gpt2(**{unsupported: True}), backend="reference")
     if not torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(RuntimeError, match="CUDA"):
