@@ -1,0 +1,111 @@
+"""LayerNorm bandwidth: kernels.layer_norm against F.layer_norm, torch.compile of the reference
+and Liger Kernel's LayerNorm (when installed), next to a plain device-to-device copy.
+
+    python benchmarks/layernorm.py [--toy] [--out DIR]
+
+GB/s counts the tensors that must cross memory (weights are negligible): forward reads x and
+writes y; backward reads x and dy and writes dx; "both" is the sum of the two. bf16, M = 32768
+rows, N from 768 to 16384 on a GPU; --toy is a tiny fp32 run on the CPU (Triton interpreter).
+Writes layernorm.csv and layernorm.png under benchmarks/results/<hardware>-<date>/ (or --out).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import plot_lines, results_dir, time_ms, write_csv  # noqa: E402
+from engine import reference  # noqa: E402
+from kernels import layer_norm  # noqa: E402
+
+COLUMNS = ("mode", "N", "M", "dtype", "provider", "ms", "GB/s", "copy GB/s", "fraction of copy")
+MODES = {"forward": 2, "backward": 3, "both": 5}  # tensors of M x N moved
+
+
+def providers(on_gpu: bool) -> dict:
+    """name -> fn(x, weight, bias, eps)."""
+    found = {"triton": layer_norm, "torch": lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps)}
+    if on_gpu:  # inductor on the CPU would spend the toy run compiling
+        found["torch.compile"] = torch.compile(reference.layer_norm)
+        try:
+            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+            found["liger"] = LigerLayerNormFunction.apply
+        except ImportError:
+            print("liger-kernel not installed: skipping it")
+    return found
+
+
+def timed(fn, x, w, b, dy, mode: str, **reps) -> float:
+    """Milliseconds for one forward, one backward (graph kept), or one forward + backward."""
+    eps = 1e-5
+    if mode == "forward":
+        with torch.no_grad():
+            return time_ms(lambda: fn(x, w, b, eps), **reps)
+    if mode == "backward":
+        y = fn(x, w, b, eps)
+        return time_ms(lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True), **reps)
+    return time_ms(lambda: torch.autograd.grad(fn(x, w, b, eps), (x, w, b), dy), **reps)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--toy", action="store_true", help="tiny sizes, for a CPU smoke run")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware>-<date>)")
+    args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available() and not args.toy
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype, m, sizes = (torch.bfloat16, 32768, (768, 1024, 2048, 4096, 8192, 16384)) if on_gpu else (torch.float32, 16, (16, 64))
+    reps = {} if on_gpu else {"warmup": 1, "reps": 2}  # the interpreter is slow
+
+    rows = []
+    for n in sizes:
+        x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+        b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn_like(x)
+        nbytes = m * n * x.element_size()
+        copy_ms = time_ms(lambda: torch.empty_like(x).copy_(x), **reps)
+        copy_gbps = 2 * nbytes / copy_ms / 1e6
+        for name, fn in providers(on_gpu).items():
+            for mode, tensors in MODES.items():
+                ms = timed(fn, x, w, b, dy, mode, **reps)
+                gbps = tensors * nbytes / ms / 1e6
+                rows.append(dict(zip(COLUMNS, (mode, n, m, str(dtype).removeprefix("torch."), name, round(ms, 4),
+                                               _sig(gbps), _sig(copy_gbps), round(gbps / copy_gbps, 3)))))
+                print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    out = results_dir(args.out)
+    write_csv(rows, out / "layernorm.csv")
+    plot_lines(rows, x="N", y="GB/s", series="provider", facet="mode", path=out / "layernorm.png",
+               title=f"LayerNorm {rows[0]['dtype']}, M={m}: GB/s")
+    _summary(rows)
+    print(f"wrote {out / 'layernorm.csv'} and {out / 'layernorm.png'}")
+    return rows
+
+
+def _sig(v: float) -> float:
+    return float(f"{v:.4g}")
+
+
+def _summary(rows):
+    """The issue's targets: forward vs copy for N >= 1024, fwd+bwd vs torch eager and Liger."""
+    by = {(r["mode"], r["N"], r["provider"]): r for r in rows}
+    for (mode, n, name), r in sorted(by.items()):
+        if name != "triton":
+            continue
+        parts = [f"{mode:8s} N={n:5d}: {r['GB/s']:7.1f} GB/s = {r['fraction of copy']:.0%} of copy"]
+        for other in ("torch", "torch.compile", "liger"):
+            if (mode, n, other) in by:
+                parts.append(f"{by[(mode, n, other)]['ms'] / r['ms']:.2f}x {other}")
+        print(", ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
