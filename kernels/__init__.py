@@ -2,4 +2,5 @@
 
     from kernels import flash_attention, layer_norm, add_layer_norm, LayerNorm
 """
+from kernels.attention import flash_attention
 from kernels.layernorm import LayerNorm, add_layer_norm, layer_norm
