@@ -155,18 +155,27 @@ def test_export_loads_with_from_pretrained(tmp_path):
 
 
 def test_greedy_generation_matches_hf_generate():
-    m = hf_gpt2(**CONFIGS["2x32"])
+    from engine.generate import generate
+    from engine.sampling import SamplingParams
+    from engine.tokenizer import Tokenizer
+
+    m = hf_gpt2(vocab_size=300)
     gpt = hf.from_hf(m).eval()
-    prompt = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(3))
-    expected = m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
-                          pad_token_id=0)
-    idx = prompt
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 300, (n,), generator=g) for n in (8, 5)]
+    expected = [m.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=30,
+                           do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    # engine.generate: both prompts in one batch (the shorter one left-padded), prefill + KV-cache decode
+    tokenizer = Tokenizer.train(["only needed to decode the text"], vocab_size=300)
+    done = generate(gpt, tokenizer, [p.tolist() for p in prompts], SamplingParams(temperature=0.0, max_new_tokens=30),
+                    sampler="reference")
+    assert [c.token_ids for c in done] == expected
+    idx = prompts[0][None]
     with torch.no_grad():
-        for _ in range(30):  # greedy, full recompute each step
+        for _ in range(30):  # and a plain greedy loop, full recompute each step
             logits, _ = gpt(idx)
             idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert idx.shape == expected.shape == (2, 38)
-    assert torch.equal(idx, expected)
+    assert idx[0, 8:].tolist() == expected[0]
 
 
 def test_finetune_hf_model_then_export_back():
