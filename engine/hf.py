@@ -121,7 +121,7 @@ def _read_weights(folder: Path) -> dict:
 
 def from_hf(model_or_folder, backend: str = "auto") -> GPT:
     """Our GPT from a Hugging Face GPT-2: a GPT2LMHeadModel (or GPT2Model) object, or a local
-    folder holding config.json and model.safetensors or pytorch_model.bin. Weights come out fp32."""
+    folder holding config.json and model.safetensors or pytorch_model.bin. Weights come out fp32, on the CPU."""
     if isinstance(model_or_folder, nn.Module):
         hf_config, hf_state, source = model_or_folder.config.to_dict(), model_or_folder.state_dict(), "model"
     else:

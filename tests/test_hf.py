@@ -325,8 +325,16 @@ TRITON_SCRIPT = textwrap.dedent("""
     missing = [f for f in ("flash_attention", "layer_norm") if not hasattr(kernels, f)]
     if missing:
         print(json.dumps({"skip": f"kernels has no {missing} yet"})); raise SystemExit
+    import warnings
     from tests.test_hf import hf_gpt2, left_padded, logits_and_grads
     from engine import hf
+    warnings.simplefilter("error")  # a fallback to SDPA would warn
+    calls = {"flash_attention": 0, "layer_norm": 0}
+    for name in calls:  # count the kernel launches (the backend looks them up on each call)
+        def counted(*args, _f=getattr(kernels, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _f(*args, **kwargs)
+        setattr(kernels, name, counted)
     m = hf_gpt2()
     ids, mask, pos, _ = left_padded(length=9)
     ref_logits, ref_grads = logits_and_grads(m, ids)
@@ -340,6 +348,7 @@ TRITON_SCRIPT = textwrap.dedent("""
         "logits": (logits - ref_logits).abs().max().item(),
         "grads": max((grads[n] - ref_grads[n]).abs().max().item() for n in grads),
         "padded": (pad - ref_pad)[mask.bool()].abs().max().item(),
+        "calls": calls,
     }))
 """)
 
@@ -355,6 +364,7 @@ def test_patch_triton_interpreted():
         pytest.skip(result["skip"])
     assert result["logits"] < 1e-5 and result["padded"] < 1e-5, result
     assert result["grads"] < 1e-4, result
+    assert result["calls"] == {"flash_attention": 2 * 2, "layer_norm": 2 * 5}, result  # 2 forwards x (2 blocks, 5 LNs)
 
 
 # ---------------------------------------------------------------------------------------------
