@@ -25,6 +25,7 @@ output and logsumexp, and a small kernel combines them.
 Launch configs come from one table (_CONFIGS) per arch, kind and head dim; `aot_configs()`
 lists exactly those for kernels/compile.py, so what ships is what compiles.
 """
+import inspect
 import math
 from typing import NamedTuple
 
@@ -87,11 +88,12 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, 
             qk = tl.where(_visible(q_pos[:, None], k_pos[None, :], SK, kv_start, CAUSAL, HAS_KV_START),
                           qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_sub = m_new
         if MASKED:
             # a row that has seen no visible key yet keeps m = -inf; subtracting 0 keeps it NaN-free
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
             v = tl.load(v_ptrs, mask=k_pos[:, None] < SK, other=0.0)
@@ -158,12 +160,13 @@ def _attn_combine(O_PART, LSE_PART, O, LSE, stride_ps, stride_ls, NUM_SPLITS, HE
         lse_s = tl.load(LSE_PART + s * stride_ls + row)
         o_s = tl.load(O_PART + s * stride_ps + row * HEAD_DIM + offs_d)
         m_new = tl.maximum(m, lse_s)
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits that saw no key weigh 0
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse_s - m_new)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits that saw no key weigh 0
+        alpha = tl.exp2(m - m_sub)
+        w = tl.exp2(lse_s - m_sub)
         acc = acc * alpha + w * o_s
         l = l * alpha + w
         m = m_new
+    l = tl.where(l == 0.0, 1.0, l)  # as in _attn_fwd: a row with no visible key gives 0 and -inf
     tl.store(O + row * HEAD_DIM + offs_d, (acc / l).to(O.dtype.element_ty))
     tl.store(LSE + row, m + tl.log2(l))
 
@@ -419,13 +422,13 @@ def _signature(fn, t: str, out_t: str) -> dict:
     types = {"LSE": "*fp32", "DELTA": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32", "KV_START": "*i64",
              "O": f"*{out_t}", "sm_scale": "fp32"}
     sig = {}
-    for p in fn.params:
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-        elif p.name in types:
-            sig[p.name] = types[p.name]
+    for name, p in inspect.signature(fn.fn).parameters.items():  # fn.fn: the Python function, also interpreted
+        if p.annotation is tl.constexpr:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
         else:
-            sig[p.name] = "i32" if p.name.startswith("stride") or p.name in _INT_PARAMS else f"*{t}"
+            sig[name] = "i32" if name.startswith("stride") or name in _INT_PARAMS else f"*{t}"
     return sig
 
 
