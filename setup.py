@@ -15,7 +15,9 @@ if Path("csrc/sampler.cpp").exists():
             "engine._sampler",
             ["csrc/sampler.cpp"],
             cxx_std=17,
-            extra_compile_args=["-O3"],
+            # no FMA contraction: the C++ and reference samplers must round identically
+            extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
+            extra_link_args=["-pthread"],
         )
     )
 

@@ -288,12 +288,16 @@ def _check_batch(logits: torch.Tensor, batch: int) -> None:
         raise ValueError(f"logits must be [B={batch}, V>=1], got shape {tuple(logits.shape)}")
 
 
-def _check_vocab(V: int, params, token_lists) -> None:
-    """The checks that need V: logit_bias keys and previous / prompt tokens must be ids < V."""
-    for b, (p, toks) in enumerate(zip(params, token_lists)):
+def _check_bias(V: int, params) -> None:
+    for b, p in enumerate(params):
         for tok in p.logit_bias or ():
             if tok >= V:
                 raise ValueError(f"SamplingParams.logit_bias of row {b} names token id {tok}, but the vocabulary has V={V} tokens")
+
+
+def _check_tokens(V: int, token_lists) -> None:
+    """Previous / prompt tokens must be ids in [0, V) (the C++ sampler checks its own copy)."""
+    for b, toks in enumerate(token_lists):
         for tok in toks:
             if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= tok < V:
                 raise ValueError(f"token {tok!r} in the previous tokens of row {b} is not an id in [0, V={V})")
@@ -329,7 +333,7 @@ class Sampler:
             if isinstance(pos, bool) or not isinstance(pos, numbers.Integral) or pos < 0:
                 raise ValueError(f"positions must be ints >= 0, got {pos!r}")
         x = _cpu_float32(logits)
-        _check_vocab(x.shape[1], params, prev_tokens)
+        _check_bias(x.shape[1], params)
         seeds = [_resolve_seed(p) for p in params]
         if self.impl == "cpp":
             toks, lps = _extension().sample(
@@ -337,6 +341,7 @@ class Sampler:
                 [int(p) for p in positions], seeds, _default_threads(),
             )
         else:
+            _check_tokens(x.shape[1], prev_tokens)
             out = [_sample_row(x[b], params[b], Counter(prev_tokens[b]), int(positions[b]), seeds[b], b) for b in range(B)]
             toks, lps = ([o[0] for o in out], [o[1] for o in out]) if out else ([], [])
         return torch.tensor(toks, dtype=torch.int64), torch.tensor(lps, dtype=torch.float64)
@@ -405,7 +410,7 @@ class DecodeLoop:
                 raise ValueError(f"params[{b}] must be a SamplingParams, got {type(p).__name__}")
         if token_bytes is None and any(p.stop for p in params):
             raise ValueError("token_bytes (the bytes of every token id) is required when a request has stop strings")
-        _check_vocab(1 << 62, [SamplingParams()] * len(prompts), prompts)  # ids >= 0; the bound comes at the first step
+        _check_tokens(1 << 62, prompts)  # ints >= 0; the bound V comes with the first step
         self.impl = _pick_impl(impl)
         self.params, self._prompts = params, prompts
         self.seeds = [_resolve_seed(p) for p in params]
@@ -428,7 +433,8 @@ class DecodeLoop:
     def step(self, logits: torch.Tensor) -> torch.LongTensor:
         _check_batch(logits, len(self.params))
         if self._vocab is None:
-            _check_vocab(logits.shape[1], self.params, self._prompts)
+            _check_bias(logits.shape[1], self.params)
+            _check_tokens(logits.shape[1], self._prompts)
             self._vocab = logits.shape[1]
         elif logits.shape[1] != self._vocab:
             raise ValueError(f"logits changed vocabulary size from V={self._vocab} to V={logits.shape[1]}")

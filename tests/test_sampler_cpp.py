@@ -1,0 +1,193 @@
+"""The C++ sampler (engine._sampler) against the reference in engine/sampling.py, and the benchmark script's smoke test."""
+import csv
+import dataclasses
+import math
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.sampling import DecodeLoop, Sampler, SamplingParams, process_logits
+
+pytest.importorskip("engine._sampler", reason="the C++ extension engine._sampler is not built (pip install -e .)")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_params(rng: random.Random, V: int) -> SamplingParams:
+    pick = rng.choice
+    return SamplingParams(
+        temperature=pick([0.0, 1e-30, 1e-3, 0.3, 0.7, 1.0, 1.0, 2.5, 1e6, 1e30]),
+        top_k=pick([0, 0, 1, 2, 5, 50, V - 1, V, V + 7]) if V > 1 else pick([0, 1, 3]),
+        top_p=pick([1.0, 1.0, rng.uniform(0.01, 0.999), rng.uniform(0.5, 0.95)]),
+        min_p=pick([0.0, 0.0, rng.uniform(0.0, 1.0), rng.uniform(0.0, 0.2)]),
+        repetition_penalty=pick([1.0, rng.uniform(0.5, 2.0)]),
+        presence_penalty=pick([0.0, rng.uniform(-2, 2)]),
+        frequency_penalty=pick([0.0, rng.uniform(-2, 2)]),
+        logit_bias=pick([None, None, {rng.randrange(V): rng.uniform(-5, 5) for _ in range(3)}] + [{rng.randrange(V): -math.inf}] * (V > 1)),
+        seed=rng.randrange(2**64),
+        logprobs=rng.random() < 0.5,
+    )
+
+
+def random_logits(rng: random.Random, B: int, V: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    kind = rng.choice(["normal", "ties", "wide", "tiny"])
+    if kind == "ties":  # few distinct values: ties everywhere, also at the top
+        x = torch.randint(-3, 3, (B, V), generator=g).float()
+    elif kind == "wide":
+        x = torch.randn(B, V, generator=g) * 30
+    elif kind == "tiny":
+        x = torch.randn(B, V, generator=g) * 1e-6
+    else:
+        x = torch.randn(B, V, generator=g) * 2
+    mask = torch.rand(B, V, generator=g) < rng.choice([0.0, 0.1, 0.6])
+    x[mask] = -math.inf
+    for i in rng.sample(range(V), min(V, 2)):  # a banned token (random_params) leaves one finite logit
+        x[:, i] = rng.uniform(-4, 4)
+    return x
+
+
+def test_cpp_and_reference_pick_identical_tokens_over_1000_random_cases():
+    rng = random.Random(0)
+    cpp, ref = Sampler("cpp"), Sampler("reference")
+    rows = 0
+    for case in range(1000):
+        V = rng.choice([1, 2, 7, 64, 300, 1000]) if case % 50 else 32000
+        B = rng.randint(1, 4)
+        x = random_logits(rng, B, V)
+        params = [random_params(rng, V) for _ in range(B)]
+        prev = [[rng.randrange(V) for _ in range(rng.choice([0, 3, 40]))] for _ in range(B)]
+        positions = [rng.randrange(10**6) for _ in range(B)]
+        t1, lp1 = cpp.sample_with_logprobs(x, params, prev, positions)
+        t2, lp2 = ref.sample_with_logprobs(x, params, prev, positions)
+        assert t1.tolist() == t2.tolist(), (case, params)
+        assert torch.allclose(lp1, lp2, rtol=1e-12, atol=1e-12, equal_nan=True), case
+        rows += B
+    assert rows > 2000
+
+
+def test_decode_loops_agree_step_by_step():
+    rng = random.Random(1)
+    V, B, steps = 40, 6, 30
+    token_bytes = [bytes([97 + i % 3]) * (1 + i % 2) for i in range(V)]  # "a", "bb", "c", "aa", ...: "ab" straddles tokens
+    params = [random_params(rng, V) for _ in range(B)]
+    params[0] = SamplingParams(temperature=0.9, stop=("ab", "cccc"), seed=3, max_new_tokens=50)
+    params[1] = SamplingParams(top_k=5, stop_token_ids=(1, 2, 3), seed=4, logprobs=True, max_new_tokens=50)
+    params[2] = SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0, seed=5, max_new_tokens=7)
+    prompts = [[rng.randrange(V) for _ in range(rng.randint(1, 9))] for _ in range(B)]
+    params[3] = SamplingParams(top_p=0.8, logprobs=True)  # seed=None: the reference replays the recorded seed
+    cpp = DecodeLoop(params, prompts, token_bytes, impl="cpp")
+    replay = [dataclasses.replace(p, seed=s) for p, s in zip(params, cpp.seeds)]
+    loops = [cpp, DecodeLoop(replay, prompts, token_bytes, impl="reference")]
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        x = torch.randn(B, V, generator=g).to(torch.float16)  # any dtype: copied once to float32
+        assert loops[0].step(x).tolist() == loops[1].step(x).tolist()
+    assert loops[0].generated == loops[1].generated
+    assert loops[0].finish_reason == loops[1].finish_reason
+    assert loops[0].finished == loops[1].finished
+    for a, b in zip(*(loop.logprobs for loop in loops)):
+        assert a == pytest.approx(b, abs=1e-12)
+    assert len(loops[0].logprobs[1]) == len(loops[0].generated[1]) > 0
+    assert loops[0].finish_reason[:3] == ["stop_string", "stop_token", "length"] and len(loops[0].generated[2]) == 7
+
+
+def test_cpp_raises_on_nan_and_all_masked_rows():
+    cpp = Sampler("cpp")
+    x = torch.randn(4, 100)
+    params = [SamplingParams(seed=b) for b in range(4)]
+    bad = x.clone()
+    bad[3, 50] = math.nan
+    with pytest.raises(ValueError, match="row 3.*NaN"):
+        cpp.sample(bad, params, [[]] * 4, [0] * 4)
+    bad = x.clone()
+    bad[2] = -math.inf
+    with pytest.raises(ValueError, match="row 2.*-inf"):
+        cpp.sample(bad, params, [[]] * 4, [0] * 4)
+    loop = DecodeLoop(params, [[1]] * 4, impl="cpp")
+    with pytest.raises(ValueError, match="row 2"):
+        loop.step(bad)
+    assert loop.generated == [[]] * 4
+    banned = [SamplingParams(temperature=0, logit_bias=dict.fromkeys(range(100), -math.inf))]
+    with pytest.raises(ValueError, match="row 0.*-inf"):
+        cpp.sample(x[:1], banned, [[]], [0])
+
+
+def test_a_seeded_request_is_batch_invariant_in_the_cpp_sampler():
+    rng = random.Random(2)
+    V, steps = 500, 10
+    target = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=1234, logprobs=True)
+    others = [random_params(rng, V) for _ in range(31)]
+    prompt = [3, 1, 4, 1, 5]
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(32, V, generator=g) for _ in range(steps)]
+
+    def run(order):  # order: the batch as indices into [target] + others; 0 is the target
+        batch = [([target] + others)[i] for i in order]
+        row = order.index(0)
+        loop = DecodeLoop(batch, [prompt] * len(batch), impl="cpp")
+        for t in range(steps):
+            x = logits[t][: len(batch)].clone()
+            x[row] = logits[t][0]
+            loop.step(x)
+        return loop.generated[row], loop.logprobs[row]
+
+    alone = run([0])
+    for _ in range(3):
+        order = list(range(32))
+        rng.shuffle(order)
+        assert run(order) == alone
+
+
+def test_cpp_draws_follow_the_filtered_renormalised_softmax():
+    from scipy.stats import chisquare
+
+    V, n = 20, 20_000
+    x = torch.randn(1, V, generator=torch.Generator().manual_seed(4)) * 1.5
+    p = SamplingParams(temperature=0.8, top_k=12, top_p=0.9, min_p=0.05, seed=99)
+    toks = Sampler("cpp").sample(x.expand(n, V), [p] * n, [[]] * n, list(range(n)))
+    probs = torch.softmax(x[0].double() / 0.8, 0)  # the filter, from plain softmax arithmetic
+    order = torch.sort(probs, descending=True, stable=True).indices[:12]
+    kept = order[: int((torch.cumsum(probs[order], 0) < 0.9 * probs[order].sum()).sum()) + 1]
+    kept = kept[probs[kept] >= 0.05 * probs[kept].max()]
+    expected = probs[kept] / probs[kept].sum() * n
+    observed = torch.bincount(toks, minlength=V).double()
+    assert observed.sum() == observed[kept].sum()  # nothing outside the kept set
+    assert len(kept) >= 4 and chisquare(observed[kept], expected).pvalue > 1e-4
+
+
+def test_cpp_logprobs_equal_log_softmax_of_the_processed_logits():
+    x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(5)) * 4
+    prev = [[1, 1, 5, 9], [], [7] * 10]
+    params = [
+        SamplingParams(temperature=0.6, top_k=4, repetition_penalty=1.3, presence_penalty=0.5, logprobs=True, seed=1),
+        SamplingParams(temperature=0, logit_bias={9: 2.0}, logprobs=True),
+        SamplingParams(temperature=1.7, top_p=0.5, frequency_penalty=-1.0, logprobs=True, seed=2),
+    ]
+    toks, lps = Sampler("cpp").sample_with_logprobs(x, params, prev, [4, 0, 10])
+    for b, p in enumerate(params):
+        processed = process_logits(x[b], p, Counter(prev[b])) / (p.temperature or 1.0)
+        assert lps[b].item() == pytest.approx(torch.log_softmax(processed, 0)[toks[b]].item(), abs=1e-9)
+
+
+def test_cpp_temperature_zero_is_argmax():
+    x = torch.randn(16, 3000, generator=torch.Generator().manual_seed(6))
+    x[5, 100] = x[5, 2000] = 99.0  # a tie goes to the lowest id
+    got = Sampler("cpp").sample(x, [SamplingParams(temperature=0, top_k=3)] * 16, [[]] * 16, [0] * 16)
+    assert got.tolist() == x.argmax(1).tolist() and got[5] == 100
+
+
+def test_benchmark_script_toy_run_writes_the_csv(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--toy", "--out", str(tmp_path)], check=True, cwd=ROOT,
+                   timeout=120)
+    with open(tmp_path / "sampling.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert set(rows[0]) == {"impl", "V", "B", "ms_per_step", "speedup_vs_hf"}
+    assert {r["impl"] for r in rows} == {"cpp", "cpp_loop", "reference", "hf"}
+    assert all(float(r["ms_per_step"]) > 0 for r in rows)
+    assert (tmp_path / "sampling.md").read_text().count("|") > 10
