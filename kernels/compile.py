@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every shipped kernel configuration for sm_80 and sm_90, no GPU needed.
 
-    python -m kernels.compile [--arch 80 90] [--jobs N] [--fresh]
+    python -m kernels.compile [--arch 80 90] [--jobs N] [--fresh] [--json]
 
 Each kernel module lists its shipped launch configurations in `aot_configs()` (see
 kernels/attention.py). Every one is compiled with Triton's bundled toolchain
@@ -16,6 +16,7 @@ in the repository; --fresh compiles into a temporary cache to time a cold build.
 import argparse
 import concurrent.futures
 import importlib
+import json
 import multiprocessing
 import os
 import re
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     parser.add_argument("--fresh", action="store_true", help="compile into an empty temporary cache")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as cache:
         if args.fresh:
@@ -125,9 +127,12 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         rows = compile_all(tuple(args.arch), args.jobs)
         elapsed = time.perf_counter() - t0
-    print(format_table(rows))
     bad = [r for r in rows if r["status"] != "ok"]
-    print(f"\n{len(rows)} builds in {elapsed:.1f} s; {len(bad)} failing")
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(format_table(rows))
+        print(f"\n{len(rows)} builds in {elapsed:.1f} s; {len(bad)} failing")
     return 1 if bad else 0
 
 

@@ -1,0 +1,170 @@
+"""Attention speed: kernels.flash_attention against torch SDPA (each backend) and torch.compile.
+
+    python benchmarks/attention.py [--toy] [--out DIR]
+
+Forward and forward+backward TFLOP/s over sequence lengths (FLOPs 4·B·H·Sq·Sk·D, halved when
+causal; the backward counts 2.5x the forward), and decode-step latency (one query over a KV cache
+of Sk keys) at batch 1 and 16. On CUDA: bf16, D in {64, 128}, S from 512 to 16k with B·S = 16k
+tokens and H·D = 2048. --toy: a few tiny fp32 shapes for the CPU (the Triton interpreter) that
+check the script runs. Writes attention.csv and one PNG per mode into the results folder.
+"""
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import plot_lines, results_dir, time_ms, write_csv  # noqa: E402
+from engine import reference  # noqa: E402
+from kernels import flash_attention  # noqa: E402
+
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+def sdpa(backend: str):
+    """SDPA pinned to one backend; queries sit at the end of the keys (is_causal needs Sq == Sk)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "math": "MATH"}[backend]
+
+    def attend(q, k, v, causal):
+        with sdpa_kernel(getattr(SDPBackend, which)):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[-2] > 1)
+    return attend
+
+
+def implementations(toy: bool) -> dict:
+    impls = {"ours": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal)}
+    impls.update({f"sdpa-{b}": sdpa(b) for b in SDPA_BACKENDS})
+    if not toy:  # inductor on the CPU would first build C++; on CUDA it emits Triton
+        compiled = torch.compile(reference.attention, dynamic=True)
+        impls["compiled-reference"] = lambda q, k, v, causal: compiled(q, k, v, causal=causal)
+    return impls
+
+
+def measure(fn, backward: bool, toy: bool):
+    """Median ms of one call (with backward), or None when the implementation can't run it."""
+    q, k, v = fn.inputs
+    do = torch.randn_like(q)
+
+    def step():
+        o = fn(q, k, v)
+        if backward:
+            torch.autograd.grad(o, (q, k, v), do)
+    try:
+        step()  # compile / warm up; also rejects unsupported shapes and backends
+        return time_ms(step, warmup=0, reps=1) if toy else time_ms(step, warmup=2, reps=10)
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        print(f"  skipped: {str(err).splitlines()[0][:100]}", file=sys.stderr)
+        return None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def bench_training(impls, seqlens, head_dims, dtype, device, toy: bool) -> list[dict]:
+    rows = []
+    tokens = 4 * max(seqlens) if toy else 16384
+    width = 64 if toy else 2048
+    for d in head_dims:
+        h = width // d
+        for s in seqlens:
+            b = max(1, tokens // s)
+            for causal in (True, False):
+                for backward in (False, True):
+                    flops = 4 * b * h * s * s * d / (2 if causal else 1) * (3.5 if backward else 1.0)
+                    for name, attend in impls.items():
+                        if name in ("sdpa-math", "compiled-reference") and s > 4096:
+                            continue  # materialises the S x S scores: minutes and tens of GB
+                        q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=True)
+                                   for _ in range(3))
+
+                        def fn(q_, k_, v_, attend=attend, causal=causal):
+                            return attend(q_, k_, v_, causal)
+                        fn.inputs = (q, k, v)
+                        ms = measure(fn, backward, toy)
+                        tflops = None if ms is None else flops / ms / 1e9
+                        rows.append({"mode": "fwd+bwd" if backward else "fwd", "impl": name, "batch": b,
+                                     "heads": h, "seqlen": s, "cache": "", "head_dim": d, "causal": causal,
+                                     "dtype": str(dtype).replace("torch.", ""), "ms": ms, "tflops": tflops})
+                        print(f"{rows[-1]['mode']:8s} D={d:3d} S={s:6d} causal={causal!s:5s} {name:20s} "
+                              f"{'-' if ms is None else f'{ms:9.3f} ms {tflops:7.1f} TFLOP/s'}")
+    return rows
+
+
+def bench_decode(impls, caches, batches, dtype, device, toy: bool) -> list[dict]:
+    """One new query per sequence against a cache of Sk keys (the generation step)."""
+    rows = []
+    h, d = (2, 32) if toy else (16, 128)
+    for b in batches:
+        for sk in caches:
+            for name, attend in impls.items():
+                if name == "compiled-reference":
+                    continue
+                q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
+                k, v = (torch.randn(b, h, sk, d, device=device, dtype=dtype) for _ in range(2))
+
+                def fn(q_, k_, v_, attend=attend):
+                    return attend(q_, k_, v_, True)
+                fn.inputs = (q, k, v)
+                with torch.no_grad():
+                    ms = measure(fn, False, toy)
+                rows.append({"mode": "decode", "impl": name, "batch": b, "heads": h, "seqlen": 1, "cache": sk,
+                             "head_dim": d, "causal": True, "dtype": str(dtype).replace("torch.", ""), "ms": ms,
+                             "tflops": None if ms is None else 4 * b * h * sk * d / ms / 1e9})
+                print(f"decode   B={b:3d} cache={sk:6d} {name:20s} {'-' if ms is None else f'{ms * 1e3:9.1f} us'}")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--toy", action="store_true", help="tiny fp32 shapes: a CPU smoke run")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hw>-<date>)")
+    args = parser.parse_args(argv)
+    on_cuda = torch.cuda.is_available()
+    if not (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        parser.error("needs a CUDA GPU, or TRITON_INTERPRET=1 with --toy")
+    toy = args.toy or not on_cuda
+    device, dtype = ("cuda", torch.bfloat16) if on_cuda and not toy else (("cuda" if on_cuda else "cpu"), torch.float32)
+    impls = implementations(toy)
+    if toy:
+        rows = bench_training(impls, (32, 64), (32,), dtype, device, toy)
+        rows += bench_decode(impls, (128, 256), (1, 2), dtype, device, toy)
+    else:
+        rows = bench_training(impls, (512, 1024, 2048, 4096, 8192, 16384), (64, 128), dtype, device, toy)
+        rows += bench_decode(impls, (1024, 2048, 4096, 8192, 16384, 32768), (1, 16), dtype, device, toy)
+    out = results_dir(args.out)
+    write_csv(rows, out / "attention.csv")
+    for mode in ("fwd", "fwd+bwd"):
+        sub = [{**r, "case": f"D={r['head_dim']} {'causal' if r['causal'] else 'full'}"} for r in rows
+               if r["mode"] == mode]
+        plot_lines(sub, "seqlen", "tflops", "impl", out / f"attention_{mode.replace('+', '_')}.png",
+                   f"attention {mode} TFLOP/s ({sub[0]['dtype']})", facet="case")
+    plot_lines([r for r in rows if r["mode"] == "decode"], "cache", "ms", "impl", out / "attention_decode.png",
+               "decode step latency (ms)", facet="batch")
+    print(f"wrote {out / 'attention.csv'}")
+    summarize(rows)
+
+
+def summarize(rows):
+    """Ours against the best SDPA backend, per case (the targets in the issue)."""
+    def best(pred):
+        vals = [r["ms"] for r in rows if pred(r) and r["impl"].startswith("sdpa") and r["ms"] is not None]
+        return min(vals) if vals else None
+    for r in rows:
+        if r["impl"] != "ours" or r["ms"] is None:
+            continue
+        key = ("mode", "batch", "seqlen", "cache", "head_dim", "causal")
+        ref = best(lambda x: all(x[c] == r[c] for c in key))
+        if ref is not None:
+            print(f"{r['mode']:8s} D={r['head_dim']} S={r['seqlen']} cache={r['cache'] or '-'} B={r['batch']} "
+                  f"causal={r['causal']}: {ref / r['ms']:.2f}x the best SDPA backend")
+
+
+if __name__ == "__main__":
+    main()
