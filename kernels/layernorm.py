@@ -191,8 +191,10 @@ def _ln_bwd_reduce_kernel(Partial, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl
 # Launch tables: (BLOCK_N, rows per program, warps, chunked). A row of N features takes the
 # first unchunked entry with BLOCK_N >= N, else the chunked one (the row streamed in chunks).
 # Short rows are packed several to a tile. Each thread holds about 16 values per tensor in the
-# forward and 4 to 8 in the backward (which keeps x, dy, w and two accumulators live): with
-# more, the build for an unaligned row stride spills registers (see python -m kernels.compile).
+# forward and 4 to 8 in the backward (which keeps x, dy, w and two accumulators live); one
+# step further (forward 16384, backward 8192) and the sm_90 builds spill registers (see
+# python -m kernels.compile). The chunked backward adds its dweight / dbias contributions
+# into its partial rows (in L2) once per 2 rows.
 _FWD_CONFIGS = (
     (64, 32, 4, False), (128, 16, 4, False), (256, 8, 4, False), (512, 4, 4, False),
     (1024, 2, 4, False), (2048, 1, 4, False), (4096, 1, 8, False), (8192, 1, 16, False),
@@ -200,8 +202,8 @@ _FWD_CONFIGS = (
 )
 _BWD_CONFIGS = (
     (64, 16, 8, False), (128, 8, 8, False), (256, 4, 8, False), (512, 2, 8, False),
-    (1024, 1, 4, False), (2048, 1, 8, False), (4096, 1, 16, False), (8192, 1, 32, False),
-    (4096, 1, 16, True),
+    (1024, 1, 4, False), (2048, 1, 8, False), (4096, 1, 16, False),
+    (2048, 2, 16, True),
 )
 _REDUCE_CONFIG = (32, 128, 4)  # BLOCK_P, BLOCK_C, warps
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
