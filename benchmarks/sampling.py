@@ -7,12 +7,15 @@ Every implementation does the same work on the same [B, V] float32 logits: repet
     reference  engine.sampling.Sampler("reference").sample
     hf         transformers' LogitsProcessorList(RepetitionPenalty, Temperature, TopK, TopP)
                + softmax + torch.multinomial
-Default thread settings for all (torch's intra-op pool; the C++ sampler uses as many threads).
+Default thread settings for all (torch's intra-op pool; the C++ sampler uses as many threads);
+--threads N sets both to N (files get a _tN suffix). On a machine busy with other work, torch's
+multi-threaded ops slow down far more than the C++ sampler: compare with a --threads 1 run.
 
-    python benchmarks/sampling.py [--toy] [--out DIR]   # CSV + markdown table (+ plot)
+    python benchmarks/sampling.py [--toy] [--threads N] [--out DIR]   # CSV + markdown table (+ plot)
     pytest benchmarks/sampling.py                       # the same cases under pytest-benchmark
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -82,7 +85,9 @@ def markdown(rows: list[dict]) -> str:
         "# Sampler time per decode step (CPU, median)",
         "",
         f"temperature {SETTINGS['temperature']}, top_k {SETTINGS['top_k']}, top_p {SETTINGS['top_p']}, repetition_penalty "
-        f"{SETTINGS['repetition_penalty']}, {N_PREV} previous tokens per row; torch threads {torch.get_num_threads()}.",
+        f"{SETTINGS['repetition_penalty']}, {N_PREV} previous tokens per row; torch threads {torch.get_num_threads()}; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} when the table was written (other work on the machine "
+        "slows the multi-threaded torch ops most).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -97,16 +102,21 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--toy", action="store_true", help="tiny sizes: a smoke test of the script")
+    ap.add_argument("--threads", type=int, default=None, help="torch and C++ sampler threads (default: torch's default)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<hardware>-<date>/)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     vocabs, batches, budget = ((1000,), (1, 4), 0.02) if args.toy else (VOCABS, BATCHES, 1.5)
     rows = run(vocabs, batches, budget)
     out = results_dir(args.out)
-    write_csv(rows, out / "sampling.csv")
-    (out / "sampling.md").write_text(markdown(rows))
+    name = f"sampling_t{args.threads}" if args.threads else "sampling"
+    write_csv(rows, out / f"{name}.csv")
+    (out / f"{name}.md").write_text(markdown(rows))
     if not args.toy:
-        plot_lines(rows, "B", "ms_per_step", "impl", out / "sampling.png", "sampler ms per step (CPU)", facet="V")
-    print(f"wrote {out / 'sampling.csv'} and {out / 'sampling.md'}")
+        plot_lines(rows, "B", "ms_per_step", "impl", out / f"{name}.png", f"sampler ms per step (CPU, {torch.get_num_threads()} threads)",
+                   facet="V")
+    print(f"wrote {out / name}.csv and .md")
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark
