@@ -94,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="validation loss and QA accuracy", description="Validation loss; on the built-in world also QA exact-match accuracy on both halves of the people.")
     add_model_source(p)
+    p.add_argument("--data", default=None, metavar="PATH", help="loss on this text file/folder or conversations .jsonl instead of the run's own val data")
     add_runtime_flags(p)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder", description="Write config.json, model.safetensors and tokenizer.json that transformers.AutoModelForCausalLM.from_pretrained loads.")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--out", required=True, metavar="HF_FOLDER", help="the folder to write (must not exist or be empty)")
 
     p = sub.add_parser("demo", help="pretrain -> fine-tune -> eval -> chat on the built-in world", description="The whole life of a small LLM on the built-in world, in a few minutes on a CPU.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the two runs go (default runs/demo)")
@@ -190,9 +195,7 @@ def cmd_chat(args):
 def cmd_eval(args):
     from engine.train import evaluate
 
-    if args.hf:
-        raise ValueError("eval --hf: evaluate a checkpoint folder (fine-tune or export the HF model first)")
-    print(json.dumps(evaluate(args.ckpt, device=args.device, backend=args.backend), indent=2))
+    print(json.dumps(evaluate(args.ckpt, device=args.device, backend=args.backend, hf=args.hf, data=args.data), indent=2))
 
 
 def main(argv=None) -> int:
@@ -208,15 +211,19 @@ def main(argv=None) -> int:
         elif args.command == "finetune":
             from engine.train import finetune
 
-            if args.hf:
-                raise ValueError("finetune --hf is wired once engine.hf lands")
-            finetune(args.ckpt, args.data, args.out, train_config(args), args.backend, args.device, args.resume)
+            finetune(args.ckpt, args.data, args.out, train_config(args), args.backend, args.device, args.resume, hf=args.hf)
         elif args.command == "generate":
             cmd_generate(args)
         elif args.command == "chat":
             cmd_chat(args)
         elif args.command == "eval":
             cmd_eval(args)
+        elif args.command == "export":
+            from engine.checkpoint import load_checkpoint
+            from engine.hf import export
+
+            model, tokenizer, _, _ = load_checkpoint(args.ckpt)
+            print(f"wrote {export(model, tokenizer, args.out)}")
         elif args.command == "demo":
             from engine.demo import run_demo
 
@@ -224,7 +231,7 @@ def main(argv=None) -> int:
     except Interrupted as err:
         print(f"\n{err}", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"llm-engine {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

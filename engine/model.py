@@ -114,6 +114,21 @@ class GPT(nn.Module):
         self._ops = {}
         return self
 
+    def resize_vocab(self, vocab_size: int) -> "GPT":
+        """Grow the (tied) token table to vocab_size; new rows get GPT-2's init. For adding tokens."""
+        old = self.transformer.wte.weight
+        if vocab_size < old.shape[0]:
+            raise ValueError(f"resize_vocab only grows the vocabulary: {old.shape[0]} -> {vocab_size}")
+        wte = nn.Embedding(vocab_size, old.shape[1], device=old.device, dtype=old.dtype)
+        nn.init.normal_(wte.weight, mean=0.0, std=0.02)
+        with torch.no_grad():
+            wte.weight[: old.shape[0]] = old
+        self.transformer.wte = wte
+        self.lm_head = nn.Linear(old.shape[1], vocab_size, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = wte.weight
+        self.config.vocab_size = vocab_size
+        return self
+
     def ops_for(self, device: torch.device):
         name = resolve_name(self.backend, device)
         if name not in self._ops:

@@ -114,6 +114,14 @@ class Tokenizer:
     def has_chat_tokens(self) -> bool:
         return all(t in self.special_ids for t in SPECIAL_TOKENS)
 
+    def add_chat_tokens(self) -> list[str]:
+        """Append the chat special tokens this tokenizer lacks (e.g. GPT-2's); returns them.
+        The model's vocabulary must grow to match (GPT.resize_vocab)."""
+        missing = [t for t in SPECIAL_TOKENS if t not in self.special_ids]
+        self.hf.add_special_tokens(missing)
+        self.special_ids = {t: self.hf.token_to_id(t) for t in SPECIAL_TOKENS}
+        return missing
+
     def _check_chat(self):
         if not self.has_chat_tokens:
             missing = [t for t in SPECIAL_TOKENS if t not in self.special_ids]

@@ -255,9 +255,28 @@ def conversation_split(convs: list[list[dict]], val_fraction: float = 0.05):
     return [c for c in convs if not is_val(c)], val or convs[-1:]
 
 
+def load_init(init=None, hf=None, device="cpu", backend="auto"):
+    """The starting point of fine-tuning: our checkpoint (--init) or a Hugging Face GPT-2 folder
+    (--hf), whose tokenizer gets the chat tokens it lacks (and the model the rows for them)."""
+    from engine.checkpoint import load_checkpoint, read_run_info
+
+    if hf is None:
+        model, tokenizer, _, folder = load_checkpoint(init, device=device, backend=backend)
+        return model, tokenizer, {**read_run_info(folder), "init": str(folder)}
+    from engine.hf import load_hf
+
+    model, tokenizer = load_hf(hf, backend=backend)
+    if tokenizer is None:
+        raise ValueError(f"--hf {hf}: the folder has no tokenizer.json; fine-tuning needs one")
+    if tokenizer.add_chat_tokens():
+        model.resize_vocab(max(model.config.vocab_size, tokenizer.vocab_size))
+    return model.to(device), tokenizer, {"init": str(hf), "hf": True}
+
+
 def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str = "auto", device: str = "auto",
-             resume: bool = False, progress: bool = True) -> dict:
-    """Start from a pretrained checkpoint (--init) and train on conversations, assistant tokens only."""
+             resume: bool = False, progress: bool = True, hf=None) -> dict:
+    """Start from a pretrained checkpoint (init) or HF folder (hf) and train on conversations,
+    assistant tokens only."""
     from engine.checkpoint import load_checkpoint, read_run_info
     from engine.data import World, conversation_batch, load_conversations
 
@@ -272,9 +291,8 @@ def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str 
     else:
         if any(out.glob("step-*")):
             raise ValueError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
-        model, tokenizer, _, folder = load_checkpoint(init, device=dev, backend=backend)
-        base = read_run_info(folder)
-        run_info = {**base, "kind": "finetune", "init": str(folder), "finetune_data": data}
+        model, tokenizer, base = load_init(init, hf, dev, backend)
+        run_info = {**base, "kind": "finetune", "finetune_data": data}
     if data == "builtin":
         if not run_info.get("world"):
             raise ValueError("finetune --data builtin needs an --init checkpoint pretrained on the built-in world (--data builtin)")
@@ -320,23 +338,47 @@ def qa_accuracy(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
     return sum(a == gold for a, (_, gold) in zip(answers, pairs)) / len(pairs)
 
 
-def evaluate(ckpt, device: str = "auto", backend: str = "auto", batch_size: int = 16, batches: int = 20) -> dict:
-    """Val loss of the checkpoint on its own kind of data; on the built-in world, QA accuracy
-    on the fine-tuning half and on the held-out half."""
-    from engine.checkpoint import load_checkpoint, read_run_info
-    from engine.data import World, conversation_batch, load_conversations, read_tokens, token_batch
+def evaluate(ckpt=None, device: str = "auto", backend: str = "auto", batch_size: int = 16, batches: int = 20, hf=None, data=None) -> dict:
+    """Val loss, on `data` (a text file or a conversations .jsonl) when given, else on the
+    checkpoint's own kind of data; on the built-in world, QA accuracy on the fine-tuning half
+    and on the held-out half."""
+    import numpy as np
 
-    model, tokenizer, _, folder = load_checkpoint(ckpt, device=pick_device(device), backend=backend)
-    info = read_run_info(folder)
-    results = {"checkpoint": str(folder), "kind": info.get("kind", "unknown")}
-    if info.get("kind") == "finetune":
+    from engine.checkpoint import load_checkpoint, read_run_info
+    from engine.data import World, conversation_batch, load_conversations, read_corpus, read_tokens, token_batch
+
+    dev = pick_device(device)
+    if hf is not None:
+        from engine.hf import load_hf
+
+        model, tokenizer = load_hf(hf, backend=backend)
+        model, info, results = model.to(dev), {}, {"hf": str(hf)}
+    else:
+        model, tokenizer, _, folder = load_checkpoint(ckpt, device=dev, backend=backend)
+        info = read_run_info(folder)
+        results = {"checkpoint": str(folder), "kind": info.get("kind", "unknown")}
+    if tokenizer is None and data is not None:
+        raise ValueError(f"--hf {hf}: the folder has no tokenizer.json to read --data with")
+    T = model.config.block_size
+
+    def text_loss(tokens):
+        t = min(T, len(tokens) - 1)
+        return mean_loss(model, ((*token_batch(tokens, batch_size, t, 0, -1, i), None) for i in range(batches)))
+
+    def chat_loss(convs):
+        rendered = [tokenizer.render_conversation(c) for c in convs]
+        return mean_loss(model, (conversation_batch(rendered, batch_size, T, 0, -1, i) for i in range(batches)))
+
+    if data is not None and str(data).endswith(".jsonl"):
+        results["val_loss"] = chat_loss(load_conversations(data))
+    elif data is not None:
+        docs = read_corpus(data)
+        results["val_loss"] = text_loss(np.fromiter((t for d in tokenizer.encode_batch(docs) for t in (tokenizer.bos_id, *d)), dtype=np.int64))
+    elif info.get("kind") == "finetune":
         convs = World(**info["world"]).conversations() if info.get("finetune_data") == "builtin" else load_conversations(info["finetune_data"])
-        rendered = [tokenizer.render_conversation(c) for c in conversation_split(convs)[1]]
-        results["val_loss"] = mean_loss(model, (conversation_batch(rendered, batch_size, model.config.block_size, 0, -1, i) for i in range(batches)))
-    elif (folder.parent / "data" / "val.bin").is_file():
-        val = read_tokens(folder.parent / "data" / "val.bin")
-        T = min(model.config.block_size, len(val) - 1)
-        results["val_loss"] = mean_loss(model, ((*token_batch(val, batch_size, T, 0, -1, i), None) for i in range(batches)))
+        results["val_loss"] = chat_loss(conversation_split(convs)[1])
+    elif info and (folder.parent / "data" / "val.bin").is_file():
+        results["val_loss"] = text_loss(read_tokens(folder.parent / "data" / "val.bin"))
     if info.get("world"):
         seen, held_out = World(**info["world"]).split()
         results["qa_accuracy_finetune_half"] = qa_accuracy(model, tokenizer, World.qa_pairs(seen))

@@ -368,23 +368,15 @@ def test_patch_triton_interpreted():
 
 
 # ---------------------------------------------------------------------------------------------
-# The command line (the lead wires --hf and export into engine/cli.py)
+# The command line: finetune --hf, export
 # ---------------------------------------------------------------------------------------------
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
-def cli_has(command, flag):
-    if not (ROOT / "engine" / "cli.py").is_file():
-        return False
-    return flag in cli(command, "--help", timeout=60).stdout
-
-
 @pytest.mark.slow
 def test_cli_finetune_from_hf_folder(tmp_path):
-    if not cli_has("finetune", "--hf"):
-        pytest.skip("engine.cli finetune has no --hf flag yet")
     from engine.tokenizer import Tokenizer
 
     convo = {"messages": [{"role": "user", "content": "Where was Ada born?"},
@@ -395,16 +387,12 @@ def test_cli_finetune_from_hf_folder(tmp_path):
     hf.export(hf.from_hf(hf_gpt2(vocab_size=300)), tokenizer, tmp_path / "hf")
     run = cli("finetune", "--hf", str(tmp_path / "hf"), "--data", str(data), "--max-steps", "2",
               "--batch-size", "2", "--out", str(tmp_path / "out"), "--device", "cpu")
-    if "wired once engine.hf lands" in run.stderr:  # the CLI's placeholder; remove this once it's wired
-        pytest.skip("engine.cli finetune --hf is not wired yet")
     assert run.returncode == 0, run.stderr[-3000:]
     assert any((tmp_path / "out").glob("step-*"))  # it saved a fine-tuned checkpoint
 
 
 @pytest.mark.slow
 def test_cli_export(tmp_path):
-    if not cli_has("export", "--out"):
-        pytest.skip("engine.cli has no export command yet")
     from engine.checkpoint import save_checkpoint
     from engine.tokenizer import Tokenizer
 
