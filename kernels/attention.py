@@ -22,8 +22,15 @@ Decode (Sq <= 16): one query tile per head would use B·H programs, too few to f
 batch 1. The keys are split across programs (flash-decoding); each writes its normalised partial
 output and logsumexp, and a small kernel combines them.
 
-Launch configs come from one table (_CONFIGS) per arch, kind and head dim; `aot_configs()`
-lists exactly those for kernels/compile.py, so what ships is what compiles.
+Launch configs come from one table (_CONFIGS) per arch (sm_80 / sm_90+), kind, 16-bit or fp32,
+and head dim; no autotuning. `aot_configs()` lists exactly those for kernels/compile.py, so what
+ships is what compiles. The first call of each (kernel, D, dtype, causal, kv_start) JIT-compiles
+it: about 1-6 s per kernel measured for the AOT builds on a 2-core CPU (fp32 builds are the
+slowest); a training step compiles three kernels, a decode step one or two. Later calls with
+any sequence lengths reuse them.
+
+fp32 inputs use exact fp32 dots (input_precision="ieee", CUDA cores), not TF32: slower, but
+fp32 means fp32 accuracy here. fp16 / bf16 use tensor cores with fp32 accumulation.
 """
 import inspect
 import math
@@ -113,7 +120,8 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE). O and LSE are contiguous
     [splits, B·H, SQ, (D)]: with one split they are the result, else partials for _attn_combine."""
-    start_m = tl.program_id(0) * BLOCK_M
+    # last query tiles first: under a causal mask they stream the most keys (shorter tail)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
     off_b = (pid_bh // H).to(tl.int64)
@@ -291,7 +299,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, sm_scale,
                  H, SQ, SK,
                  CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    # last query tiles first: under a causal mask they stream the most keys (shorter tail)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
@@ -452,9 +461,10 @@ def _check_inputs(q, k, v, kv_start):
         raise ValueError(f"flash_attention: head dim D must be one of {HEAD_DIMS}, got {d}")
     if not 1 <= sq <= sk:
         raise ValueError(f"flash_attention: needs 1 <= Sq <= Sk, got Sq={sq}, Sk={sk}")
-    if kv_start is not None and (kv_start.shape != (b,) or kv_start.dtype != torch.int64):
-        raise ValueError(f"flash_attention: kv_start must be a LongTensor of shape [B] = [{b}], "
-                         f"got {kv_start.dtype} {tuple(kv_start.shape)}")
+    if kv_start is not None and (kv_start.shape != (b,) or kv_start.dtype != torch.int64
+                                 or kv_start.device != q.device):
+        raise ValueError(f"flash_attention: kv_start must be a LongTensor of shape [B] = [{b}] on {q.device}, "
+                         f"got {kv_start.dtype} {tuple(kv_start.shape)} on {kv_start.device}")
 
 
 def _inner_contiguous(t):
