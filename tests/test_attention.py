@@ -1,7 +1,7 @@
 """kernels.flash_attention against the float64 reference (engine/reference.py).
 
-Runs the Triton kernels in the interpreter on the CPU (TRITON_INTERPRET=1 is set before triton
-is imported). Accuracy rules: fp32 relative error (max |err| / max |ref|, the denominator at
+Without CUDA the Triton kernels run in the interpreter on the CPU (TRITON_INTERPRET=1 is set
+before the kernels are imported); with CUDA the same tests run the compiled kernels. Accuracy rules: fp32 relative error (max |err| / max |ref|, the denominator at
 least 1, the inputs' scale) below 1e-5; fp16
 max error at most 2x (+1e-5) that of the same computation done by PyTorch in fp16, both
 against float64 (FlashAttention's rule). Every buffer the kernels allocate with torch.empty
@@ -13,14 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 
-from engine import reference
-from kernels import attention as attn
-from kernels import flash_attention
+if not torch.cuda.is_available():  # before kernels (triton.jit) is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from engine import reference  # noqa: E402
+from kernels import attention as attn  # noqa: E402
+from kernels import flash_attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
