@@ -359,7 +359,7 @@ _CONFIGS = {
     (90, "fwd", False): {**dict.fromkeys(_SMALL_D, _C(64, 32, 8, 2)), 128: _C(16, 32, 8, 2)},
     (90, "decode", False): dict.fromkeys(HEAD_DIMS, _C(16, 32, 8, 2)),
     (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 32, 4, 2)},
-    (90, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(32, 16, 4, 2)},
+    (90, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(16, 32, 4, 2)},
 }
 for _kind in ("fwd", "decode", "dkdv", "dq"):
     _CONFIGS[(80, _kind, False)] = _CONFIGS[(90, _kind, False)]
