@@ -36,8 +36,8 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ULL;  // splitmix64's increment
-// Every Gumbel sample is below -log(-log(1 - 2^-54)) = log(54 ln 2) + ... < 38: a token whose
-// tempered logit is 38 below the best key so far cannot win, so its noise is never computed.
+// Every Gumbel sample is below -log(-log(1 - 2^-54)) < 38: a token whose tempered logit is 38
+// below the best key so far cannot win, so its noise is never computed.
 constexpr double kGumbelMax = 38.0;
 
 struct Params {
@@ -66,11 +66,20 @@ inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser
 
 inline uint64_t stream_key(uint64_t seed, uint64_t position) { return mix64(mix64(seed + kGamma) ^ position); }
 
-inline double gumbel(uint64_t key, int64_t token) {
+inline double uniform(uint64_t key, int64_t token) {
     const uint64_t h = mix64(key + static_cast<uint64_t>(token + 1) * kGamma);
-    const double u = (static_cast<double>(h >> 11) + 0.5) * 0x1p-53;  // 53 bits, inside (0, 1)
-    return -std::log(-std::log(u));
+    return (static_cast<double>(h >> 11) + 0.5) * 0x1p-53;  // 53 bits, inside (0, 1)
 }
+
+// A token trailing the best key by more than m wins only if its Gumbel noise -log(-log u) > m,
+// i.e. u > exp(-exp(-m)). Testing u first (a hash) skips the two logarithms for most of a
+// vocabulary. The thresholds are lowered by 1e-9 relative so that rounding can never make a
+// skipped token the winner: the result is exactly that of computing every key.
+struct SkipLevel {
+    double margin, u_min;
+};
+const SkipLevel kSkipLevels[] = {{16, std::exp(-std::exp(-16.0)) * (1 - 1e-9)}, {8, std::exp(-std::exp(-8.0)) * (1 - 1e-9)},
+                                 {4, std::exp(-std::exp(-4.0)) * (1 - 1e-9)}, {2, std::exp(-std::exp(-2.0)) * (1 - 1e-9)}};
 
 // ------------------------------------------------------------------------------------- one row
 
@@ -138,19 +147,24 @@ int64_t top_p_prefix(const std::vector<double>& x, const std::vector<double>& w,
     double total = 0;
     for (int64_t i = 0; i < V; ++i) total += w[i];
     const double threshold = top_p * total;
-    idx.resize(V);
-    std::iota(idx.begin(), idx.end(), 0);
+    // Tokens lighter than tau weigh at most V * tau = (1 - top_p) * total / 2 together, less than
+    // the mass the prefix leaves out, and they rank below all others: the prefix ends before them.
+    const double tau = top_p < 1 - 1e-6 ? 0.5 * (1 - top_p) * total / static_cast<double>(V) : 0.0;
+    idx.clear();
+    for (int64_t i = 0; i < V; ++i)
+        if (w[i] >= tau) idx.push_back(static_cast<int32_t>(i));
+    const int64_t n = static_cast<int64_t>(idx.size());
     double cum = 0;
-    for (int64_t done = 0, chunk = 64; done < V; done += chunk, chunk *= 4) {
-        const int64_t end = std::min(V, done + chunk);
-        if (end < V) std::nth_element(idx.begin() + done, idx.begin() + end, idx.end(), better);
+    for (int64_t done = 0, chunk = 64; done < n; done += chunk, chunk *= 4) {
+        const int64_t end = std::min(n, done + chunk);
+        if (end < n) std::nth_element(idx.begin() + done, idx.begin() + end, idx.end(), better);
         std::sort(idx.begin() + done, idx.begin() + end, better);
         for (int64_t j = done; j < end; ++j) {
             cum += w[idx[j]];
             if (cum >= threshold) return j + 1;
         }
     }
-    return V;
+    return n;
 }
 
 Draw sample_row(const float* row, int64_t V, const Params& p, const Counts& counts, int64_t position, uint64_t seed, int64_t b,
@@ -177,8 +191,15 @@ Draw sample_row(const float* row, int64_t V, const Params& p, const Counts& coun
         const uint64_t key = stream_key(seed, static_cast<uint64_t>(position));
         double best = -kInf;
         const auto consider = [&](int64_t i, double z) {  // Gumbel-max, ties to the lowest id
-            if (z + kGumbelMax < best) return;
-            const double k = z + gumbel(key, i);
+            const double gap = best - z;
+            if (gap > kGumbelMax) return;
+            const double u = uniform(key, i);
+            for (const auto& level : kSkipLevels)
+                if (gap > level.margin) {
+                    if (u < level.u_min) return;
+                    break;
+                }
+            const double k = z - std::log(-std::log(u));
             if (k > best || (k == best && i < out.token)) best = k, out.token = i;
         };
         if (k < V || p.top_p < 1) {  // a ranked prefix of survivors
@@ -210,10 +231,12 @@ Draw sample_row(const float* row, int64_t V, const Params& p, const Counts& coun
             }
             for (int64_t j = 0; j < n; ++j) consider(s.idx[j], (x[s.idx[j]] - xmax) / t);
         } else {  // the whole vocabulary, min-p in the same pass; start from the top token
+            // exp(z) >= min_p is certainly false below log(min_p) - 1e-6: no exp needed there
+            const double z_min = p.min_p > 0 ? std::log(p.min_p) - 1e-6 : -kInf;
             consider(argmax, 0.0);
             for (int64_t i = 0; i < V; ++i) {
                 const double z = (x[i] - xmax) / t;
-                if (z + kGumbelMax < best || (p.min_p > 0 && !(std::exp(z) >= p.min_p))) continue;
+                if (z + kGumbelMax < best || z < z_min || (p.min_p > 0 && !(std::exp(z) >= p.min_p))) continue;
                 consider(i, z);
             }
         }
