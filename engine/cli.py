@@ -106,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=600, help="(default 600)")
     p.add_argument("--finetune-steps", type=int, default=150, help="(default 150)")
     add_runtime_flags(p)
+
+    p = sub.add_parser("profile", help="trace training or decode steps with torch.profiler", description="Run N training or decode steps under torch.profiler: writes OUT/trace.json (Chrome trace, opens in Perfetto) and prints the top-15 kernels; NVTX ranges per block and phase on CUDA (for Nsight Systems).")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ckpt", metavar="DIR", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    g.add_argument("--hf", metavar="PATH", help="a local Hugging Face GPT-2 folder")
+    g.add_argument("--preset", help="a freshly initialised model of this size: tiny, small, gpt2, ...")
+    p.add_argument("--mode", default="train", choices=["train", "decode"], help="training steps or decode steps (default train)")
+    p.add_argument("--steps", type=int, default=5, help="training steps, or tokens to generate (default 5)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=None, help="training context, or prompt length when decoding (default: block size / 16)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for trace.json")
+    add_runtime_flags(p)
     return parser
 
 
@@ -198,6 +210,20 @@ def cmd_eval(args):
     print(json.dumps(evaluate(args.ckpt, device=args.device, backend=args.backend, hf=args.hf, data=args.data), indent=2))
 
 
+def cmd_profile(args):
+    from engine.profile import profile
+
+    if args.preset:
+        from engine.config import GPTConfig
+        from engine.model import GPT
+        from engine.train import pick_device
+
+        model = GPT(GPTConfig.from_preset(args.preset), backend=args.backend).to(pick_device(args.device))
+    else:
+        model, _ = load_model(args)
+    profile(model, args.mode, args.steps, args.out, args.batch_size, args.seq_len)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from engine.train import Interrupted
@@ -228,6 +254,8 @@ def main(argv=None) -> int:
             from engine.demo import run_demo
 
             run_demo(args.out, args.pretrain_steps, args.finetune_steps, args.backend, args.device)
+        elif args.command == "profile":
+            cmd_profile(args)
     except Interrupted as err:
         print(f"\n{err}", file=sys.stderr)
         return 130
