@@ -76,3 +76,27 @@ def plot_lines(rows: list[dict], x: str, y: str, series: str, path: Path, title:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_bars(rows: list[dict], x: str, ys: list[str], path: Path, title: str) -> Path:
+    """One bar per row, one panel per column named in `ys`; saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 4), squeeze=False)
+    labels = [str(r[x]) for r in rows]
+    for ax, y in zip(axes[0], ys):
+        values = [float(r[y]) if r[y] not in (None, "") else 0.0 for r in rows]
+        ax.bar(labels, values, color="tab:blue")
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(y)
+        ax.tick_params(axis="x", labelrotation=20)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
