@@ -138,16 +138,19 @@ def _ln_bwd_dx_kernel(
             c2 = (sum_w / N)[:, None]
             for start in range(0, N, BLOCK_N):
                 c = start + cols
-                mask = row_ok[:, None] & (c < N)[None, :]
+                c_ok = c < N
+                mask = row_ok[:, None] & c_ok[None, :]
                 x = tl.load(X + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY + rows[:, None] * stride_dym + c[None, :], mask=mask, other=0.0).to(tl.float32)
                 xhat = (x - mean) * rstd
                 wdy = dy
+                part = pid * N + c
                 if HAS_WEIGHT:
-                    wdy = dy * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
-                    tl.store(DW_partial + pid * N + c, tl.load(DW_partial + pid * N + c, mask=c < N) + tl.sum(dy * xhat, axis=0), mask=c < N)
+                    wdy = dy * tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+                    dw = tl.load(DW_partial + part, mask=c_ok) + tl.sum(dy * xhat, axis=0)
+                    tl.store(DW_partial + part, dw, mask=c_ok)
                 if HAS_BIAS:
-                    tl.store(DB_partial + pid * N + c, tl.load(DB_partial + pid * N + c, mask=c < N) + tl.sum(dy, axis=0), mask=c < N)
+                    tl.store(DB_partial + part, tl.load(DB_partial + part, mask=c_ok) + tl.sum(dy, axis=0), mask=c_ok)
                 dx = (wdy - (xhat * c1 + c2)) * rstd
                 if HAS_DS:
                     dx += tl.load(DS + rows[:, None] * stride_dsm + c[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -191,26 +194,33 @@ def _ln_bwd_reduce_kernel(Partial, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl
 # Launch tables: (BLOCK_N, rows per program, warps, chunked). A row of N features takes the
 # first unchunked entry with BLOCK_N >= N, else the chunked one (the row streamed in chunks).
 # Short rows are packed several to a tile. Each thread holds about 16 values per tensor in the
-# forward and 4 to 8 in the backward (which keeps x, dy, w and two accumulators live); one
-# step further (forward 16384, backward 8192) and the sm_90 builds spill registers (see
-# python -m kernels.compile). The chunked backward adds its dweight / dbias contributions
-# into its partial rows (in L2) once per 2 rows.
+# forward and 8 in the backward (which keeps x, dy, w and two accumulators live); one step
+# further (forward 16384, backward 8192) and the sm_90 builds spill registers (see
+# python -m kernels.compile). The backward runs 16 warps per program and 2 programs per SM,
+# so there are few partial rows to reduce; its chunked variant adds into its partial rows
+# (in L2) once per 2 rows.
 _FWD_CONFIGS = (
     (64, 32, 4, False), (128, 16, 4, False), (256, 8, 4, False), (512, 4, 4, False),
     (1024, 2, 4, False), (2048, 1, 4, False), (4096, 1, 8, False), (8192, 1, 16, False),
     (8192, 1, 16, True),
 )
 _BWD_CONFIGS = (
-    (64, 16, 8, False), (128, 8, 8, False), (256, 4, 8, False), (512, 2, 8, False),
-    (1024, 1, 4, False), (2048, 1, 8, False), (4096, 1, 16, False),
+    (64, 64, 16, False), (128, 32, 16, False), (256, 16, 16, False), (512, 8, 16, False),
+    (1024, 4, 16, False), (2048, 2, 16, False), (4096, 1, 16, False),
     (2048, 2, 16, True),
 )
-_REDUCE_CONFIG = (32, 128, 4)  # BLOCK_P, BLOCK_C, warps
+# The partial-row reduction: (largest N, BLOCK_P, BLOCK_C, warps). Narrow column blocks give
+# short rows enough programs; wide ones keep the program count sane for long rows.
+_REDUCE_CONFIGS = ((8192, 128, 32, 8), (MAX_N, 32, 256, 8))
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _pick(table, n):
     return next(cfg for cfg in table if cfg[3] or cfg[0] >= n)
+
+
+def _pick_reduce(n):
+    return next(cfg[1:] for cfg in _REDUCE_CONFIGS if n <= cfg[0])
 
 
 def aot_configs() -> list[dict]:
@@ -236,10 +246,10 @@ def aot_configs() -> list[dict]:
             constexprs = {"HAS_DS": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
                           "ROWS": rows, "BLOCK_N": block_n, "CHUNKED": chunked}
             configs.append(_aot_entry("ln_bwd_dx", _ln_bwd_dx_kernel, sig, constexprs, warps, dtype))
-        block_p, block_c, warps = _REDUCE_CONFIG
-        sig = {"Partial": "*fp32", "Out": ptr, "P": "i32", "N": "i32"}
-        constexprs = {"BLOCK_P": block_p, "BLOCK_C": block_c}
-        configs.append(_aot_entry("ln_bwd_reduce", _ln_bwd_reduce_kernel, sig, constexprs, warps, dtype))
+        for _, block_p, block_c, warps in _REDUCE_CONFIGS:
+            sig = {"Partial": "*fp32", "Out": ptr, "P": "i32", "N": "i32"}
+            constexprs = {"BLOCK_P": block_p, "BLOCK_C": block_c}
+            configs.append(_aot_entry("ln_bwd_reduce", _ln_bwd_reduce_kernel, sig, constexprs, warps, dtype))
     return configs
 
 
@@ -335,7 +345,7 @@ def _backward(dy, ds, s2, weight, bias, mean, rstd):
 def _reduce_partials(partial, param):
     out = torch.empty_like(param)
     progs, n = partial.shape
-    block_p, block_c, warps = _REDUCE_CONFIG
+    block_p, block_c, warps = _pick_reduce(n)
     _ln_bwd_reduce_kernel[(triton.cdiv(n, block_c),)](partial, out, progs, n, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
     return out
 

@@ -194,6 +194,9 @@ def test_aot_configs_are_the_launch_tables():
     for kernel, table in (("ln_fwd", ln._FWD_CONFIGS), ("ln_bwd_dx", ln._BWD_CONFIGS)):
         picked = {ln._pick(table, n) for n in range(1, ln.MAX_N + 1, 37)} | {ln._pick(table, 2 ** k) for k in range(17)}
         assert {(kernel, *cfg) for cfg in picked} == {s for s in shipped if s[0] == kernel}
+    picked = {ln._pick_reduce(n) for n in range(1, ln.MAX_N + 1, 37)} | {ln._pick_reduce(ln.MAX_N)}
+    shipped = {(c["constexprs"]["BLOCK_P"], c["constexprs"]["BLOCK_C"], c["num_warps"]) for c in configs if c["kernel"] == "ln_bwd_reduce"}
+    assert picked == shipped
 
 
 def test_benchmark_smoke(tmp_path):
