@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the preset's)")
     p.add_argument("--block-size", type=int, default=None, help="context length (default: the preset's)")
     p.add_argument("--n-people", type=int, default=100, help="people in the built-in world (default 100)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
     add_train_flags(p, {})
     add_runtime_flags(p)
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="PATH.jsonl|builtin", help='a .jsonl of {"messages": [...]} or builtin (the world the --init model was pretrained on)')
     p.add_argument("--out", required=True, metavar="DIR", help="run folder for the fine-tuned checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
     add_train_flags(p, {"lr": 5e-4, "warmup_steps": 10})
     add_runtime_flags(p)
 
@@ -233,11 +235,11 @@ def main(argv=None) -> int:
             from engine.train import pretrain
 
             pretrain(args.data, args.out, args.preset, train_config(args), args.backend, args.device, args.resume,
-                     args.vocab_size, args.n_people, args.block_size)
+                     args.vocab_size, args.n_people, args.block_size, fsdp=args.fsdp)
         elif args.command == "finetune":
             from engine.train import finetune
 
-            finetune(args.ckpt, args.data, args.out, train_config(args), args.backend, args.device, args.resume, hf=args.hf)
+            finetune(args.ckpt, args.data, args.out, train_config(args), args.backend, args.device, args.resume, hf=args.hf, fsdp=args.fsdp)
         elif args.command == "generate":
             cmd_generate(args)
         elif args.command == "chat":

@@ -4,7 +4,8 @@ Pretraining draws random windows of a token stream; fine-tuning draws whole conv
 with a loss mask on the assistant tokens. Everything else is shared: AdamW with decay and
 no-decay groups, warmup + cosine learning rate, gradient accumulation and clipping, bf16
 autocast on CUDA, periodic validation, a progress bar, metrics.jsonl, atomic checkpoints,
-exact resume, and a checkpoint on Ctrl-C.
+exact resume, and a checkpoint on Ctrl-C. Under torchrun the same loop trains data-parallel
+(DDP, or FSDP2 with fsdp=True; engine/distributed.py) on the same global batch.
 """
 import contextlib
 import json
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from engine import distributed
 from engine.checkpoint import save_checkpoint
 from engine.model import GPT
 
@@ -102,35 +104,43 @@ def train(
     resume_state: dict | None = None,
     run_info: dict | None = None,
     progress: bool = True,
+    ctx: distributed.Dist = distributed.Dist(),
 ) -> dict:
     """Run the loop from step 0 (or resume_state['step']) to cfg.max_steps.
 
-    batch_fn(step, micro) -> (x, y, loss_mask or None) on the CPU; eval_fn(model) -> val loss.
-    Returns the last metrics. Raises Interrupted after saving when Ctrl-C was pressed.
+    batch_fn(step, micro) -> (x, y, loss_mask or None) on the CPU, micro being the global
+    micro-batch index; eval_fn(model) -> val loss. ctx: this process's place in a torchrun job
+    (every rank calls train with the same model weights). Returns the last metrics (the same on
+    every rank). Raises Interrupted after saving when Ctrl-C was pressed.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    micros = distributed.micro_batches(cfg.grad_accum, ctx.rank, ctx.world_size)
     device = next(model.parameters()).device
+    model = distributed.wrap(model, ctx)
     optimizer = make_optimizer(model, cfg)
     step = 0
     torch.manual_seed(cfg.seed)
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        distributed.load_optimizer_state(optimizer, resume_state["optimizer"])
         step = resume_state["step"]
         torch.set_rng_state(resume_state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in resume_state:
             torch.cuda.set_rng_state(resume_state["rng_cuda"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    log = open(out_dir / "metrics.jsonl", "a")
+    log = open(out_dir / "metrics.jsonl", "a") if ctx.is_main else None
 
     def checkpoint():
-        state = {"optimizer": optimizer.state_dict(), "step": step, "rng_cpu": torch.get_rng_state(), "train_config": asdict(cfg)}
+        full_model, optimizer_state = distributed.full_state(model, optimizer, ctx)  # every rank takes part
+        if not ctx.is_main:
+            return None
+        state = {"optimizer": optimizer_state, "step": step, "rng_cpu": torch.get_rng_state(), "train_config": asdict(cfg)}
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        return save_checkpoint(out_dir, step, model, tokenizer, state, run_info)
+        return save_checkpoint(out_dir, step, full_model, tokenizer, state, run_info)
 
     metrics = {}
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and ctx.is_main), desc="train", unit="step", dynamic_ncols=True)
     with sigint_flag() as interrupted:
         model.train()
         while step < cfg.max_steps:
@@ -139,37 +149,46 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
+            for n, micro in enumerate(micros):
                 x, y, mask = batch_fn(step, micro)
                 x, y = x.to(device), y.to(device)
                 mask = mask.to(device) if mask is not None else None
-                with autocast:
-                    _, loss = model(x, y, loss_mask=mask)
-                (loss / cfg.grad_accum).backward()
+                with distributed.grad_sync(model, last=n == len(micros) - 1):
+                    with autocast:
+                        _, loss = model(x, y, loss_mask=mask)
+                    (loss / len(micros)).backward()  # DDP / FSDP2 then average over the ranks
                 loss_sum += loss.item()
                 tokens += x.numel()
+            # DDP's gradients are already reduced and FSDP2's norm is over DTensors: both global
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            # one collective: the job's loss and tokens, and whether any rank saw Ctrl-C
+            loss_sum, tokens, stop = ctx.all_sum([loss_sum, tokens, float(interrupted["set"])])
+            interrupted["set"] = stop > 0
             dt = time.perf_counter() - t0
-            metrics = {"step": step, "loss": loss_sum / cfg.grad_accum, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens / dt}
+            metrics = {"step": step, "loss": loss_sum / cfg.grad_accum, "lr": lr, "grad_norm": float(distributed.full_tensor(grad_norm)),
+                       "tokens_per_s": tokens / dt}
             if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 model.eval()
-                metrics["val_loss"] = eval_fn(model)
+                metrics["val_loss"] = eval_fn(distributed.local_module(model))
                 model.train()
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", **({"val": f"{metrics['val_loss']:.3f}"} if "val_loss" in metrics else {}))
             if step % cfg.save_every == 0 or step == cfg.max_steps or interrupted["set"]:
-                path = checkpoint()
+                checkpoint()
             if interrupted["set"]:
                 bar.close()
-                log.close()
-                raise Interrupted(f"interrupted at step {step}; checkpoint saved to {path}")
+                if log is not None:
+                    log.close()
+                raise Interrupted(f"interrupted at step {step}; checkpoint saved to {out_dir / f'step-{step:07d}'}")
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     return metrics
 
 
@@ -203,45 +222,58 @@ def pick_device(name: str) -> torch.device:
 
 def pretrain(data: str, out, preset: str = "tiny", cfg: TrainConfig | None = None, backend: str = "auto",
              device: str = "auto", resume: bool = False, vocab_size: int | None = None, n_people: int = 100,
-             block_size: int | None = None, progress: bool = True) -> dict:
-    """Tokenizer + token memmaps (once per run folder), then the training loop."""
+             block_size: int | None = None, progress: bool = True, fsdp: bool = False) -> dict:
+    """Tokenizer + token memmaps (once per run folder, by rank 0), then the training loop.
+    Under torchrun every rank runs this; fsdp=True shards with FSDP2 instead of DDP."""
     from engine.checkpoint import load_checkpoint
     from engine.config import GPTConfig
     from engine.data import World, read_corpus, read_tokens, token_batch, tokenize_documents
     from engine.tokenizer import Tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
 
     out = Path(out)
     cfg = cfg or TrainConfig(max_steps=200)
-    dev = pick_device(device)
-    state = None
-    if resume:
-        model, tokenizer, state, folder = load_checkpoint(out, device=dev, backend=backend, with_trainer_state=True)
-        run_info = json.loads((folder / "run.json").read_text())
-        print(f"resuming from {folder} (step {state['step']})")
-    else:
-        if any(out.glob("step-*")):
-            raise ValueError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
-        world = World(n_people=n_people) if data == "builtin" else None
-        docs = world.documents() if world else read_corpus(data)
-        texts = docs + [turn["content"] for conv in world.conversations() for turn in conv] if world else docs
-        config = GPTConfig.from_preset(preset, **({"block_size": block_size} if block_size else {}))
-        tokenizer = Tokenizer.train(texts, vocab_size or config.vocab_size)
-        config.vocab_size = tokenizer.vocab_size
-        tokenize_documents(docs, tokenizer, 0.1, out / "data")
-        torch.manual_seed(cfg.seed)
-        model = GPT(config, backend=backend).to(dev)
-        run_info = {"kind": "pretrain", "data": data, "world": world.to_dict() if world else None, "preset": preset}
-    train_tokens, val_tokens = read_tokens(out / "data" / "train.bin"), read_tokens(out / "data" / "val.bin")
-    T = min(model.config.block_size, len(val_tokens) - 1)
+    with distributed.process_group(pick_device(device), fsdp) as (ctx, dev):
+        state = None
+        if resume:
+            model, tokenizer, state, folder = load_checkpoint(out, device=dev, backend=backend, with_trainer_state=True)
+            run_info = json.loads((folder / "run.json").read_text())
+            if ctx.is_main:
+                print(f"resuming from {folder} (step {state['step']})")
+        else:
+            if any(out.glob("step-*")):
+                raise ValueError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
+            world = World(n_people=n_people) if data == "builtin" else None
+            config = GPTConfig.from_preset(preset, **({"block_size": block_size} if block_size else {}))
+            tokenizer = None
+            if ctx.is_main:  # the others wait in the broadcast until the token files are written
+                docs = world.documents() if world else read_corpus(data)
+                texts = docs + [turn["content"] for conv in world.conversations() for turn in conv] if world else docs
+                tokenizer = Tokenizer.train(texts, vocab_size or config.vocab_size)
+                tokenize_documents(docs, tokenizer, 0.1, out / "data")
+            shared = ctx.broadcast(tokenizer.hf.to_str() if ctx.is_main else None)
+            tokenizer = tokenizer or Tokenizer(HFTokenizer.from_str(shared))
+            config.vocab_size = tokenizer.vocab_size
+            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+            model = GPT(config, backend=backend).to(dev)
+            run_info = {"kind": "pretrain", "data": data, "world": world.to_dict() if world else None, "preset": preset}
+        train_tokens, val_tokens = read_tokens(out / "data" / "train.bin"), read_tokens(out / "data" / "val.bin")
+        T = min(model.config.block_size, len(val_tokens) - 1)
 
-    def batch_fn(step, micro):
-        return (*token_batch(train_tokens, cfg.batch_size, T, cfg.seed, step, micro), None)
+        def batch_fn(step, micro):
+            return (*token_batch(train_tokens, cfg.batch_size, T, cfg.seed, step, micro), None)
 
-    def eval_fn(m):
-        return mean_loss(m, ((*token_batch(val_tokens, cfg.batch_size, T, cfg.seed, -1, i), None) for i in range(cfg.eval_batches)))
+        def eval_fn(m):
+            return mean_loss(m, ((*token_batch(val_tokens, cfg.batch_size, T, cfg.seed, -1, i), None) for i in range(cfg.eval_batches)))
 
-    print(f"pretraining {model.num_params() / 1e6:.2f}M parameters on {len(train_tokens):,} tokens ({data}), {dev}, backend {model.backend}")
-    return train(model, cfg, batch_fn, out, tokenizer, eval_fn, state, run_info, progress)
+        if ctx.is_main:
+            print(f"pretraining {model.num_params() / 1e6:.2f}M parameters on {len(train_tokens):,} tokens ({data}), {dev}, "
+                  f"backend {model.backend}{describe(ctx)}")
+        return train(model, cfg, batch_fn, out, tokenizer, eval_fn, state, run_info, progress, ctx)
+
+
+def describe(ctx: distributed.Dist) -> str:
+    return f", {ctx.world_size} ranks ({'FSDP2' if ctx.fsdp else 'DDP'})" if ctx.enabled else ""
 
 
 def conversation_split(convs: list[list[dict]], val_fraction: float = 0.05):
@@ -274,44 +306,48 @@ def load_init(init=None, hf=None, device="cpu", backend="auto"):
 
 
 def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str = "auto", device: str = "auto",
-             resume: bool = False, progress: bool = True, hf=None) -> dict:
+             resume: bool = False, progress: bool = True, hf=None, fsdp: bool = False) -> dict:
     """Start from a pretrained checkpoint (init) or HF folder (hf) and train on conversations,
-    assistant tokens only."""
+    assistant tokens only. Under torchrun every rank runs this; fsdp=True shards with FSDP2."""
     from engine.checkpoint import load_checkpoint, read_run_info
     from engine.data import World, conversation_batch, load_conversations
 
     out = Path(out)
     cfg = cfg or TrainConfig(max_steps=100, lr=5e-4)
-    dev = pick_device(device)
-    state = None
-    if resume:
-        model, tokenizer, state, folder = load_checkpoint(out, device=dev, backend=backend, with_trainer_state=True)
-        run_info = read_run_info(folder)
-        print(f"resuming from {folder} (step {state['step']})")
-    else:
-        if any(out.glob("step-*")):
-            raise ValueError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
-        model, tokenizer, base = load_init(init, hf, dev, backend)
-        run_info = {**base, "kind": "finetune", "finetune_data": data}
-    if data == "builtin":
-        if not run_info.get("world"):
-            raise ValueError("finetune --data builtin needs an --init checkpoint pretrained on the built-in world (--data builtin)")
-        convs = World(**run_info["world"]).conversations()
-    else:
-        convs = load_conversations(data)
-    train_convs, val_convs = conversation_split(convs)
-    rendered = [tokenizer.render_conversation(c) for c in train_convs]
-    val_rendered = [tokenizer.render_conversation(c) for c in val_convs]
-    T = model.config.block_size
+    with distributed.process_group(pick_device(device), fsdp) as (ctx, dev):
+        state = None
+        if resume:
+            model, tokenizer, state, folder = load_checkpoint(out, device=dev, backend=backend, with_trainer_state=True)
+            run_info = read_run_info(folder)
+            if ctx.is_main:
+                print(f"resuming from {folder} (step {state['step']})")
+        else:
+            if any(out.glob("step-*")):
+                raise ValueError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
+            torch.manual_seed(cfg.seed)  # rows added for the chat tokens start the same on every rank
+            model, tokenizer, base = load_init(init, hf, dev, backend)
+            run_info = {**base, "kind": "finetune", "finetune_data": data}
+        if data == "builtin":
+            if not run_info.get("world"):
+                raise ValueError("finetune --data builtin needs an --init checkpoint pretrained on the built-in world (--data builtin)")
+            convs = World(**run_info["world"]).conversations()
+        else:
+            convs = load_conversations(data)
+        train_convs, val_convs = conversation_split(convs)
+        rendered = [tokenizer.render_conversation(c) for c in train_convs]
+        val_rendered = [tokenizer.render_conversation(c) for c in val_convs]
+        T = model.config.block_size
 
-    def batch_fn(step, micro):
-        return conversation_batch(rendered, cfg.batch_size, T, cfg.seed, step, micro)
+        def batch_fn(step, micro):
+            return conversation_batch(rendered, cfg.batch_size, T, cfg.seed, step, micro)
 
-    def eval_fn(m):
-        return mean_loss(m, (conversation_batch(val_rendered, cfg.batch_size, T, cfg.seed, -1, i) for i in range(cfg.eval_batches)))
+        def eval_fn(m):
+            return mean_loss(m, (conversation_batch(val_rendered, cfg.batch_size, T, cfg.seed, -1, i) for i in range(cfg.eval_batches)))
 
-    print(f"fine-tuning on {len(train_convs)} conversations ({len(val_convs)} held out for val), {dev}, backend {model.backend}")
-    return train(model, cfg, batch_fn, out, tokenizer, eval_fn, state, run_info, progress)
+        if ctx.is_main:
+            print(f"fine-tuning on {len(train_convs)} conversations ({len(val_convs)} held out for val), {dev}, "
+                  f"backend {model.backend}{describe(ctx)}")
+        return train(model, cfg, batch_fn, out, tokenizer, eval_fn, state, run_info, progress, ctx)
 
 
 # ---------------------------------------------------------------------------------------------
