@@ -72,7 +72,7 @@ def main(argv=None) -> list[dict]:
         b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn_like(x)
         nbytes = m * n * x.element_size()
-        copy_ms = time_ms(lambda: torch.empty_like(x).copy_(x), **reps)
+        copy_ms = time_ms(lambda: torch.empty_like(x).copy_(x.detach()), **reps)
         copy_gbps = 2 * nbytes / copy_ms / 1e6
         for name, fn in providers(on_gpu).items():
             for mode, tensors in MODES.items():

@@ -13,6 +13,7 @@ its rows and sums dy * xhat and dy into its own fp32 partial row, then a small k
 the partial rows in a fixed order. No atomics, so the gradients are bitwise reproducible.
 """
 import functools
+import math
 
 import torch
 import triton
@@ -305,8 +306,8 @@ def _forward(x, residual, weight, bias, eps):
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         block_n, rows, warps, chunked = _pick(_FWD_CONFIGS, n)
-        w = weight.contiguous() if weight is not None else x2  # any pointer; never read
-        b = bias.contiguous() if bias is not None else x2
+        w = weight if weight is not None else x2  # any pointer; never read
+        b = bias if bias is not None else x2
         _ln_fwd_kernel[(triton.cdiv(m, rows),)](
             x2, r2, s2, y, w, b, mean, rstd,
             x2.stride(0), r2.stride(0), s2.stride(0), y.stride(0),
@@ -329,14 +330,14 @@ def _backward(dy, ds, s2, weight, bias, mean, rstd):
     alloc = torch.zeros if chunked else torch.empty  # the chunked path adds into its partial rows
     dw_part = alloc((progs, n), dtype=torch.float32, device=s2.device) if weight is not None else mean
     db_part = alloc((progs, n), dtype=torch.float32, device=s2.device) if bias is not None else mean
-    if m:
-        _ln_bwd_dx_kernel[(progs,)](
-            s2, weight if weight is not None else s2, dy2, ds2, dx, mean, rstd, dw_part, db_part,
-            s2.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0),
-            m, n,
-            HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            ROWS=rows, BLOCK_N=block_n, CHUNKED=chunked, num_warps=warps,
-        )
+    # Launched even for zero rows: it then writes the zero partial sums.
+    _ln_bwd_dx_kernel[(progs,)](
+        s2, weight if weight is not None else s2, dy2, ds2, dx, mean, rstd, dw_part, db_part,
+        s2.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0),
+        m, n,
+        HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        ROWS=rows, BLOCK_N=block_n, CHUNKED=chunked, num_warps=warps,
+    )
     dweight = _reduce_partials(dw_part, weight) if weight is not None else None
     dbias = _reduce_partials(db_part, bias) if bias is not None else None
     return dx, dweight, dbias
@@ -355,6 +356,8 @@ class _LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
+        weight = weight.contiguous() if weight is not None else None
+        bias = bias.contiguous() if bias is not None else None
         y, s2, mean, rstd = _forward(x, residual, weight, bias, eps)
         ctx.save_for_backward(s2, weight, bias, mean, rstd)
         ctx.input_dtypes = (x.dtype, residual.dtype if residual is not None else None)
@@ -387,9 +390,11 @@ class LayerNorm(torch.nn.LayerNorm):
     """Drop-in for torch.nn.LayerNorm (same arguments, parameters, state_dict keys, repr)."""
 
     def forward(self, x):
-        k = len(self.normalized_shape)
-        if tuple(x.shape[-k:]) != tuple(self.normalized_shape):
-            raise ValueError(f"input's last {k} dims must be {tuple(self.normalized_shape)}, got shape {tuple(x.shape)}")
+        shape = tuple(self.normalized_shape)
+        if tuple(x.shape[-len(shape):]) != shape:
+            raise ValueError(f"input's last dims must be {shape}, got shape {tuple(x.shape)}")
         # LayerNorm over the last k dims is LayerNorm over them flattened into one.
-        flat = lambda p: p.reshape(-1) if p is not None else None  # noqa: E731
-        return layer_norm(x.flatten(-k) if k > 1 else x, flat(self.weight), flat(self.bias), self.eps).view(x.shape)
+        n = math.prod(shape)
+        weight = self.weight.reshape(n) if self.weight is not None else None
+        bias = self.bias.reshape(n) if self.bias is not None else None
+        return layer_norm(x.reshape(*x.shape[: x.dim() - len(shape)], n), weight, bias, self.eps).view(x.shape)

@@ -136,9 +136,22 @@ def test_non_contiguous_input_gives_the_same_result():
     x = base.transpose(0, 2)  # [40, 3, 64]: the normalised dim has stride 120
     assert torch.equal(kernels.layer_norm(x, w, None, EPS), kernels.layer_norm(x.contiguous(), w, None, EPS))
     x, res = base[:, 1, :], base[:, 2, :]  # rows 120 apart, unit stride along N
-    y, s = kernels.add_layer_norm(x, res, None, w[:40], EPS)
+    w = torch.randn(80, device=DEVICE)[::2].requires_grad_()  # a strided weight
+    y, s = kernels.add_layer_norm(x, res, w, None, EPS)
     assert torch.equal(s, x + res)
-    assert torch.equal(y, kernels.layer_norm(x + res, None, w[:40], EPS))
+    assert torch.equal(y, kernels.layer_norm(x + res, w.detach().contiguous(), None, EPS))
+    y.sum().backward()
+    assert torch.allclose(w.grad, kernels.layer_norm(x + res, None, None, EPS).sum(0), atol=1e-5)
+
+
+def test_zero_rows():
+    x = torch.randn(0, 3, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, device=DEVICE, requires_grad=True)
+    b = torch.randn(16, device=DEVICE, requires_grad=True)
+    y = kernels.layer_norm(x, w, b, EPS)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(16, device=DEVICE)) and torch.equal(b.grad, torch.zeros(16, device=DEVICE))
 
 
 def test_residual_gradient_reaches_both_inputs_and_s():
