@@ -75,7 +75,9 @@ def _ln_fwd_kernel(
             mean += delta * (n_b / (n_a + n_b))
             m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
         rstd = tl.rsqrt(m2 / N + eps)
-        # Pass 2: normalise; s comes back from L2 (from S when we just wrote it).
+        # Pass 2: normalise; s comes back from L2 (from S when we just wrote it: the barrier
+        # makes every thread's stores visible to the threads that read them back).
+        tl.debug_barrier()
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_ok[:, None] & (c < N)[None, :]
@@ -137,6 +139,7 @@ def _ln_bwd_dx_kernel(
                 sum_w += tl.sum(wdy, axis=1)
             c1 = (sum_xw / N)[:, None]
             c2 = (sum_w / N)[:, None]
+            tl.debug_barrier()  # the partial rows read below were written by other threads
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 c_ok = c < N
