@@ -65,6 +65,7 @@ def main(argv=None) -> list[dict]:
     dtype, m, sizes = (torch.bfloat16, 32768, (768, 1024, 2048, 4096, 8192, 16384)) if on_gpu else (torch.float32, 16, (16, 64))
     reps = {} if on_gpu else {"warmup": 1, "reps": 2}  # the interpreter is slow
 
+    fns = providers(on_gpu)
     rows = []
     for n in sizes:
         x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
@@ -74,12 +75,12 @@ def main(argv=None) -> list[dict]:
         nbytes = m * n * x.element_size()
         copy_ms = time_ms(lambda: torch.empty_like(x).copy_(x.detach()), **reps)
         copy_gbps = 2 * nbytes / copy_ms / 1e6
-        for name, fn in providers(on_gpu).items():
+        for name, fn in fns.items():
             for mode, tensors in MODES.items():
                 ms = timed(fn, x, w, b, dy, mode, **reps)
                 gbps = tensors * nbytes / ms / 1e6
                 rows.append(dict(zip(COLUMNS, (mode, n, m, str(dtype).removeprefix("torch."), name, round(ms, 4),
-                                               _sig(gbps), _sig(copy_gbps), round(gbps / copy_gbps, 3)))))
+                                               _sig(gbps), _sig(copy_gbps), _sig(gbps / copy_gbps)))))
                 print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     out = results_dir(args.out)
     write_csv(rows, out / "layernorm.csv")
@@ -100,10 +101,10 @@ def _summary(rows):
     for (mode, n, name), r in sorted(by.items()):
         if name != "triton":
             continue
-        parts = [f"{mode:8s} N={n:5d}: {r['GB/s']:7.1f} GB/s = {r['fraction of copy']:.0%} of copy"]
+        parts = [f"{mode:8s} N={n:5d}: {r['GB/s']:.4g} GB/s = {r['fraction of copy']:.3g} x copy"]
         for other in ("torch", "torch.compile", "liger"):
             if (mode, n, other) in by:
-                parts.append(f"{by[(mode, n, other)]['ms'] / r['ms']:.2f}x {other}")
+                parts.append(f"{by[(mode, n, other)]['ms'] / r['ms']:.3g}x {other}")
         print(", ".join(parts))
 
 
