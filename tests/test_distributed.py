@@ -1,0 +1,144 @@
+"""Data-parallel training under torchrun, on the CPU (gloo, 2 processes, a tiny model): one step
+of DDP or FSDP2 equals one single-process step on the same global batch; checkpoints move
+between world sizes; a dead rank ends the job."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from engine import checkpoint
+from engine.distributed import micro_batches
+from engine.train import TrainConfig, pretrain
+
+# global batch = 2 micro-batches of 4 sequences: one per rank on 2 ranks, both on 1
+TINY = ["--data", "builtin", "--n-people", "10", "--block-size", "32", "--vocab-size", "300", "--batch-size", "4",
+        "--grad-accum", "2", "--warmup-steps", "0", "--backend", "torch", "--device", "cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            "-m", "engine", "pretrain", *TINY, *args]
+
+
+def run_torchrun(*args):
+    proc = subprocess.run(torchrun(*args), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def single_process(out, steps, resume=False):
+    cfg = TrainConfig(max_steps=steps, batch_size=4, grad_accum=2, warmup_steps=0, save_every=1)
+    pretrain("builtin", out, "tiny", cfg, backend="torch", device="cpu", resume=resume, vocab_size=300, n_people=10,
+             block_size=32, progress=False)
+
+
+def weights(run, step):
+    return load_file(str(run / f"step-{step:07d}" / "model.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def losses(run, key="loss"):
+    return [json.loads(line)[key] for line in open(run / "metrics.jsonl")]
+
+
+def cut_back_to_step_1(src, dst):
+    """A copy of a 2-step run folder as it was after step 1."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "step-0000002")
+    (dst / "metrics.jsonl").write_text((src / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two steps, a checkpoint after each: one process, 2-rank DDP, 2-rank FSDP2."""
+    root = tmp_path_factory.mktemp("dist")
+    single_process(root / "single", 2)
+    run_torchrun("--max-steps", "2", "--save-every", "1", "--out", str(root / "ddp"))
+    run_torchrun("--max-steps", "2", "--save-every", "1", "--fsdp", "--out", str(root / "fsdp"))
+    return root
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_one_data_parallel_step_equals_one_single_process_step(runs, kind):
+    assert max_diff(weights(runs / kind, 1), weights(runs / "single", 1)) <= 1e-6
+    assert max_diff(weights(runs / kind, 1), weights(runs / kind, 2)) > 1e-4  # the step changed something
+    # only rank 0 logs: one line per step, with the loss and the (pre-clipping) gradient norm of
+    # the whole global batch; Adam would hide a wrongly scaled gradient, the norm does not
+    assert losses(runs / kind) == pytest.approx(losses(runs / "single"), abs=1e-6)
+    assert losses(runs / kind, "grad_norm") == pytest.approx(losses(runs / "single", "grad_norm"), rel=1e-6)
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path):
+    cut_back_to_step_1(runs / "fsdp", tmp_path / "resumed")
+    single_process(tmp_path / "resumed", 2, resume=True)
+    assert losses(tmp_path / "resumed")[1] == pytest.approx(losses(runs / "fsdp")[1], abs=1e-6)
+    # the optimizer state came along too: the step after the resume lands on the same weights
+    assert max_diff(weights(tmp_path / "resumed", 2), weights(runs / "fsdp", 2)) <= 1e-5
+
+
+def test_a_one_rank_checkpoint_resumes_on_two_ranks(runs, tmp_path):
+    cut_back_to_step_1(runs / "single", tmp_path / "resumed")
+    run_torchrun("--max-steps", "2", "--save-every", "1", "--fsdp", "--resume", "--out", str(tmp_path / "resumed"))
+    assert losses(tmp_path / "resumed")[1] == pytest.approx(losses(runs / "single")[1], abs=1e-6)
+    assert max_diff(weights(tmp_path / "resumed", 2), weights(runs / "single", 2)) <= 1e-5
+
+
+def worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the torchrun worker with RANK=rank (workers are the launcher's children)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher:
+                continue
+            if f"RANK={rank}".encode() in (stat.parent / "environ").read_bytes().split(b"\0"):
+                return int(stat.parent.name)
+        except (OSError, IndexError, ValueError):  # the process is gone, or not ours to read
+            continue
+    return None
+
+
+def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_loads(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(torchrun("--max-steps", "100000", "--save-every", "1", "--eval-every", "100000", "--out", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(out.glob("step-*"))) < 2:
+            time.sleep(0.2)
+        victim = worker_pid(proc.pid, 1)
+        assert victim is not None, "no rank-1 worker found"
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        _, err = proc.communicate(timeout=90)
+        assert time.time() - killed < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert re.search(r"Root Cause[\s\S]*?rank\s*: 1 \(local_rank: 1\)", err), err[-3000:]  # torchrun names it
+    model, _, state, _ = checkpoint.load_checkpoint(out, with_trainer_state=True)
+    assert state["step"] >= 2
+
+
+def test_the_global_batch_is_split_by_micro_batch_index():
+    assert list(micro_batches(4, 0, 2)) == [0, 2] and list(micro_batches(4, 1, 2)) == [1, 3]
+    assert list(micro_batches(4, 0, 1)) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"--grad-accum 3 .* world size 2"):
+        micro_batches(3, 0, 2)
