@@ -168,6 +168,36 @@ def test_residual_gradient_reaches_both_inputs_and_s():
         assert max_err(got.double(), want) < 1e-4 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt_with_our_layer_norms_matches_the_reference(monkeypatch, bias):
+    """The GPT blocks' (residual-add +) LayerNorm calls through our kernels change nothing."""
+    from engine import GPT, GPTConfig
+    from engine.backends import ReferenceBackend
+
+    class OurLayerNorms(ReferenceBackend):
+        def layer_norm(self, x, weight, bias, eps):
+            return kernels.layer_norm(x, weight, bias, eps)
+
+        def add_layer_norm(self, x, residual, weight, bias, eps):
+            return kernels.add_layer_norm(x, residual, weight, bias, eps)
+
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("tiny")
+    config.bias = bias
+    model = GPT(config, backend="reference").to(DEVICE)
+    idx = torch.randint(0, config.vocab_size, (2, 16), device=DEVICE)
+    results = []
+    for ops in (None, OurLayerNorms()):
+        if ops is not None:
+            monkeypatch.setattr(model, "ops_for", lambda device: ops)
+        model.zero_grad()
+        logits, loss = model(idx, targets=idx)
+        loss.backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    for want, got in zip(*results):
+        assert max_err(got.double(), want.double()) <= 1e-5 * max(want.abs().max().item(), 1e-3)
+
+
 def test_layer_norm_module_is_a_drop_in():
     for shape, kwargs in (((48,), {}), ((4, 12), {}), ((48,), {"elementwise_affine": False}), ((48,), {"bias": False})):
         torch.manual_seed(0)
