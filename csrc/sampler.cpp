@@ -167,6 +167,31 @@ int64_t top_p_prefix(const std::vector<double>& x, const std::vector<double>& w,
     return n;
 }
 
+// With top-k and/or top-p: s.idx[0..n) = the ranked survivors (after min-p too). Returns n.
+int64_t ranked_survivors(const std::vector<double>& x, double xmax, int64_t k, const Params& p, Scratch& s) {
+    const double t = p.temperature;
+    const int64_t V = static_cast<int64_t>(x.size());
+    auto& w = s.w;
+    int64_t n;
+    if (k < V) {  // s.idx already holds the ranked top-k
+        w.resize(k);
+        for (int64_t j = 0; j < k; ++j) w[j] = std::exp((x[s.idx[j]] - xmax) / t);
+        n = k;
+        if (p.top_p < 1) {
+            double total = 0;
+            for (int64_t j = 0; j < k; ++j) total += w[j];
+            const double threshold = p.top_p * total;
+            double cum = 0;
+            for (n = 0; n < k && cum < threshold;) cum += w[n++];
+        }
+        return p.min_p > 0 ? std::count_if(w.begin(), w.begin() + n, [&](double v) { return v >= p.min_p; }) : n;
+    }
+    w.resize(V);
+    for (int64_t i = 0; i < V; ++i) w[i] = std::exp((x[i] - xmax) / t);
+    n = top_p_prefix(x, w, p.top_p, s.idx);
+    return p.min_p > 0 ? std::count_if(s.idx.begin(), s.idx.begin() + n, [&](int32_t i) { return w[i] >= p.min_p; }) : n;
+}
+
 Draw sample_row(const float* row, int64_t V, const Params& p, const Counts& counts, int64_t position, uint64_t seed, int64_t b,
                 Scratch& s) {
     auto& x = s.x;
@@ -199,36 +224,11 @@ Draw sample_row(const float* row, int64_t V, const Params& p, const Counts& coun
                     if (u < level.u_min) return;
                     break;
                 }
-            const double k = z - std::log(-std::log(u));
-            if (k > best || (k == best && i < out.token)) best = k, out.token = i;
+            const double score = z - std::log(-std::log(u));
+            if (score > best || (score == best && i < out.token)) best = score, out.token = i;
         };
-        if (k < V || p.top_p < 1) {  // a ranked prefix of survivors
-            auto& w = s.w;
-            int64_t n;
-            if (k < V) {
-                w.resize(k);
-                for (int64_t j = 0; j < k; ++j) w[j] = std::exp((x[s.idx[j]] - xmax) / t);
-                n = k;
-                if (p.top_p < 1) {
-                    double total = 0;
-                    for (int64_t j = 0; j < k; ++j) total += w[j];
-                    const double threshold = p.top_p * total;
-                    double cum = 0;
-                    for (int64_t j = 0; j < k; ++j) {
-                        cum += w[j];
-                        if (cum >= threshold) {
-                            n = j + 1;
-                            break;
-                        }
-                    }
-                }
-                if (p.min_p > 0) n = std::count_if(w.begin(), w.begin() + n, [&](double v) { return v >= p.min_p; });
-            } else {
-                w.resize(V);
-                for (int64_t i = 0; i < V; ++i) w[i] = std::exp((x[i] - xmax) / t);
-                n = top_p_prefix(x, w, p.top_p, s.idx);
-                if (p.min_p > 0) n = std::count_if(s.idx.begin(), s.idx.begin() + n, [&](int32_t i) { return w[i] >= p.min_p; });
-            }
+        if (k < V || p.top_p < 1) {
+            const int64_t n = ranked_survivors(x, xmax, k, p, s);
             for (int64_t j = 0; j < n; ++j) consider(s.idx[j], (x[s.idx[j]] - xmax) / t);
         } else {  // the whole vocabulary, min-p in the same pass; start from the top token
             // exp(z) >= min_p is certainly false below log(min_p) - 1e-6: no exp needed there
@@ -236,7 +236,7 @@ Draw sample_row(const float* row, int64_t V, const Params& p, const Counts& coun
             consider(argmax, 0.0);
             for (int64_t i = 0; i < V; ++i) {
                 const double z = (x[i] - xmax) / t;
-                if (z + kGumbelMax < best || z < z_min || (p.min_p > 0 && !(std::exp(z) >= p.min_p))) continue;
+                if (z < z_min || (p.min_p > 0 && !(std::exp(z) >= p.min_p))) continue;
                 consider(i, z);
             }
         }

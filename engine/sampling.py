@@ -192,7 +192,7 @@ def _check_row(row: torch.Tensor, b: int) -> None:
 def process_logits(row: torch.Tensor, p: SamplingParams, counts: Mapping[int, int], b: int = 0) -> torch.Tensor:
     """Penalties then logit bias, in float64: the x of the module docstring, for one row."""
     _check_row(row, b)
-    x = row.to(torch.float64)  # a copy: row is float32
+    x = row.to(torch.float64, copy=True)
     if counts:
         ids = torch.tensor(list(counts.keys()), dtype=torch.int64)
         n = torch.tensor(list(counts.values()), dtype=torch.float64)
@@ -315,6 +315,8 @@ class Sampler:
 
     impl="cpp" is the C++ extension, "reference" the PyTorch code above, "auto" the extension
     when it is built (else the reference, with a one-time warning). Both pick identical tokens.
+    The extension releases the GIL and spreads rows over up to torch.get_num_threads() threads.
+    Logits of any device / dtype are copied to float32 on the CPU first (no copy when they are).
     """
 
     def __init__(self, impl: str = "auto"):

@@ -289,3 +289,16 @@ def test_auto_without_the_extension_warns_once(monkeypatch):
     assert len([w for w in caught if "reference sampler" in str(w.message)]) == 1
     with pytest.raises(ValueError, match="cpp"):
         Sampler("cpp")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_loop_takes_cuda_logits_through_a_pinned_buffer():
+    impls = ["reference"] + (["cpp"] if sampling._extension() is not None else [])
+    x = torch.randn(3, 1000, dtype=torch.bfloat16)
+    params = [SamplingParams(top_k=20, seed=b, logprobs=True) for b in range(3)]
+    for impl in impls:
+        on_cpu, on_gpu = DecodeLoop(params, [[1]] * 3, impl=impl), DecodeLoop(params, [[1]] * 3, impl=impl)
+        for _ in range(4):
+            assert on_gpu.step(x.cuda()).tolist() == on_cpu.step(x).tolist()
+        assert on_gpu._buf.is_pinned() and on_gpu.logprobs == on_cpu.logprobs
