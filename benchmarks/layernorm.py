@@ -1,5 +1,5 @@
-"""LayerNorm bandwidth: kernels.layer_norm against F.layer_norm, torch.compile of the reference
-and Liger Kernel's LayerNorm (when installed), next to a plain device-to-device copy.
+"""LayerNorm bandwidth: kernels.layer_norm against F.layer_norm, torch.compile (dynamic shapes) of
+the reference and Liger Kernel's LayerNorm (when installed), next to a plain device-to-device copy.
 
     python benchmarks/layernorm.py [--toy] [--out DIR]
 
@@ -33,7 +33,8 @@ def providers(on_gpu: bool) -> dict:
     """name -> fn(x, weight, bias, eps)."""
     found = {"triton": layer_norm, "torch": lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps)}
     if on_gpu:  # inductor on the CPU would spend the toy run compiling
-        found["torch.compile"] = torch.compile(reference.layer_norm)
+        # dynamic: one compile serves every N (the suite gives this script well under a minute)
+        found["torch.compile"] = torch.compile(reference.layer_norm, dynamic=True)
         try:
             from liger_kernel.ops.layer_norm import LigerLayerNormFunction
 
@@ -63,7 +64,7 @@ def main(argv=None) -> list[dict]:
     on_gpu = torch.cuda.is_available() and not args.toy
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, m, sizes = (torch.bfloat16, 32768, (768, 1024, 2048, 4096, 8192, 16384)) if on_gpu else (torch.float32, 16, (16, 64))
-    reps = {} if on_gpu else {"warmup": 1, "reps": 2}  # the interpreter is slow
+    reps = {"warmup": 2, "reps": 10} if on_gpu else {"warmup": 1, "reps": 2}  # 72 timings in the sweep
 
     fns = providers(on_gpu)
     rows = []
@@ -101,7 +102,7 @@ def _summary(rows):
     for (mode, n, name), r in sorted(by.items()):
         if name != "triton":
             continue
-        parts = [f"{mode:8s} N={n:5d}: {r['GB/s']:.4g} GB/s = {r['fraction of copy']:.3g} x copy"]
+        parts = [f"{mode:8s} N={n:5d}: {r['GB/s']:.4g} GB/s = {100 * r['fraction of copy']:.3g}% of copy"]
         for other in ("torch", "torch.compile", "liger"):
             if (mode, n, other) in by:
                 parts.append(f"{by[(mode, n, other)]['ms'] / r['ms']:.3g}x {other}")
