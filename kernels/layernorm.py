@@ -369,6 +369,7 @@ class _LayerNormFunction(torch.autograd.Function):
         return y.view(x.shape), s2.view(x.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, ds=None):
         s2, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias = _backward(dy, ds, s2, weight, bias, mean, rstd)
