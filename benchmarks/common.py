@@ -100,3 +100,16 @@ def plot_bars(rows: list[dict], x: str, ys: list[str], path: Path, title: str) -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_summary(out: Path, title: str, notes: list[str], names: list[str]) -> Path:
+    """out/summary.md: a title, notes (hardware, software, caveats), then the out/<name>.md
+    tables that exist, in the order of `names`."""
+    parts = [f"# {title}", "", *[f"- {n}" for n in notes], ""]
+    for name in names:
+        md = Path(out) / f"{name}.md"
+        if md.is_file():
+            parts += [md.read_text().rstrip(), ""]
+    path = Path(out) / "summary.md"
+    path.write_text("\n".join(parts))
+    return path
