@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from engine.model import GPT
@@ -90,8 +91,15 @@ def process_group(device: torch.device, fsdp: bool = False):
         torch.cuda.set_device(device)
     timeout = float(os.environ.get(TIMEOUT_ENV, "300"))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout))
-    yield Dist(rank, world_size, local_rank, fsdp), device
-    dist.destroy_process_group()  # not on errors: a dead peer could make this hang
+    try:
+        yield Dist(rank, world_size, local_rank, fsdp), device
+    except Exception as err:  # torchrun's failure summary then shows the error beside the rank
+        ErrorHandler().record_exception(err)
+        raise
+    # Not on errors (a dead peer could make this hang). The barrier keeps every rank in the group
+    # until rank 0 has written the last checkpoint: a peer that quits early can abort gloo.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def micro_batches(grad_accum: int, rank: int, world_size: int) -> range:

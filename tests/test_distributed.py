@@ -137,6 +137,25 @@ def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_loads(tmp_path):
     assert state["step"] >= 2
 
 
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(torchrun("--max-steps", "100000", "--save-every", "100000", "--eval-every", "100000", "--out", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 3):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: launcher and workers alike
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # the ranks may see the signal in different steps; they agree on one and rank 0 writes it
+    stopped = {int(m) for m in re.findall(r"interrupted at step (\d+); checkpoint saved", err)}
+    assert len(stopped) == 1, err[-3000:]
+    assert checkpoint.find_checkpoint(out).name == f"step-{stopped.pop():07d}"
+
+
 def test_the_global_batch_is_split_by_micro_batch_index():
     assert list(micro_batches(4, 0, 2)) == [0, 2] and list(micro_batches(4, 1, 2)) == [1, 3]
     assert list(micro_batches(4, 0, 1)) == [0, 1, 2, 3]
