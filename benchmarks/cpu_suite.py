@@ -27,9 +27,9 @@ from benchmarks.common import results_dir, write_summary  # noqa: E402
 # (name, script arguments, time cap in seconds)
 STEPS = [
     ("roofline", ["benchmarks/roofline.py"], 30),
-    ("sampling", ["benchmarks/sampling.py"], 200),
-    ("train", ["benchmarks/train.py", "--backends", "reference,torch,torch.compile"], 240),
-    ("generate", ["benchmarks/generate.py"], 120),
+    ("sampling", ["benchmarks/sampling.py"], 120),
+    ("train", ["benchmarks/train.py", "--backends", "reference,torch,torch.compile"], 270),
+    ("generate", ["benchmarks/generate.py"], 170),
 ]
 
 

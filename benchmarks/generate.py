@@ -18,6 +18,7 @@ Writes generate.csv, generate.md and generate.png into the results folder.
 """
 import argparse
 import contextlib
+import inspect
 import statistics
 import sys
 import time
@@ -95,8 +96,10 @@ def hf_prefill_ms(hf, prompts: torch.Tensor) -> float:
     device = prompts.device
     sync(device)
     t0 = time.perf_counter()
+    # Only the last position's logits, like our prefill and HF's own generate, where transformers supports it.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
     with autocast(device):
-        hf(prompts, use_cache=True, logits_to_keep=1)
+        hf(prompts, use_cache=True, **last_only)
     sync(device)
     return (time.perf_counter() - t0) * 1e3
 
@@ -193,16 +196,16 @@ def main(argv=None) -> list[dict]:
     model = GPT(GPTConfig.from_preset(preset)).to(device).eval()
     hf = to_hf(model)
     backend = model.ops_for(device).name
+    out = results_dir(args.out)
     rows = []
     for mode in modes:
         for b in batches:
             rows += bench(model, hf, b, prompt_len, n, mode, reps, device)
             print(", ".join(f"{k}={rows[-2][k]}" for k in COLUMNS), flush=True)
             print(", ".join(f"{k}={rows[-1][k]}" for k in COLUMNS), flush=True)
-    out = results_dir(args.out)
-    write_csv(rows, out / "generate.csv")
-    text = markdown(rows, preset, device, backend)
-    (out / "generate.md").write_text(text)
+            write_csv(rows, out / "generate.csv")  # after every case: a run stopped by a time cap keeps what it measured
+            text = markdown(rows, preset, device, backend)
+            (out / "generate.md").write_text(text)
     if not args.toy:
         plot_lines([{**r, "series": f"{r['impl']} {r['mode']}"} for r in rows], "batch", "decode_tok_s", "series",
                    out / "generate.png", f"decode tokens/s, {preset}, {device.type}")

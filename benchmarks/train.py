@@ -60,7 +60,6 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
         elif self.proc:
             Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current RSS
             self.base = self._rss_kb("VmRSS") * 1024
@@ -149,6 +148,20 @@ def markdown(rows: list[dict], peak: dict, timed: str, note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(rows: list[dict], out: Path, peak: dict, steps: int, note: str) -> tuple[list[dict], str]:
+    """train.csv and train.md of the rows so far (after every backend: a run stopped by a time
+    cap keeps what it measured)."""
+    base = next((r["ms_per_step"] for r in rows if r["backend"] == "torch" and r["ms_per_step"]), None)
+    for r in rows:
+        if base and r["ms_per_step"]:
+            r["speedup_vs_torch"] = round(base / r["ms_per_step"], 2)
+    table = [{k: r[k] for k in COLUMNS} for r in rows]
+    write_csv(table, out / "train.csv")
+    text = markdown(rows, peak, f"up to {steps}", note)
+    (out / "train.md").write_text(text)
+    return table, text
+
+
 def main(argv=None) -> list[dict]:
     on_gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -188,17 +201,10 @@ def main(argv=None) -> list[dict]:
                                                        seq_len=seq_len, error=str(err).splitlines()[0][:80])
         rows.append(row)
         print(", ".join(f"{k}={row[k]}" for k in COLUMNS), flush=True)
+        table, text = save(rows, out, peak, steps, note="" if on_gpu or "triton" in backends else
+                           "triton left out: under the CPU's Triton interpreter a step takes minutes.")
         if on_gpu:
             torch.cuda.empty_cache()
-    base = next((r["ms_per_step"] for r in rows if r["backend"] == "torch" and r["ms_per_step"]), None)
-    for r in rows:
-        if base and r["ms_per_step"]:
-            r["speedup_vs_torch"] = round(base / r["ms_per_step"], 2)
-    table = [{k: r[k] for k in COLUMNS} for r in rows]
-    write_csv(table, out / "train.csv")
-    note = "" if on_gpu or "triton" in backends else "triton left out: under the CPU's Triton interpreter a step takes minutes."
-    text = markdown(rows, peak, f"up to {steps}", note)
-    (out / "train.md").write_text(text)
     ok = [r for r in table if r["tokens_per_s"]]
     if ok and not args.toy:
         plot_bars(ok, "backend", ["tokens_per_s", "mfu_pct"], out / "train.png", f"training, {preset}, {device.type}")
