@@ -3,7 +3,8 @@
     python benchmarks/attention.py [--toy] [--out DIR]
 
 Forward and forward+backward TFLOP/s over sequence lengths (FLOPs 4·B·H·Sq·Sk·D, halved when
-causal; the backward counts 2.5x the forward), and decode-step latency (one query over a KV cache
+causal; the backward counts 2.5x the forward; "ours-atomic" is the deterministic=False backward),
+and decode-step latency (one query over a KV cache
 of Sk keys) at batch 1 and 16. On CUDA: bf16, D in {64, 128}, S from 512 to 16k with B·S = 16k
 tokens and H·D = 2048. --toy: a few tiny fp32 shapes for the CPU (the Triton interpreter) that
 check the script runs. Writes attention.csv and one PNG per mode into the results folder.
@@ -39,7 +40,9 @@ def sdpa(backend: str):
 
 
 def implementations(toy: bool) -> dict:
-    impls = {"ours": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal)}
+    impls = {"ours": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal),
+             # backward with atomic dQ (not bitwise deterministic); its forward is "ours"
+             "ours-atomic": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=False)}
     impls.update({f"sdpa-{b}": sdpa(b) for b in SDPA_BACKENDS})
     if not toy:  # inductor on the CPU would first build C++; on CUDA it emits Triton
         compiled = torch.compile(reference.attention, dynamic=True)
@@ -81,6 +84,8 @@ def bench_training(impls, seqlens, head_dims, dtype, device, toy: bool) -> list[
                     for name, attend in impls.items():
                         if name in ("sdpa-math", "compiled-reference") and s > 4096:
                             continue  # materialises the S x S scores: minutes and tens of GB
+                        if name == "ours-atomic" and not backward:
+                            continue
                         q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=True)
                                    for _ in range(3))
 
@@ -104,7 +109,7 @@ def bench_decode(impls, caches, batches, dtype, device, toy: bool) -> list[dict]
     for b in batches:
         for sk in caches:
             for name, attend in impls.items():
-                if name == "compiled-reference":
+                if name in ("compiled-reference", "ours-atomic"):
                     continue
                 q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
                 k, v = (torch.randn(b, h, sk, d, device=device, dtype=dtype) for _ in range(2))
@@ -157,12 +162,12 @@ def summarize(rows):
         vals = [r["ms"] for r in rows if pred(r) and r["impl"].startswith("sdpa") and r["ms"] is not None]
         return min(vals) if vals else None
     for r in rows:
-        if r["impl"] != "ours" or r["ms"] is None:
+        if not r["impl"].startswith("ours") or r["ms"] is None:
             continue
         key = ("mode", "batch", "seqlen", "cache", "head_dim", "causal")
         ref = best(lambda x: all(x[c] == r[c] for c in key))
         if ref is not None:
-            print(f"{r['mode']:8s} D={r['head_dim']} S={r['seqlen']} cache={r['cache'] or '-'} B={r['batch']} "
+            print(f"{r['impl']:11s} {r['mode']:8s} D={r['head_dim']} S={r['seqlen']} cache={r['cache'] or '-'} B={r['batch']} "
                   f"causal={r['causal']}: {ref / r['ms']:.2f}x the best SDPA backend")
 
 

@@ -16,7 +16,9 @@ key j is visible to query position p iff (j >= kv_start[b]) == (p >= kv_start[b]
 Backward: a preprocess computes delta = rowsum(dO * O); one kernel accumulates dK and dV per
 key tile over the query tiles, a second one computes dQ per query tile over the key tiles.
 Every gradient element is written by exactly one program that sums in a fixed order, so the
-gradients are deterministic (bitwise equal run after run) without atomics.
+gradients are deterministic (bitwise equal run after run) without atomics. The price is
+recomputing Q Kᵀ and dO Vᵀ in the dQ pass (7 matmuls instead of 5); deterministic=False opts
+into FlashAttention-2's scheme instead: the dK/dV kernel adds dQ with fp32 atomics.
 
 Decode (Sq <= 16): one query tile per head would use B·H programs, too few to fill a GPU at
 batch 1. The keys are split across programs (flash-decoding); each writes its normalised partial
@@ -33,6 +35,7 @@ fp32 inputs use exact fp32 dots (input_precision="ieee", CUDA cores), not TF32: 
 fp32 means fp32 accuracy here. fp16 / bf16 use tensor cores with fp32 accumulation.
 """
 import inspect
+import itertools
 import math
 from typing import NamedTuple
 
@@ -195,12 +198,13 @@ def _attn_bwd_preprocess(O, DO, DELTA, stride_dob, stride_doh, stride_dom, H, SQ
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, k_pos, lo, hi, SQ, SK, kv_start,
-                qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, k_pos, lo, hi, SQ, SK, kv_start,
+                sm_scale, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Accumulate one key tile's dK, dV over the query tiles [lo, hi). Works on transposed scores
     [BLOCK_N, BLOCK_M] so that no large tile needs a transpose. Query rows past SQ load as zeros
-    and contribute nothing."""
+    and contribute nothing. ATOMIC_DQ: also add this key tile's share of dQ into the fp32 DQ_ACC
+    (two fewer matmuls than the separate dQ pass, but the summation order varies run to run)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -215,18 +219,21 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, k_pos, l
             p_t = tl.where(_visible(q_pos[None, :], k_pos[:, None], SK, kv_start, CAUSAL, HAS_KV_START), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision="ieee")
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision="ieee")
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision="ieee") * sm_scale
+            tl.atomic_add(DQ_ACC + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=in_rows[:, None])
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, sm_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    H, SQ, SK,
                    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -237,6 +244,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, sm_scale,
     DO += off_b * stride_dob + off_h * stride_doh
     LSE += pid_bh * SQ
     DELTA += pid_bh * SQ
+    DQ_ACC += pid_bh.to(tl.int64) * SQ * HEAD_DIM
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
     qk_scale = sm_scale * 1.4426950408889634
 
@@ -257,10 +265,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, sm_scale,
     if HAS_KV_START:
         mid = SQ
     mid = tl.minimum(mid, SQ)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, k_pos, lo, mid, SQ, SK,
-                         kv_start, qk_scale, True, CAUSAL, HAS_KV_START, BLOCK_M, HEAD_DIM)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qm, stride_dom, k_pos, mid, SQ, SQ, SK,
-                         kv_start, qk_scale, False, CAUSAL, HAS_KV_START, BLOCK_M, HEAD_DIM)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, k_pos, lo, mid, SQ, SK,
+                         kv_start, sm_scale, qk_scale, True, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, k_pos, mid, SQ, SQ, SK,
+                         kv_start, sm_scale, qk_scale, False, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
 
     rows = (pid_bh * SK + k_pos)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
     tl.store(DK + rows, (dk * sm_scale).to(DK.dtype.element_ty), mask=in_keys)
@@ -366,6 +374,7 @@ for _kind in ("fwd", "decode", "dkdv", "dq"):
 ARCHS = (80, 90)
 _ROWS_PER_PROGRAM = 64  # preprocess tile height
 _KERNELS = {"fwd": _attn_fwd, "decode": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_VARIANTS = {"dkdv": ({"ATOMIC_DQ": False}, {"ATOMIC_DQ": True})}  # extra constexprs, one build each
 
 
 def _arch(device: torch.device) -> int:
@@ -401,13 +410,14 @@ def aot_configs() -> list[dict]:
         for head_dim in HEAD_DIMS:
             flags = {"CAUSAL": True, "HAS_KV_START": True, "HEAD_DIM": head_dim}
             for kind, fn in _KERNELS.items():
-                for arch in ARCHS:
+                for arch, variant in itertools.product(ARCHS, _VARIANTS.get(kind, ({},))):
                     c = _CONFIGS[(arch, kind, dtype != torch.float32)][head_dim]
                     # the decode forward writes fp32 partials when it splits the keys
                     sig = _signature(fn, t, "fp32" if kind == "decode" else t)
                     out.append({
-                        "kernel": f"attn_{kind}", "fn": fn, "signature": sig,
-                        "constexprs": {**flags, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
+                        "kernel": f"attn_{kind}" + ("_atomic" if variant.get("ATOMIC_DQ") else ""),
+                        "fn": fn, "signature": sig,
+                        "constexprs": {**flags, **variant, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
                         "num_warps": c.num_warps, "num_stages": c.num_stages, "archs": (arch,),
                         # Hopper tensor cores for the 16-bit matmul kernels; decode tiles are 16 rows
                         "wgmma": dtype != torch.float32 and kind != "decode",
@@ -428,7 +438,8 @@ def aot_configs() -> list[dict]:
 def _signature(fn, t: str, out_t: str) -> dict:
     """Triton types of fn's parameters: Q/K/V/... of dtype t, O of out_t, fp32 statistics,
     int64 kv_start, i32 sizes and strides."""
-    types = {"LSE": "*fp32", "DELTA": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32", "KV_START": "*i64",
+    types = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32",
+             "KV_START": "*i64",
              "O": f"*{out_t}", "sm_scale": "fp32"}
     sig = {}
     for name, p in inspect.signature(fn.fn).parameters.items():  # fn.fn: the Python function, also interpreted
@@ -501,21 +512,25 @@ def _forward(q, k, v, causal, sm_scale, kv_start):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start):
+def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic):
     (b, h, sq, d), sk, dev = q.shape, k.shape[2], q.device
     delta = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
     _attn_bwd_preprocess[(triton.cdiv(sq, _ROWS_PER_PROGRAM), b * h)](
         o, do, delta, *do.stride()[:3], h, sq, HEAD_DIM=d, BLOCK_M=_ROWS_PER_PROGRAM, num_warps=4)
-    dq = torch.empty((b, h, sq, d), dtype=q.dtype, device=dev)
     dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=dev)
     dv = torch.empty((b, h, sk, d), dtype=v.dtype, device=dev)
     common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     kv = q if kv_start is None else kv_start
+    dq_acc = delta if deterministic else torch.zeros((b, h, sq, d), dtype=torch.float32, device=dev)
     c = _config("dkdv", d, q.dtype, dev)
     _attn_bwd_dkdv[(triton.cdiv(sk, c.block_n), b * h)](
-        q, k, v, do, lse, delta, dk, dv, kv, sm_scale, *strides, h, sq, sk, **common,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
+        q, k, v, do, lse, delta, dk, dv, dq_acc, kv, sm_scale, *strides, h, sq, sk, **common,
+        ATOMIC_DQ=not deterministic, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps,
+        num_stages=c.num_stages)
+    if not deterministic:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty((b, h, sq, d), dtype=q.dtype, device=dev)
     c = _config("dq", d, q.dtype, dev)
     _attn_bwd_dq[(triton.cdiv(sq, c.block_m), b * h)](
         q, k, v, do, lse, delta, dq, kv, sm_scale, *strides, h, sq, sk, **common,
@@ -528,31 +543,34 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start):
 
 class FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, kv_start):
+    def forward(ctx, q, k, v, causal, sm_scale, kv_start, deterministic):
         q, k, v = (_inner_contiguous(t) for t in (q, k, v))
         o, lse = _forward(q, k, v, causal, sm_scale, kv_start)
         ctx.save_for_backward(q, k, v, o, lse, kv_start)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
+        ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, kv_start = ctx.saved_tensors
-        dq, dk, dv = _backward(_inner_contiguous(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale, kv_start)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _backward(_inner_contiguous(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale, kv_start,
+                               ctx.deterministic)
+        return dq, dk, dv, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None):
+def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, deterministic=True):
     """softmax(q kᵀ · sm_scale + mask) v with q: [B, H, Sq, D], k, v: [B, H, Sk, D], Sk >= Sq.
 
     causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq). sm_scale defaults to
     1/sqrt(D). kv_start: optional LongTensor[B], the first real position of each left-padded row
     (see engine/reference.py: attention_mask). D in HEAD_DIMS; fp16, bf16 or fp32; any strides.
-    Differentiable in q, k, v; the gradients are deterministic.
+    Differentiable in q, k, v. deterministic=True (default): bitwise-equal gradients run after
+    run (dQ in its own pass); False: dQ accumulated with fp32 atomics in the dK/dV pass, which
+    saves two of the backward's seven matmuls.
     """
     _check_inputs(q, k, v, kv_start)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    return FlashAttention.apply(q, k, v, bool(causal), sm_scale, kv_start)
+    return FlashAttention.apply(q, k, v, bool(causal), sm_scale, kv_start, bool(deterministic))

@@ -70,7 +70,7 @@ def max_err(x, ref):
     return (x.double() - ref).abs().max().item()
 
 
-def check(b, h, sq, sk, d, dtype, causal, kv_start=None, grads=True):
+def check(b, h, sq, sk, d, dtype, causal, kv_start=None, grads=True, deterministic=True):
     q, k, v, do = make_inputs(b, h, sq, sk, d, dtype)
     kw = dict(causal=causal, kv_start=kv_start)
     if not grads:
@@ -79,7 +79,7 @@ def check(b, h, sq, sk, d, dtype, causal, kv_start=None, grads=True):
             truth = [reference.attention(q.double(), k.double(), v.double(), **kw)]
             low = [torch_fp16(q, k, v, **kw)]
     else:
-        got = run(flash_attention, q, k, v, do, **kw)
+        got = run(flash_attention, q, k, v, do, deterministic=deterministic, **kw)
         truth = run(reference.attention, q.double(), k.double(), v.double(), do.double(), **kw)
         low = run(torch_fp16, q, k, v, do, **kw) if dtype != torch.float32 else None
     for i, name in enumerate(("o", "dq", "dk", "dv")[: len(got)]):
@@ -149,6 +149,15 @@ def test_sm_scale():
     assert max_err(got, ref) < 1e-5
 
 
+@pytest.mark.parametrize("sq,sk,d,dtype,causal", [
+    (129, 300, 64, torch.float16, True), (64, 64, 128, torch.float32, False), (1, 7, 16, torch.float32, True),
+])
+def test_atomic_dq_backward(sq, sk, d, dtype, causal):
+    """deterministic=False: dQ accumulated with atomics inside the dK/dV kernel."""
+    check(2, 3, sq, sk, d, dtype, causal, deterministic=False)
+    check(2, 1, sq, sk, d, dtype, causal, kv_start=torch.tensor([0, sk // 2], device=DEVICE), deterministic=False)
+
+
 def test_backward_is_deterministic():
     q, k, v, do = make_inputs(2, 3, 129, 300, 64, torch.float16)
     first = run(flash_attention, q, k, v, do, causal=True)
@@ -179,12 +188,14 @@ def test_rejects_bad_dtype_and_kv_start():
 
 def test_aot_configs_match_launcher_table():
     """What compile.py builds is what the launcher can pick: every table entry is listed."""
-    listed = {(c["kernel"], c["archs"], c["constexprs"]["HEAD_DIM"], c["constexprs"].get("BLOCK_M"),
-               c["constexprs"].get("BLOCK_N"), c["num_warps"], c["num_stages"], c["signature"]["Q"][1:] != "fp32")
-              for c in attn.aot_configs() if "BLOCK_N" in c["constexprs"]}
+    listed = [(c["kernel"].removesuffix("_atomic"), c["archs"], c["constexprs"]["HEAD_DIM"],
+               c["constexprs"].get("BLOCK_M"), c["constexprs"].get("BLOCK_N"), c["num_warps"], c["num_stages"],
+               c["signature"]["Q"][1:] != "fp32")
+              for c in attn.aot_configs() if "BLOCK_N" in c["constexprs"]]
     table = {(f"attn_{kind}", (arch,), d, c.block_m, c.block_n, c.num_warps, c.num_stages, half)
              for (arch, kind, half), per_d in attn._CONFIGS.items() for d, c in per_d.items()}
-    assert listed == table
+    assert set(listed) == table
+    assert sum(key[0] == "attn_dkdv" for key in listed) == 2 * sum(key[0] == "attn_dkdv" for key in table)
 
 
 @on_cuda
