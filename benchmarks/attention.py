@@ -10,7 +10,6 @@ tokens and H·D = 2048. --toy: a few tiny fp32 shapes for the CPU (the Triton in
 check the script runs. Writes attention.csv and one PNG per mode into the results folder.
 """
 import argparse
-import math
 import os
 import sys
 from pathlib import Path

@@ -500,7 +500,7 @@ def _forward(q, k, v, causal, sm_scale, kv_start):
         o_part = torch.empty((splits, b * h * sq, d), dtype=torch.float32, device=dev)
         lse_part = torch.empty((splits, b * h * sq), dtype=torch.float32, device=dev)
     _attn_fwd[(m_tiles, b * h, splits)](
-        q, k, v, o_part, lse_part, q if kv_start is None else kv_start, sm_scale,
+        q, k, v, o_part, lse_part, q if kv_start is None else kv_start, sm_scale,  # (q: unused pointer)
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], b * h * sq * d, b * h * sq,
         h, sq, sk, split_size,
         CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
@@ -521,7 +521,7 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic):
     dv = torch.empty((b, h, sk, d), dtype=v.dtype, device=dev)
     common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    kv = q if kv_start is None else kv_start
+    kv = q if kv_start is None else kv_start  # unused pointers get any tensor
     dq_acc = delta if deterministic else torch.zeros((b, h, sq, d), dtype=torch.float32, device=dev)
     c = _config("dkdv", d, q.dtype, dev)
     _attn_bwd_dkdv[(triton.cdiv(sk, c.block_n), b * h)](
