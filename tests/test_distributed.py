@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from engine import checkpoint
 from engine.distributed import micro_batches
-from engine.train import TrainConfig, pretrain
+from engine.train import TrainConfig, finetune, pretrain
 
 # global batch = 2 micro-batches of 4 sequences: one per rank on 2 ranks, both on 1
-TINY = ["--data", "builtin", "--n-people", "10", "--block-size", "32", "--vocab-size", "300", "--batch-size", "4",
-        "--grad-accum", "2", "--warmup-steps", "0", "--backend", "torch", "--device", "cpu"]
+COMMON = ["--batch-size", "4", "--grad-accum", "2", "--warmup-steps", "0", "--backend", "torch", "--device", "cpu"]
+PRETRAIN = ["pretrain", "--data", "builtin", "--n-people", "10", "--block-size", "32", "--vocab-size", "300", *COMMON]
 
 
 def free_port() -> int:
@@ -30,19 +30,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-            "-m", "engine", "pretrain", *TINY, *args]
+def torchrun(*args, command=PRETRAIN):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+            "-m", "engine", *command, *args]
 
 
-def run_torchrun(*args):
-    proc = subprocess.run(torchrun(*args), capture_output=True, text=True, timeout=240)
+def run_torchrun(*args, command=PRETRAIN):
+    proc = subprocess.run(torchrun(*args, command=command), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def config(steps, **kw):
+    return TrainConfig(max_steps=steps, batch_size=4, grad_accum=2, warmup_steps=0, save_every=1, **kw)
+
+
 def single_process(out, steps, resume=False):
-    cfg = TrainConfig(max_steps=steps, batch_size=4, grad_accum=2, warmup_steps=0, save_every=1)
-    pretrain("builtin", out, "tiny", cfg, backend="torch", device="cpu", resume=resume, vocab_size=300, n_people=10,
+    pretrain("builtin", out, "tiny", config(steps), backend="torch", device="cpu", resume=resume, vocab_size=300, n_people=10,
              block_size=32, progress=False)
 
 
@@ -84,6 +87,16 @@ def test_one_data_parallel_step_equals_one_single_process_step(runs, kind):
     # the whole global batch; Adam would hide a wrongly scaled gradient, the norm does not
     assert losses(runs / kind) == pytest.approx(losses(runs / "single"), abs=1e-6)
     assert losses(runs / kind, "grad_norm") == pytest.approx(losses(runs / "single", "grad_norm"), rel=1e-6)
+
+
+def test_fine_tuning_on_two_ranks_equals_one_process(runs, tmp_path):
+    """Conversations: padded micro-batches with loss masks, a different code path into the loop."""
+    finetune(runs / "single", "builtin", tmp_path / "single", config(1, lr=5e-4), backend="torch", device="cpu", progress=False)
+    run_torchrun("--max-steps", "1", "--init", str(runs / "single"), "--out", str(tmp_path / "ddp"),
+                 command=["finetune", "--data", "builtin", *COMMON])
+    assert max_diff(weights(tmp_path / "ddp", 1), weights(tmp_path / "single", 1)) <= 1e-6
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-6)
+    assert losses(tmp_path / "ddp", "grad_norm") == pytest.approx(losses(tmp_path / "single", "grad_norm"), rel=1e-6)
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path):
