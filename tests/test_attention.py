@@ -1,9 +1,9 @@
 """kernels.flash_attention against the float64 reference (engine/reference.py).
 
-Without CUDA the Triton kernels run in the interpreter on the CPU (TRITON_INTERPRET=1 is set
-before the kernels are imported); with CUDA the same tests run the compiled kernels. Accuracy rules: fp32 relative error (max |err| / max |ref|, the denominator at
-least 1, the inputs' scale) below 1e-5; fp16
-max error at most 2x (+1e-5) that of the same computation done by PyTorch in fp16, both
+Without CUDA the Triton kernels run in the interpreter on the CPU (conftest.py sets
+TRITON_INTERPRET=1 before the kernels are imported); with CUDA the same tests run the compiled
+kernels. Accuracy rules: fp32 relative error (max |err| / max |ref|, the denominator at least
+1, the inputs' scale) below 1e-5; fp16 max error at most 2x (+1e-5) that of the same computation done by PyTorch in fp16, both
 against float64 (FlashAttention's rule). Every buffer the kernels allocate with torch.empty
 starts as NaN, so an element a kernel forgets to write fails the comparison.
 """
@@ -16,12 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before kernels (triton.jit) is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from engine import reference  # noqa: E402
-from kernels import attention as attn  # noqa: E402
-from kernels import flash_attention  # noqa: E402
+from engine import reference
+from kernels import attention as attn
+from kernels import flash_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

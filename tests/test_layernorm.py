@@ -1,7 +1,7 @@
 """kernels.layer_norm / add_layer_norm / LayerNorm against the float64 reference.
 
-On the CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below before
-triton is imported). fp32 must agree with float64 to a relative 1e-5; fp16 may be off by at
+On the CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py
+before triton is imported). fp32 must agree with float64 to a relative 1e-5; fp16 may be off by at
 most twice what PyTorch's own fp16 computation is off (+1e-5). Outputs are allocated on
 NaN-poisoned memory, so an element the kernels forget to write fails the test.
 """
@@ -10,15 +10,12 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch.nn.functional as F
 
-import torch.nn.functional as F  # noqa: E402
-
-import kernels  # noqa: E402
-from benchmarks import layernorm as ln_bench  # noqa: E402
-from engine import reference  # noqa: E402
-from kernels import layernorm as ln  # noqa: E402
+import kernels
+from benchmarks import layernorm as ln_bench
+from engine import reference
+from kernels import layernorm as ln
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
