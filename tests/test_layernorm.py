@@ -5,7 +5,6 @@ before triton is imported). fp32 must agree with float64 to a relative 1e-5; fp1
 most twice what PyTorch's own fp16 computation is off (+1e-5). Outputs are allocated on
 NaN-poisoned memory, so an element the kernels forget to write fails the test.
 """
-import os
 
 import pytest
 import torch
