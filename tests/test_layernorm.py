@@ -5,10 +5,8 @@ before triton is imported). fp32 must agree with float64 to a relative 1e-5; fp1
 most twice what PyTorch's own fp16 computation is off (+1e-5). Outputs are allocated on
 NaN-poisoned memory, so an element the kernels forget to write fails the test.
 """
-
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 import kernels
