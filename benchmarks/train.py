@@ -12,11 +12,13 @@ interpreter's, not a kernel's).
 MFU = model FLOPs per token (6·params + 12·layers·width·T attention FLOPs, GPT.flops_per_token)
 x tokens/s over the measured matmul peak of roofline.py (bf16 on CUDA). Peak memory: CUDA's
 max_memory_allocated on a GPU; on Linux CPUs the rise of the process's resident high-water mark
-during the timed steps (reset through /proc/self/clear_refs before each backend).
+(reset through /proc/self/clear_refs). Either counts weights, gradients, optimizer state and
+activations of the backend's model, built and trained after the reset.
 Writes train.csv, train.md and train.png into the results folder.
 """
 import argparse
 import contextlib
+import ctypes
 import gc
 import os
 import sys
@@ -61,6 +63,9 @@ class PeakMemory:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         elif self.proc:
+            # Hand freed heap pages back to the OS first, or the next backend reuses them unseen.
+            with contextlib.suppress(OSError, AttributeError):  # glibc only
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current RSS
             self.base = self._rss_kb("VmRSS") * 1024
 
@@ -68,7 +73,7 @@ class PeakMemory:
         if self.cuda:
             return torch.cuda.max_memory_allocated() / 2**20  # everything: weights, grads, optimizer, activations
         if self.proc:
-            return (self._rss_kb("VmHWM") * 1024 - self.base) / 2**20  # what the steps added on top
+            return (self._rss_kb("VmHWM") * 1024 - self.base) / 2**20  # the rise over the resident set at reset()
         return None
 
 
