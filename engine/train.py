@@ -10,6 +10,7 @@ exact resume, and a checkpoint on Ctrl-C. Under torchrun the same loop trains da
 import contextlib
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -128,7 +129,7 @@ def train(
         if device.type == "cuda" and "rng_cuda" in resume_state:
             torch.cuda.set_rng_state(resume_state["rng_cuda"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    log = open(out_dir / "metrics.jsonl", "a") if ctx.is_main else None
+    log = open(out_dir / "metrics.jsonl" if ctx.is_main else os.devnull, "a")  # only rank 0 logs
 
     def checkpoint():
         full_model, optimizer_state = distributed.full_state(model, optimizer, ctx)  # every rank takes part
@@ -174,21 +175,18 @@ def train(
                 model.eval()
                 metrics["val_loss"] = eval_fn(distributed.local_module(model))
                 model.train()
-            if log is not None:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", **({"val": f"{metrics['val_loss']:.3f}"} if "val_loss" in metrics else {}))
             if step % cfg.save_every == 0 or step == cfg.max_steps or interrupted["set"]:
                 checkpoint()
             if interrupted["set"]:
                 bar.close()
-                if log is not None:
-                    log.close()
+                log.close()
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved to {out_dir / f'step-{step:07d}'}")
     bar.close()
-    if log is not None:
-        log.close()
+    log.close()
     return metrics
 
 
