@@ -108,12 +108,12 @@ def bench_backend(preset, backend, device, batch, seq_len, steps, warmup, budget
     mem = PeakMemory(device)
     mem.reset()
     step, model = make_step(preset, backend, device, batch, seq_len)
-    t0 = time.perf_counter()
     for _ in range(warmup):  # compile, autotune, allocator warm-up
+        t0 = time.perf_counter()
         step()
-    sync(device)
-    first = (time.perf_counter() - t0) / max(warmup, 1)
-    n = max(1, min(steps, int(budget_s / max(first, 1e-6))))  # the slow backends get fewer timed steps
+        sync(device)
+    last = time.perf_counter() - t0  # the last warm-up step: a step's cost once compiled
+    n = min(steps, max(3, int(budget_s / max(last, 1e-6))))  # the slow backends get fewer timed steps (3 at least)
     times = []
     for _ in range(n):
         t0 = time.perf_counter()

@@ -100,7 +100,7 @@ def top_table(prof, cuda: bool, n: int = 15) -> str:
         if cuda:
             if e.device_type != torch.autograd.DeviceType.CUDA:
                 continue
-            us = getattr(e, "device_time_total", None) or e.cuda_time_total  # renamed in torch 2.4
+            us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total  # renamed in torch 2.4
         else:
             us = e.self_cpu_time_total
         if us > 0:

@@ -109,3 +109,15 @@ def test_profile_rejects_bad_arguments(tmp_path):
                              "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "exceeds the model's context of 256 tokens" in result.stderr
+
+
+def test_gpu_suite_refuses_to_run_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the suite would run for minutes")
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "out")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "no CUDA GPU visible" in result.stderr
+    assert not (tmp_path / "out").exists()
