@@ -33,12 +33,12 @@ step() {
     echo "- $name: $how, ${took} s" | tee -a "$STATUS"
 }
 
-step cuda_tests 70 $PY -m pytest -m cuda -q tests
+step cuda_tests 50 $PY -m pytest -m cuda -q tests
 step roofline 20 $PY benchmarks/roofline.py --out "$OUT"
 step layernorm 40 $PY benchmarks/layernorm.py --out "$OUT"
 step attention 150 $PY benchmarks/attention.py --out "$OUT"
-step train 100 $PY benchmarks/train.py --out "$OUT" --steps 10 --budget-s 5
-step generate 70 $PY benchmarks/generate.py --out "$OUT" --new-tokens 128 --reps 2
+step train 120 $PY benchmarks/train.py --out "$OUT" --steps 10 --budget-s 5
+step generate 70 $PY benchmarks/generate.py --out "$OUT" --new-tokens 64 --reps 2
 PROFILE_DIR=${TMPDIR:-/tmp}/llm-engine-profile  # the trace is tens of MB: kept out of the results
 step profile 30 $PY -m engine profile --preset gpt2 --mode train --steps 3 --batch-size 8 --out "$PROFILE_DIR"
 
