@@ -14,6 +14,8 @@ in float32 (backend "torch"). Per batch size and mode, medians over R repetition
     sample_pct      ours only: share of a decode step spent in the sampler (DecodeLoop.step,
                     measured after a device synchronize so it does not absorb the forward)
     match           greedy only: fraction of our tokens equal to HF's
+    pct_of_copy_bw  the least a decode step reads (weights at the compute dtype + KV cache) x
+                    steps/s, as a share of roofline.py's measured copy bandwidth
 Writes generate.csv, generate.md and generate.png into the results folder.
 """
 import argparse
@@ -30,6 +32,7 @@ if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import plot_lines, results_dir, write_csv  # noqa: E402
+from benchmarks.roofline import peaks  # noqa: E402
 from engine.config import PRESETS, GPTConfig  # noqa: E402
 from engine.generate import KVCache, decode_steps  # noqa: E402
 from engine.hf import to_hf  # noqa: E402
@@ -38,7 +41,7 @@ from engine.sampling import SamplingParams  # noqa: E402
 
 MODES = {"greedy": dict(temperature=0.0), "sample": dict(temperature=0.8, top_k=50, top_p=0.9)}
 COLUMNS = ("impl", "mode", "batch", "prompt_len", "new_tokens", "prefill_ms", "ttft_ms", "decode_tok_s", "sample_pct",
-           "match", "speedup_vs_hf")
+           "match", "speedup_vs_hf", "pct_of_copy_bw")
 
 
 def sync(device):
@@ -120,7 +123,15 @@ def hf_generate(hf, prompts: torch.Tensor, n: int, mode: str, seed: int):
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def bench(model, hf, batch: int, prompt_len: int, n: int, mode: str, reps: int, device) -> list[dict]:
+def bytes_per_step(model, batch: int, context: float, device) -> float:
+    """The least a decode step must read: every weight once at the compute dtype (bf16 under
+    autocast on CUDA, float32 on the CPU) and the KV cache of `context` positions."""
+    size = 2 if device.type == "cuda" else 4
+    cfg = model.config
+    return size * (model.num_params(non_embedding=False) + 2 * cfg.n_layer * batch * context * cfg.n_embd)
+
+
+def bench(model, hf, batch: int, prompt_len: int, n: int, mode: str, reps: int, device, copy_gbps: float) -> list[dict]:
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g)
     on_device = prompts.to(device)
@@ -143,6 +154,8 @@ def bench(model, hf, batch: int, prompt_len: int, n: int, mode: str, reps: int, 
                          decode_tok_s=round(batch * (n - 1) / max(total - ttft, 1e-9), 1),
                          sample_pct=round(100 * med(runs, "sample") / max(total - ttft, 1e-9), 1) if impl == "ours" else None,
                          match=None, speedup_vs_hf=None))
+        steps_per_s = rows[-1]["decode_tok_s"] / batch
+        rows[-1]["pct_of_copy_bw"] = round(100 * bytes_per_step(model, batch, prompt_len + n / 2, device) * steps_per_s / (copy_gbps * 1e9), 2)
     if mode == "greedy":
         same = torch.tensor(ours[-1]["tokens"]) == hf_tokens.cpu()
         rows[0]["match"] = round(same.float().mean().item(), 3)
@@ -156,16 +169,17 @@ def markdown(rows: list[dict], preset: str, device, backend: str) -> str:
         f"## Generation: preset {preset} ({device.type}, ours = backend {backend}), ours vs Hugging Face `generate`",
         "",
         f"Random prompts of {rows[0]['prompt_len']} tokens, {rows[0]['new_tokens']} new tokens, medians. "
-        "decode tok/s counts every row of the batch; sampler % is the share of our decode time spent in DecodeLoop.step.",
+        "decode tok/s counts every row of the batch; sampler % is the share of our decode time spent in DecodeLoop.step; "
+        "% of copy BW: weights + KV cache read per step x steps/s over the measured copy bandwidth (roofline.csv).",
         "",
-        "| mode | batch | prefill ms ours / hf | TTFT ms ours / hf | decode tok/s ours | decode tok/s hf | ours vs hf | sampler % | greedy match |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | batch | prefill ms ours / hf | TTFT ms ours / hf | decode tok/s ours | decode tok/s hf | ours vs hf | sampler % | greedy match | % of copy BW ours / hf |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i in range(0, len(rows), 2):
         o, h = rows[i], rows[i + 1]
         lines.append(f"| {o['mode']} | {o['batch']} | {o['prefill_ms']:.2f} / {h['prefill_ms']:.2f} | {o['ttft_ms']:.2f} / {h['ttft_ms']:.2f} | "
                      f"{o['decode_tok_s']:.0f} | {h['decode_tok_s']:.0f} | {o['speedup_vs_hf']:.2f}x | {o['sample_pct']:.1f} | "
-                     f"{'' if o['match'] is None else o['match']} |")
+                     f"{'' if o['match'] is None else o['match']} | {o['pct_of_copy_bw']:.1f} / {h['pct_of_copy_bw']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -197,10 +211,11 @@ def main(argv=None) -> list[dict]:
     hf = to_hf(model)
     backend = model.ops_for(device).name
     out = results_dir(args.out)
+    peak = peaks(out, toy=args.toy)
     rows = []
     for mode in modes:
         for b in batches:
-            rows += bench(model, hf, b, prompt_len, n, mode, reps, device)
+            rows += bench(model, hf, b, prompt_len, n, mode, reps, device, peak["copy_gbps"])
             print(", ".join(f"{k}={rows[-2][k]}" for k in COLUMNS), flush=True)
             print(", ".join(f"{k}={rows[-1][k]}" for k in COLUMNS), flush=True)
             write_csv(rows, out / "generate.csv")  # after every case: a run stopped by a time cap keeps what it measured

@@ -78,6 +78,7 @@ def test_generate_toy_matches_hf_greedy_and_reports_both(tmp_path):
         (i, m, b) for i in ("ours", "hf") for m in ("greedy", "sample") for b in ("1", "2")}
     for r in rows:
         assert float(r["prefill_ms"]) > 0 and float(r["ttft_ms"]) > 0 and float(r["decode_tok_s"]) > 0, r
+        assert 0 < float(r["pct_of_copy_bw"]), r
     ours = [r for r in rows if r["impl"] == "ours"]
     assert all(0 <= float(r["sample_pct"]) <= 100 for r in ours)
     # Same weights, same prompts, greedy, float32: our tokens are HF's tokens.
