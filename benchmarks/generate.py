@@ -97,10 +97,10 @@ def ours_run(model, prompts: list[list[int]], params: SamplingParams, device) ->
 @torch.no_grad()
 def hf_prefill_ms(hf, prompts: torch.Tensor) -> float:
     device = prompts.device
-    sync(device)
-    t0 = time.perf_counter()
     # Only the last position's logits, like our prefill and HF's own generate, where transformers supports it.
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+    sync(device)
+    t0 = time.perf_counter()
     with autocast(device):
         hf(prompts, use_cache=True, **last_only)
     sync(device)
