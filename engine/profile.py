@@ -97,6 +97,8 @@ def top_table(prof, cuda: bool, n: int = 15) -> str:
     """The n kernels (CUDA) or ops (CPU, self time) with the most total time, as a text table."""
     rows = []
     for e in prof.key_averages():
+        if getattr(e, "is_user_annotation", False):  # our phases, autograd's and the optimizer's ranges
+            continue
         if cuda:
             if e.device_type != torch.autograd.DeviceType.CUDA:
                 continue
