@@ -59,7 +59,8 @@ def autocast(device):
 @torch.no_grad()
 def ours_prefill_ms(model, prompts: torch.Tensor) -> float:
     device = prompts.device
-    cache = KVCache(model.config, prompts.shape[0], prompts.shape[1], device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as engine.generate's cache
+    cache = KVCache(model.config, prompts.shape[0], prompts.shape[1], device, dtype)
     sync(device)
     t0 = time.perf_counter()
     with autocast(device):
@@ -154,8 +155,8 @@ def bench(model, hf, batch: int, prompt_len: int, n: int, mode: str, reps: int, 
                          decode_tok_s=round(batch * (n - 1) / max(total - ttft, 1e-9), 1),
                          sample_pct=round(100 * med(runs, "sample") / max(total - ttft, 1e-9), 1) if impl == "ours" else None,
                          match=None, speedup_vs_hf=None))
-        steps_per_s = rows[-1]["decode_tok_s"] / batch
-        rows[-1]["pct_of_copy_bw"] = round(100 * bytes_per_step(model, batch, prompt_len + n / 2, device) * steps_per_s / (copy_gbps * 1e9), 2)
+        gbps = bytes_per_step(model, batch, prompt_len + n / 2, device) * rows[-1]["decode_tok_s"] / batch / 1e9
+        rows[-1]["pct_of_copy_bw"] = round(100 * gbps / copy_gbps, 2)
     if mode == "greedy":
         same = torch.tensor(ours[-1]["tokens"]) == hf_tokens.cpu()
         rows[0]["match"] = round(same.float().mean().item(), 3)
@@ -172,12 +173,14 @@ def markdown(rows: list[dict], preset: str, device, backend: str) -> str:
         "decode tok/s counts every row of the batch; sampler % is the share of our decode time spent in DecodeLoop.step; "
         "% of copy BW: weights + KV cache read per step x steps/s over the measured copy bandwidth (roofline.csv).",
         "",
-        "| mode | batch | prefill ms ours / hf | TTFT ms ours / hf | decode tok/s ours | decode tok/s hf | ours vs hf | sampler % | greedy match | % of copy BW ours / hf |",
+        "| mode | batch | prefill ms ours / hf | TTFT ms ours / hf | decode tok/s ours | decode tok/s hf | ours vs hf | sampler % "
+        "| greedy match | % of copy BW ours / hf |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i in range(0, len(rows), 2):
         o, h = rows[i], rows[i + 1]
-        lines.append(f"| {o['mode']} | {o['batch']} | {o['prefill_ms']:.2f} / {h['prefill_ms']:.2f} | {o['ttft_ms']:.2f} / {h['ttft_ms']:.2f} | "
+        lines.append(f"| {o['mode']} | {o['batch']} | {o['prefill_ms']:.2f} / {h['prefill_ms']:.2f} | "
+                     f"{o['ttft_ms']:.2f} / {h['ttft_ms']:.2f} | "
                      f"{o['decode_tok_s']:.0f} | {h['decode_tok_s']:.0f} | {o['speedup_vs_hf']:.2f}x | {o['sample_pct']:.1f} | "
                      f"{'' if o['match'] is None else o['match']} | {o['pct_of_copy_bw']:.1f} / {h['pct_of_copy_bw']:.1f} |")
     return "\n".join(lines) + "\n"
