@@ -40,8 +40,9 @@ class TorchBackend(ReferenceBackend):
 
     def attention(self, q, k, v, causal=True, kv_start=None):
         sq, sk = q.shape[-2], k.shape[-2]
-        if kv_start is None and (not causal or sq == sk):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if kv_start is None and (not causal or sq == sk or sq == 1):
+            # a single query (a decode step) is the last position: it sees every key, no mask
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal and sq > 1)
         # SDPA's is_causal is top-left aligned; with a KV cache (Sq < Sk) or padding we pass
         # the bottom-right aligned mask explicitly.
         mask = reference.attention_mask(sq, sk, causal, kv_start, device=q.device)

@@ -53,7 +53,7 @@ def _as_ids(prompt, tokenizer) -> list[int]:
     return ids
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], token_bytes=None, sampler="auto") -> Iterator[tuple[torch.Tensor, DecodeLoop]]:
     """Yield (tokens [B], loop) after every step; tokens[b] == -1 once row b has finished."""
     if len(params) != len(prompts):

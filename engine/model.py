@@ -35,8 +35,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, ops, cache=None, kv_start=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, nh, T, hd]
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, nh, T, hd]
         if cache is not None:  # append this step's keys/values, attend over everything cached so far
             k, v = cache.update(self.layer_idx, k, v)  # [B, nh, cache.pos + T, hd]
         y = ops.attention(q, k, v, causal=True, kv_start=kv_start)  # [B, nh, T, hd]
