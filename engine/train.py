@@ -77,13 +77,15 @@ class Interrupted(Exception):
 
 
 @contextlib.contextmanager
-def sigint_flag():
-    """Turn Ctrl-C into a flag the loop checks between steps (a second Ctrl-C aborts at once)."""
+def sigint_flag(second_aborts: bool = True):
+    """Turn Ctrl-C into a flag the loop checks between steps (a second Ctrl-C aborts at once,
+    unless second_aborts is False: under torchrun, whose workers get the terminal's SIGINT and
+    the one torchrun forwards, and which kills them itself if they take too long)."""
     flag = {"set": False}
     previous = signal.getsignal(signal.SIGINT)
 
     def handler(signum, frame):
-        if flag["set"]:
+        if flag["set"] and second_aborts:
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
         flag["set"] = True
@@ -142,7 +144,7 @@ def train(
 
     metrics = {}
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (progress and ctx.is_main), desc="train", unit="step", dynamic_ncols=True)
-    with sigint_flag() as interrupted:
+    with sigint_flag(second_aborts=not ctx.enabled) as interrupted:
         model.train()
         while step < cfg.max_steps:
             t0 = time.perf_counter()

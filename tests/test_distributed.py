@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun, on the CPU (gloo, 2 processes, a tiny model): one step
 of DDP or FSDP2 equals one single-process step on the same global batch; checkpoints move
 between world sizes; a dead rank ends the job."""
+import contextlib
 import json
 import os
 import re
@@ -145,9 +146,38 @@ def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_loads(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0
-    assert re.search(r"Root Cause[\s\S]*?rank\s*: 1 \(local_rank: 1\)", err), err[-3000:]  # torchrun names it
+    # torchrun's summary names it (as the root cause, or beside rank 0 when rank 0's "connection
+    # reset by peer" error was recorded first)
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -9", err), err[-3000:]
     model, _, state, _ = checkpoint.load_checkpoint(out, with_trainer_state=True)
     assert state["step"] >= 2
+
+
+def test_a_frozen_rank_ends_the_job_after_the_timeout(tmp_path):
+    """torchrun can't see a rank that hangs; its peers give up after LLM_ENGINE_DIST_TIMEOUT."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(torchrun("--max-steps", "100000", "--save-every", "1", "--eval-every", "100000", "--out", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "LLM_ENGINE_DIST_TIMEOUT": "10"})
+    victim = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(out.glob("step-*"))) < 2:
+            time.sleep(0.2)
+        victim = worker_pid(proc.pid, 1)
+        assert victim is not None, "no rank-1 worker found"
+        os.kill(victim, signal.SIGSTOP)
+        frozen = time.time()
+        _, err = proc.communicate(timeout=120)
+        assert time.time() - frozen < 10 + 30 + 20  # the timeout, torchrun's 30 s grace before SIGKILL, slack
+    finally:
+        if victim is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert re.search(r"Root Cause[\s\S]*?rank\s*: 0 \(local_rank: 0\)[\s\S]*Timed out", err), err[-3000:]
+    assert checkpoint.load_checkpoint(out, with_trainer_state=True)[2]["step"] >= 2
 
 
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path):
