@@ -13,7 +13,7 @@ from engine.data import World
 from engine.train import TrainConfig, evaluate, finetune, pick_device, pretrain, qa_answers
 
 
-def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 150, backend="auto", device="auto", n_people: int = 100):
+def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 400, backend="auto", device="auto", n_people: int = 100):
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
