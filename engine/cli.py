@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="run folder for the fine-tuned checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
-    add_train_flags(p, {"lr": 5e-4, "warmup_steps": 10})
+    add_train_flags(p, {"lr": 1e-4, "warmup_steps": 10})
     add_runtime_flags(p)
 
     p = sub.add_parser("generate", help="continue a prompt", description="Stream a continuation of --prompt.")
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain -> fine-tune -> eval -> chat on the built-in world", description="The whole life of a small LLM on the built-in world, in a few minutes on a CPU.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the two runs go (default runs/demo)")
     p.add_argument("--pretrain-steps", type=int, default=600, help="(default 600)")
-    p.add_argument("--finetune-steps", type=int, default=400, help="(default 400)")
+    p.add_argument("--finetune-steps", type=int, default=200, help="(default 200)")
     add_runtime_flags(p)
 
     p = sub.add_parser("profile", help="trace training or decode steps with torch.profiler", description="Run N training or decode steps under torch.profiler: writes OUT/trace.json (Chrome trace, opens in Perfetto) and prints the top-15 kernels; NVTX ranges per block and phase on CUDA (for Nsight Systems).")

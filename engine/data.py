@@ -111,8 +111,12 @@ class World:
 
     @staticmethod
     def qa_pairs(people: list[Person]) -> list[tuple[str, str]]:
-        """(question, answer) for every fact of every person; the answer is the bare value."""
-        return [(QUESTIONS[a].format(name=p.name), getattr(p, a)) for p in people for a in ATTRIBUTES]
+        """(question, answer) for every fact of every person. The answer is a whole sentence in
+        a pretraining phrasing ("Anna Smith was born in Lisbon."): answering then runs through
+        the same path as reading did, which is what lets the model answer about people it was
+        never asked about in fine-tuning."""
+        return [(QUESTIONS[a].format(name=p.name), SENTENCES[a][0].format(name=p.name, v=getattr(p, a)))
+                for p in people for a in ATTRIBUTES]
 
     def conversations(self) -> list[list[dict]]:
         """One-turn chats about the fine-tuning half."""

@@ -13,7 +13,7 @@ from engine.data import World
 from engine.train import TrainConfig, evaluate, finetune, pick_device, pretrain, qa_answers
 
 
-def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 400, backend="auto", device="auto", n_people: int = 100):
+def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 200, backend="auto", device="auto", n_people: int = 100):
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -22,7 +22,7 @@ def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 4
              backend, device, n_people=n_people, block_size=128)
     t1 = time.perf_counter()
     print("\n== 2. fine-tuning on questions about half of the people ==")
-    finetune(out / "pretrain", "builtin", out / "finetune", TrainConfig(max_steps=finetune_steps, lr=1e-3, warmup_steps=10, eval_every=50, save_every=finetune_steps),
+    finetune(out / "pretrain", "builtin", out / "finetune", TrainConfig(max_steps=finetune_steps, lr=1e-4, warmup_steps=10, eval_every=50, save_every=finetune_steps),
              backend, device)
     t2 = time.perf_counter()
 

@@ -313,7 +313,7 @@ def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str 
     from engine.data import World, conversation_batch, load_conversations
 
     out = Path(out)
-    cfg = cfg or TrainConfig(max_steps=100, lr=5e-4)
+    cfg = cfg or TrainConfig(max_steps=100, lr=1e-4)
     with distributed.process_group(pick_device(device), fsdp) as (ctx, dev):
         state = None
         if resume:
