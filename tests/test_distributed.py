@@ -93,7 +93,7 @@ def test_one_data_parallel_step_equals_one_single_process_step(runs, kind):
 def test_fine_tuning_on_two_ranks_equals_one_process(runs, tmp_path):
     """Conversations: padded micro-batches with loss masks, a different code path into the loop."""
     finetune(runs / "single", "builtin", tmp_path / "single", config(1, lr=5e-4), backend="torch", device="cpu", progress=False)
-    run_torchrun("--max-steps", "1", "--init", str(runs / "single"), "--out", str(tmp_path / "ddp"),
+    run_torchrun("--max-steps", "1", "--lr", "5e-4", "--init", str(runs / "single"), "--out", str(tmp_path / "ddp"),
                  command=["finetune", "--data", "builtin", *COMMON])
     assert max_diff(weights(tmp_path / "ddp", 1), weights(tmp_path / "single", 1)) <= 1e-6
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-6)
