@@ -42,3 +42,17 @@ def test_bad_arguments_are_named(tmp_path):
     assert "--data" in result.stderr and "does not exist" in result.stderr
     result = run("generate", "--ckpt", str(tmp_path), "--prompt", "hi")
     assert result.returncode == 2 and "--ckpt" in result.stderr
+
+
+def test_chat_is_driven_by_a_pipe_one_line_per_turn(tmp_path):
+    from engine import GPT, GPTConfig
+    from engine.checkpoint import save_checkpoint
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["hello there, how are you? fine, thanks."] * 5, vocab_size=300)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(tmp_path, 0, model, tok, {"step": 0})
+    result = subprocess.run([sys.executable, "-m", "engine", "chat", "--ckpt", str(tmp_path), "--max-new-tokens", "5", "--seed", "1"],
+                            input="hello\nhow are you?\n/reset\nfine\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant> ") == 3  # three messages; /reset is a command, not a message
