@@ -405,3 +405,37 @@ def test_cli_export(tmp_path):
     with torch.no_grad():
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
         assert (loaded(ids).logits - gpt(ids)[0]).abs().max().item() < 1e-5
+
+
+def test_fine_tuning_a_gpt2_tokenizer_adds_the_chat_tokens_and_rows(tmp_path):
+    """GPT-2's tokenizer has only <|endoftext|>: fine-tuning appends the chat tokens and grows
+    the tied embedding by as many rows, leaving every old row as it was."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from engine.tokenizer import Tokenizer
+    from engine.train import TrainConfig, finetune, load_init
+
+    texts = ["Where was Ada born? Ada was born in Paris."] * 20
+    raw = HFTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    plain = Tokenizer(raw)
+    assert not plain.has_chat_tokens
+    gpt = hf.from_hf(hf_gpt2(vocab_size=plain.vocab_size))
+    hf.export(gpt, plain, tmp_path / "hf")
+
+    model, tokenizer, _ = load_init(hf=tmp_path / "hf", device="cpu", backend="torch")
+    assert tokenizer.has_chat_tokens
+    assert model.config.vocab_size == tokenizer.vocab_size == plain.vocab_size + 4
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.equal(model.transformer.wte.weight[: plain.vocab_size], gpt.transformer.wte.weight)
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Where was Ada born?"},
+                                             {"role": "assistant", "content": "Ada was born in Paris."}]}) + "\n")
+    cfg = TrainConfig(max_steps=2, batch_size=2, eval_every=2, eval_batches=1, save_every=2)
+    metrics = finetune(None, str(data), tmp_path / "out", cfg, backend="torch", device="cpu", progress=False, hf=tmp_path / "hf")
+    assert metrics["step"] == 2
