@@ -80,6 +80,17 @@ def _key_tiles(start_m, lo, hi, SQ, SK, CAUSAL: tl.constexpr, HAS_KV_START: tl.c
 
 
 @triton.jit
+def _load_key_rows(ptrs, k_pos, SK, MASKED: tl.constexpr):
+    """A [BLOCK_N, HEAD_DIM] tile of K or V rows; only a tile that may run past SK pays for the
+    bounds mask."""
+    if MASKED:
+        tile = tl.load(ptrs, mask=k_pos[:, None] < SK, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, kv_start, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -89,10 +100,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, 
         k_pos = start_n + offs_n
         k_ptrs = K + k_pos[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V + k_pos[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=k_pos[:, None] < SK, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_key_rows(k_ptrs, k_pos, SK, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         if MASKED:
             qk = tl.where(_visible(q_pos[:, None], k_pos[None, :], SK, kv_start, CAUSAL, HAS_KV_START),
@@ -105,10 +113,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, 
         p = tl.exp2(qk - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=k_pos[:, None] < SK, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_key_rows(v_ptrs, k_pos, SK, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
     return acc, l_i, m_i
@@ -285,12 +290,8 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, q_pos, lo, hi, 
         k_pos = start_n + offs_n
         k_ptrs = K + k_pos[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V + k_pos[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=k_pos[:, None] < SK, other=0.0)
-            v = tl.load(v_ptrs, mask=k_pos[:, None] < SK, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _load_key_rows(k_ptrs, k_pos, SK, MASKED)
+        v = _load_key_rows(v_ptrs, k_pos, SK, MASKED)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(q_pos[:, None], k_pos[None, :], SK, kv_start, CAUSAL, HAS_KV_START), p, 0.0)
