@@ -128,23 +128,34 @@ def worker_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_loads(tmp_path):
-    out = tmp_path / "run"
+@contextlib.contextmanager
+def rank_1_signalled(out, sig, env=None):
+    """Start a long 2-rank run, wait for its second checkpoint, send `sig` to rank 1; yields
+    (the torchrun process, when the signal was sent). Nothing is left running afterwards."""
     proc = subprocess.Popen(torchrun("--max-steps", "100000", "--save-every", "1", "--eval-every", "100000", "--out", str(out)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    victim = None
     try:
         deadline = time.time() + 120
         while time.time() < deadline and len(list(out.glob("step-*"))) < 2:
             time.sleep(0.2)
         victim = worker_pid(proc.pid, 1)
         assert victim is not None, "no rank-1 worker found"
-        os.kill(victim, signal.SIGKILL)
-        killed = time.time()
-        _, err = proc.communicate(timeout=90)
-        assert time.time() - killed < 60
+        os.kill(victim, sig)
+        yield proc, time.time()
     finally:
+        if victim is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_loads(tmp_path):
+    out = tmp_path / "run"
+    with rank_1_signalled(out, signal.SIGKILL) as (proc, killed):
+        _, err = proc.communicate(timeout=90)
+        assert time.time() - killed < 60
     assert proc.returncode != 0
     # torchrun's summary names it (as the root cause, or beside rank 0 when rank 0's "connection
     # reset by peer" error was recorded first)
@@ -156,25 +167,9 @@ def test_a_dead_rank_ends_the_job_and_the_last_checkpoint_loads(tmp_path):
 def test_a_frozen_rank_ends_the_job_after_the_timeout(tmp_path):
     """torchrun can't see a rank that hangs; its peers give up after LLM_ENGINE_DIST_TIMEOUT."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(torchrun("--max-steps", "100000", "--save-every", "1", "--eval-every", "100000", "--out", str(out)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "LLM_ENGINE_DIST_TIMEOUT": "10"})
-    victim = None
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list(out.glob("step-*"))) < 2:
-            time.sleep(0.2)
-        victim = worker_pid(proc.pid, 1)
-        assert victim is not None, "no rank-1 worker found"
-        os.kill(victim, signal.SIGSTOP)
-        frozen = time.time()
+    with rank_1_signalled(out, signal.SIGSTOP, env={**os.environ, "LLM_ENGINE_DIST_TIMEOUT": "10"}) as (proc, frozen):
         _, err = proc.communicate(timeout=120)
         assert time.time() - frozen < 10 + 30 + 20  # the timeout, torchrun's 30 s grace before SIGKILL, slack
-    finally:
-        if victim is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(victim, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode != 0
     assert re.search(r"Root Cause[\s\S]*?rank\s*: 0 \(local_rank: 0\)[\s\S]*Timed out", err), err[-3000:]
     assert checkpoint.load_checkpoint(out, with_trainer_state=True)[2]["step"] >= 2
