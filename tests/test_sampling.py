@@ -153,16 +153,21 @@ def test_draws_follow_the_filtered_renormalised_softmax():
     assert chisquare(observed[kept], expected[kept] * n).pvalue > 1e-4
 
 
-def test_logprobs_equal_log_softmax_of_the_processed_logits():
-    torch.manual_seed(2)
-    x = torch.randn(3, 64) * 3
-    prev = [[1, 1, 5], [], [7]]
+def _cpp_built() -> bool:
+    return sampling._extension() is not None
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("cpp", marks=pytest.mark.skipif(
+    not _cpp_built(), reason="the C++ extension engine._sampler is not built (pip install -e .)"))])
+def test_logprobs_equal_log_softmax_of_the_processed_logits(impl):
+    x = torch.randn(3, 1000) * 4
+    prev = [[1, 1, 5, 9], [], [7] * 10]
     params = [
         SamplingParams(temperature=0.6, top_k=4, repetition_penalty=1.3, presence_penalty=0.5, logprobs=True, seed=1),
         SamplingParams(temperature=0, logit_bias={9: 2.0}, logprobs=True),
         SamplingParams(temperature=1.7, top_p=0.5, frequency_penalty=-1.0, logprobs=True, seed=2),
     ]
-    toks, lps = Sampler("reference").sample_with_logprobs(x, params, prev, [3, 0, 1])
+    toks, lps = Sampler(impl).sample_with_logprobs(x, params, prev, [4, 0, 10])
     for b, p in enumerate(params):
         processed = process_logits(x[b], p, Counter(prev[b])) / (p.temperature or 1.0)
         want = torch.log_softmax(processed, 0)[toks[b]]
