@@ -79,3 +79,15 @@ def load_checkpoint(path, device="cpu", backend="auto", with_trainer_state=False
     tokenizer = Tokenizer.load(folder / "tokenizer.json")
     state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True) if with_trainer_state else None
     return model, tokenizer, state, folder
+
+
+def load_source(ckpt=None, hf=None, device="cpu", backend="auto"):
+    """What --ckpt / --hf name -> (model, tokenizer or None, run_info, folder). An HF folder has
+    no run_info ({}) and may have no tokenizer.json (None)."""
+    if hf is None:
+        model, tokenizer, _, folder = load_checkpoint(ckpt, device=device, backend=backend)
+        return model, tokenizer, read_run_info(folder), folder
+    from engine.hf import load_hf
+
+    model, tokenizer = load_hf(hf, backend=backend)
+    return model.to(device), tokenizer, {}, Path(hf)

@@ -131,19 +131,12 @@ def train_config(args):
 
 def load_model(args):
     """--ckpt or --hf -> (model, tokenizer)."""
+    from engine.checkpoint import load_source
     from engine.train import pick_device
 
-    device = pick_device(args.device)
-    if args.hf:
-        from engine.hf import load_hf
-
-        model, tokenizer = load_hf(args.hf, backend=args.backend)
-        if tokenizer is None:
-            raise ValueError(f"--hf {args.hf}: no tokenizer.json in the folder; generation needs one")
-        return model.to(device), tokenizer
-    from engine.checkpoint import load_checkpoint
-
-    model, tokenizer, _, _ = load_checkpoint(args.ckpt, device=device, backend=args.backend)
+    model, tokenizer, _, _ = load_source(args.ckpt, args.hf, pick_device(args.device), args.backend)
+    if tokenizer is None:
+        raise ValueError(f"--hf {args.hf}: no tokenizer.json in the folder; generation needs one")
     return model, tokenizer
 
 

@@ -163,10 +163,14 @@ def read_tokens(path) -> np.ndarray:
     return np.memmap(path, dtype=header["dtype"], mode="r", shape=(header["num_tokens"],))
 
 
+def token_stream(docs: list[str], tokenizer) -> np.ndarray:
+    """Documents -> one token stream, each document preceded by BOS."""
+    return np.fromiter((t for doc in tokenizer.encode_batch(docs) for t in (tokenizer.bos_id, *doc)), dtype=np.int64)
+
+
 def tokenize_documents(docs: list[str], tokenizer, val_fraction: float, out_dir: Path) -> dict:
     """Documents -> BOS-separated token stream, split by tokens into train/val memmaps."""
-    ids = tokenizer.encode_batch(docs)
-    stream = np.fromiter((t for doc in ids for t in (tokenizer.bos_id, *doc)), dtype=np.int64)
+    stream = token_stream(docs, tokenizer)
     n_val = max(int(len(stream) * val_fraction), 2)
     if len(stream) - n_val < 2:
         raise ValueError(f"--data: only {len(stream)} tokens, too few to train on")

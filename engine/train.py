@@ -196,13 +196,28 @@ def train(
 def mean_loss(model: GPT, batches) -> float:
     """Average loss over an iterable of (x, y, mask) batches, in eval mode."""
     device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     losses = []
     for x, y, mask in batches:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
         with autocast:
             _, loss = model(x.to(device), y.to(device), loss_mask=None if mask is None else mask.to(device))
         losses.append(loss.item())
     return sum(losses) / len(losses)
+
+
+def text_val_loss(model: GPT, tokens, batch_size: int, batches: int, seed: int = 0) -> float:
+    """Mean loss over `batches` fixed random windows of a token stream (the same ones every call)."""
+    from engine.data import token_batch
+
+    T = min(model.config.block_size, len(tokens) - 1)
+    return mean_loss(model, ((*token_batch(tokens, batch_size, T, seed, -1, i), None) for i in range(batches)))
+
+
+def chat_val_loss(model: GPT, rendered, batch_size: int, batches: int, seed: int = 0) -> float:
+    """Mean assistant-token loss over `batches` fixed random batches of rendered conversations."""
+    from engine.data import conversation_batch
+
+    return mean_loss(model, (conversation_batch(rendered, batch_size, model.config.block_size, seed, -1, i) for i in range(batches)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +279,7 @@ def pretrain(data: str, out, preset: str = "tiny", cfg: TrainConfig | None = Non
             return (*token_batch(train_tokens, cfg.batch_size, T, cfg.seed, step, micro), None)
 
         def eval_fn(m):
-            return mean_loss(m, ((*token_batch(val_tokens, cfg.batch_size, T, cfg.seed, -1, i), None) for i in range(cfg.eval_batches)))
+            return text_val_loss(m, val_tokens, cfg.batch_size, cfg.eval_batches, cfg.seed)
 
         if ctx.is_main:
             print(f"pretraining {model.num_params() / 1e6:.2f}M parameters on {len(train_tokens):,} tokens ({data}), {dev}, "
@@ -290,14 +305,11 @@ def conversation_split(convs: list[list[dict]], val_fraction: float = 0.05):
 def load_init(init=None, hf=None, device="cpu", backend="auto"):
     """The starting point of fine-tuning: our checkpoint (--init) or a Hugging Face GPT-2 folder
     (--hf), whose tokenizer gets the chat tokens it lacks (and the model the rows for them)."""
-    from engine.checkpoint import load_checkpoint, read_run_info
+    from engine.checkpoint import load_source
 
+    model, tokenizer, info, folder = load_source(init, hf, device, backend)
     if hf is None:
-        model, tokenizer, _, folder = load_checkpoint(init, device=device, backend=backend)
-        return model, tokenizer, {**read_run_info(folder), "init": str(folder)}
-    from engine.hf import load_hf
-
-    model, tokenizer = load_hf(hf, backend=backend)
+        return model, tokenizer, {**info, "init": str(folder)}
     if tokenizer is None:
         raise ValueError(f"--hf {hf}: the folder has no tokenizer.json; fine-tuning needs one")
     if tokenizer.add_chat_tokens():
@@ -342,7 +354,7 @@ def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str 
             return conversation_batch(rendered, cfg.batch_size, T, cfg.seed, step, micro)
 
         def eval_fn(m):
-            return mean_loss(m, (conversation_batch(val_rendered, cfg.batch_size, T, cfg.seed, -1, i) for i in range(cfg.eval_batches)))
+            return chat_val_loss(m, val_rendered, cfg.batch_size, cfg.eval_batches, cfg.seed)
 
         if ctx.is_main:
             print(f"fine-tuning on {len(train_convs)} conversations ({len(val_convs)} held out for val), {dev}, "
@@ -378,43 +390,26 @@ def evaluate(ckpt=None, device: str = "auto", backend: str = "auto", batch_size:
     """Val loss, on `data` (a text file or a conversations .jsonl) when given, else on the
     checkpoint's own kind of data; on the built-in world, QA accuracy on the fine-tuning half
     and on the held-out half."""
-    import numpy as np
+    from engine.checkpoint import load_source
+    from engine.data import World, load_conversations, read_corpus, read_tokens, token_stream
 
-    from engine.checkpoint import load_checkpoint, read_run_info
-    from engine.data import World, conversation_batch, load_conversations, read_corpus, read_tokens, token_batch
-
-    dev = pick_device(device)
-    if hf is not None:
-        from engine.hf import load_hf
-
-        model, tokenizer = load_hf(hf, backend=backend)
-        model, info, results = model.to(dev), {}, {"hf": str(hf)}
-    else:
-        model, tokenizer, _, folder = load_checkpoint(ckpt, device=dev, backend=backend)
-        info = read_run_info(folder)
-        results = {"checkpoint": str(folder), "kind": info.get("kind", "unknown")}
+    model, tokenizer, info, folder = load_source(ckpt, hf, pick_device(device), backend)
+    results = {"hf": str(hf)} if hf is not None else {"checkpoint": str(folder), "kind": info.get("kind", "unknown")}
     if tokenizer is None and data is not None:
         raise ValueError(f"--hf {hf}: the folder has no tokenizer.json to read --data with")
-    T = model.config.block_size
-
-    def text_loss(tokens):
-        t = min(T, len(tokens) - 1)
-        return mean_loss(model, ((*token_batch(tokens, batch_size, t, 0, -1, i), None) for i in range(batches)))
 
     def chat_loss(convs):
-        rendered = [tokenizer.render_conversation(c) for c in convs]
-        return mean_loss(model, (conversation_batch(rendered, batch_size, T, 0, -1, i) for i in range(batches)))
+        return chat_val_loss(model, [tokenizer.render_conversation(c) for c in convs], batch_size, batches)
 
     if data is not None and str(data).endswith(".jsonl"):
         results["val_loss"] = chat_loss(load_conversations(data))
     elif data is not None:
-        docs = read_corpus(data)
-        results["val_loss"] = text_loss(np.fromiter((t for d in tokenizer.encode_batch(docs) for t in (tokenizer.bos_id, *d)), dtype=np.int64))
+        results["val_loss"] = text_val_loss(model, token_stream(read_corpus(data), tokenizer), batch_size, batches)
     elif info.get("kind") == "finetune":
         convs = World(**info["world"]).conversations() if info.get("finetune_data") == "builtin" else load_conversations(info["finetune_data"])
         results["val_loss"] = chat_loss(conversation_split(convs)[1])
     elif info and (folder.parent / "data" / "val.bin").is_file():
-        results["val_loss"] = text_loss(read_tokens(folder.parent / "data" / "val.bin"))
+        results["val_loss"] = text_val_loss(model, read_tokens(folder.parent / "data" / "val.bin"), batch_size, batches)
     if info.get("world"):
         seen, held_out = World(**info["world"]).split()
         results["qa_accuracy_finetune_half"] = qa_accuracy(model, tokenizer, World.qa_pairs(seen))

@@ -143,3 +143,15 @@ def test_finetune_runs_on_real_conversations(tmp_path, shared_file):
     metrics = finetune(tmp_path / "base", str(conversations), tmp_path / "chat", cfg, backend="torch", device="cpu", progress=False)
     assert metrics["step"] == 3 and metrics["val_loss"] > 0
     assert checkpoint.read_run_info(checkpoint.find_checkpoint(tmp_path / "chat"))["kind"] == "finetune"
+
+
+def test_eval_reports_val_loss_and_qa_accuracy(tmp_path):
+    from engine.train import evaluate
+
+    small_pretrain("builtin", tmp_path / "run", 10, n_people=10)
+    own = evaluate(tmp_path / "run", device="cpu", backend="torch", batches=2)
+    assert own["kind"] == "pretrain" and own["val_loss"] > 0
+    assert own["qa_accuracy_finetune_half"] == own["qa_accuracy_held_out_half"] == 0.0  # an untrained chat
+    (tmp_path / "other.txt").write_text("Some other text entirely, for the --data path. " * 50)
+    other = evaluate(tmp_path / "run", device="cpu", backend="torch", batches=2, data=tmp_path / "other.txt")
+    assert other["val_loss"] > own["val_loss"]  # text unlike the training data costs more
