@@ -39,6 +39,7 @@ class Tokenizer:
         self.hf = hf
         self.hf.encode_special_tokens = True  # text is text: "<|end|>" typed by a user is not a control token
         self.special_ids = {t: i for t in SPECIAL_TOKENS if (i := hf.token_to_id(t)) is not None}
+        self._token_bytes = None
 
     # ---- building, saving, loading ----
     @classmethod
@@ -100,7 +101,13 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self) -> list[bytes]:
-        """The raw bytes each id stands for (b"" for special tokens): what stop strings match on."""
+        """The raw bytes each id stands for (b"" for special tokens): what stop strings match on.
+        Built once per vocabulary (every generate call with stop strings asks for it)."""
+        if self._token_bytes is None:
+            self._token_bytes = self._build_token_bytes()
+        return self._token_bytes
+
+    def _build_token_bytes(self) -> list[bytes]:
         alphabet = _byte_level_alphabet()
         vocab = self.hf.get_vocab(with_added_tokens=True)
         out = [b""] * self.vocab_size
@@ -120,6 +127,7 @@ class Tokenizer:
         missing = [t for t in SPECIAL_TOKENS if t not in self.special_ids]
         self.hf.add_special_tokens(missing)
         self.special_ids = {t: self.hf.token_to_id(t) for t in SPECIAL_TOKENS}
+        self._token_bytes = None
         return missing
 
     def _check_chat(self):
