@@ -1,6 +1,8 @@
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SEED_ENV = "LLM_ENGINE_TEST_SEED"  # set it to replay a failed test with the seed its report printed
 
 
 @pytest.fixture
@@ -26,8 +29,20 @@ def shared_file():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    """Fresh random inputs every run, but printed so a failure can be replayed."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def _fresh_seed(request):
+    """Fresh random inputs every run (torch, random, numpy), from a seed that a failing test's
+    report prints; LLM_ENGINE_TEST_SEED=<seed> replays it."""
+    seed = int(os.environ.get(SEED_ENV) or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    request.node.test_seed = seed
     yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seed = getattr(item, "test_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"replay with {SEED_ENV}={seed} pytest '{item.nodeid}'"))

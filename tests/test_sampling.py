@@ -47,7 +47,12 @@ def test_params_edges_are_accepted_and_normalised():
     p = SamplingParams(temperature=0, top_p=1.0, min_p=1.0, presence_penalty=-2, frequency_penalty=2, seed=2**64 - 1,
                        logit_bias={5: -math.inf}, stop="###", stop_token_ids=[7, 8])
     assert p.stop == ("###",) and p.stop_token_ids == (7, 8) and p.logit_bias[5] == -math.inf
-    assert hash(p) == hash(p)  # frozen and hashable although it holds a mapping
+    # frozen and hashable although it holds a mapping: equal params are one key, the bias counts
+    twin = SamplingParams(**{f: getattr(p, f) for f in ("temperature", "top_p", "min_p", "presence_penalty",
+                                                         "frequency_penalty", "seed", "stop", "stop_token_ids")},
+                          logit_bias={5: -math.inf})
+    assert twin == p and hash(twin) == hash(p) and len({p, twin}) == 1
+    assert SamplingParams(**{**vars(twin), "logit_bias": {5: 1.0}}) != p
     with pytest.raises(dataclasses_error()):
         p.top_k = 3
 

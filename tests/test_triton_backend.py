@@ -93,24 +93,59 @@ def test_triton_without_gpu_or_interpreter_explains_itself(tmp_path):
     assert "needs a CUDA GPU" in result.stderr and "'torch'" in result.stderr and "TRITON_INTERPRET=1" in result.stderr
 
 
-# bf16 on a GPU: the kernels and the reference both take bf16 inputs, but the reference does its
-# math in fp32 while the kernels round P to bf16 before P·V (as FlashAttention does), so errors
-# of a few bf16 ulps (2^-8 = 0.4% relative) per op are expected; over 2 layers and 5 AdamW steps
-# we allow 2% on the loss and 5% (relative to the largest entry) on step-0 gradients.
+# bf16 on a GPU: the kernels round P to bf16 before P·V (as FlashAttention does) and autocast runs
+# the matmuls in bf16, so errors of a few bf16 ulps (2^-8 = 0.4% relative) per op are expected.
+# Losses over 5 AdamW steps: within 2%. Step-0 gradients, per element, against the float64
+# reference g64: |g_triton - g64| <= BF16_GRAD_C · |g_torch - g64| + BF16_GRAD_ATOL · max|g64|,
+# where g_torch is the torch backend's bf16 gradient: ours may err at most twice as much as
+# PyTorch's own bf16 path does, plus 2^-6 of the largest entry where PyTorch's error happens to be
+# near zero (measured on the CPU: the reference backend under bf16 autocast, another honest bf16
+# path, needed up to 0.67% of the largest entry over 3 seeds; 2^-6 is 1.6%).
+BF16_GRAD_C, BF16_GRAD_ATOL = 2.0, 2.0**-6
+
+
+def bf16_grad_violations(got, torch_bf16, exact):
+    """Names of the parameters whose gradient breaks the per-element bound above."""
+    bad = []
+    for n, g64 in exact.items():
+        bound = BF16_GRAD_C * (torch_bf16[n].double() - g64).abs() + BF16_GRAD_ATOL * g64.abs().max()
+        if ((got[n].double() - g64).abs() > bound).any():
+            bad.append(n)
+    return bad
+
+
+def greedy_is_argmax(model, prompts, generated, slack):
+    """Each generated token is the argmax (within `slack` of the top logit) of the model's own
+    full forward over the sequence so far: a cache, padding or decode-kernel bug breaks this."""
+    for prompt, gen in zip(prompts, generated):
+        seq = torch.tensor([prompt + gen], device=next(model.parameters()).device)
+        with torch.no_grad():
+            logits = model(seq)[0][0].float()
+        for i, tok in enumerate(gen):
+            row = logits[len(prompt) + i - 1]
+            if row[tok] < row.max() - slack * row.abs().max():
+                return False
+    return True
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA GPU")
 def test_bf16_training_and_generation_on_cuda():
     ref, tri = twin_models(CONFIGS[1], device="cuda")
+    exact = copy.deepcopy(ref).double()
+    torch_bf16 = copy.deepcopy(ref).set_backend("torch")
     batches = [tuple(torch.randint(0, 97, (2, 4, 64), device="cuda")) for _ in range(5)]
+    _, exact_grads = train_steps(exact, batches, steps=1)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        ref_losses, ref_grads = train_steps(ref, batches)
+        _, torch_grads = train_steps(torch_bf16, batches, steps=1)
+        ref_losses, _ = train_steps(ref, batches)
         tri_losses, tri_grads = train_steps(tri, batches)
     for a, b in zip(tri_losses, ref_losses):
         assert abs(a - b) / abs(b) < 2e-2
-    for n in ref_grads:
-        assert rel_err(tri_grads[n], ref_grads[n]) < 5e-2, n
-    prompts = [[5, 9, 11], [7] * 13]
+    assert not bf16_grad_violations(tri_grads, torch_grads, exact_grads)
+    prompts = [[5, 9, 11], [7] * 13]  # different lengths: left padding in the decode kernel
     params = [SamplingParams(temperature=0.0, max_new_tokens=20)] * 2
-    for _, loop in decode_steps(tri.eval(), prompts, params):
-        pass
-    assert all(len(g) == 20 for g in loop.generated)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for _, loop in decode_steps(tri.eval(), prompts, params):
+            pass
+        assert greedy_is_argmax(tri, prompts, loop.generated, slack=2**-6)
