@@ -8,6 +8,7 @@ looks at the backend's name, so a new backend is one class and one line in BACKE
         kv_start: optional LongTensor[B], first real (non left-padding) position of each row.
     layer_norm(x, weight, bias, eps) -> y
     add_layer_norm(x, residual, weight, bias, eps) -> (layer_norm(x + residual), x + residual)
+        residual: the residual stream; x: a sublayer's output to add to it (the model's `branch`)
 """
 import os
 

@@ -3,7 +3,8 @@
 Weights are plain nn.Linear / nn.Embedding / LayerNorm parameters with nanoGPT's names, so a
 state_dict is the same whatever backend runs it. Every op with a fast path (attention,
 LayerNorm, residual-add + LayerNorm) comes from the backend (engine/backends.py); the model
-never branches on the backend's name.
+never branches on the backend's name. The residual stream is called `stream`; a sublayer's
+output on its way to being added to it is the `branch`.
 
 Shapes: B batch, T sequence, C n_embd, nh heads, hd head dim, V vocab.
 """
@@ -18,12 +19,25 @@ from engine.config import GPTConfig
 
 
 class LayerNorm(nn.Module):
-    """Parameters only (weight, optional bias); the backend does the arithmetic."""
+    """LayerNorm parameters (weight, optional bias) with nanoGPT's names. The model normalises
+    through the backend with `add_then_norm`; `forward` is plain PyTorch, for code that calls
+    the module directly (`block.ln_1(h)`)."""
 
-    def __init__(self, n: int, bias: bool):
+    def __init__(self, n: int, bias: bool, eps: float):
         super().__init__()
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(n))
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+
+    def add_then_norm(self, stream, branch, ops):
+        """Add a sublayer's output (branch, None for nothing) to the residual stream and normalise
+        the sum, in one fused pass: -> (layer_norm(stream + branch), stream + branch)."""
+        if branch is None:
+            return ops.layer_norm(stream, self.weight, self.bias, self.eps), stream
+        return ops.add_layer_norm(x=branch, residual=stream, weight=self.weight, bias=self.bias, eps=self.eps)
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,25 +71,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm block. The residual stream arrives as (x, delta) with delta not yet added:
-    adding it is fused into the LayerNorm that reads it (one pass over memory instead of two)."""
+    """Pre-LayerNorm block. A block hands the next one the residual stream and its MLP's output
+    (the branch) still apart: the next LayerNorm adds them in the same pass that normalises."""
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.eps = config.layer_norm_epsilon
-        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.layer_norm_epsilon)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, delta, ops, cache=None, kv_start=None):
-        if delta is None:
-            h = ops.layer_norm(x, self.ln_1.weight, self.ln_1.bias, self.eps)
-        else:
-            h, x = ops.add_layer_norm(delta, x, self.ln_1.weight, self.ln_1.bias, self.eps)
-        delta = self.attn(h, ops, cache, kv_start)
-        h, x = ops.add_layer_norm(delta, x, self.ln_2.weight, self.ln_2.bias, self.eps)
-        return x, self.mlp(h)
+    def forward(self, stream, branch, ops, cache=None, kv_start=None):
+        """stream: the residual stream [B, T, C]; branch: the previous block's MLP output, not yet
+        added to it (None in the first block). Returns (stream, this block's MLP output)."""
+        h, stream = self.ln_1.add_then_norm(stream, branch, ops)
+        branch = self.attn(h, ops, cache, kv_start)
+        h, stream = self.ln_2.add_then_norm(stream, branch, ops)
+        return stream, self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -87,7 +99,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=LayerNorm(config.n_embd, config.bias),
+                ln_f=LayerNorm(config.n_embd, config.bias, config.layer_norm_epsilon),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -150,12 +162,11 @@ class GPT(nn.Module):
         if kv_start is not None:
             pos = (pos - kv_start[:, None]).clamp(min=0)  # [B, T]
         ops = self.ops_for(idx.device)
-        x = F.dropout(self.transformer.wte(idx) + self.transformer.wpe(pos), self.config.dropout, self.training)
-        delta = None
+        stream = F.dropout(self.transformer.wte(idx) + self.transformer.wpe(pos), self.config.dropout, self.training)
+        branch = None
         for block in self.transformer.h:
-            x, delta = block(x, delta, ops, cache, kv_start)
-        ln_f = self.transformer.ln_f
-        h, _ = ops.add_layer_norm(delta, x, ln_f.weight, ln_f.bias, self.config.layer_norm_epsilon)
+            stream, branch = block(stream, branch, ops, cache, kv_start)
+        h, _ = self.transformer.ln_f.add_then_norm(stream, branch, ops)  # [B, T, C]
         if cache is not None:
             cache.advance(T)
         if targets is None:

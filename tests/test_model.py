@@ -28,6 +28,20 @@ def test_reference_and_torch_backends_give_the_same_logits(bias):
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
 
 
+def test_fused_residual_equals_nanogpt_style_blocks():
+    """The blocks' fused add + LayerNorm computes x = x + attn(ln_1(x)); x = x + mlp(ln_2(x)),
+    written here with the modules called directly, as nanoGPT's model does."""
+    model = random_model()
+    idx = torch.randint(0, 97, (2, 23))
+    t = model.transformer
+    x = t.wte(idx) + t.wpe(torch.arange(23))
+    ops = model.ops_for(idx.device)
+    for block in t.h:
+        x = x + block.attn(block.ln_1(x), ops)
+        x = x + block.mlp(block.ln_2(x))
+    torch.testing.assert_close(model(idx)[0], model.lm_head(t.ln_f(x)), atol=1e-5, rtol=0)
+
+
 def test_loss_is_cross_entropy_of_the_logits():
     model = random_model()
     idx, targets = torch.randint(0, 97, (2, 2, 20))
