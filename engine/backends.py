@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import reference
+from engine.errors import InputError
 
 
 class ReferenceBackend:
@@ -60,7 +61,7 @@ class TritonBackend(ReferenceBackend):
 
     def __init__(self):
         if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise RuntimeError(
+            raise InputError(
                 "backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels "
                 "slowly on the CPU, for tests); use backend 'torch' (the CPU default) or "
                 "'reference' instead"
@@ -90,7 +91,7 @@ def resolve_name(name: str, device=None) -> str:
         on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
         return "triton" if on_cuda else "torch"
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+        raise InputError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
     return name
 
 

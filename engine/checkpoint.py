@@ -1,25 +1,37 @@
-"""Checkpoints: save, find, load.
+"""Checkpoints: save, find, load; and the readers of checkpoint and Hugging Face files.
 
-A run folder (`--out DIR`) holds metrics.jsonl, run.json and checkpoint folders step-NNNNNNN/,
-each with model.safetensors, config.json, tokenizer.json, trainer_state.pt (optimizer,
-step, RNG states) and run.json (what was trained on what; optional). A checkpoint is written into a hidden temporary folder and renamed into
-place, so a crash mid-save never leaves a folder that looks complete. Loading uses
-safetensors and torch.load(weights_only=True): a checkpoint can't run code.
+A run folder (`--out DIR`) holds metrics.jsonl, data/ (pretraining's token files) and
+checkpoint folders step-NNNNNNN/, each with model.safetensors, config.json, tokenizer.json,
+trainer_state.pt (optimizer, step, RNG states) and run.json (what was trained on what;
+optional). A checkpoint is written into a hidden temporary folder and renamed into place, so
+a crash mid-save never leaves a folder that looks complete.
+
+A folder we are asked to load is untrusted input. The readers below check each file against
+what the model needs and turn every way it can be wrong (missing, truncated, corrupt,
+mismatched, hostile) into an InputError naming the file. Weights are read with safetensors
+and pickles with torch.load(weights_only=True): a checkpoint can't run code.
 """
 import json
 import os
+import pickle
 import shutil
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
 
 from engine.config import GPTConfig
+from engine.errors import InputError
 from engine.model import GPT
 from engine.tokenizer import Tokenizer
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
 KEEP = 2  # checkpoints kept per run folder (the newest)
+TIED = ("transformer.wte.weight", "lm_head.weight")  # one tensor under two names; a file may hold either or both
+RUN_INFO_TYPES = {"kind": str, "data": str, "preset": str, "init": str, "hf": bool, "finetune_data": str, "world": (dict, type(None))}
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -57,28 +69,46 @@ def find_checkpoint(path) -> Path:
     if is_checkpoint(path):
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"--ckpt: {path} is not a folder")
+        raise InputError(f"{path}: not a folder (expected a checkpoint folder or a run folder)")
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if len(missing) < len(FILES):  # a checkpoint folder with files missing, not a run folder
+        raise InputError(f"{path}: incomplete checkpoint, no {', '.join(missing)}")
     found = sorted(p for p in path.glob("step-*") if is_checkpoint(p))
     if not found:
-        raise FileNotFoundError(f"--ckpt: no complete checkpoint in {path} (a checkpoint folder holds {', '.join(FILES)})")
+        raise InputError(f"{path}: no complete checkpoint in this folder (a checkpoint folder holds {', '.join(FILES)})")
     return found[-1]
 
 
 def read_run_info(folder) -> dict:
+    """run.json beside a checkpoint: what was trained on what ({} when there is none)."""
+    from engine.data import World
+
     path = Path(folder) / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    info = read_json(path)
+    for name, types in RUN_INFO_TYPES.items():
+        if name in info and not isinstance(info[name], types):
+            raise InputError(f"{path}: {name} has the wrong type ({type(info[name]).__name__}: {info[name]!r})")
+    if info.get("world") is not None:
+        try:
+            World(**info["world"])
+        except TypeError:
+            raise InputError(f"{path}: world has fields {sorted(info['world'])}; expected {sorted(World().to_dict())}") from None
+        except InputError as err:
+            raise InputError(f"{path}: world: {err}") from None
+    return info
 
 
 def load_checkpoint(path, device="cpu", backend="auto", with_trainer_state=False):
     """-> (model, tokenizer, trainer_state or None, checkpoint folder)."""
     folder = find_checkpoint(path)
-    config = GPTConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    model = GPT(config, backend=backend)
-    load_model(model, str(folder / "model.safetensors"), device=str(device))
-    model.to(device)
-    tokenizer = Tokenizer.load(folder / "tokenizer.json")
-    state = torch.load(folder / "trainer_state.pt", map_location="cpu", weights_only=True) if with_trainer_state else None
-    return model, tokenizer, state, folder
+    config = read_config(folder / "config.json")
+    model = model_from_weights(config, read_safetensors(folder / "model.safetensors"), folder / "model.safetensors", backend)
+    tokenizer = read_tokenizer(folder / "tokenizer.json")
+    check_vocab(model, tokenizer, folder / "tokenizer.json")
+    state = read_trainer_state(folder / "trainer_state.pt", model) if with_trainer_state else None
+    return model.to(device), tokenizer, state, folder
 
 
 def load_source(ckpt=None, hf=None, device="cpu", backend="auto"):
@@ -91,3 +121,147 @@ def load_source(ckpt=None, hf=None, device="cpu", backend="auto"):
 
     model, tokenizer = load_hf(hf, backend=backend)
     return model.to(device), tokenizer, {}, Path(hf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers of files we did not write (ours or a Hugging Face folder): InputError naming the file.
+# ---------------------------------------------------------------------------------------------
+def _reason(err: Exception) -> str:
+    """The gist of a library's error about a bad file, on one line."""
+    text = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _require_file(path: Path):
+    if not path.is_file():
+        raise InputError(f"{path}: missing")
+
+
+def read_json(path) -> dict:
+    """A JSON object from a file."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise InputError(f"{path}: not valid JSON ({_reason(err)})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_config(path) -> GPTConfig:
+    """Our own config.json."""
+    fields = read_json(path)
+    try:
+        return GPTConfig.from_dict(fields)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+
+
+def read_safetensors(path) -> dict:
+    """name -> tensor, on the CPU."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise InputError(f"{path}: not a readable safetensors file, or truncated ({_reason(err)})") from None
+
+
+def read_pickle(path):
+    """torch.load of tensors and plain containers only: anything that would run code is refused."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. about the pickle protocol: what is wrong with the file is raised
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err):  # PyTorch's message advises weights_only=False: the one unsafe thing to do
+            raise InputError(f"{path}: holds objects other than tensors and plain containers; refused, since "
+                             "unpickling them could run code") from None
+        raise InputError(f"{path}: not a readable PyTorch file ({_reason(err)})") from None
+    except Exception as err:  # a corrupt or truncated file fails as RuntimeError, EOFError, KeyError, ...
+        raise InputError(f"{path}: not a readable PyTorch file, or truncated ({_reason(err)})") from None
+
+
+def read_tokenizer(path) -> Tokenizer:
+    path = Path(path)
+    _require_file(path)
+    try:
+        return Tokenizer.load(path)
+    except Exception as err:  # the tokenizers library raises a plain Exception for a bad file
+        raise InputError(f"{path}: not a tokenizer the tokenizers library reads ({_reason(err)})") from None
+
+
+def check_vocab(model: GPT, tokenizer: Tokenizer, path):
+    """Every id the tokenizer produces must have a row in the model's embedding table."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise InputError(f"{path}: {tokenizer.vocab_size} tokens, but the model has only "
+                         f"{model.config.vocab_size} (vocab_size in config.json)")
+
+
+def _few(names, n=6):
+    return f"{names[:n]}{f' (+{len(names) - n} more)' if len(names) > n else ''}"
+
+
+def model_from_weights(config: GPTConfig, weights: dict, source, backend: str = "auto") -> GPT:
+    """A GPT of `config` holding `weights` (name -> tensor, our names; the tied lm_head.weight may
+    be absent), once they are checked against it: the same names and shapes, floating point.
+    Nothing is allocated before that (the model is built on the meta device: a config.json
+    can't ask for terabytes). Weights come out fp32, on the CPU."""
+    with torch.device("meta"):
+        model = GPT(config, backend=backend)
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise InputError(f"{source}: {name} is {what}, expected floating-point weights")
+    tied = [weights[name] for name in TIED if name in weights]
+    if len(tied) == 2 and (tied[0].shape != tied[1].shape or not torch.equal(*tied)):
+        raise InputError(f"{source}: lm_head.weight differs from transformer.wte.weight; only tied embeddings are supported")
+    weights = {**weights, **dict.fromkeys(TIED, tied[0])} if tied else weights
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        found = ", ".join(f"{what} {_few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names)
+        raise InputError(f"{source}: the weights don't match the model config.json describes "
+                         f"(n_layer={config.n_layer}, bias={config.bias}): {found}")
+    for name, tensor in expected.items():
+        if weights[name].shape != tensor.shape:
+            raise InputError(f"{source}: {name} has shape {list(weights[name].shape)}, but config.json "
+                             f"makes it {list(tensor.shape)}")
+    model.load_state_dict({n: t.float().contiguous() for n, t in weights.items()}, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True loaded the tied table as two parameters
+    return model
+
+
+def read_trainer_state(path, model: GPT) -> dict:
+    """trainer_state.pt, checked against the model it resumes: what train() reads from it."""
+    state = read_pickle(path)
+    if not isinstance(state, dict) or not {"optimizer", "step", "rng_cpu"} <= set(state):
+        raise InputError(f"{path}: expected a dict with optimizer, step and rng_cpu")
+    if not isinstance(state["step"], int) or state["step"] < 0:
+        raise InputError(f"{path}: step must be a non-negative integer, got {state['step']!r}")
+    for name in ("rng_cpu", "rng_cuda"):  # rng_cuda only from runs on a GPU
+        rng = state.get(name)
+        if name in state and not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.dim() == 1
+                                  and (name != "rng_cpu" or rng.shape == torch.get_rng_state().shape)):
+            raise InputError(f"{path}: {name} is not a random number generator state")
+    optimizer = state["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"])):
+        raise InputError(f"{path}: optimizer is not an optimizer state_dict")
+    moments = optimizer["state"].values()
+    if not all(isinstance(m, dict) and all(isinstance(m.get(k), torch.Tensor) and m[k].is_floating_point()
+                                           for k in ("exp_avg", "exp_avg_sq")) for m in moments):
+        raise InputError(f"{path}: the optimizer state lacks AdamW's moments (exp_avg, exp_avg_sq)")
+    params = list(model.parameters())
+    n_grouped = sum(len(g["params"]) for g in optimizer["param_groups"])
+    shapes = Counter(tuple(m["exp_avg"].shape) for m in moments)
+    if n_grouped != len(params) or shapes != Counter(tuple(p.shape) for p in params):
+        raise InputError(f"{path}: the optimizer state is for another model than config.json describes "
+                         f"({n_grouped} parameters; the model has {len(params)}, and its moments have other shapes)")
+    return state

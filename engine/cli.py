@@ -1,8 +1,15 @@
-"""`llm-engine` (also `python -m engine`): pretrain, finetune, generate, chat, eval, demo."""
+"""`llm-engine` (also `python -m engine`): pretrain, finetune, generate, chat, eval, export, demo, profile.
+
+Bad input (engine.errors.InputError) is printed as one line and exits 2; any other exception
+is a bug and keeps its traceback.
+"""
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields, replace
+
+from engine.errors import InputError
 
 TRAIN_HELP = {
     "max_steps": "optimizer steps to train for (the schedule's length)",
@@ -136,7 +143,7 @@ def load_model(args):
 
     model, tokenizer, _, _ = load_source(args.ckpt, args.hf, pick_device(args.device), args.backend)
     if tokenizer is None:
-        raise ValueError(f"--hf {args.hf}: no tokenizer.json in the folder; generation needs one")
+        raise InputError(f"--hf {args.hf}: no tokenizer.json in the folder; generation needs one")
     return model, tokenizer
 
 
@@ -254,8 +261,9 @@ def main(argv=None) -> int:
     except Interrupted as err:
         print(f"\n{err}", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as err:
-        print(f"llm-engine {args.command}: error: {err}", file=sys.stderr)
+    except InputError as err:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it once
+            print(f"llm-engine {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

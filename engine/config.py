@@ -1,6 +1,8 @@
 """GPTConfig and its named presets."""
 from dataclasses import asdict, dataclass, fields
 
+from engine.errors import InputError
+
 
 @dataclass
 class GPTConfig:
@@ -17,12 +19,17 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise InputError(f"GPTConfig.bias must be true or false, got {self.bias!r}")
+        if not _is_number(self.layer_norm_epsilon) or not self.layer_norm_epsilon > 0:
+            raise InputError(f"GPTConfig.layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
 
     @property
     def head_dim(self) -> int:
@@ -31,7 +38,7 @@ class GPTConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPTConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise InputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
@@ -39,11 +46,18 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
+        """From to_dict's output: every field, nothing else."""
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
         if unknown:
-            raise ValueError(f"config has unknown fields {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise InputError(f"unknown fields {unknown}; expected {sorted(known)}")
+        if missing:
+            raise InputError(f"missing fields {missing}")
         return cls(**d)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 PRESETS = {

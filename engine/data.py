@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.errors import InputError
+
 # ---------------------------------------------------------------------------------------------
 # The built-in world: people with five facts each, described in many ways, asked about in chat.
 # ---------------------------------------------------------------------------------------------
@@ -75,9 +77,16 @@ class World:
     seed: int = 0
     bios_per_person: int = 6
 
+    def __post_init__(self):
+        for name in ("n_people", "seed", "bios_per_person"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise InputError(f"World.{name} must be an integer, got {getattr(self, name)!r}")
+        if not 2 <= self.n_people <= len(FIRST) * len(LAST):  # two: one to fine-tune on, one held out
+            raise InputError(f"n_people must be between 2 and {len(FIRST) * len(LAST)}, got {self.n_people}")
+        if self.bios_per_person < 1:
+            raise InputError(f"bios_per_person must be at least 1, got {self.bios_per_person}")
+
     def people(self) -> list[Person]:
-        if self.n_people > len(FIRST) * len(LAST):
-            raise ValueError(f"n_people must be at most {len(FIRST) * len(LAST)}, got {self.n_people}")
         rng = random.Random(self.seed)
         names = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], self.n_people)
         return [
@@ -136,14 +145,21 @@ def read_corpus(path) -> list[str]:
     """A .txt file, or a folder of .txt files (sorted, recursively): one document each."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--data: {path} does not exist")
+        raise InputError(f"--data: {path} does not exist")
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"--data: folder {path} holds no .txt files")
-    docs = [f.read_text(encoding="utf-8") for f in files]
+        raise InputError(f"--data: folder {path} holds no .txt files")
+    docs = [_read_utf8(f) for f in files]
     if not any(d.strip() for d in docs):
-        raise ValueError(f"--data: {path} holds no text")
+        raise InputError(f"--data: {path} holds no text")
     return docs
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"--data: cannot read {path} as UTF-8 text ({err})") from None
 
 
 def write_tokens(tokens: np.ndarray, path: Path, vocab_size: int) -> Path:
@@ -157,10 +173,18 @@ def write_tokens(tokens: np.ndarray, path: Path, vocab_size: int) -> Path:
 
 
 def read_tokens(path) -> np.ndarray:
-    """The memmap written by write_tokens (path: the .bin)."""
-    path = Path(path)
-    header = json.loads(path.with_suffix(".json").read_text())
-    return np.memmap(path, dtype=header["dtype"], mode="r", shape=(header["num_tokens"],))
+    """The memmap written by write_tokens (path: the .bin), which must match its header."""
+    path, header_path = Path(path), Path(path).with_suffix(".json")
+    try:
+        header = json.loads(header_path.read_text())
+        dtype, num_tokens = np.dtype(header["dtype"]), header["num_tokens"]
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise InputError(f"{header_path}: not a token-file header ({type(err).__name__}: {err})") from None
+    if dtype not in (np.uint16, np.uint32) or not isinstance(num_tokens, int) or num_tokens < 2:
+        raise InputError(f"{header_path}: expected a uint16 or uint32 dtype and at least 2 tokens, got {header}")
+    if not path.is_file() or path.stat().st_size != num_tokens * dtype.itemsize:
+        raise InputError(f"{path}: missing or not the {num_tokens} {dtype} tokens its header says")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
 
 
 def token_stream(docs: list[str], tokenizer) -> np.ndarray:
@@ -173,7 +197,7 @@ def tokenize_documents(docs: list[str], tokenizer, val_fraction: float, out_dir:
     stream = token_stream(docs, tokenizer)
     n_val = max(int(len(stream) * val_fraction), 2)
     if len(stream) - n_val < 2:
-        raise ValueError(f"--data: only {len(stream)} tokens, too few to train on")
+        raise InputError(f"--data: only {len(stream)} tokens, too few to train on")
     write_tokens(stream[:-n_val], out_dir / "train", tokenizer.vocab_size)
     write_tokens(stream[-n_val:], out_dir / "val", tokenizer.vocab_size)
     return {"train": out_dir / "train.bin", "val": out_dir / "val.bin"}
@@ -188,7 +212,7 @@ def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
 def token_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, micro: int):
     """Random windows of block_size+1 tokens -> (x, y) of [B, T]; a pure function of its arguments."""
     if len(tokens) <= block_size:
-        raise ValueError(f"the data has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
+        raise InputError(f"the data has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
     g = batch_generator(seed, step, micro)
     starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=g).tolist()
     windows = torch.from_numpy(np.stack([tokens[s : s + block_size + 1].astype(np.int64) for s in starts]))
@@ -206,33 +230,32 @@ def load_conversations(path) -> list[list[dict]]:
     """A .jsonl of {"messages": [{"role", "content"}, ...]}; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data: no such file {path}")
+        raise InputError(f"--data: no such file {path}")
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: bad JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(obj, dict) or "messages" not in obj:
-                raise ValueError(f'{where}: missing "messages" (expected {{"messages": [...]}})')
-            messages = obj["messages"]
-            if not isinstance(messages, list) or not messages:
-                raise ValueError(f'{where}: "messages" must be a non-empty list')
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict) or m.get("role") not in ROLES:
-                    role = m.get("role") if isinstance(m, dict) else m
-                    raise ValueError(f"{where}: message {i} has unknown role {role!r}; expected one of {list(ROLES)}")
-                if not isinstance(m.get("content"), str) or not m["content"].strip():
-                    raise ValueError(f"{where}: message {i} ({m['role']}) has empty content")
-            if messages[-1]["role"] != "assistant":
-                raise ValueError(f"{where}: conversation does not end with an assistant turn")
-            convs.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: bad JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict) or "messages" not in obj:
+            raise InputError(f'{where}: missing "messages" (expected {{"messages": [...]}})')
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise InputError(f'{where}: "messages" must be a non-empty list')
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                role = m.get("role") if isinstance(m, dict) else m
+                raise InputError(f"{where}: message {i} has unknown role {role!r}; expected one of {list(ROLES)}")
+            if not isinstance(m.get("content"), str) or not m["content"].strip():
+                raise InputError(f"{where}: message {i} ({m['role']}) has empty content")
+        if messages[-1]["role"] != "assistant":
+            raise InputError(f"{where}: conversation does not end with an assistant turn")
+        convs.append([{"role": m["role"], "content": m["content"]} for m in messages])
     if not convs:
-        raise ValueError(f"--data: {path} holds no conversations")
+        raise InputError(f"--data: {path} holds no conversations")
     return convs
 
 

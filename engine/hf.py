@@ -26,7 +26,6 @@ forward:
 With left padding, the outputs at the padding positions differ from HF's (our padding queries
 attend to padding keys, HF's to nothing); every real position matches.
 """
-import json
 import shutil
 import tempfile
 import types
@@ -38,7 +37,9 @@ import torch.nn as nn
 
 from engine import reference
 from engine.backends import get_backend
+from engine.checkpoint import check_vocab, model_from_weights, read_json, read_pickle, read_safetensors, read_tokenizer
 from engine.config import GPTConfig
+from engine.errors import InputError
 from engine.model import GPT
 
 # GPT2Config's defaults: HF writes config.json with only the fields that differ from them.
@@ -66,101 +67,102 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 # ---------------------------------------------------------------------------------------------
 # Weights in
 # ---------------------------------------------------------------------------------------------
-def config_from_hf(hf_config: dict) -> GPTConfig:
-    """GPTConfig from a GPT-2 config (config.json's dict); ValueError naming any field we can't run."""
+def config_from_hf(hf_config: dict, source="config.json") -> GPTConfig:
+    """GPTConfig from a GPT-2 config (config.json's dict); InputError naming any field we can't run."""
     c = {**GPT2_DEFAULTS, **hf_config}
     if "model_type" not in c:  # HF always writes it; our own checkpoints' config.json has none
-        raise ValueError("config.json has no model_type: not a Hugging Face config (an llm-engine checkpoint "
+        raise InputError(f"{source} has no model_type: not a Hugging Face config (an llm-engine checkpoint "
                          "folder loads with --ckpt / engine.checkpoint.load_checkpoint)")
     if c["model_type"] != "gpt2":
-        raise ValueError(f"config.json: model_type is {c['model_type']!r}; only 'gpt2' checkpoints are supported")
+        raise InputError(f"{source}: model_type is {c['model_type']!r}; only 'gpt2' checkpoints are supported")
+    try:  # checks the sizes' types and values first: the checks below compute with them
+        config = GPTConfig(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
+                           n_embd=c["n_embd"], dropout=0.0, bias=True, layer_norm_epsilon=c["layer_norm_epsilon"])
+    except InputError as err:
+        raise InputError(f"{source}: {err}") from None
     if c["activation_function"] not in TANH_GELUS:
-        raise ValueError(f"config.json: activation_function must be one of {TANH_GELUS}, got {c['activation_function']!r}")
-    if c["n_inner"] not in (None, 4 * c["n_embd"]):
-        raise ValueError(f"config.json: n_inner must be null or 4*n_embd={4 * c['n_embd']}, got {c['n_inner']}")
+        raise InputError(f"{source}: activation_function must be one of {TANH_GELUS}, got {c['activation_function']!r}")
+    if c["n_inner"] not in (None, 4 * config.n_embd):
+        raise InputError(f"{source}: n_inner must be null or 4*n_embd={4 * config.n_embd}, got {c['n_inner']!r}")
     expected = dict(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
                     add_cross_attention=False, tie_word_embeddings=True)
     for name, value in expected.items():
         if bool(c[name]) != value:
-            raise ValueError(f"config.json: {name}={c[name]!r} is not supported (GPT-2 as we run it needs {value})")
-    return GPTConfig(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
-                     n_embd=c["n_embd"], dropout=0.0, bias=True, layer_norm_epsilon=c["layer_norm_epsilon"])
+            raise InputError(f"{source}: {name}={c[name]!r} is not supported (GPT-2 as we run it needs {value})")
+    return config
 
 
-def state_dict_from_hf(hf_state: dict, source: str = "model") -> dict:
+def state_dict_from_hf(hf_state: dict) -> dict:
     """Our names and layouts for HF GPT-2 tensors (with or without the "transformer." prefix)."""
-    ours, head = {}, None
+    ours = {}
     for key, tensor in hf_state.items():
         if key.endswith(HF_BUFFERS):
             continue
-        if key == "lm_head.weight":
-            head = tensor
-            continue
-        name = key if key.startswith("transformer.") else "transformer." + key
-        ours[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
-    wte = ours.get("transformer.wte.weight")
-    if head is not None and wte is not None and (head.shape != wte.shape or not torch.equal(head, wte)):
-        raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight; only tied embeddings are supported")
+        name = key if key.startswith("transformer.") or key == "lm_head.weight" else "transformer." + key
+        # a Conv1D weight that is not 2-D is left as it is, for model_from_weights to report its shape
+        ours[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2 else tensor
     return ours
 
 
-def _read_weights(folder: Path) -> dict:
+def _tensor_dict(value, path) -> dict:
+    if not (isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())):
+        raise InputError(f"{path}: expected a dict of tensor names to tensors")
+    return value
+
+
+def _read_weights(folder: Path):
+    """(name -> tensor, the file they came from) from the first weights file the folder holds."""
     if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(folder / "model.safetensors")
-    if (folder / "model.safetensors.index.json").is_file():  # sharded
-        from safetensors.torch import load_file
-
-        shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+        return read_safetensors(folder / "model.safetensors"), folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{index}: no weight_map from tensor names to shard files")
+        weights = {}
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise InputError(f"{index}: shard {shard!r} is outside the folder")
+            for name, tensor in read_safetensors(folder / shard).items():
+                if name in weights:
+                    raise InputError(f"{folder / shard}: {name} is in another shard too")
+                weights[name] = tensor
+        return weights, index
     if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)  # can't run code
-    raise FileNotFoundError(f"{folder}: no weights; expected one of {list(WEIGHT_FILES)}")
+        return _tensor_dict(read_pickle(folder / "pytorch_model.bin"), folder / "pytorch_model.bin"), folder / "pytorch_model.bin"
+    raise InputError(f"{folder}: no weights; expected one of {list(WEIGHT_FILES)}")
 
 
 def from_hf(model_or_folder, backend: str = "auto") -> GPT:
     """Our GPT from a Hugging Face GPT-2: a GPT2LMHeadModel (or GPT2Model) object, or a local
-    folder holding config.json and model.safetensors or pytorch_model.bin. Weights come out fp32, on the CPU."""
+    folder holding config.json and model.safetensors (or shards) or pytorch_model.bin. Weights
+    come out fp32, on the CPU. A folder is untrusted input: whatever is wrong with it raises
+    InputError naming the file."""
     if isinstance(model_or_folder, nn.Module):
-        hf_config, hf_state, source = model_or_folder.config.to_dict(), model_or_folder.state_dict(), "model"
+        config = config_from_hf(model_or_folder.config.to_dict(), "model.config")
+        # copies: the weights are assigned, not copied, into our model, which must not share them
+        hf_state = {k: v.detach().to("cpu", copy=True) for k, v in model_or_folder.state_dict().items()}
+        source = "model"
     else:
         folder = Path(model_or_folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: not a folder (expected a Hugging Face GPT-2 checkpoint folder)")
+            raise InputError(f"{folder}: not a folder (expected a Hugging Face GPT-2 checkpoint folder)")
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face GPT-2 checkpoint: "
-                                    f"config.json + one of {list(WEIGHT_FILES)})")
-        hf_config, source = json.loads((folder / "config.json").read_text()), str(folder)
-        config_from_hf(hf_config)  # reject an unsupported model before reading gigabytes of weights
-        hf_state = _read_weights(folder)
-    config = config_from_hf(hf_config)
-    gpt = GPT(config, backend=backend)
-    state = state_dict_from_hf(hf_state, source)
-    expected = set(gpt.state_dict()) - {"lm_head.weight"}  # the head is wte, tied
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{source}: the weights don't match a GPT-2 with n_layer={config.n_layer}: "
-                         f"missing {_few(missing)}, unexpected {_few(unexpected)}")
-    with torch.no_grad():
-        gpt.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]})
-    return gpt
-
-
-def _few(names, n=6):
-    return f"{names[:n]}{f' (+{len(names) - n} more)' if len(names) > n else ''}"
+            raise InputError(f"{folder}: no config.json (expected a Hugging Face GPT-2 checkpoint: "
+                             f"config.json + one of {list(WEIGHT_FILES)})")
+        config = config_from_hf(read_json(folder / "config.json"), folder / "config.json")  # before reading gigabytes
+        hf_state, source = _read_weights(folder)
+    return model_from_weights(config, state_dict_from_hf(hf_state), source, backend)
 
 
 def load_hf(folder, backend: str = "auto"):
     """(GPT, Tokenizer or None) from a local HF GPT-2 folder: what `--hf PATH` loads.
     The tokenizer is the folder's tokenizer.json as is; None when there is none."""
-    from engine.tokenizer import Tokenizer
-
     model = from_hf(folder, backend=backend)
-    tokenizer = Tokenizer.load(folder) if (Path(folder) / "tokenizer.json").is_file() else None
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size} (vocab_size)")
+    path = Path(folder) / "tokenizer.json"
+    tokenizer = read_tokenizer(path) if path.is_file() else None
+    if tokenizer is not None:
+        check_vocab(model, tokenizer, path)
     return model, tokenizer
 
 
@@ -174,7 +176,7 @@ def to_hf(gpt: GPT, **config_overrides):
 
     c = gpt.config
     if not c.bias:
-        raise ValueError("to_hf: GPT-2 always has biases; this model has config.bias=False")
+        raise InputError("to_hf: GPT-2 always has biases; this model has config.bias=False")
     eos = 50256 if c.vocab_size == 50257 else None  # GPT-2's <|endoftext|>; unknown for other vocabularies
     hf_config = GPT2Config(**{
         **dict(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
@@ -197,7 +199,7 @@ def export(model: GPT, tokenizer, out_folder):
     tokenizer.json + tokenizer_config.json. Written to a temporary folder, then renamed."""
     out = Path(out_folder)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"export: {out} exists and is not an empty folder")
+        raise InputError(f"export: {out} exists and is not an empty folder")
     ids = {}
     if tokenizer is not None:
         from engine.tokenizer import BOS
@@ -330,12 +332,12 @@ def patch(hf_model, backend: str = "triton"):
     import transformers
 
     if getattr(hf_model.config, "model_type", None) != "gpt2":
-        raise ValueError(f"patch: expected a Hugging Face GPT-2 model, got model_type "
+        raise InputError(f"patch: expected a Hugging Face GPT-2 model, got model_type "
                          f"{getattr(hf_model.config, 'model_type', None)!r}")
     needs = dict(add_cross_attention=False, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
     for name, value in needs.items():
         if bool(getattr(hf_model.config, name, value)) != value:
-            raise ValueError(f"patch: GPT-2 with {name}={not value} is not supported (our attention needs {value})")
+            raise InputError(f"patch: GPT-2 with {name}={not value} is not supported (our attention needs {value})")
     from transformers.models.gpt2 import modeling_gpt2
 
     if not hasattr(transformers, "AttentionInterface") or not hasattr(modeling_gpt2, "ALL_ATTENTION_FUNCTIONS"):

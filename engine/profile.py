@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
+from engine.errors import InputError
 from engine.generate import KVCache
 from engine.model import GPT
 from engine.sampling import DecodeLoop, SamplingParams
@@ -70,7 +71,7 @@ def decode_steps(model: GPT, batch_size: int, prompt_len: int, new_tokens: int, 
     engine.generate.decode_steps, spelled out so each phase can be named)."""
     cfg, device = model.config, next(model.parameters()).device
     if prompt_len + new_tokens > cfg.block_size:
-        raise ValueError(f"--seq-len ({prompt_len}) + --steps ({new_tokens}) exceeds the model's context of {cfg.block_size} tokens")
+        raise InputError(f"--seq-len ({prompt_len}) + --steps ({new_tokens}) exceeds the model's context of {cfg.block_size} tokens")
     model.eval()
     prompts = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len))
     params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=b, max_new_tokens=new_tokens) for b in range(batch_size)]
@@ -120,15 +121,15 @@ def profile(model: GPT, mode: str, steps: int, out, batch_size: int = 4, seq_len
     """Trace `steps` training steps or `steps` decode steps (one generation) of model; write
     out/trace.json and print the top-15 table. Returns the trace's path."""
     if mode not in ("train", "decode"):
-        raise ValueError(f"--mode must be train or decode, got {mode!r}")
+        raise InputError(f"--mode must be train or decode, got {mode!r}")
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"--steps and --batch-size must be >= 1, got {steps} and {batch_size}")
+        raise InputError(f"--steps and --batch-size must be >= 1, got {steps} and {batch_size}")
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     if mode == "train":
         seq_len = seq_len or model.config.block_size
         if seq_len > model.config.block_size:
-            raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {model.config.block_size} tokens")
+            raise InputError(f"--seq-len {seq_len} exceeds the model's context of {model.config.block_size} tokens")
         run, repeat = train_steps(model, batch_size, seq_len, cuda), steps
     else:
         run, repeat = decode_steps(model, batch_size, seq_len or 16, steps, cuda), 1

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from engine import distributed
 from engine.checkpoint import save_checkpoint
+from engine.errors import InputError
 from engine.model import GPT
 
 
@@ -45,11 +46,11 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+            raise InputError(f"--lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
-            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+            raise InputError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -240,7 +241,7 @@ def pretrain(data: str, out, preset: str = "tiny", cfg: TrainConfig | None = Non
              block_size: int | None = None, progress: bool = True, fsdp: bool = False) -> dict:
     """Tokenizer + token memmaps (once per run folder, by rank 0), then the training loop.
     Under torchrun every rank runs this; fsdp=True shards with FSDP2 instead of DDP."""
-    from engine.checkpoint import load_checkpoint
+    from engine.checkpoint import load_checkpoint, read_run_info
     from engine.config import GPTConfig
     from engine.data import World, read_corpus, read_tokens, token_batch, tokenize_documents
     from engine.tokenizer import Tokenizer
@@ -252,12 +253,12 @@ def pretrain(data: str, out, preset: str = "tiny", cfg: TrainConfig | None = Non
         state = None
         if resume:
             model, tokenizer, state, folder = load_checkpoint(out, device=dev, backend=backend, with_trainer_state=True)
-            run_info = json.loads((folder / "run.json").read_text())
+            run_info = read_run_info(folder)
             if ctx.is_main:
                 print(f"resuming from {folder} (step {state['step']})")
         else:
             if any(out.glob("step-*")):
-                raise ValueError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
+                raise InputError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
             world = World(n_people=n_people) if data == "builtin" else None
             config = GPTConfig.from_preset(preset, **({"block_size": block_size} if block_size else {}))
             tokenizer = None
@@ -311,7 +312,7 @@ def load_init(init=None, hf=None, device="cpu", backend="auto"):
     if hf is None:
         return model, tokenizer, {**info, "init": str(folder)}
     if tokenizer is None:
-        raise ValueError(f"--hf {hf}: the folder has no tokenizer.json; fine-tuning needs one")
+        raise InputError(f"--hf {hf}: the folder has no tokenizer.json; fine-tuning needs one")
     if tokenizer.add_chat_tokens():
         model.resize_vocab(max(model.config.vocab_size, tokenizer.vocab_size))
     return model.to(device), tokenizer, {"init": str(hf), "hf": True}
@@ -335,13 +336,13 @@ def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str 
                 print(f"resuming from {folder} (step {state['step']})")
         else:
             if any(out.glob("step-*")):
-                raise ValueError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
+                raise InputError(f"--out {out} already holds checkpoints: pass --resume to continue, or choose another folder")
             torch.manual_seed(cfg.seed)  # rows added for the chat tokens start the same on every rank
             model, tokenizer, base = load_init(init, hf, dev, backend)
             run_info = {**base, "kind": "finetune", "finetune_data": data}
         if data == "builtin":
             if not run_info.get("world"):
-                raise ValueError("finetune --data builtin needs an --init checkpoint pretrained on the built-in world (--data builtin)")
+                raise InputError("finetune --data builtin needs an --init checkpoint pretrained on the built-in world (--data builtin)")
             convs = World(**run_info["world"]).conversations()
         else:
             convs = load_conversations(data)
@@ -396,7 +397,7 @@ def evaluate(ckpt=None, device: str = "auto", backend: str = "auto", batch_size:
     model, tokenizer, info, folder = load_source(ckpt, hf, pick_device(device), backend)
     results = {"hf": str(hf)} if hf is not None else {"checkpoint": str(folder), "kind": info.get("kind", "unknown")}
     if tokenizer is None and data is not None:
-        raise ValueError(f"--hf {hf}: the folder has no tokenizer.json to read --data with")
+        raise InputError(f"--hf {hf}: the folder has no tokenizer.json to read --data with")
 
     def chat_loss(convs):
         return chat_val_loss(model, [tokenizer.render_conversation(c) for c in convs], batch_size, batches)

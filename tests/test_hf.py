@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # no
 
 from engine import hf  # noqa: E402
 from engine.backends import ReferenceBackend  # noqa: E402
+from engine.errors import InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -100,9 +101,9 @@ def test_from_hf_folder(tmp_path, save):
 
 
 def test_folder_errors_say_what_is_wrong(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(InputError, match="config.json"):
         hf.from_hf(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(InputError, match="not a folder"):
         hf.from_hf(tmp_path / "nowhere")
     m = hf_gpt2()
     m.save_pretrained(tmp_path / "ok")
@@ -123,11 +124,11 @@ def test_folder_errors_say_what_is_wrong(tmp_path):
         changed = {k: v for k, v in {**config, **change}.items() if v is not None}
         (folder / "config.json").write_text(json.dumps(changed))
         (folder / "model.safetensors").symlink_to(tmp_path / "ok" / "model.safetensors")
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(InputError, match=message):
             hf.from_hf(folder)
     (tmp_path / "no_weights").mkdir()
     (tmp_path / "no_weights" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+    with pytest.raises(InputError, match="pytorch_model.bin"):
         hf.from_hf(tmp_path / "no_weights")
 
 
@@ -150,7 +151,7 @@ def test_export_loads_with_from_pretrained(tmp_path):
     assert loaded.generation_config.eos_token_id == [tokenizer.end_id, tokenizer.bos_id]  # stops at a turn's end
     again, again_tok = hf.load_hf(out)
     assert again_tok.encode(text) == tokenizer.encode(text)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(InputError, match="exists"):
         hf.export(gpt, None, out)  # never writes over a folder
 
 
@@ -309,14 +310,14 @@ def test_attention_plan_reads_hf_masks():
 def test_patch_refuses_what_it_cannot_run(monkeypatch):
     m = hf_gpt2()
     m.config.model_type = "llama"
-    with pytest.raises(ValueError, match="GPT-2"):
+    with pytest.raises(InputError, match="GPT-2"):
         hf.patch(m, backend="reference")
     for unsupported in ("add_cross_attention", "scale_attn_by_inverse_layer_idx"):
-        with pytest.raises(ValueError, match=unsupported):
+        with pytest.raises(InputError, match=unsupported):
             hf.patch(hf_gpt2(**{unsupported: True}), backend="reference")
     if not torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        with pytest.raises(RuntimeError, match="CUDA"):
+        with pytest.raises(InputError, match="CUDA"):
             hf.patch(hf_gpt2(), backend="triton")
 
 
