@@ -144,6 +144,15 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def owning_its_storage(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it when t is a view into a larger buffer. FSDP2 gathers a dimension that
+    does not split evenly over the ranks (an odd vocabulary on 2) into a padded buffer and hands
+    back a view of it; moving to the CPU copies only GPU tensors, so on the CPU the view stays.
+    safetensors refuses to save such a view and torch.save would write the padding too."""
+    covers_storage = t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+    return t if covers_storage else t.clone()
+
+
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Dist):
     """(plain model with the full weights, optimizer state in single-process form) on rank 0,
     (None, None) elsewhere. Every rank must call it: under FSDP2 it gathers the shards."""
@@ -151,7 +160,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Di
     if not (sharded or ctx.is_main):
         return None, None
     state = optimizer.state_dict()  # integer-keyed in parameter order; DTensor shards under FSDP2
-    state["state"] = {i: {k: full_tensor(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
+    state["state"] = {i: {k: owning_its_storage(full_tensor(v).cpu()) for k, v in s.items()} for i, s in state["state"].items()}
     if not sharded:
         return local_module(model), state
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -161,7 +170,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Di
         return None, None
     with torch.device("meta"):
         plain = GPT(model.config, backend=model.backend)
-    plain.load_state_dict(weights, assign=True)
+    plain.load_state_dict({name: owning_its_storage(w) for name, w in weights.items()}, assign=True)
     plain.lm_head.weight = plain.transformer.wte.weight  # assign=True loaded two copies of the tied table
     return plain, state
 
