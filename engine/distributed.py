@@ -7,7 +7,8 @@ and the loop runs exactly as a single process.
 What stays the same whatever the world size:
 - the global batch: a step is cfg.grad_accum micro-batches with global indices
   0..grad_accum-1, and a micro-batch is a pure function of (seed, step, index) (engine/data.py);
-  rank r takes indices r, r + W, r + 2W, ... so W ranks do grad_accum / W each;
+  rank r takes indices r, r + W, r + 2W, ... so W ranks do grad_accum / W each (the default,
+  grad_accum = 0, stands for W: one per rank, so that global batch does grow with W);
 - the gradient: each rank scales its loss by 1 / (its micro-batches) and DDP / FSDP2 average
   over ranks, which is the single-process mean over all grad_accum micro-batches;
 - checkpoints: rank 0 writes full, unsharded weights and the optimizer state in the
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from engine.errors import InputError
 from engine.model import GPT
 
 TIMEOUT_ENV = "LLM_ENGINE_DIST_TIMEOUT"
@@ -93,6 +95,8 @@ def process_group(device: torch.device, fsdp: bool = False):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout))
     try:
         yield Dist(rank, world_size, local_rank, fsdp), device
+    except InputError:  # not a bug: rank 0 prints it as one line (engine/cli.py), no traceback
+        raise
     except Exception as err:  # torchrun's failure summary then shows the error beside the rank
         ErrorHandler().record_exception(err)
         raise
@@ -105,8 +109,8 @@ def process_group(device: torch.device, fsdp: bool = False):
 def micro_batches(grad_accum: int, rank: int, world_size: int) -> range:
     """The global micro-batch indices of this rank's share of one optimizer step."""
     if grad_accum % world_size:
-        raise ValueError(f"--grad-accum {grad_accum} (micro-batches per step for the whole job) must be divisible "
-                         f"by the world size {world_size}")
+        raise InputError(f"--grad-accum {grad_accum} (micro-batches per step for the whole job) must be divisible "
+                         f"by the world size {world_size}, or 0 for one per process")
     return range(rank, grad_accum, world_size)
 
 

@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun, on the CPU (gloo, 2 processes, the tiny preset at its
 own sizes): one step of DDP or FSDP2 equals one single-process step on the same global batch;
-checkpoints move between world sizes; a dead rank ends the job."""
+checkpoints move between world sizes; a dead rank ends the job; bad arguments are one line."""
 import contextlib
 import json
 import os
@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 import engine
 from engine import checkpoint
 from engine.distributed import micro_batches
+from engine.errors import InputError
 from engine.train import TrainConfig, finetune, pretrain
 
 ROOT = Path(engine.__file__).parents[1]  # the workers run `-m engine` from here: this checkout's code
-# global batch = 2 micro-batches of 4 sequences: one per rank on 2 ranks, both on 1. The model
-# is the tiny preset at its own sizes; only the built-in world is small.
-COMMON = ["--batch-size", "4", "--grad-accum", "2", "--warmup-steps", "0", "--backend", "torch", "--device", "cpu"]
+# global batch = 2 micro-batches of 4 sequences: on 2 ranks --grad-accum's default (one per rank),
+# on 1 both. The model is the tiny preset at its own sizes; only the built-in world is small.
+COMMON = ["--batch-size", "4", "--warmup-steps", "0", "--backend", "torch", "--device", "cpu"]
 PRETRAIN = ["pretrain", "--data", "builtin", "--n-people", "10", *COMMON]
 # Weights after the same steps on 1 and 2 ranks. The gradients differ by float rounding (another
 # summation order), which AdamW's first steps, lr * g / (|g| + 1e-8), amplify where |g| is near
@@ -44,9 +45,10 @@ def torchrun(*args, command=PRETRAIN):
             "-m", "engine", *command, *args]
 
 
-def run_torchrun(*args, command=PRETRAIN):
+def run_torchrun(*args, command=PRETRAIN, check=True):
     proc = subprocess.run(torchrun(*args, command=command), capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-3000:]
+    return proc
 
 
 def config(steps, **kw):
@@ -95,6 +97,8 @@ def test_one_data_parallel_step_equals_one_single_process_step(runs, kind):
     # the whole global batch; Adam would hide a wrongly scaled gradient, the norm does not
     assert losses(runs / kind) == pytest.approx(losses(runs / "single"), abs=1e-6)
     assert losses(runs / kind, "grad_norm") == pytest.approx(losses(runs / "single", "grad_norm"), rel=1e-6)
+    # the run gave no --grad-accum: its default, one micro-batch per rank, is what the checkpoint records
+    assert torch.load(runs / kind / "step-0000001" / "trainer_state.pt", weights_only=True)["train_config"]["grad_accum"] == 2
 
 
 def test_fsdp_saves_a_vocabulary_that_does_not_split_evenly_over_the_ranks(runs):
@@ -212,8 +216,28 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path):
     assert checkpoint.find_checkpoint(out).name == f"step-{stopped.pop():07d}"
 
 
+@pytest.mark.parametrize("bad", [["--grad-accum", "3"], ["--no-such-flag"]])  # ours (InputError), argparse's
+def test_bad_arguments_under_torchrun_are_one_line_from_rank_0_and_exit_2(tmp_path, bad):
+    proc = run_torchrun("--max-steps", "1", "--out", str(tmp_path / "run"), *bad, check=False)
+    errors = re.findall(r"^.*error: .*$", proc.stderr, re.M)
+    assert len(errors) == 1 and errors[0].startswith("llm-engine") and " ".join(bad) in errors[0], proc.stderr[-3000:]
+    # torchrun's summary: both workers exited 2 (none stopped by a signal), no traceback of ours
+    assert re.findall(r"^\s*exitcode\s*: (-?\d+)", proc.stderr, re.M) == ["2", "2"], proc.stderr[-3000:]
+    assert str(ROOT / "engine") not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_bad_argument_only_a_nonzero_rank_meets_is_printed_by_it():
+    """Rank 1 leaves reporting to rank 0 and waits for torchrun to stop it; when nothing stops it
+    (rank 0 met no error), it prints the error itself rather than lose it."""
+    code = "import sys, engine.cli as cli; cli.TORCHRUN_GRACE_S = 0; sys.exit(cli.main(['pretrain']))"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("rank 1: llm-engine pretrain: error: the following arguments are required: --data"), proc.stderr
+
+
 def test_the_global_batch_is_split_by_micro_batch_index():
     assert list(micro_batches(4, 0, 2)) == [0, 2] and list(micro_batches(4, 1, 2)) == [1, 3]
     assert list(micro_batches(4, 0, 1)) == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match=r"--grad-accum 3 .* world size 2"):
+    with pytest.raises(InputError, match=r"--grad-accum 3 .* world size 2"):
         micro_batches(3, 0, 2)
