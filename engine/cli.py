@@ -6,7 +6,9 @@ is a bug and keeps its traceback.
 import argparse
 import json
 import os
+import signal
 import sys
+import time
 from dataclasses import fields, replace
 
 from engine.errors import InputError
@@ -14,7 +16,8 @@ from engine.errors import InputError
 TRAIN_HELP = {
     "max_steps": "optimizer steps to train for (the schedule's length)",
     "batch_size": "sequences per micro-batch",
-    "grad_accum": "micro-batches per optimizer step",
+    "grad_accum": "micro-batches per optimizer step for the whole job, split over the torchrun processes; "
+                  "0 = one per process, so the global batch is --batch-size x the number of processes",
     "lr": "peak learning rate",
     "min_lr_ratio": "final learning rate as a fraction of --lr (cosine decay)",
     "warmup_steps": "linear warmup steps",
@@ -27,6 +30,37 @@ TRAIN_HELP = {
     "save_every": "steps between checkpoints (one is also written at the end and on Ctrl-C)",
     "seed": "seed of the data order and of the weights' initialisation",
 }
+
+
+TORCHRUN_GRACE_S = 30  # how long a non-zero rank waits for rank 0 to report the same bad input
+
+
+def rank() -> int:
+    """This process's rank under torchrun (it sets RANK), 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def report_bad_input(line: str):
+    """Print the one-line error before the caller exits 2. Under torchrun every process meets
+    the same bad input and only rank 0 prints it. The others stay until torchrun stops them
+    (which it does once rank 0 has exited) and then exit 2: had one exited first, torchrun would
+    stop rank 0, perhaps before it had printed. A rank not stopped within TORCHRUN_GRACE_S met
+    the error alone, and prints it itself."""
+    if rank() != 0:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+        time.sleep(TORCHRUN_GRACE_S)
+        line = f"rank {rank()}: {line}"
+    print(line, file=sys.stderr, flush=True)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse; under torchrun a bad command line is one line from rank 0 (report_bad_input)."""
+
+    def error(self, message):
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            super().error(message)  # usage, then the error; exits 2
+        report_bad_input(f"{self.prog}: error: {message}")
+        self.exit(2)
 
 
 def add_train_flags(p, defaults: dict):
@@ -64,7 +98,7 @@ def add_sampling_flags(p, max_new_tokens=256):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm-engine", description="Pretrain, fine-tune and run GPT-style language models.")
+    parser = ArgumentParser(prog="llm-engine", description="Pretrain, fine-tune and run GPT-style language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pretrain", help="train a model from scratch on raw text", description="Train a tokenizer and a GPT from scratch on raw text.")
@@ -262,8 +296,7 @@ def main(argv=None) -> int:
         print(f"\n{err}", file=sys.stderr)
         return 130
     except InputError as err:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it once
-            print(f"llm-engine {args.command}: error: {err}", file=sys.stderr)
+        report_bad_input(f"llm-engine {args.command}: error: {err}")
         return 2
     return 0
 

@@ -7,7 +7,8 @@ and the loop runs exactly as a single process.
 What stays the same whatever the world size:
 - the global batch: a step is cfg.grad_accum micro-batches with global indices
   0..grad_accum-1, and a micro-batch is a pure function of (seed, step, index) (engine/data.py);
-  rank r takes indices r, r + W, r + 2W, ... so W ranks do grad_accum / W each;
+  rank r takes indices r, r + W, r + 2W, ... so W ranks do grad_accum / W each (the default,
+  grad_accum = 0, stands for W: one per rank, so that global batch does grow with W);
 - the gradient: each rank scales its loss by 1 / (its micro-batches) and DDP / FSDP2 average
   over ranks, which is the single-process mean over all grad_accum micro-batches;
 - checkpoints: rank 0 writes full, unsharded weights and the optimizer state in the
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from engine.errors import InputError
 from engine.model import GPT
 
 TIMEOUT_ENV = "LLM_ENGINE_DIST_TIMEOUT"
@@ -93,6 +95,8 @@ def process_group(device: torch.device, fsdp: bool = False):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout))
     try:
         yield Dist(rank, world_size, local_rank, fsdp), device
+    except InputError:  # not a bug: rank 0 prints it as one line (engine/cli.py), no traceback
+        raise
     except Exception as err:  # torchrun's failure summary then shows the error beside the rank
         ErrorHandler().record_exception(err)
         raise
@@ -105,8 +109,8 @@ def process_group(device: torch.device, fsdp: bool = False):
 def micro_batches(grad_accum: int, rank: int, world_size: int) -> range:
     """The global micro-batch indices of this rank's share of one optimizer step."""
     if grad_accum % world_size:
-        raise ValueError(f"--grad-accum {grad_accum} (micro-batches per step for the whole job) must be divisible "
-                         f"by the world size {world_size}")
+        raise InputError(f"--grad-accum {grad_accum} (micro-batches per step for the whole job) must be divisible "
+                         f"by the world size {world_size}, or 0 for one per process")
     return range(rank, grad_accum, world_size)
 
 
@@ -144,6 +148,15 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def owning_its_storage(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it when t is a view into a larger buffer. FSDP2 gathers a dimension that
+    does not split evenly over the ranks (an odd vocabulary on 2) into a padded buffer and hands
+    back a view of it; moving to the CPU copies only GPU tensors, so on the CPU the view stays.
+    safetensors refuses to save such a view and torch.save would write the padding too."""
+    covers_storage = t.storage_offset() == 0 and t.numel() * t.element_size() == t.untyped_storage().nbytes()
+    return t if covers_storage else t.clone()
+
+
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Dist):
     """(plain model with the full weights, optimizer state in single-process form) on rank 0,
     (None, None) elsewhere. Every rank must call it: under FSDP2 it gathers the shards."""
@@ -151,7 +164,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Di
     if not (sharded or ctx.is_main):
         return None, None
     state = optimizer.state_dict()  # integer-keyed in parameter order; DTensor shards under FSDP2
-    state["state"] = {i: {k: full_tensor(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
+    state["state"] = {i: {k: owning_its_storage(full_tensor(v).cpu()) for k, v in s.items()} for i, s in state["state"].items()}
     if not sharded:
         return local_module(model), state
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -161,7 +174,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Di
         return None, None
     with torch.device("meta"):
         plain = GPT(model.config, backend=model.backend)
-    plain.load_state_dict(weights, assign=True)
+    plain.load_state_dict({name: owning_its_storage(w) for name, w in weights.items()}, assign=True)
     plain.lm_head.weight = plain.transformer.wte.weight  # assign=True loaded two copies of the tied table
     return plain, state
 

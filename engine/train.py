@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,7 @@ from engine.model import GPT
 class TrainConfig:
     max_steps: int
     batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 0  # micro-batches per optimizer step for the whole job; 0 = one per process
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
@@ -44,9 +44,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"):
+        for name in ("max_steps", "batch_size", "eval_every", "eval_batches", "save_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.grad_accum < 0:
+            raise InputError(f"--grad-accum must be >= 0 (0 = one micro-batch per process), got {self.grad_accum}")
         if self.lr <= 0:
             raise InputError(f"--lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -119,6 +121,7 @@ def train(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, grad_accum=cfg.grad_accum or ctx.world_size)  # what the checkpoint records too
     micros = distributed.micro_batches(cfg.grad_accum, ctx.rank, ctx.world_size)
     device = next(model.parameters()).device
     model = distributed.wrap(model, ctx)
