@@ -309,16 +309,6 @@ def test_each_command_names_the_damaged_file_in_one_line(good_checkpoint, tmp_pa
     assert not (tmp_path / "out").exists() and not (folder / "code-ran").exists()
 
 
-def test_under_torchrun_only_rank_0_prints_the_error(tmp_path, monkeypatch, capsys):
-    argv = ["generate", "--ckpt", str(tmp_path / "nowhere"), "--prompt", "hi", "--device", "cpu"]
-    monkeypatch.setenv("RANK", "1")
-    assert cli.main(argv) == 2
-    assert capsys.readouterr().err == ""
-    monkeypatch.setenv("RANK", "0")
-    assert cli.main(argv) == 2
-    assert capsys.readouterr().err == f"llm-engine generate: error: {tmp_path / 'nowhere'}: not a folder (expected a checkpoint folder or a run folder)\n"
-
-
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only bad input becomes a one-line exit 2; a RuntimeError, ValueError or OSError from a bug propagates."""
     for bug in (RuntimeError, ValueError, OSError):
