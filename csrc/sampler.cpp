@@ -40,6 +40,12 @@ constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ULL;  // splitmix64's increment
 // below the best key so far cannot win, so its noise is never computed.
 constexpr double kGumbelMax = 38.0;
 
+// Bad arguments (shapes, token ids): raised in Python as engine.errors.InputError, like the
+// Python-side checks. Bad logits (NaN, all -inf) stay std::invalid_argument -> ValueError.
+struct InputError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
 struct Params {
     double temperature, top_p, min_p, repetition, presence, frequency;
     int64_t top_k, max_new_tokens;
@@ -314,14 +320,14 @@ using Logits = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 int64_t vocab_of(const Logits& logits, int64_t batch) {
     if (logits.ndim() != 2 || logits.shape(0) != batch || logits.shape(1) < 1)
-        throw std::invalid_argument("logits must be [B=" + std::to_string(batch) + ", V>=1] float32");
-    if (logits.shape(1) > std::numeric_limits<int32_t>::max()) throw std::invalid_argument("vocabulary larger than 2^31");
+        throw InputError("logits must be [B=" + std::to_string(batch) + ", V>=1] float32");
+    if (logits.shape(1) > std::numeric_limits<int32_t>::max()) throw InputError("vocabulary larger than 2^31");
     return logits.shape(1);
 }
 
 void check_ids(const Params& p, const std::vector<int64_t>& tokens, int64_t V, size_t b) {
     const auto bad = [&](int64_t tok, const char* what) {
-        return std::invalid_argument(std::string(what) + " of row " + std::to_string(b) + " holds token id " + std::to_string(tok) +
+        return InputError(std::string(what) + " of row " + std::to_string(b) + " holds token id " + std::to_string(tok) +
                                      ", not an id in [0, V=" + std::to_string(V) + ")");
     };
     for (const auto& [tok, add] : p.bias)
@@ -336,7 +342,7 @@ py::tuple sample(const Logits& logits, const std::vector<Params>& params, const 
     const int64_t B = static_cast<int64_t>(params.size());
     if (static_cast<int64_t>(prev_tokens.size()) != B || static_cast<int64_t>(positions.size()) != B ||
         static_cast<int64_t>(seeds.size()) != B)
-        throw std::invalid_argument("params, prev_tokens, positions and seeds must all have B entries");
+        throw InputError("params, prev_tokens, positions and seeds must all have B entries");
     const int64_t V = vocab_of(logits, B);
     for (int64_t b = 0; b < B; ++b) check_ids(params[b], prev_tokens[b], V, b);
     const float* data = logits.data();
@@ -350,7 +356,8 @@ py::tuple sample(const Logits& logits, const std::vector<Params>& params, const 
 
 // ------------------------------------------------------------------------------------- DecodeLoop
 
-enum Finish : int { kRunning = 0, kStopToken = 1, kStopString = 2, kLength = 3 };  // engine.sampling._FINISH_REASONS
+// Why a row stopped; exported as engine._sampler.Finish, mirrored by engine.sampling.Finish.
+enum Finish : int { kRunning = 0, kStopToken = 1, kStopString = 2, kLength = 3 };
 
 class DecodeLoop {
   public:
@@ -358,7 +365,7 @@ class DecodeLoop {
                const std::vector<uint64_t>& seeds, int threads)
         : token_bytes_(std::move(token_bytes)), threads_(threads) {
         if (prompts.size() != params.size() || seeds.size() != params.size())
-            throw std::invalid_argument("params, prompts and seeds must all have B entries");
+            throw InputError("params, prompts and seeds must all have B entries");
         for (size_t b = 0; b < params.size(); ++b) {
             Row r;
             r.prompt = prompts[b];
@@ -367,7 +374,7 @@ class DecodeLoop {
             r.seed = seeds[b];
             for (const auto& s : params[b].stop) r.keep = std::max(r.keep, s.size() - 1);
             if (!params[b].stop.empty() && token_bytes_.empty())
-                throw std::invalid_argument("token_bytes is required when a request has stop strings");
+                throw InputError("token_bytes is required when a request has stop strings");
             r.p = std::move(params[b]);
             rows_.push_back(std::move(r));
         }
@@ -385,7 +392,7 @@ class DecodeLoop {
             for (auto& r : rows_) r.prompt = {};
             vocab_ = V;
         } else if (V != vocab_) {
-            throw std::invalid_argument("logits changed vocabulary size from V=" + std::to_string(vocab_) + " to V=" + std::to_string(V));
+            throw InputError("logits changed vocabulary size from V=" + std::to_string(vocab_) + " to V=" + std::to_string(V));
         }
         std::vector<bool> active(B);
         for (int64_t b = 0; b < B; ++b) active[b] = !rows_[b].finished;
@@ -454,6 +461,20 @@ class DecodeLoop {
 
 PYBIND11_MODULE(_sampler, m) {
     m.doc() = "C++ token sampler (see engine/sampling.py for the documented semantics)";
+    // a reference kept for the life of the process: the translator may run at any time
+    static py::handle input_error = py::object(py::module_::import("engine.errors").attr("InputError")).release();
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const InputError& e) {
+            PyErr_SetString(input_error.ptr(), e.what());
+        }
+    });
+    py::enum_<Finish>(m, "Finish")
+        .value("RUNNING", kRunning)
+        .value("STOP_TOKEN", kStopToken)
+        .value("STOP_STRING", kStopString)
+        .value("LENGTH", kLength);
     py::class_<Params>(m, "Params")
         .def(py::init([](double temperature, int64_t top_k, double top_p, double min_p, double repetition, double presence,
                          double frequency, std::vector<std::pair<int64_t, double>> bias, bool logprobs, std::vector<int64_t> stop_ids,

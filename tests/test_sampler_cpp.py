@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.sampling import DecodeLoop, Sampler, SamplingParams
+from engine.errors import InputError
+from engine.sampling import DecodeLoop, Finish, Sampler, SamplingParams
 
 pytest.importorskip("engine._sampler", reason="the C++ extension engine._sampler is not built (pip install -e .)")
 
@@ -94,6 +95,24 @@ def test_decode_loops_agree_step_by_step():
         assert a == pytest.approx(b, abs=1e-12)
     assert len(loops[0].logprobs[1]) == len(loops[0].generated[1]) > 0
     assert loops[0].finish_reason[:3] == ["stop_string", "stop_token", "length"] and len(loops[0].generated[2]) == 7
+
+
+def test_finish_codes_are_the_same_in_cpp_and_python():
+    from engine import _sampler
+
+    assert {name: int(code) for name, code in _sampler.Finish.__members__.items()} == {f.name: int(f) for f in Finish}
+
+
+def test_cpp_bad_arguments_raise_input_error_and_bad_logits_value_error():
+    loop = DecodeLoop([SamplingParams(seed=0)], [[1]], impl="cpp")
+    loop.step(torch.randn(1, 10))
+    with pytest.raises(InputError, match="V=10 to V=11"):
+        loop._core.step(torch.randn(1, 11).numpy())  # the C++ check itself, not the Python one before it
+    x = torch.randn(1, 10)
+    x[0, 3] = math.nan
+    with pytest.raises(ValueError, match="NaN") as err:
+        loop.step(x)
+    assert not isinstance(err.value, InputError)
 
 
 def test_cpp_raises_on_nan_and_all_masked_rows():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine import sampling
+from engine.errors import InputError
 from engine.sampling import DecodeLoop, Sampler, SamplingParams, process_logits, uniforms
 
 
@@ -39,7 +40,7 @@ def sample(logits, params, prev=None, positions=None):
     ],
 )
 def test_out_of_range_params_raise_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(InputError, match=field):
         SamplingParams(**{field: value})
 
 
@@ -58,15 +59,20 @@ def dataclasses_error():
     return dataclasses.FrozenInstanceError
 
 
-def test_bias_id_beyond_vocab_and_bad_inputs_raise():
+@pytest.mark.parametrize("impl", ["reference", pytest.param("cpp", marks=pytest.mark.skipif(
+    sampling._extension() is None, reason="the C++ extension engine._sampler is not built (pip install -e .)"))])
+def test_bias_id_beyond_vocab_and_bad_inputs_raise_input_error(impl):
     x = torch.zeros(1, 10)
-    with pytest.raises(ValueError, match=r"12.*V=10"):
-        sample(x, [SamplingParams(logit_bias={12: 1.0})])
-    with pytest.raises(ValueError, match="V=10"):
-        sample(x, [SamplingParams()], prev=[[3, 10]])
-    with pytest.raises(ValueError, match="B=1"):
-        sample(torch.zeros(2, 10), [SamplingParams()])
-    with pytest.raises(ValueError, match="impl"):
+    sampler = Sampler(impl)
+    with pytest.raises(InputError, match=r"12.*V=10"):
+        sampler.sample(x, [SamplingParams(logit_bias={12: 1.0})], [[]], [0])
+    with pytest.raises(InputError, match="V=10"):
+        sampler.sample(x, [SamplingParams()], [[3, 10]], [0])
+    with pytest.raises(InputError, match="B=1"):
+        sampler.sample(torch.zeros(2, 10), [SamplingParams()], [[]], [0])
+    with pytest.raises(InputError, match="positions"):
+        sampler.sample(x, [SamplingParams()], [[]], [-1])
+    with pytest.raises(InputError, match="impl"):
         Sampler("fast")
 
 
@@ -266,7 +272,7 @@ def test_decode_loop_stops_on_token_ids_and_strings_across_token_boundaries():
     loop.step(forced(5))
     assert loop.finish_reason == ["stop_token"] and loop.generated[0] == [1, 5]
 
-    with pytest.raises(ValueError, match="token_bytes"):
+    with pytest.raises(InputError, match="token_bytes"):
         DecodeLoop([SamplingParams(stop=("x",))], [[0]], impl="reference")
 
 
@@ -277,10 +283,10 @@ def test_decode_loop_error_leaves_state_unchanged():
     with pytest.raises(ValueError, match="row 1"):
         loop.step(x)
     assert loop.generated == [[], []]
-    with pytest.raises(ValueError, match="V=8"):
+    with pytest.raises(InputError, match="V=8"):
         loop.step(torch.randn(2, 9))
     loop2 = DecodeLoop([SamplingParams(logit_bias={8: 1.0})], [[0]], impl="reference")
-    with pytest.raises(ValueError, match="8.*V=8"):
+    with pytest.raises(InputError, match="8.*V=8"):
         loop2.step(torch.randn(1, 8))
 
 
@@ -292,7 +298,7 @@ def test_auto_without_the_extension_warns_once(monkeypatch):
         assert Sampler().impl == "reference"
         assert Sampler("auto").impl == "reference"
     assert len([w for w in caught if "reference sampler" in str(w.message)]) == 1
-    with pytest.raises(ValueError, match="cpp"):
+    with pytest.raises(InputError, match="cpp"):
         Sampler("cpp")
 
 
