@@ -66,6 +66,7 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from engine.errors import InputError
@@ -294,7 +295,8 @@ def _cpp_params(p: SamplingParams):
 
 def _cpu_float32(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """logits as a contiguous float32 CPU tensor; copied (once) only when needed."""
-    logits = logits.detach()
+    if logits.requires_grad:
+        logits = logits.detach()
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
         return logits
     if out is None or out.shape != logits.shape:
@@ -374,26 +376,27 @@ class Sampler:
 
 
 class _ReferenceCore:
-    """Per-row state in Python: token counts, stop-string tail, finished flags. Mirrors the C++ DecodeLoop."""
+    """Per-row state in Python: token counts, stop-string tail, the running rows. Mirrors the C++
+    DecodeLoop, results buffers and all."""
 
     def __init__(self, params, prompts, token_bytes, seeds):
+        B = len(params)
         self.params, self.token_bytes, self.seeds = params, token_bytes, seeds
         self.counts = [Counter(p) for p in prompts]
         self.positions = [len(p) for p in prompts]
-        self.n_generated = [0] * len(params)
+        self.n_generated = [0] * B
         self.keep = [max(map(len, p.stop), default=1) - 1 for p in params]
         self.stops = [[s.encode() for s in p.stop] for p in params]
-        self.tails = [b""] * len(params)
-        self.finished = [False] * len(params)
+        self.tails = [b""] * B
+        self.running = list(range(B))
+        self.tokens = np.full(B, -1, dtype=np.int64)
+        self.logprobs = np.full(B, math.nan)
+        self.codes = np.zeros(B, dtype=np.int32)
 
-    def step(self, x: torch.Tensor):
-        B = len(self.params)
-        out = [(-1, math.nan) if self.finished[b] else
-               _sample_row(x[b], self.params[b], self.counts[b], self.positions[b], self.seeds[b], b) for b in range(B)]
-        reasons = [Finish.RUNNING] * B
-        for b, (tok, _) in enumerate(out):  # commit only once every row sampled without error
-            if tok < 0:
-                continue
+    def step(self, x: torch.Tensor) -> int:
+        out = {b: _sample_row(x[b], self.params[b], self.counts[b], self.positions[b], self.seeds[b], b) for b in self.running}
+        self.tokens[:], self.logprobs[:], self.codes[:] = -1, math.nan, Finish.RUNNING
+        for b, (tok, logprob) in out.items():  # commit only once every row sampled without error
             p = self.params[b]
             self.counts[b][tok] += 1
             self.positions[b] += 1
@@ -405,13 +408,15 @@ class _ReferenceCore:
             else:
                 hit = False
             if tok in p.stop_token_ids:
-                reasons[b] = Finish.STOP_TOKEN
+                self.codes[b] = Finish.STOP_TOKEN
             elif hit:
-                reasons[b] = Finish.STOP_STRING
+                self.codes[b] = Finish.STOP_STRING
             elif self.n_generated[b] >= p.max_new_tokens:
-                reasons[b] = Finish.LENGTH
-            self.finished[b] = reasons[b] != Finish.RUNNING
-        return [o[0] for o in out], [o[1] for o in out], reasons
+                self.codes[b] = Finish.LENGTH
+            self.tokens[b], self.logprobs[b] = tok, logprob
+        running = len(self.running)
+        self.running = [b for b in self.running if self.codes[b] == Finish.RUNNING]
+        return running - len(self.running)
 
 
 class DecodeLoop:
@@ -423,6 +428,9 @@ class DecodeLoop:
     every row (-1 for rows finished before this step, whose state does not change) and updates
     generated / logprobs / finished / finish_reason. The RNG position of row b is
     len(prompts[b]) + len(generated[b]).
+
+    A step checks its arguments in full only when the logits' shape is new (the first step);
+    the core samples into result buffers it owns, and only the running rows are touched here.
     """
 
     def __init__(self, params, prompts, token_bytes=None, impl: str = "auto"):
@@ -444,39 +452,48 @@ class DecodeLoop:
             self._core = _extension().DecodeLoop(cpp_params, prompts, token_bytes, self.seeds, _default_threads())
         else:
             self._core = _ReferenceCore(params, prompts, token_bytes, self.seeds)
+        self._tokens = torch.from_numpy(self._core.tokens)  # shares the core's buffer
+        self._running = list(range(len(params)))
+        self._with_logprobs = [b for b, p in enumerate(params) if p.logprobs]
         self.finished = [False] * len(params)
         self.generated = [[] for _ in params]
         self.finish_reason = [None] * len(params)
         self.logprobs = [[] for _ in params]
         self._buf = None
-        self._vocab = None
+        self._shape = None
 
     @property
     def all_finished(self) -> bool:
-        return all(self.finished)
+        return not self._running
+
+    def _check_logits(self, logits: torch.Tensor) -> None:
+        _check_batch(logits, len(self.params))
+        if self._shape is not None:
+            raise InputError(f"logits changed vocabulary size from V={self._shape[1]} to V={logits.shape[1]}")
+        _check_bias(logits.shape[1], self.params)
+        _check_tokens(logits.shape[1], self._prompts)
+        self._shape = logits.shape
 
     def step(self, logits: torch.Tensor) -> torch.LongTensor:
-        _check_batch(logits, len(self.params))
-        if self._vocab is None:
-            _check_bias(logits.shape[1], self.params)
-            _check_tokens(logits.shape[1], self._prompts)
-            self._vocab = logits.shape[1]
-        elif logits.shape[1] != self._vocab:
-            raise InputError(f"logits changed vocabulary size from V={self._vocab} to V={logits.shape[1]}")
+        if logits.shape != self._shape:
+            self._check_logits(logits)
         x = _cpu_float32(logits, self._buf)
         if x is not logits:
             self._buf = x
-        if self.impl == "cpp":
-            toks, lps, reasons = self._core.step(x.numpy())
-        else:
-            toks, lps, reasons = self._core.step(x)
-        for b, tok in enumerate(toks):
-            if tok < 0:
-                continue
-            self.generated[b].append(tok)
-            if self.params[b].logprobs:
-                self.logprobs[b].append(lps[b])
-            if reasons[b]:
-                self.finished[b] = True
-                self.finish_reason[b] = Finish(reasons[b]).name.lower()
-        return torch.tensor(toks, dtype=torch.int64)
+        n_finished = self._core.step(x.numpy() if self.impl == "cpp" else x)
+        tokens = self._core.tokens.tolist()
+        for b in self._running:
+            self.generated[b].append(tokens[b])
+        if self._with_logprobs:
+            logprobs = self._core.logprobs.tolist()
+            self._with_logprobs = [b for b in self._with_logprobs if tokens[b] >= 0]
+            for b in self._with_logprobs:
+                self.logprobs[b].append(logprobs[b])
+        if n_finished:
+            codes = self._core.codes.tolist()
+            for b in self._running:
+                if codes[b] != Finish.RUNNING:
+                    self.finished[b] = True
+                    self.finish_reason[b] = Finish(codes[b]).name.lower()
+            self._running = [b for b in self._running if not self.finished[b]]
+        return self._tokens.clone()
