@@ -495,13 +495,14 @@ class DecodeLoop {
             rows_.push_back(std::move(r));
             running_.push_back(static_cast<int64_t>(b));
         }
-        tokens_.assign(B, -1), logprobs_.assign(B, kNaN), codes_.assign(B, kRunning);
+        tokens_.assign(B, -1), logprobs_.assign(B, kNaN), codes_.assign(B, kRunning), next_input_.assign(B, 0);
         draws_.resize(B), errors_.resize(B);
     }
 
     // One decode step: samples every running row, then appends the tokens and checks stops.
     // Results go to the buffers `tokens`, `logprobs` (NaN where not requested) and `codes` (a
     // Finish per row); rows finished before this step get -1, NaN, RUNNING and keep their state.
+    // `next_input` holds what the model reads next: the tokens, a valid id for finished rows.
     // Returns how many rows finished at this step. Nothing changes when a row raises: every row
     // is sampled before any state is updated. One loop per batch: not for two threads at once.
     int step(const Logits& logits) {
@@ -526,7 +527,7 @@ class DecodeLoop {
         std::fill(codes_.begin(), codes_.end(), kRunning);
         int finished = 0;
         for (int64_t b : running_) {
-            tokens_[b] = draws_[b].token, logprobs_[b] = draws_[b].logprob;
+            tokens_[b] = next_input_[b] = draws_[b].token, logprobs_[b] = draws_[b].logprob;
             codes_[b] = append(rows_[b], draws_[b].token);
             finished += codes_[b] != kRunning;
         }
@@ -540,6 +541,7 @@ class DecodeLoop {
     static py::array tokens(py::object self) { return view(self, self.cast<DecodeLoop&>().tokens_); }
     static py::array logprobs(py::object self) { return view(self, self.cast<DecodeLoop&>().logprobs_); }
     static py::array codes(py::object self) { return view(self, self.cast<DecodeLoop&>().codes_); }
+    static py::array next_input(py::object self) { return view(self, self.cast<DecodeLoop&>().next_input_); }
 
   private:
     struct Row {
@@ -590,6 +592,7 @@ class DecodeLoop {
     std::vector<int64_t> tokens_;  // the results of the last step
     std::vector<double> logprobs_;
     std::vector<int32_t> codes_;
+    std::vector<int64_t> next_input_;
     std::vector<Draw> draws_;  // per-step scratch, sized once
     std::vector<std::string> errors_;
 };
@@ -636,5 +639,6 @@ PYBIND11_MODULE(_sampler, m) {
              "Sample one token per running row into tokens / logprobs / codes; returns how many rows finished.")
         .def_property_readonly("tokens", &DecodeLoop::tokens, "int64 [B]: the last step's tokens (-1: finished before it)")
         .def_property_readonly("logprobs", &DecodeLoop::logprobs, "float64 [B]: their log-probabilities (NaN: not requested)")
-        .def_property_readonly("codes", &DecodeLoop::codes, "int32 [B]: Finish code per row after the last step");
+        .def_property_readonly("codes", &DecodeLoop::codes, "int32 [B]: Finish code per row after the last step")
+        .def_property_readonly("next_input", &DecodeLoop::next_input, "int64 [B]: the tokens, a valid id for finished rows");
 }

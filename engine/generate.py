@@ -26,14 +26,18 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        # each layer's [B, nh, max_len, hd] views, made once: a small decode step is bound by how
+        # many ops it dispatches, and indexing self.k[layer, :, :, a:b] is four of them
+        self.layers = [(self.k[i], self.v[i]) for i in range(config.n_layer)]
         self.pos = 0
 
     def update(self, layer: int, k, v):
         """Write this step's k, v [B, nh, T, hd] after the cached ones; return all of them."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_all, v_all = self.layers[layer]
+        T = k.shape[2]
+        k_all.narrow(2, self.pos, T).copy_(k)
+        v_all.narrow(2, self.pos, T).copy_(v)
+        return k_all.narrow(2, 0, self.pos + T), v_all.narrow(2, 0, self.pos + T)
 
     def advance(self, n: int):
         self.pos += n
@@ -134,7 +138,7 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
         if loop.all_finished:
             return
         with phase("forward"), autocast:
-            logits, _ = model(tokens.clamp(min=0)[:, None].to(device), cache=cache, kv_start=kv_start)
+            logits, _ = model(loop.next_input.to(device), cache=cache, kv_start=kv_start)
 
 
 def _finish_text(tokenizer, ids: list[int], params: SamplingParams, reason: str) -> str:

@@ -297,7 +297,7 @@ def _cpu_float32(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch
     """logits as a contiguous float32 CPU tensor; copied (once) only when needed."""
     if logits.requires_grad:
         logits = logits.detach()
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+    if logits.dtype == torch.float32 and logits.is_cpu and logits.is_contiguous():
         return logits
     if out is None or out.shape != logits.shape:
         out = torch.empty(logits.shape, dtype=torch.float32, pin_memory=logits.is_cuda)
@@ -392,6 +392,7 @@ class _ReferenceCore:
         self.tokens = np.full(B, -1, dtype=np.int64)
         self.logprobs = np.full(B, math.nan)
         self.codes = np.zeros(B, dtype=np.int32)
+        self.next_input = np.zeros(B, dtype=np.int64)
 
     def step(self, x: torch.Tensor) -> int:
         out = {b: _sample_row(x[b], self.params[b], self.counts[b], self.positions[b], self.seeds[b], b) for b in self.running}
@@ -413,7 +414,8 @@ class _ReferenceCore:
                 self.codes[b] = Finish.STOP_STRING
             elif self.n_generated[b] >= p.max_new_tokens:
                 self.codes[b] = Finish.LENGTH
-            self.tokens[b], self.logprobs[b] = tok, logprob
+            self.tokens[b] = self.next_input[b] = tok
+            self.logprobs[b] = logprob
         running = len(self.running)
         self.running = [b for b in self.running if self.codes[b] == Finish.RUNNING]
         return running - len(self.running)
@@ -427,10 +429,12 @@ class DecodeLoop:
     required when any request has stop strings. step(logits [B, V]) returns the chosen token of
     every row (-1 for rows finished before this step, whose state does not change) and updates
     generated / logprobs / finished / finish_reason. The RNG position of row b is
-    len(prompts[b]) + len(generated[b]).
+    len(prompts[b]) + len(generated[b]). next_input ([B, 1] int64, overwritten by every step) is
+    what the model reads next: the step's tokens, with a valid id in place of -1.
 
     A step checks its arguments in full only when the logits' shape is new (the first step);
-    the core samples into result buffers it owns, and only the running rows are touched here.
+    the core samples into result buffers it owns, and only the running rows are touched here:
+    a small decode step is bound by how many Python and torch calls it makes.
     """
 
     def __init__(self, params, prompts, token_bytes=None, impl: str = "auto"):
@@ -452,7 +456,10 @@ class DecodeLoop:
             self._core = _extension().DecodeLoop(cpp_params, prompts, token_bytes, self.seeds, _default_threads())
         else:
             self._core = _ReferenceCore(params, prompts, token_bytes, self.seeds)
-        self._tokens = torch.from_numpy(self._core.tokens)  # shares the core's buffer
+        core = self._core  # its result buffers, shared (the C++ core makes a new view per access)
+        self._tokens_np, self._logprobs_np, self._codes_np = core.tokens, core.logprobs, core.codes
+        self._tokens = torch.from_numpy(self._tokens_np)
+        self.next_input = torch.from_numpy(core.next_input).view(-1, 1)
         self._running = list(range(len(params)))
         self._with_logprobs = [b for b, p in enumerate(params) if p.logprobs]
         self.finished = [False] * len(params)
@@ -481,16 +488,16 @@ class DecodeLoop:
         if x is not logits:
             self._buf = x
         n_finished = self._core.step(x.numpy() if self.impl == "cpp" else x)
-        tokens = self._core.tokens.tolist()
+        tokens = self._tokens_np.tolist()
         for b in self._running:
             self.generated[b].append(tokens[b])
         if self._with_logprobs:
-            logprobs = self._core.logprobs.tolist()
+            logprobs = self._logprobs_np.tolist()
             self._with_logprobs = [b for b in self._with_logprobs if tokens[b] >= 0]
             for b in self._with_logprobs:
                 self.logprobs[b].append(logprobs[b])
         if n_finished:
-            codes = self._core.codes.tolist()
+            codes = self._codes_np.tolist()
             for b in self._running:
                 if codes[b] != Finish.RUNNING:
                     self.finished[b] = True

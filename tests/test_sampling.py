@@ -10,6 +10,9 @@ from engine import sampling
 from engine.errors import InputError
 from engine.sampling import DecodeLoop, Sampler, SamplingParams, process_logits, uniforms
 
+IMPLS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(
+    sampling._extension() is None, reason="the C++ extension engine._sampler is not built (pip install -e .)"))]
+
 
 def sample(logits, params, prev=None, positions=None):
     B = logits.shape[0]
@@ -59,8 +62,7 @@ def dataclasses_error():
     return dataclasses.FrozenInstanceError
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("cpp", marks=pytest.mark.skipif(
-    sampling._extension() is None, reason="the C++ extension engine._sampler is not built (pip install -e .)"))])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_bias_id_beyond_vocab_and_bad_inputs_raise_input_error(impl):
     x = torch.zeros(1, 10)
     sampler = Sampler(impl)
@@ -159,12 +161,7 @@ def test_draws_follow_the_filtered_renormalised_softmax():
     assert chisquare(observed[kept], expected[kept] * n).pvalue > 1e-4
 
 
-def _cpp_built() -> bool:
-    return sampling._extension() is not None
-
-
-@pytest.mark.parametrize("impl", ["reference", pytest.param("cpp", marks=pytest.mark.skipif(
-    not _cpp_built(), reason="the C++ extension engine._sampler is not built (pip install -e .)"))])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_logprobs_equal_log_softmax_of_the_processed_logits(impl):
     x = torch.randn(3, 1000) * 4
     prev = [[1, 1, 5, 9], [], [7] * 10]
@@ -288,6 +285,21 @@ def test_decode_loop_error_leaves_state_unchanged():
     loop2 = DecodeLoop([SamplingParams(logit_bias={8: 1.0})], [[0]], impl="reference")
     with pytest.raises(InputError, match="8.*V=8"):
         loop2.step(torch.randn(1, 8))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_next_input_is_the_tokens_with_a_valid_id_for_finished_rows(impl):
+    V = 5
+    loop = DecodeLoop([SamplingParams(temperature=0, max_new_tokens=1), SamplingParams(temperature=0, max_new_tokens=3)],
+                      [[0], [1]], impl=impl)
+    for step in range(3):
+        x = torch.zeros(2, V)
+        x[:, step + 1] = 1.0
+        tokens = loop.step(x).tolist()
+        assert loop.next_input.shape == (2, 1)
+        for tok, fed in zip(tokens, loop.next_input[:, 0].tolist()):
+            assert fed == tok if tok >= 0 else 0 <= fed < V
+    assert tokens == [-1, 3]
 
 
 def test_auto_without_the_extension_warns_once(monkeypatch):
