@@ -36,6 +36,7 @@ if __name__ == "__main__":  # run as a script: make the repository importable
 from benchmarks.common import plot_bars, results_dir, write_csv  # noqa: E402
 from benchmarks.roofline import peaks  # noqa: E402
 from engine.config import GPTConfig  # noqa: E402
+from engine.devices import autocast_for  # noqa: E402
 from engine.model import GPT  # noqa: E402
 from engine.train import TrainConfig, make_optimizer  # noqa: E402
 
@@ -77,16 +78,16 @@ class PeakMemory:
         return None
 
 
-def make_step(preset: str, backend: str, device: torch.device, batch: int, seq_len: int):
+def make_step(config: GPTConfig, backend: str, device: torch.device, batch: int, seq_len: int):
     """(step function, model) for one backend; the step runs one full optimizer step."""
-    model = GPT(GPTConfig.from_preset(preset, block_size=seq_len), backend="torch" if backend == "torch.compile" else backend)
+    model = GPT(config, backend="torch" if backend == "torch.compile" else backend)
     model.to(device).train()
     optimizer = make_optimizer(model, TrainConfig(max_steps=1))
     forward = torch.compile(model) if backend == "torch.compile" else model
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=g).to(device)
     inputs, targets = x[:, :-1], x[:, 1:]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_for(device)
 
     def step():
         with autocast:
@@ -104,10 +105,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_backend(preset, backend, device, batch, seq_len, steps, warmup, budget_s, peak_tflops) -> dict:
+def bench_backend(preset, config, backend, device, batch, seq_len, steps, warmup, budget_s, peak_tflops) -> dict:
     mem = PeakMemory(device)
     mem.reset()
-    step, model = make_step(preset, backend, device, batch, seq_len)
+    step, model = make_step(config, backend, device, batch, seq_len)
     for _ in range(warmup):  # compile, autotune, allocator warm-up
         t0 = time.perf_counter()
         step()
@@ -188,18 +189,19 @@ def main(argv=None) -> list[dict]:
     preset, batch = args.preset, args.batch_size or (16 if on_gpu else 8)
     seq_len = args.seq_len or GPTConfig.from_preset(preset).block_size
     steps, warmup = args.steps, 3
-    if args.toy:  # a preset shrunk to almost nothing
-        from engine.config import PRESETS
-
-        PRESETS["toy"] = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
-        preset, batch, seq_len, steps, warmup = "toy", 2, 16, 2, 1
+    if args.toy:  # the preset shrunk to almost nothing
+        batch, seq_len, steps, warmup = 2, 16, 2, 1
+        config = GPTConfig.from_preset(preset, vocab_size=256, block_size=seq_len, n_layer=2, n_head=2, n_embd=32)
+        preset += " (toy)"
+    else:
+        config = GPTConfig.from_preset(preset, block_size=seq_len)
     out = results_dir(args.out)
     peak = peaks(out, toy=args.toy)
 
     rows = []
     for backend in backends:
         try:
-            row = bench_backend(preset, backend, device, batch, seq_len, steps, warmup, args.budget_s, peak["matmul_tflops"])
+            row = bench_backend(preset, config, backend, device, batch, seq_len, steps, warmup, args.budget_s, peak["matmul_tflops"])
         except (RuntimeError, torch.OutOfMemoryError) as err:  # e.g. no compiler for inductor, out of memory
             print(f"{backend}: failed: {str(err).splitlines()[0][:200]}", file=sys.stderr)
             row = dict.fromkeys(COLUMNS, None) | dict(preset=preset, backend=backend, device=str(device), batch=batch,

@@ -6,8 +6,11 @@
 // Work per row is O(V) plus O(k log k): top-k by a bounded heap scan (no sort of the vocabulary),
 // top-p on the ranked top-k survivors (or, without top-k, on a ranking grown chunk by chunk with
 // nth_element until the mass is reached), min-p in one linear pass, the draw without a cumulative
-// sum. Rows are spread over a bounded number of std::threads with the GIL released. DecodeLoop
-// keeps each sequence's token counts and stop-string tail and updates them as tokens are appended.
+// sum. A greedy row without penalties, bias or log-probs is one argmax pass over the float32 row
+// and nothing else; penalties, stop strings and log-probs cost nothing for rows that don't ask.
+// Rows run with the GIL released, on the calling thread or, when a batch is big enough to pay
+// for the hand-off, also on a persistent pool of workers. DecodeLoop keeps each sequence's token
+// counts and stop-string tail, and writes its results into buffers it owns: a step allocates nothing.
 //
 // Built with -ffp-contract=off: a fused multiply-add would change roundings the reference makes.
 #include <pybind11/numpy.h>
@@ -19,15 +22,17 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <memory>
 #include <mutex>
 #include <numeric>
+#include <condition_variable>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
+
+#include <unistd.h>  // getpid
 
 namespace py = pybind11;
 
@@ -40,6 +45,12 @@ constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ULL;  // splitmix64's increment
 // below the best key so far cannot win, so its noise is never computed.
 constexpr double kGumbelMax = 38.0;
 
+// Bad arguments (shapes, token ids): raised in Python as engine.errors.InputError, like the
+// Python-side checks. Bad logits (NaN, all -inf) stay std::invalid_argument -> ValueError.
+struct InputError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
 struct Params {
     double temperature, top_p, min_p, repetition, presence, frequency;
     int64_t top_k, max_new_tokens;
@@ -47,6 +58,10 @@ struct Params {
     bool logprobs;
     std::vector<int64_t> stop_ids;
     std::vector<std::string> stop;  // UTF-8 bytes
+
+    bool penalized() const { return repetition != 1 || presence != 0 || frequency != 0; }
+    // Greedy with nothing to apply first and nothing to report: the argmax of the raw row.
+    bool argmax_only() const { return temperature == 0 && !penalized() && bias.empty() && !logprobs; }
 };
 
 using Counts = std::vector<std::pair<int64_t, int64_t>>;  // distinct (token id, occurrences)
@@ -102,20 +117,40 @@ const Counts& count_tokens(const std::vector<int64_t>& tokens, int64_t V, Scratc
 
 std::string row_error(int64_t b, const char* what) { return "logits row " + std::to_string(b) + " " + what; }
 
-// x = the row widened to float64, then penalties and bias. Throws on NaN, +inf, all -inf.
-void process(const float* row, int64_t V, const Params& p, const Counts& counts, int64_t b, std::vector<double>& x) {
-    x.resize(V);
-    double* __restrict out = x.data();
+// Throws on NaN and +inf logits (checked on the input row, as the reference does).
+void check_row(const float* row, int64_t V, int64_t b) {
     int bad = 0;  // NaN or +inf: one comparison; an int so that the loop vectorises
-    for (int64_t i = 0; i < V; ++i) {
-        bad |= !(row[i] < std::numeric_limits<float>::infinity());
-        out[i] = row[i];
+    for (int64_t i = 0; i < V; ++i) bad |= !(row[i] < std::numeric_limits<float>::infinity());
+    if (bad) {
+        const bool nan = std::any_of(row, row + V, [](float v) { return v != v; });
+        throw std::invalid_argument(row_error(b, nan ? "contains NaN" : "contains +inf"));
     }
-    if (bad) throw std::invalid_argument(row_error(b, std::any_of(row, row + V, [](float v) { return v != v; }) ? "contains NaN" : "contains +inf"));
-    for (const auto& [tok, n] : counts) {
-        double v = x[tok];
-        v = v > 0 ? v / p.repetition : v * p.repetition;
-        x[tok] = v - (p.presence + p.frequency * static_cast<double>(n));
+}
+
+// Index of the first maximum of x[0..V) (no NaN in x): ties go to the lowest id.
+template <class T>
+int64_t first_max(const T* x, int64_t V) {
+    constexpr int kLanes = 8;  // independent running maxima: the loop vectorises without -ffast-math
+    T lane[kLanes];
+    std::fill(lane, lane + kLanes, -std::numeric_limits<T>::infinity());
+    int64_t i = 0;
+    for (; i + kLanes <= V; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) lane[j] = std::max(lane[j], x[i + j]);
+    T best = *std::max_element(lane, lane + kLanes);
+    for (; i < V; ++i) best = std::max(best, x[i]);
+    return std::find(x, x + V, best) - x;
+}
+
+// x = the row widened to float64, then penalties and bias. Throws on NaN, +inf.
+void process(const float* row, int64_t V, const Params& p, const Counts& counts, int64_t b, std::vector<double>& x) {
+    check_row(row, V, b);
+    x.assign(row, row + V);
+    if (p.penalized()) {
+        for (const auto& [tok, n] : counts) {
+            double v = x[tok];
+            v = v > 0 ? v / p.repetition : v * p.repetition;
+            x[tok] = v - (p.presence + p.frequency * static_cast<double>(n));
+        }
     }
     for (const auto& [tok, add] : p.bias) x[tok] += add;
 }
@@ -192,8 +227,18 @@ int64_t ranked_survivors(const std::vector<double>& x, double xmax, int64_t k, c
     return p.min_p > 0 ? std::count_if(s.idx.begin(), s.idx.begin() + n, [&](int32_t i) { return w[i] >= p.min_p; }) : n;
 }
 
+const char* const kAllMasked = "is -inf everywhere (after logit bias): nothing can be sampled";
+
+// The documented chain for one row. counts: prompt + generated token counts (used only when the
+// row has penalties).
 Draw sample_row(const float* row, int64_t V, const Params& p, const Counts& counts, int64_t position, uint64_t seed, int64_t b,
                 Scratch& s) {
+    if (p.argmax_only()) {  // widening to float64 is exact and keeps the order: the raw row's argmax
+        check_row(row, V, b);
+        const int64_t token = first_max(row, V);
+        if (row[token] == -std::numeric_limits<float>::infinity()) throw std::invalid_argument(row_error(b, kAllMasked));
+        return Draw{token, kNaN};
+    }
     auto& x = s.x;
     process(row, V, p, counts, b, x);
     const int64_t k = p.temperature > 0 && p.top_k > 0 && p.top_k < V ? p.top_k : V;
@@ -202,11 +247,10 @@ Draw sample_row(const float* row, int64_t V, const Params& p, const Counts& coun
         top_k(x, k, s.idx);  // ranked: its first token is the maximum
         argmax = s.idx[0];
     } else {
-        for (int64_t i = 1; i < V; ++i)
-            if (x[i] > x[argmax]) argmax = i;  // first maximum: ties to the lowest id
+        argmax = first_max(x.data(), V);
     }
     const double xmax = x[argmax];
-    if (xmax == -kInf) throw std::invalid_argument(row_error(b, "is -inf everywhere (after logit bias): nothing can be sampled"));
+    if (xmax == -kInf) throw std::invalid_argument(row_error(b, kAllMasked));
 
     const double t = p.temperature;
     Draw out;
@@ -252,76 +296,145 @@ Draw sample_row(const float* row, int64_t V, const Params& p, const Counts& coun
 
 // ------------------------------------------------------------------------------------- batches
 
-class ScratchPool {  // buffers outlive the short-lived worker threads
+// Per-thread buffers (the calling thread's and each worker's), reused across calls.
+Scratch& thread_scratch() {
+    static thread_local Scratch scratch;
+    return scratch;
+}
+
+// Persistent workers: starting threads every step cost more than sampling a small batch. They
+// sleep on a condition variable between jobs; spinning would take the cores that torch's own
+// threads need for the forward.
+class WorkerPool {
   public:
-    std::unique_ptr<Scratch> get() {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (free_.empty()) return std::make_unique<Scratch>();
-        auto s = std::move(free_.back());
-        free_.pop_back();
-        return s;
+    static WorkerPool& instance() {
+        static std::mutex mutex;
+        static WorkerPool* pool = nullptr;  // never destroyed: safe at interpreter exit
+        std::lock_guard<std::mutex> lock(mutex);
+        if (pool == nullptr || pool->pid_ != getpid()) pool = new WorkerPool();  // a forked child has no workers: start anew
+        return *pool;
     }
-    void put(std::unique_ptr<Scratch> s) {
+
+    // Calls task(i) for every i in [0, n) on the calling thread and up to `helpers` workers, and
+    // returns once all are done. One job at a time: a caller that finds the pool busy works alone.
+    template <class Task>
+    void run(int64_t n, int helpers, Task& task) {
+        std::unique_lock<std::mutex> job(job_mutex_, std::try_to_lock);
+        if (helpers <= 0 || !job.owns_lock()) {
+            for (int64_t i = 0; i < n; ++i) task(i);
+            return;
+        }
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            while (static_cast<int>(workers_.size()) < helpers) workers_.emplace_back(&WorkerPool::work, this, workers_.size());
+            task_ = &task;
+            call_ = [](void* t, int64_t i) { (*static_cast<Task*>(t))(i); };
+            n_ = n;
+            next_ = 0;
+            helpers_ = helpers;
+            open_ = true;
+            ++generation_;
+        }
+        wake_.notify_all();
+        drain();
+        std::unique_lock<std::mutex> lock(mutex_);
+        open_ = false;  // workers that wake up from now on find nothing to do: don't wait for them
+        done_.wait(lock, [this] { return busy_ == 0; });
+    }
+
+    size_t size() {
         std::lock_guard<std::mutex> lock(mutex_);
-        free_.push_back(std::move(s));
+        return workers_.size();
     }
 
   private:
-    std::mutex mutex_;
-    std::vector<std::unique_ptr<Scratch>> free_;
+    WorkerPool() : pid_(getpid()) {}
+
+    void drain() {
+        for (int64_t i; (i = next_.fetch_add(1)) < n_;) call_(task_, i);
+    }
+
+    void work(size_t id) {
+        uint64_t seen = 0;
+        for (;;) {
+            {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return generation_ != seen; });
+                seen = generation_;
+                if (!open_ || static_cast<int>(id) >= helpers_) continue;
+                ++busy_;
+            }
+            drain();
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (--busy_ == 0) done_.notify_all();
+        }
+    }
+
+    const pid_t pid_;
+    std::mutex job_mutex_, mutex_;
+    std::condition_variable wake_, done_;
+    std::vector<std::thread> workers_;  // detached in effect: the pool is never destroyed
+    void* task_ = nullptr;
+    void (*call_)(void*, int64_t) = nullptr;
+    int64_t n_ = 0;
+    std::atomic<int64_t> next_{0};
+    int helpers_ = 0, busy_ = 0;
+    bool open_ = false;
+    uint64_t generation_ = 0;
 };
 
-ScratchPool& scratch_pool() {
-    static ScratchPool* pool = new ScratchPool();  // never destroyed: safe at interpreter exit
-    return *pool;
-}
+// Below this much work (in logits read, an argmax-only row counting its V, any other row
+// kSampledRowWeight x V) a step runs on the calling thread alone: waking a worker costs more than
+// it saves. `python benchmarks/sampling.py --pool` measures where the pool starts to pay; tests
+// and that benchmark move the threshold with set_pool_min_work.
+constexpr int64_t kSampledRowWeight = 8;
+std::atomic<int64_t> pool_min_work{1 << 18};
 
-// Samples rows b with active[b] on min(threads, rows) threads, GIL released. A row's error
-// (NaN, all -inf) is rethrown for the lowest such row, as ValueError, once all rows are done.
+// Samples rows[0..n) with row_fn(b, scratch) -> Draw into out[b], GIL released; threads counts
+// the caller. A row's error (NaN, all -inf) is rethrown for the lowest such row, as ValueError,
+// once all rows are done; errors[b] must be empty on entry and is left empty.
 template <class RowFn>
-std::vector<Draw> sample_rows(int64_t B, int64_t V, int threads, const std::vector<bool>& active, RowFn row_fn) {
-    std::vector<Draw> out(B);
-    std::vector<std::string> errors(B);
+void sample_rows(const std::vector<int64_t>& rows, int threads, int64_t work, RowFn row_fn, std::vector<Draw>& out,
+                 std::vector<std::string>& errors) {
+    std::atomic<bool> failed{false};
+    auto task = [&](int64_t i) {
+        const int64_t b = rows[i];
+        try {
+            out[b] = row_fn(b, thread_scratch());
+        } catch (const std::exception& e) {
+            errors[b] = e.what();
+            failed = true;
+        }
+    };
     {
         py::gil_scoped_release release;
-        std::atomic<int64_t> next{0};
-        const auto worker = [&]() {
-            auto scratch = scratch_pool().get();
-            for (int64_t b; (b = next.fetch_add(1)) < B;) {
-                if (!active[b]) continue;
-                try {
-                    out[b] = row_fn(b, *scratch);
-                } catch (const std::exception& e) {
-                    errors[b] = e.what();
-                }
-            }
-            scratch_pool().put(std::move(scratch));
-        };
-        // A thread costs ~10-50 us to start: only worth it for a few thousand logits per thread.
-        const int64_t useful = std::max<int64_t>(1, B * V / 4096);
-        const int n = static_cast<int>(std::min<int64_t>({std::max(threads, 1), B, useful}));
-        std::vector<std::thread> pool;
-        for (int i = 1; i < n; ++i) pool.emplace_back(worker);
-        worker();
-        for (auto& th : pool) th.join();
+        const int64_t n = static_cast<int64_t>(rows.size());
+        const int helpers = work >= pool_min_work ? static_cast<int>(std::min<int64_t>(threads, n)) - 1 : 0;
+        WorkerPool::instance().run(n, helpers, task);
     }
-    for (const auto& e : errors)
-        if (!e.empty()) throw std::invalid_argument(e);
-    return out;
+    if (!failed) return;
+    for (auto& e : errors)
+        if (!e.empty()) {
+            const std::string first = std::move(e);
+            for (auto& rest : errors) rest.clear();
+            throw std::invalid_argument(first);
+        }
 }
+
+int64_t row_work(const Params& p, int64_t V) { return p.argmax_only() ? V : kSampledRowWeight * V; }
 
 using Logits = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 int64_t vocab_of(const Logits& logits, int64_t batch) {
     if (logits.ndim() != 2 || logits.shape(0) != batch || logits.shape(1) < 1)
-        throw std::invalid_argument("logits must be [B=" + std::to_string(batch) + ", V>=1] float32");
-    if (logits.shape(1) > std::numeric_limits<int32_t>::max()) throw std::invalid_argument("vocabulary larger than 2^31");
+        throw InputError("logits must be [B=" + std::to_string(batch) + ", V>=1] float32");
+    if (logits.shape(1) > std::numeric_limits<int32_t>::max()) throw InputError("vocabulary larger than 2^31");
     return logits.shape(1);
 }
 
 void check_ids(const Params& p, const std::vector<int64_t>& tokens, int64_t V, size_t b) {
     const auto bad = [&](int64_t tok, const char* what) {
-        return std::invalid_argument(std::string(what) + " of row " + std::to_string(b) + " holds token id " + std::to_string(tok) +
+        return InputError(std::string(what) + " of row " + std::to_string(b) + " holds token id " + std::to_string(tok) +
                                      ", not an id in [0, V=" + std::to_string(V) + ")");
     };
     for (const auto& [tok, add] : p.bias)
@@ -336,13 +449,21 @@ py::tuple sample(const Logits& logits, const std::vector<Params>& params, const 
     const int64_t B = static_cast<int64_t>(params.size());
     if (static_cast<int64_t>(prev_tokens.size()) != B || static_cast<int64_t>(positions.size()) != B ||
         static_cast<int64_t>(seeds.size()) != B)
-        throw std::invalid_argument("params, prev_tokens, positions and seeds must all have B entries");
+        throw InputError("params, prev_tokens, positions and seeds must all have B entries");
     const int64_t V = vocab_of(logits, B);
     for (int64_t b = 0; b < B; ++b) check_ids(params[b], prev_tokens[b], V, b);
+    std::vector<int64_t> rows(B);
+    std::iota(rows.begin(), rows.end(), 0);
+    int64_t work = 0;
+    for (const auto& p : params) work += row_work(p, V);
+    std::vector<Draw> out(B);
+    std::vector<std::string> errors(B);
     const float* data = logits.data();
-    const auto out = sample_rows(B, V, threads, std::vector<bool>(B, true), [&](int64_t b, Scratch& s) {
-        return sample_row(data + b * V, V, params[b], count_tokens(prev_tokens[b], V, s), positions[b], seeds[b], b, s);
-    });
+    const Counts none;
+    sample_rows(rows, threads, work, [&](int64_t b, Scratch& s) {
+        const Counts& counts = params[b].penalized() ? count_tokens(prev_tokens[b], V, s) : none;
+        return sample_row(data + b * V, V, params[b], counts, positions[b], seeds[b], b, s);
+    }, out, errors);
     py::list tokens, logprobs;
     for (const auto& d : out) tokens.append(d.token), logprobs.append(d.logprob);
     return py::make_tuple(tokens, logprobs);
@@ -350,34 +471,41 @@ py::tuple sample(const Logits& logits, const std::vector<Params>& params, const 
 
 // ------------------------------------------------------------------------------------- DecodeLoop
 
-enum Finish : int { kRunning = 0, kStopToken = 1, kStopString = 2, kLength = 3 };  // engine.sampling._FINISH_REASONS
+// Why a row stopped; exported as engine._sampler.Finish, mirrored by engine.sampling.Finish.
+enum Finish : int { kRunning = 0, kStopToken = 1, kStopString = 2, kLength = 3 };
 
 class DecodeLoop {
   public:
     DecodeLoop(std::vector<Params> params, const std::vector<std::vector<int64_t>>& prompts, std::vector<std::string> token_bytes,
                const std::vector<uint64_t>& seeds, int threads)
         : token_bytes_(std::move(token_bytes)), threads_(threads) {
-        if (prompts.size() != params.size() || seeds.size() != params.size())
-            throw std::invalid_argument("params, prompts and seeds must all have B entries");
-        for (size_t b = 0; b < params.size(); ++b) {
+        const size_t B = params.size();
+        if (prompts.size() != B || seeds.size() != B) throw InputError("params, prompts and seeds must all have B entries");
+        for (size_t b = 0; b < B; ++b) {
             Row r;
             r.prompt = prompts[b];
-            for (int64_t tok : prompts[b]) r.add(tok);
+            if (params[b].penalized())
+                for (int64_t tok : prompts[b]) r.add(tok);
             r.position = static_cast<int64_t>(prompts[b].size());
             r.seed = seeds[b];
             for (const auto& s : params[b].stop) r.keep = std::max(r.keep, s.size() - 1);
             if (!params[b].stop.empty() && token_bytes_.empty())
-                throw std::invalid_argument("token_bytes is required when a request has stop strings");
+                throw InputError("token_bytes is required when a request has stop strings");
             r.p = std::move(params[b]);
             rows_.push_back(std::move(r));
+            running_.push_back(static_cast<int64_t>(b));
         }
+        tokens_.assign(B, -1), logprobs_.assign(B, kNaN), codes_.assign(B, kRunning), next_input_.assign(B, 0);
+        draws_.resize(B), errors_.resize(B);
     }
 
-    // One decode step: samples every unfinished row, then appends the tokens and checks stops.
-    // Returns (tokens, logprobs, finish codes); finished rows get -1 and keep their state.
-    // Not to be called from two Python threads at once on the same loop (one loop per batch).
-    // Nothing changes when a row raises: every row is sampled before any state is updated.
-    py::tuple step(const Logits& logits) {
+    // One decode step: samples every running row, then appends the tokens and checks stops.
+    // Results go to the buffers `tokens`, `logprobs` (NaN where not requested) and `codes` (a
+    // Finish per row); rows finished before this step get -1, NaN, RUNNING and keep their state.
+    // `next_input` holds what the model reads next: the tokens, a valid id for finished rows.
+    // Returns how many rows finished at this step. Nothing changes when a row raises: every row
+    // is sampled before any state is updated. One loop per batch: not for two threads at once.
+    int step(const Logits& logits) {
         const int64_t B = static_cast<int64_t>(rows_.size());
         const int64_t V = vocab_of(logits, B);
         if (vocab_ < 0) {
@@ -385,34 +513,46 @@ class DecodeLoop {
             for (auto& r : rows_) r.prompt = {};
             vocab_ = V;
         } else if (V != vocab_) {
-            throw std::invalid_argument("logits changed vocabulary size from V=" + std::to_string(vocab_) + " to V=" + std::to_string(V));
+            throw InputError("logits changed vocabulary size from V=" + std::to_string(vocab_) + " to V=" + std::to_string(V));
         }
-        std::vector<bool> active(B);
-        for (int64_t b = 0; b < B; ++b) active[b] = !rows_[b].finished;
+        int64_t work = 0;
+        for (int64_t b : running_) work += row_work(rows_[b].p, V);
         const float* data = logits.data();
-        const auto out = sample_rows(B, V, threads_, active, [&](int64_t b, Scratch& s) {
+        sample_rows(running_, threads_, work, [&](int64_t b, Scratch& s) {
             const Row& r = rows_[b];
             return sample_row(data + b * V, V, r.p, r.counts, r.position, r.seed, b, s);
-        });
-        py::list tokens, logprobs, reasons;
-        for (int64_t b = 0; b < B; ++b) {
-            const int code = active[b] ? append(rows_[b], out[b].token) : kRunning;
-            tokens.append(out[b].token), logprobs.append(out[b].logprob), reasons.append(code);
+        }, draws_, errors_);
+        std::fill(tokens_.begin(), tokens_.end(), -1);
+        std::fill(logprobs_.begin(), logprobs_.end(), kNaN);
+        std::fill(codes_.begin(), codes_.end(), kRunning);
+        int finished = 0;
+        for (int64_t b : running_) {
+            tokens_[b] = next_input_[b] = draws_[b].token, logprobs_[b] = draws_[b].logprob;
+            codes_[b] = append(rows_[b], draws_[b].token);
+            finished += codes_[b] != kRunning;
         }
-        return py::make_tuple(tokens, logprobs, reasons);
+        if (finished)
+            running_.erase(std::remove_if(running_.begin(), running_.end(), [this](int64_t b) { return codes_[b] != kRunning; }),
+                           running_.end());
+        return finished;
     }
+
+    // The result buffers as numpy arrays that share this loop's memory (and keep it alive).
+    static py::array tokens(py::object self) { return view(self, self.cast<DecodeLoop&>().tokens_); }
+    static py::array logprobs(py::object self) { return view(self, self.cast<DecodeLoop&>().logprobs_); }
+    static py::array codes(py::object self) { return view(self, self.cast<DecodeLoop&>().codes_); }
+    static py::array next_input(py::object self) { return view(self, self.cast<DecodeLoop&>().next_input_); }
 
   private:
     struct Row {
         Params p;
-        Counts counts;  // prompt + generated, updated as tokens are appended
+        Counts counts;  // prompt + generated, updated as tokens are appended; only for rows with penalties
         std::unordered_map<int64_t, size_t> slot;  // token id -> its entry in counts
         std::vector<int64_t> prompt;  // kept until the first step has checked it against V
         std::string tail;  // the last `keep` generated bytes: enough to see a stop string straddle tokens
         size_t keep = 0;
         int64_t position = 0, generated = 0;
         uint64_t seed = 0;
-        bool finished = false;
 
         void add(int64_t tok) {
             const auto [it, fresh] = slot.try_emplace(tok, counts.size());
@@ -423,8 +563,13 @@ class DecodeLoop {
         }
     };
 
-    int append(Row& r, int64_t tok) {
-        r.add(tok);
+    template <class T>
+    static py::array view(py::object self, std::vector<T>& buffer) {  // the vectors never grow after construction
+        return py::array_t<T>(static_cast<py::ssize_t>(buffer.size()), buffer.data(), self);
+    }
+
+    int32_t append(Row& r, int64_t tok) {
+        if (r.p.penalized()) r.add(tok);
         ++r.position;
         ++r.generated;
         bool hit = false;
@@ -433,27 +578,43 @@ class DecodeLoop {
             for (const auto& s : r.p.stop) hit |= r.tail.find(s) != std::string::npos;
             if (r.tail.size() > r.keep) r.tail.erase(0, r.tail.size() - r.keep);
         }
-        int code = kRunning;
-        if (std::find(r.p.stop_ids.begin(), r.p.stop_ids.end(), tok) != r.p.stop_ids.end())
-            code = kStopToken;
-        else if (hit)
-            code = kStopString;
-        else if (r.generated >= r.p.max_new_tokens)
-            code = kLength;
-        r.finished = code != kRunning;
-        return code;
+        if (std::find(r.p.stop_ids.begin(), r.p.stop_ids.end(), tok) != r.p.stop_ids.end()) return kStopToken;
+        if (hit) return kStopString;
+        if (r.generated >= r.p.max_new_tokens) return kLength;
+        return kRunning;
     }
 
     std::vector<Row> rows_;
+    std::vector<int64_t> running_;  // rows not finished yet, ascending
     std::vector<std::string> token_bytes_;
     int threads_;
     int64_t vocab_ = -1;
+    std::vector<int64_t> tokens_;  // the results of the last step
+    std::vector<double> logprobs_;
+    std::vector<int32_t> codes_;
+    std::vector<int64_t> next_input_;
+    std::vector<Draw> draws_;  // per-step scratch, sized once
+    std::vector<std::string> errors_;
 };
 
 }  // namespace
 
 PYBIND11_MODULE(_sampler, m) {
     m.doc() = "C++ token sampler (see engine/sampling.py for the documented semantics)";
+    // a reference kept for the life of the process: the translator may run at any time
+    static py::handle input_error = py::object(py::module_::import("engine.errors").attr("InputError")).release();
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const InputError& e) {
+            PyErr_SetString(input_error.ptr(), e.what());
+        }
+    });
+    py::enum_<Finish>(m, "Finish")
+        .value("RUNNING", kRunning)
+        .value("STOP_TOKEN", kStopToken)
+        .value("STOP_STRING", kStopString)
+        .value("LENGTH", kLength);
     py::class_<Params>(m, "Params")
         .def(py::init([](double temperature, int64_t top_k, double top_p, double min_p, double repetition, double presence,
                          double frequency, std::vector<std::pair<int64_t, double>> bias, bool logprobs, std::vector<int64_t> stop_ids,
@@ -464,11 +625,20 @@ PYBIND11_MODULE(_sampler, m) {
              py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"), py::arg("repetition_penalty"),
              py::arg("presence_penalty"), py::arg("frequency_penalty"), py::arg("logit_bias"), py::arg("logprobs"),
              py::arg("stop_token_ids"), py::arg("stop"), py::arg("max_new_tokens"));
+    m.def("set_pool_min_work", [](int64_t work) { pool_min_work = work; }, py::arg("work"),
+          "Work (logits read, sampled rows weighted x8) from which a batch is spread over the worker pool.");
+    m.def("pool_min_work", [] { return pool_min_work.load(); });
+    m.def("pool_workers", [] { return WorkerPool::instance().size(); }, "Worker threads started so far in this process.");
     m.def("sample", &sample, py::arg("logits"), py::arg("params"), py::arg("prev_tokens"), py::arg("positions"), py::arg("seeds"),
           py::arg("threads"), "Stateless batch sample: returns (tokens, logprobs); NaN logprob where not requested.");
     py::class_<DecodeLoop>(m, "DecodeLoop")
         .def(py::init<std::vector<Params>, const std::vector<std::vector<int64_t>>&, std::vector<std::string>,
                       const std::vector<uint64_t>&, int>(),
              py::arg("params"), py::arg("prompts"), py::arg("token_bytes"), py::arg("seeds"), py::arg("threads"))
-        .def("step", &DecodeLoop::step, py::arg("logits"), "Sample one token per unfinished row: (tokens, logprobs, finish codes).");
+        .def("step", &DecodeLoop::step, py::arg("logits"),
+             "Sample one token per running row into tokens / logprobs / codes; returns how many rows finished.")
+        .def_property_readonly("tokens", &DecodeLoop::tokens, "int64 [B]: the last step's tokens (-1: finished before it)")
+        .def_property_readonly("logprobs", &DecodeLoop::logprobs, "float64 [B]: their log-probabilities (NaN: not requested)")
+        .def_property_readonly("codes", &DecodeLoop::codes, "int32 [B]: Finish code per row after the last step")
+        .def_property_readonly("next_input", &DecodeLoop::next_input, "int64 [B]: the tokens, a valid id for finished rows");
 }

@@ -173,7 +173,7 @@ def train_config(args):
 def load_model(args):
     """--ckpt or --hf -> (model, tokenizer)."""
     from engine.checkpoint import load_source
-    from engine.train import pick_device
+    from engine.devices import pick_device
 
     model, tokenizer, _, _ = load_source(args.ckpt, args.hf, pick_device(args.device), args.backend)
     if tokenizer is None:
@@ -252,7 +252,7 @@ def cmd_profile(args):
     if args.preset:
         from engine.config import GPTConfig
         from engine.model import GPT
-        from engine.train import pick_device
+        from engine.devices import pick_device
 
         model = GPT(GPTConfig.from_preset(args.preset), backend=args.backend).to(pick_device(args.device))
     else:

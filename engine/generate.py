@@ -6,11 +6,16 @@ tells attention where each row's real tokens begin (padding is never attended to
 positions count from there, so a row's tokens don't depend on its neighbours.
 Sampling and stop conditions live in engine.sampling.DecodeLoop (C++ when built).
 """
+import collections
+import contextlib
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from engine.devices import autocast_for, kv_cache_dtype
+from engine.errors import InputError
 from engine.sampling import DecodeLoop, SamplingParams
 
 
@@ -21,14 +26,18 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        # each layer's [B, nh, max_len, hd] views, made once: a small decode step is bound by how
+        # many ops it dispatches, and indexing self.k[layer, :, :, a:b] is four of them
+        self.layers = [(self.k[i], self.v[i]) for i in range(config.n_layer)]
         self.pos = 0
 
     def update(self, layer: int, k, v):
         """Write this step's k, v [B, nh, T, hd] after the cached ones; return all of them."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_all, v_all = self.layers[layer]
+        T = k.shape[2]
+        k_all.narrow(2, self.pos, T).copy_(k)
+        v_all.narrow(2, self.pos, T).copy_(v)
+        return k_all.narrow(2, 0, self.pos + T), v_all.narrow(2, 0, self.pos + T)
 
     def advance(self, n: int):
         self.pos += n
@@ -49,40 +58,87 @@ def _as_ids(prompt, tokenizer) -> list[int]:
         return [tokenizer.bos_id] + tokenizer.encode(prompt)
     ids = [int(t) for t in prompt]
     if not ids:
-        raise ValueError("prompt must hold at least one token")
+        raise InputError("prompt must hold at least one token id")
     return ids
 
 
+class PhaseTimer:
+    """A `phase` hook for decode_steps that adds up the seconds spent in each phase.
+
+        timer = PhaseTimer(sync=torch.cuda.synchronize)
+        for tokens, loop in decode_steps(model, prompts, params, phase=timer): ...
+        timer.seconds   # {"prefill": s, "forward": s, "sampling": s}; timer.calls counts them
+
+    What the phases leave out of the wall-clock time is the Python between steps. sync (e.g.
+    torch.cuda.synchronize) is called at both ends of every phase, so that a phase does not
+    absorb device work queued by the one before. Phases do not nest.
+    """
+
+    def __init__(self, sync=None):
+        self.sync = sync
+        self.seconds = collections.Counter()
+        self.calls = collections.Counter()
+
+    def __call__(self, name: str) -> "PhaseTimer":
+        self._name = name
+        return self
+
+    def __enter__(self):
+        if self.sync:
+            self.sync()
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.sync:
+            self.sync()
+        self.seconds[self._name] += time.perf_counter() - self._t0
+        self.calls[self._name] += 1
+
+
+_NO_PHASE = contextlib.nullcontext()  # what every phase enters when no hook is given (re-enterable, free)
+
+
 @torch.inference_mode()
-def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], token_bytes=None, sampler="auto") -> Iterator[tuple[torch.Tensor, DecodeLoop]]:
-    """Yield (tokens [B], loop) after every step; tokens[b] == -1 once row b has finished."""
+def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], token_bytes=None, sampler="auto",
+                 phase=None) -> Iterator[tuple[torch.Tensor, DecodeLoop]]:
+    """Yield (tokens [B], loop) after every step; tokens[b] == -1 once row b has finished.
+
+    phase: an optional hook for profilers and benchmarks, entered as `with phase(name):` around
+    each part of the work: "prefill" (the prompts' forward, once), then per step "sampling"
+    (DecodeLoop.step, with the logits' copy to the CPU) and "forward" (one token's forward).
+    PhaseTimer adds up their seconds; engine.profile names them in a trace.
+    """
     if len(params) != len(prompts):
-        raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
+        raise InputError(f"params has {len(params)} entries for {len(prompts)} prompts")
+    if not prompts or not all(prompts):
+        raise InputError("prompts must be a non-empty list of non-empty token-id lists")
+    phase = phase or (lambda name: _NO_PHASE)
     cfg = model.config
     device = next(model.parameters()).device
     lengths = [len(p) for p in prompts]
     L = max(lengths)
     total = L + max(p.max_new_tokens for p in params)
     if total > cfg.block_size:
-        raise ValueError(f"prompt ({L} tokens) + max_new_tokens ({total - L}) exceeds the model's context of {cfg.block_size} tokens")
+        raise InputError(f"prompt ({L} tokens) + max_new_tokens ({total - L}) exceeds the model's context of "
+                         f"{cfg.block_size} tokens")
     idx = torch.zeros(len(prompts), L, dtype=torch.long)
     for b, p in enumerate(prompts):
         idx[b, L - len(p) :] = torch.tensor(p)
     kv_start = torch.tensor([L - n for n in lengths], device=device) if min(lengths) < L else None
-    dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
-    cache = KVCache(cfg, len(prompts), total, device, dtype)
+    cache = KVCache(cfg, len(prompts), total, device, kv_cache_dtype(model))
     loop = DecodeLoop(params, prompts, token_bytes=token_bytes, impl=sampler)
     model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with autocast:
-        logits, _ = model(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)  # prefill
+    autocast = autocast_for(device)
+    with phase("prefill"), autocast:
+        logits, _ = model(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)
     while True:
-        tokens = loop.step(logits[:, -1])
+        with phase("sampling"):
+            tokens = loop.step(logits[:, -1])
         yield tokens, loop
         if loop.all_finished:
             return
-        with autocast:
-            logits, _ = model(tokens.clamp(min=0)[:, None].to(device), cache=cache, kv_start=kv_start)
+        with phase("forward"), autocast:
+            logits, _ = model(loop.next_input.to(device), cache=cache, kv_start=kv_start)
 
 
 def _finish_text(tokenizer, ids: list[int], params: SamplingParams, reason: str) -> str:

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
+from engine.devices import autocast_for
 from engine.errors import InputError
-from engine.generate import KVCache
+from engine.generate import decode_steps
 from engine.model import GPT
-from engine.sampling import DecodeLoop, SamplingParams
+from engine.sampling import SamplingParams
 from engine.train import TrainConfig, make_optimizer
 
 
@@ -53,7 +54,7 @@ def train_steps(model: GPT, batch_size: int, seq_len: int, nvtx: bool):
     model.train()
     optimizer = make_optimizer(model, TrainConfig(max_steps=1))
     x = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1)).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = autocast_for(device)
 
     def step():
         with phase("forward", nvtx), autocast:
@@ -66,31 +67,18 @@ def train_steps(model: GPT, batch_size: int, seq_len: int, nvtx: bool):
     return step
 
 
-def decode_steps(model: GPT, batch_size: int, prompt_len: int, new_tokens: int, nvtx: bool):
-    """A function generating new_tokens tokens per call (prefill + decode with a KV cache, like
-    engine.generate.decode_steps, spelled out so each phase can be named)."""
-    cfg, device = model.config, next(model.parameters()).device
+def decode_run(model: GPT, batch_size: int, prompt_len: int, new_tokens: int, nvtx: bool):
+    """A function generating new_tokens tokens per call with engine.generate.decode_steps, its
+    phases ("prefill", then per step "sampling" and "forward") named in the trace."""
+    cfg = model.config
     if prompt_len + new_tokens > cfg.block_size:
         raise InputError(f"--seq-len ({prompt_len}) + --steps ({new_tokens}) exceeds the model's context of {cfg.block_size} tokens")
-    model.eval()
-    prompts = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len))
+    prompts = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len)).tolist()
     params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=b, max_new_tokens=new_tokens) for b in range(batch_size)]
-    dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    @torch.no_grad()
     def run():
-        cache = KVCache(cfg, batch_size, prompt_len + new_tokens, device, dtype)
-        loop = DecodeLoop(params, prompts.tolist())
-        with phase("prefill", nvtx), autocast:
-            logits, _ = model(prompts.to(device), cache=cache, last_only=True)
-        while True:
-            with phase("sampling", nvtx):
-                tokens = loop.step(logits[:, -1])
-            if loop.all_finished:
-                return
-            with phase("forward", nvtx), autocast:
-                logits, _ = model(tokens.clamp(min=0)[:, None].to(device), cache=cache)
+        for _ in decode_steps(model, prompts, params, phase=lambda name: phase(name, nvtx)):
+            pass
     return run
 
 
@@ -132,7 +120,7 @@ def profile(model: GPT, mode: str, steps: int, out, batch_size: int = 4, seq_len
             raise InputError(f"--seq-len {seq_len} exceeds the model's context of {model.config.block_size} tokens")
         run, repeat = train_steps(model, batch_size, seq_len, cuda), steps
     else:
-        run, repeat = decode_steps(model, batch_size, seq_len or 16, steps, cuda), 1
+        run, repeat = decode_run(model, batch_size, seq_len or 16, steps, cuda), 1
     handles = add_block_ranges(model) if cuda else []
     try:
         run()  # warm-up, untraced

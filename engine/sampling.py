@@ -16,7 +16,9 @@ temperature give bit-identical values in Python and C++ (the extension is built 
     x = x - (presence + frequency * count)
   * logit bias: x = x + bias[token]  (a bias of -inf bans a token)
   * a row whose maximum is -inf after the bias raises ValueError; so do NaN and +inf logits
-    (checked on the input row; a +inf logit does not define a distribution).
+    (checked on the input row; a +inf logit does not define a distribution). Logits come from
+    the model, so these are plain ValueErrors; bad arguments (parameters, token ids, shapes)
+    raise engine.errors.InputError, in both implementations.
 
 Temperature 0 is greedy: argmax of x, ties to the lowest id; top-k / top-p / min-p are ignored.
 
@@ -55,6 +57,7 @@ records them, so any run can be replayed.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import numbers
 import secrets
@@ -63,13 +66,27 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping
 
+import numpy as np
 import torch
+
+from engine.errors import InputError
 
 _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment (2^64 / golden ratio, odd)
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
-_FINISH_REASONS = (None, "stop_token", "stop_string", "length")  # C++ core returns these indices
+_INT_LIMIT = 1 << 62  # exclusive bound of top_k, max_new_tokens and token ids: int64_t in C++, with room for sums
+
+
+class Finish(enum.IntEnum):
+    """Why a row stopped: the code a decode-loop core returns for it after each step.
+    csrc/sampler.cpp exports the same enum as engine._sampler.Finish (a test checks they agree);
+    DecodeLoop.finish_reason holds the lower-case name ("stop_token", ...)."""
+
+    RUNNING = 0
+    STOP_TOKEN = 1
+    STOP_STRING = 2
+    LENGTH = 3
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -77,14 +94,24 @@ _FINISH_REASONS = (None, "stop_token", "stop_string", "length")  # C++ core retu
 
 def _check_real(name, value, ok, allowed):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or not ok(value):
-        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+        raise InputError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
     return float(value)
 
 
 def _check_int(name, value, lo, hi, allowed):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value < hi:
-        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+        raise InputError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
     return int(value)
+
+
+_REAL_FIELDS = {  # field: (accepts, what the error message says is expected)
+    "temperature": (lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "repetition_penalty": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,36 +133,28 @@ class SamplingParams:
     logprobs: bool = False
 
     def __post_init__(self):
-        inf = math.inf
-        fix = {
-            "temperature": _check_real("temperature", self.temperature, lambda v: 0 <= v < inf, "finite and >= 0"),
-            "top_k": _check_int("top_k", self.top_k, 0, 1 << 62, "an int >= 0 (0 = off)"),
-            "top_p": _check_real("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
-            "min_p": _check_real("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1]"),
-            "repetition_penalty": _check_real("repetition_penalty", self.repetition_penalty, lambda v: 0 < v < inf, "finite and > 0"),
-            "presence_penalty": _check_real("presence_penalty", self.presence_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]"),
-            "frequency_penalty": _check_real("frequency_penalty", self.frequency_penalty, lambda v: -2 <= v <= 2, "in [-2, 2]"),
-            "max_new_tokens": _check_int("max_new_tokens", self.max_new_tokens, 1, 1 << 62, "an int >= 1"),
-        }
+        fix = {name: _check_real(name, getattr(self, name), ok, allowed) for name, (ok, allowed) in _REAL_FIELDS.items()}
+        fix["top_k"] = _check_int("top_k", self.top_k, 0, _INT_LIMIT, "an int >= 0 (0 = off)")
+        fix["max_new_tokens"] = _check_int("max_new_tokens", self.max_new_tokens, 1, _INT_LIMIT, "an int >= 1")
         if self.seed is not None:
             fix["seed"] = _check_int("seed", self.seed, 0, 1 << 64, "None or an int in [0, 2**64)")
         if not isinstance(self.logprobs, bool):
-            raise ValueError(f"SamplingParams.logprobs must be a bool, got {self.logprobs!r}")
+            raise InputError(f"SamplingParams.logprobs must be a bool, got {self.logprobs!r}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, Mapping):
-                raise ValueError(f"SamplingParams.logit_bias must be None or a dict token id -> float, got {self.logit_bias!r}")
+                raise InputError(f"SamplingParams.logit_bias must be None or a dict token id -> float, got {self.logit_bias!r}")
             bias = {}
             for tok, val in self.logit_bias.items():
-                tok = _check_int("logit_bias", tok, 0, 1 << 62, "keyed by token ids >= 0")
-                bias[tok] = _check_real(f"logit_bias[{tok}]", val, lambda v: v < inf, "a float, finite or -inf")
+                tok = _check_int("logit_bias", tok, 0, _INT_LIMIT, "keyed by token ids >= 0")
+                bias[tok] = _check_real(f"logit_bias[{tok}]", val, lambda v: v < math.inf, "a float, finite or -inf")
             fix["logit_bias"] = types.MappingProxyType(bias)
         stop_ids = self.stop_token_ids
         stop_ids = (stop_ids,) if isinstance(stop_ids, numbers.Integral) else tuple(stop_ids)
-        fix["stop_token_ids"] = tuple(_check_int("stop_token_ids", t, 0, 1 << 62, "token ids >= 0") for t in stop_ids)
+        fix["stop_token_ids"] = tuple(_check_int("stop_token_ids", t, 0, _INT_LIMIT, "token ids >= 0") for t in stop_ids)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         for s in stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {s!r}")
+                raise InputError(f"SamplingParams.stop must hold non-empty strings, got {s!r}")
         fix["stop"] = stop
         for name, value in fix.items():
             object.__setattr__(self, name, value)
@@ -252,14 +271,15 @@ _warned_no_extension = False
 def _pick_impl(impl: str) -> str:
     global _warned_no_extension
     if impl not in ("auto", "cpp", "reference"):
-        raise ValueError(f"impl must be 'auto', 'cpp' or 'reference', got {impl!r}")
+        raise InputError(f"impl must be 'auto', 'cpp' or 'reference', got {impl!r}")
     if impl == "cpp" and _extension() is None:
-        raise ValueError("impl='cpp' needs the C++ extension engine._sampler; build it with `pip install -e .`")
+        raise InputError("impl='cpp' needs the C++ extension engine._sampler; build it with `pip install -e .`")
     if impl == "auto":
         if _extension() is not None:
             return "cpp"
         if not _warned_no_extension:
-            warnings.warn("engine._sampler (the C++ sampler) is not built: using the slower reference sampler", RuntimeWarning, stacklevel=3)
+            warnings.warn("engine._sampler (the C++ sampler) is not built: using the slower reference sampler", RuntimeWarning,
+                          stacklevel=3)
             _warned_no_extension = True
         return "reference"
     return impl
@@ -275,8 +295,9 @@ def _cpp_params(p: SamplingParams):
 
 def _cpu_float32(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """logits as a contiguous float32 CPU tensor; copied (once) only when needed."""
-    logits = logits.detach()
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+    if logits.requires_grad:
+        logits = logits.detach()
+    if logits.dtype == torch.float32 and logits.is_cpu and logits.is_contiguous():
         return logits
     if out is None or out.shape != logits.shape:
         out = torch.empty(logits.shape, dtype=torch.float32, pin_memory=logits.is_cuda)
@@ -285,14 +306,15 @@ def _cpu_float32(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch
 
 def _check_batch(logits: torch.Tensor, batch: int) -> None:
     if logits.dim() != 2 or logits.shape[0] != batch or logits.shape[1] < 1:
-        raise ValueError(f"logits must be [B={batch}, V>=1], got shape {tuple(logits.shape)}")
+        raise InputError(f"logits must be [B={batch}, V>=1], got shape {tuple(logits.shape)}")
 
 
 def _check_bias(V: int, params) -> None:
     for b, p in enumerate(params):
         for tok in p.logit_bias or ():
             if tok >= V:
-                raise ValueError(f"SamplingParams.logit_bias of row {b} names token id {tok}, but the vocabulary has V={V} tokens")
+                raise InputError(f"SamplingParams.logit_bias of row {b} names token id {tok}, but the vocabulary has V={V} "
+                                 "tokens")
 
 
 def _check_tokens(V: int, token_lists) -> None:
@@ -300,7 +322,7 @@ def _check_tokens(V: int, token_lists) -> None:
     for b, toks in enumerate(token_lists):
         for tok in toks:
             if isinstance(tok, bool) or not isinstance(tok, numbers.Integral) or not 0 <= tok < V:
-                raise ValueError(f"token {tok!r} in the previous tokens of row {b} is not an id in [0, V={V})")
+                raise InputError(f"token {tok!r} in the previous tokens of row {b} is not an id in [0, V={V})")
 
 
 def _default_threads() -> int:
@@ -330,10 +352,11 @@ class Sampler:
         B = len(params)
         _check_batch(logits, B)
         if len(prev_tokens) != B or len(positions) != B:
-            raise ValueError(f"params, prev_tokens and positions must all have B={B} entries, got {B}, {len(prev_tokens)}, {len(positions)}")
+            raise InputError(f"params, prev_tokens and positions must all have B={B} entries, got {B}, {len(prev_tokens)}, "
+                             f"{len(positions)}")
         for pos in positions:
             if isinstance(pos, bool) or not isinstance(pos, numbers.Integral) or pos < 0:
-                raise ValueError(f"positions must be ints >= 0, got {pos!r}")
+                raise InputError(f"positions must be ints >= 0, got {pos!r}")
         x = _cpu_float32(logits)
         _check_bias(x.shape[1], params)
         seeds = [_resolve_seed(p) for p in params]
@@ -353,25 +376,28 @@ class Sampler:
 
 
 class _ReferenceCore:
-    """Per-row state in Python: token counts, stop-string tail, finished flags. Mirrors the C++ DecodeLoop."""
+    """Per-row state in Python: token counts, stop-string tail, the running rows. Mirrors the C++
+    DecodeLoop, results buffers and all."""
 
     def __init__(self, params, prompts, token_bytes, seeds):
+        B = len(params)
         self.params, self.token_bytes, self.seeds = params, token_bytes, seeds
         self.counts = [Counter(p) for p in prompts]
         self.positions = [len(p) for p in prompts]
-        self.n_generated = [0] * len(params)
+        self.n_generated = [0] * B
         self.keep = [max(map(len, p.stop), default=1) - 1 for p in params]
         self.stops = [[s.encode() for s in p.stop] for p in params]
-        self.tails = [b""] * len(params)
-        self.finished = [False] * len(params)
+        self.tails = [b""] * B
+        self.running = list(range(B))
+        self.tokens = np.full(B, -1, dtype=np.int64)
+        self.logprobs = np.full(B, math.nan)
+        self.codes = np.zeros(B, dtype=np.int32)
+        self.next_input = np.zeros(B, dtype=np.int64)
 
-    def step(self, x: torch.Tensor):
-        B = len(self.params)
-        out = [(-1, math.nan) if self.finished[b] else _sample_row(x[b], self.params[b], self.counts[b], self.positions[b], self.seeds[b], b) for b in range(B)]
-        reasons = [0] * B
-        for b, (tok, _) in enumerate(out):  # commit only once every row sampled without error
-            if tok < 0:
-                continue
+    def step(self, x: torch.Tensor) -> int:
+        out = {b: _sample_row(x[b], self.params[b], self.counts[b], self.positions[b], self.seeds[b], b) for b in self.running}
+        self.tokens[:], self.logprobs[:], self.codes[:] = -1, math.nan, Finish.RUNNING
+        for b, (tok, logprob) in out.items():  # commit only once every row sampled without error
             p = self.params[b]
             self.counts[b][tok] += 1
             self.positions[b] += 1
@@ -383,13 +409,16 @@ class _ReferenceCore:
             else:
                 hit = False
             if tok in p.stop_token_ids:
-                reasons[b] = 1
+                self.codes[b] = Finish.STOP_TOKEN
             elif hit:
-                reasons[b] = 2
+                self.codes[b] = Finish.STOP_STRING
             elif self.n_generated[b] >= p.max_new_tokens:
-                reasons[b] = 3
-            self.finished[b] = reasons[b] != 0
-        return [o[0] for o in out], [o[1] for o in out], reasons
+                self.codes[b] = Finish.LENGTH
+            self.tokens[b] = self.next_input[b] = tok
+            self.logprobs[b] = logprob
+        running = len(self.running)
+        self.running = [b for b in self.running if self.codes[b] == Finish.RUNNING]
+        return running - len(self.running)
 
 
 class DecodeLoop:
@@ -400,60 +429,78 @@ class DecodeLoop:
     required when any request has stop strings. step(logits [B, V]) returns the chosen token of
     every row (-1 for rows finished before this step, whose state does not change) and updates
     generated / logprobs / finished / finish_reason. The RNG position of row b is
-    len(prompts[b]) + len(generated[b]).
+    len(prompts[b]) + len(generated[b]). next_input ([B, 1] int64, overwritten by every step) is
+    what the model reads next: the step's tokens, with a valid id in place of -1.
+
+    A step checks its arguments in full only when the logits' shape is new (the first step);
+    the core samples into result buffers it owns, and only the running rows are touched here:
+    a small decode step is bound by how many Python and torch calls it makes.
     """
 
     def __init__(self, params, prompts, token_bytes=None, impl: str = "auto"):
         params, prompts = list(params), [list(p) for p in prompts]
         if len(params) != len(prompts):
-            raise ValueError(f"params and prompts must have the same length, got {len(params)} and {len(prompts)}")
+            raise InputError(f"params and prompts must have the same length, got {len(params)} and {len(prompts)}")
         for b, p in enumerate(params):
             if not isinstance(p, SamplingParams):
-                raise ValueError(f"params[{b}] must be a SamplingParams, got {type(p).__name__}")
+                raise InputError(f"params[{b}] must be a SamplingParams, got {type(p).__name__}")
         if token_bytes is None and any(p.stop for p in params):
-            raise ValueError("token_bytes (the bytes of every token id) is required when a request has stop strings")
-        _check_tokens(1 << 62, prompts)  # ints >= 0; the bound V comes with the first step
+            raise InputError("token_bytes (the bytes of every token id) is required when a request has stop strings")
+        _check_tokens(_INT_LIMIT, prompts)  # ints >= 0; the bound V comes with the first step
         self.impl = _pick_impl(impl)
         self.params, self._prompts = params, prompts
         self.seeds = [_resolve_seed(p) for p in params]
         token_bytes = [bytes(t) for t in token_bytes] if token_bytes is not None else []
         if self.impl == "cpp":
-            self._core = _extension().DecodeLoop([_cpp_params(p) for p in params], prompts, token_bytes, self.seeds, _default_threads())
+            cpp_params = [_cpp_params(p) for p in params]
+            self._core = _extension().DecodeLoop(cpp_params, prompts, token_bytes, self.seeds, _default_threads())
         else:
             self._core = _ReferenceCore(params, prompts, token_bytes, self.seeds)
+        core = self._core  # its result buffers, shared (the C++ core makes a new view per access)
+        self._tokens_np, self._logprobs_np, self._codes_np = core.tokens, core.logprobs, core.codes
+        self._tokens = torch.from_numpy(self._tokens_np)
+        self.next_input = torch.from_numpy(core.next_input).view(-1, 1)
+        self._running = list(range(len(params)))
+        self._with_logprobs = [b for b, p in enumerate(params) if p.logprobs]
         self.finished = [False] * len(params)
         self.generated = [[] for _ in params]
         self.finish_reason = [None] * len(params)
         self.logprobs = [[] for _ in params]
         self._buf = None
-        self._vocab = None
+        self._shape = None
 
     @property
     def all_finished(self) -> bool:
-        return all(self.finished)
+        return not self._running
+
+    def _check_logits(self, logits: torch.Tensor) -> None:
+        _check_batch(logits, len(self.params))
+        if self._shape is not None:
+            raise InputError(f"logits changed vocabulary size from V={self._shape[1]} to V={logits.shape[1]}")
+        _check_bias(logits.shape[1], self.params)
+        _check_tokens(logits.shape[1], self._prompts)
+        self._shape = logits.shape
 
     def step(self, logits: torch.Tensor) -> torch.LongTensor:
-        _check_batch(logits, len(self.params))
-        if self._vocab is None:
-            _check_bias(logits.shape[1], self.params)
-            _check_tokens(logits.shape[1], self._prompts)
-            self._vocab = logits.shape[1]
-        elif logits.shape[1] != self._vocab:
-            raise ValueError(f"logits changed vocabulary size from V={self._vocab} to V={logits.shape[1]}")
+        if logits.shape != self._shape:
+            self._check_logits(logits)
         x = _cpu_float32(logits, self._buf)
         if x is not logits:
             self._buf = x
-        if self.impl == "cpp":
-            toks, lps, reasons = self._core.step(x.numpy())
-        else:
-            toks, lps, reasons = self._core.step(x)
-        for b, tok in enumerate(toks):
-            if tok < 0:
-                continue
-            self.generated[b].append(tok)
-            if self.params[b].logprobs:
-                self.logprobs[b].append(lps[b])
-            if reasons[b]:
-                self.finished[b] = True
-                self.finish_reason[b] = _FINISH_REASONS[reasons[b]]
-        return torch.tensor(toks, dtype=torch.int64)
+        n_finished = self._core.step(x.numpy() if self.impl == "cpp" else x)
+        tokens = self._tokens_np.tolist()
+        for b in self._running:
+            self.generated[b].append(tokens[b])
+        if self._with_logprobs:
+            logprobs = self._logprobs_np.tolist()
+            self._with_logprobs = [b for b in self._with_logprobs if tokens[b] >= 0]
+            for b in self._with_logprobs:
+                self.logprobs[b].append(logprobs[b])
+        if n_finished:
+            codes = self._codes_np.tolist()
+            for b in self._running:
+                if codes[b] != Finish.RUNNING:
+                    self.finished[b] = True
+                    self.finish_reason[b] = Finish(codes[b]).name.lower()
+            self._running = [b for b in self._running if not self.finished[b]]
+        return self._tokens.clone()

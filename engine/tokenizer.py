@@ -15,6 +15,8 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from engine.errors import InputError
+
 BOS = "<|endoftext|>"  # starts every document and conversation (GPT-2's only special token)
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"  # ends every turn
@@ -46,7 +48,7 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> "Tokenizer":
         """Byte-level BPE with the chat special tokens; vocab_size counts them too."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens), got {vocab_size}")
+            raise InputError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens), got {vocab_size}")
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         hf.decoder = decoders.ByteLevel()
@@ -66,16 +68,22 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer.json at {path}")
-        return cls(HFTokenizer.from_file(str(path)))
+            raise InputError(f"no tokenizer.json at {path}")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises plain Exception on a malformed file
+            raise InputError(f"{path} is not a tokenizer.json the tokenizers library can read: {err}") from err
+        return cls(hf)
 
     def save(self, path) -> Path:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         self.hf.encode_special_tokens = False  # saved files stay usable by plain HF tooling
-        self.hf.save(str(path))
-        self.hf.encode_special_tokens = True
+        try:
+            self.hf.save(str(path))
+        finally:  # also when the save fails: "<|end|>" typed by a user must stay text
+            self.hf.encode_special_tokens = True
         return path
 
     # ---- plain text ----
@@ -133,7 +141,7 @@ class Tokenizer:
     def _check_chat(self):
         if not self.has_chat_tokens:
             missing = [t for t in SPECIAL_TOKENS if t not in self.special_ids]
-            raise ValueError(f"this tokenizer has no chat tokens {missing}; train one with engine.tokenizer.Tokenizer.train")
+            raise InputError(f"this tokenizer has no chat tokens {missing}; train one with engine.tokenizer.Tokenizer.train")
 
     def render_conversation(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """(ids, loss_mask): mask is 1 exactly on assistant contents and their <|end|>."""
@@ -142,7 +150,7 @@ class Tokenizer:
         for m in messages:
             role, content = m["role"], m["content"]
             if role not in ROLE_TOKENS:
-                raise ValueError(f"unknown role {role!r}; expected one of {list(ROLE_TOKENS)}")
+                raise InputError(f"unknown role {role!r}; expected one of {list(ROLE_TOKENS)}")
             body = self.encode(content) + [self.end_id]
             train = 1 if role == "assistant" else 0
             ids += [self.special_ids[ROLE_TOKENS[role]]] + body

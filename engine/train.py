@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from engine import distributed
 from engine.checkpoint import save_checkpoint
+from engine.devices import pick_device
 from engine.errors import InputError
 from engine.model import GPT
 
@@ -227,16 +228,6 @@ def chat_val_loss(model: GPT, rendered, batch_size: int, batches: int, seed: int
 # ---------------------------------------------------------------------------------------------
 # The two jobs: what `llm-engine pretrain` and `llm-engine finetune` run.
 # ---------------------------------------------------------------------------------------------
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible (use --device cpu)")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 def pretrain(data: str, out, preset: str = "tiny", cfg: TrainConfig | None = None, backend: str = "auto",

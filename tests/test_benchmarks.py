@@ -80,9 +80,38 @@ def test_generate_toy_matches_hf_greedy_and_reports_both(tmp_path):
         assert float(r["prefill_ms"]) > 0 and float(r["ttft_ms"]) > 0 and float(r["decode_tok_s"]) > 0, r
         assert 0 < float(r["pct_of_copy_bw"]), r
     ours = [r for r in rows if r["impl"] == "ours"]
-    assert all(0 <= float(r["sample_pct"]) <= 100 for r in ours)
+    assert all(0 < float(r["forward_pct"]) and 0 <= float(r["sample_pct"]) for r in ours)
+    assert all(float(r["forward_pct"]) + float(r["sample_pct"]) <= 100 for r in ours)  # the rest: Python between steps
     # Same weights, same prompts, greedy, float32: our tokens are HF's tokens.
     assert [float(r["match"]) for r in ours if r["mode"] == "greedy"] == [1.0, 1.0]
+
+
+def test_toy_runs_build_their_config_without_changing_the_presets(tmp_path):
+    import copy
+
+    from benchmarks import generate, train
+    from engine.config import PRESETS
+
+    before = copy.deepcopy(PRESETS)
+    generate.main(["--toy", "--modes", "greedy", "--out", str(tmp_path)])
+    train.main(["--toy", "--backends", "torch", "--out", str(tmp_path)])
+    assert PRESETS == before
+
+
+def test_profile_decodes_through_generates_decode_steps_and_its_phase_hook(monkeypatch):
+    from engine import GPT, GPTConfig, profile
+    from engine.generate import decode_steps
+
+    hooks = []
+
+    def spy(*args, phase=None, **kwargs):
+        hooks.append(phase)
+        yield from decode_steps(*args, phase=phase, **kwargs)
+
+    monkeypatch.setattr(profile, "decode_steps", spy)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    profile.decode_run(model, batch_size=2, prompt_len=4, new_tokens=3, nvtx=False)()
+    assert len(hooks) == 1 and hooks[0] is not None
 
 
 def test_write_summary_concatenates_tables_in_order(tmp_path):

@@ -1,9 +1,12 @@
 """Generation: the KV cache changes nothing, batching changes nothing, stops stop."""
+import contextlib
+
 import pytest
 import torch
 
 from engine import GPT, GPTConfig
-from engine.generate import decode_steps, generate, stream
+from engine.errors import InputError
+from engine.generate import PhaseTimer, decode_steps, generate, stream
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 
@@ -77,6 +80,36 @@ def test_stream_pieces_join_to_the_completion(model, tok):
     assert len(pieces) > 1
 
 
-def test_prompt_longer_than_context_is_refused(model, tok):
-    with pytest.raises(ValueError, match="exceeds the model's context of 96"):
+def test_bad_requests_raise_input_error(model, tok):
+    with pytest.raises(InputError, match="exceeds the model's context of 96"):
         generate(model, tok, "the cat " * 10, SamplingParams(max_new_tokens=90), sampler="reference")
+    with pytest.raises(InputError, match="prompt must hold at least one token"):
+        generate(model, tok, [[]], sampler="reference")
+    with pytest.raises(InputError, match="params has 1 entries for 2 prompts"):
+        next(decode_steps(model, [[1], [2]], [SamplingParams()]))
+    with pytest.raises(InputError, match="non-empty"):
+        next(decode_steps(model, [], []))
+
+
+def test_the_phase_hook_sees_every_phase_in_order(model):
+    names = []
+
+    def hook(name):
+        names.append(name)
+        return contextlib.nullcontext()
+
+    for _ in decode_steps(model, [[1, 2, 3]], [SamplingParams(temperature=0, max_new_tokens=3)], phase=hook):
+        pass
+    assert names == ["prefill", "sampling", "forward", "sampling", "forward", "sampling"]
+
+
+def test_phase_timer_adds_up_every_phase_and_changes_no_token(model):
+    prompts, params = [[5, 9, 11], [7, 1]], [SamplingParams(temperature=0.8, seed=3, max_new_tokens=6)] * 2
+    timer = PhaseTimer()
+    for _, timed in decode_steps(model, prompts, params, phase=timer):
+        pass
+    for _, plain in decode_steps(model, prompts, params):
+        pass
+    assert timed.generated == plain.generated
+    assert timer.calls == {"prefill": 1, "sampling": 6, "forward": 5}
+    assert all(timer.seconds[name] > 0 for name in timer.calls)

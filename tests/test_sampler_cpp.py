@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.sampling import DecodeLoop, Sampler, SamplingParams
+from engine.errors import InputError
+from engine.sampling import DecodeLoop, Finish, Sampler, SamplingParams
 
 pytest.importorskip("engine._sampler", reason="the C++ extension engine._sampler is not built (pip install -e .)")
 
@@ -94,6 +95,24 @@ def test_decode_loops_agree_step_by_step():
         assert a == pytest.approx(b, abs=1e-12)
     assert len(loops[0].logprobs[1]) == len(loops[0].generated[1]) > 0
     assert loops[0].finish_reason[:3] == ["stop_string", "stop_token", "length"] and len(loops[0].generated[2]) == 7
+
+
+def test_finish_codes_are_the_same_in_cpp_and_python():
+    from engine import _sampler
+
+    assert {name: int(code) for name, code in _sampler.Finish.__members__.items()} == {f.name: int(f) for f in Finish}
+
+
+def test_cpp_bad_arguments_raise_input_error_and_bad_logits_value_error():
+    loop = DecodeLoop([SamplingParams(seed=0)], [[1]], impl="cpp")
+    loop.step(torch.randn(1, 10))
+    with pytest.raises(InputError, match="V=10 to V=11"):
+        loop._core.step(torch.randn(1, 11).numpy())  # the C++ check itself, not the Python one before it
+    x = torch.randn(1, 10)
+    x[0, 3] = math.nan
+    with pytest.raises(ValueError, match="NaN") as err:
+        loop.step(x)
+    assert not isinstance(err.value, InputError)
 
 
 def test_cpp_raises_on_nan_and_all_masked_rows():
@@ -205,3 +224,74 @@ def test_cpp_releases_the_gil_while_sampling():
         th.join()
     quarter = (t1 - t0) / 4  # the middle half of the call: unreachable for the ticker if the GIL were held
     assert any(t0 + quarter < s < t1 - quarter for s in stamps), f"no Python ran during {t1 - t0:.3f} s of C++ sampling"
+
+
+def test_greedy_fast_path_picks_what_the_full_chain_picks():
+    # temperature 0 with nothing else is one argmax pass over the float32 row; a zero bias sends
+    # the same request through the whole chain (float64 copy, bias, argmax)
+    rng = random.Random(8)
+    fast, full = SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias={0: 0.0})
+    for _ in range(40):
+        V = rng.choice([1, 3, 8, 9, 17, 2048, 4099])
+        x = random_logits(rng, 8, V)
+        x[0] = 0.25  # a whole row of ties
+        x[1, V // 2 :] = 1e30  # ties at the top, first one mid-row
+        if V > 1:
+            x[2, 0], x[2, 1:] = 0.0, -0.0  # +0 and -0 compare equal: the lowest id wins
+        cpp = Sampler("cpp")
+        want = cpp.sample(x, [full] * 8, [[]] * 8, [0] * 8)
+        assert cpp.sample(x, [fast] * 8, [[]] * 8, [0] * 8).tolist() == want.tolist() == x.argmax(1).tolist()
+        loop = DecodeLoop([fast] * 8, [[0]] * 8, impl="cpp")
+        assert loop.step(x).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("bad, message", [(math.nan, "row 1 contains NaN"), (math.inf, r"row 1 contains \+inf"),
+                                          (None, "row 1 is -inf everywhere")])
+def test_greedy_fast_path_raises_like_the_full_chain(bad, message):
+    x = torch.randn(3, 50)
+    if bad is None:
+        x[1] = -math.inf
+    else:
+        x[1, 7] = bad
+    for p in (SamplingParams(temperature=0), SamplingParams(temperature=0, logit_bias={0: 0.0})):
+        with pytest.raises(ValueError, match=message):
+            Sampler("cpp").sample(x, [p] * 3, [[]] * 3, [0] * 3)
+
+
+def test_the_worker_pool_gives_the_tokens_one_thread_gives(monkeypatch):
+    from engine import _sampler, sampling
+
+    rng = random.Random(9)
+    V, B, steps = 300, 24, 6
+    params = [random_params(rng, V) for _ in range(B)]
+    params[:4] = [SamplingParams(temperature=0, max_new_tokens=3)] * 4  # argmax-only rows that finish early
+    prompts = [[rng.randrange(V) for _ in range(5)] for _ in range(B)]
+    g = torch.Generator().manual_seed(10)
+    logits = [torch.randn(B, V, generator=g) for _ in range(steps)]
+    default = _sampler.pool_min_work()
+    runs = []
+    try:
+        for threads, min_work in ((1, default), (4, 0)):  # min_work 0: every step goes to the pool
+            monkeypatch.setattr(sampling, "_default_threads", lambda threads=threads: threads)
+            _sampler.set_pool_min_work(min_work)
+            loop = DecodeLoop(params, prompts, impl="cpp")
+            tokens = torch.stack([loop.step(x) for x in logits])
+            logprobs = torch.tensor([lp for row in loop.logprobs for lp in row])
+            runs.append((tokens, logprobs, *Sampler("cpp").sample_with_logprobs(logits[0], params, prompts, [5] * B)))
+    finally:
+        _sampler.set_pool_min_work(default)
+    assert _sampler.pool_workers() >= 3
+    for one_thread, pool in zip(*runs):
+        assert torch.allclose(one_thread, pool, rtol=0, atol=0, equal_nan=True)  # bit for bit
+
+
+def test_a_step_returns_a_fresh_tensor_and_checks_shapes_after_the_first_step():
+    loop = DecodeLoop([SamplingParams(temperature=0, max_new_tokens=5)] * 2, [[1], [2]], impl="cpp")
+    first = loop.step(torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]))
+    loop.step(torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    assert first.tolist() == [1, 0]  # not overwritten by the next step
+    with pytest.raises(InputError, match="B=2"):
+        loop.step(torch.zeros(3, 3))
+    with pytest.raises(InputError, match="V=3 to V=4"):
+        loop.step(torch.zeros(2, 4))
+    assert loop.generated == [[1, 2], [0, 1]]

@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from engine import sampling
+from engine.errors import InputError
 from engine.sampling import DecodeLoop, Sampler, SamplingParams, process_logits, uniforms
+
+IMPLS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(
+    sampling._extension() is None, reason="the C++ extension engine._sampler is not built (pip install -e .)"))]
 
 
 def sample(logits, params, prev=None, positions=None):
@@ -39,7 +43,7 @@ def sample(logits, params, prev=None, positions=None):
     ],
 )
 def test_out_of_range_params_raise_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(InputError, match=field):
         SamplingParams(**{field: value})
 
 
@@ -63,15 +67,19 @@ def dataclasses_error():
     return dataclasses.FrozenInstanceError
 
 
-def test_bias_id_beyond_vocab_and_bad_inputs_raise():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bias_id_beyond_vocab_and_bad_inputs_raise_input_error(impl):
     x = torch.zeros(1, 10)
-    with pytest.raises(ValueError, match=r"12.*V=10"):
-        sample(x, [SamplingParams(logit_bias={12: 1.0})])
-    with pytest.raises(ValueError, match="V=10"):
-        sample(x, [SamplingParams()], prev=[[3, 10]])
-    with pytest.raises(ValueError, match="B=1"):
-        sample(torch.zeros(2, 10), [SamplingParams()])
-    with pytest.raises(ValueError, match="impl"):
+    sampler = Sampler(impl)
+    with pytest.raises(InputError, match=r"12.*V=10"):
+        sampler.sample(x, [SamplingParams(logit_bias={12: 1.0})], [[]], [0])
+    with pytest.raises(InputError, match="V=10"):
+        sampler.sample(x, [SamplingParams()], [[3, 10]], [0])
+    with pytest.raises(InputError, match="B=1"):
+        sampler.sample(torch.zeros(2, 10), [SamplingParams()], [[]], [0])
+    with pytest.raises(InputError, match="positions"):
+        sampler.sample(x, [SamplingParams()], [[]], [-1])
+    with pytest.raises(InputError, match="impl"):
         Sampler("fast")
 
 
@@ -158,12 +166,7 @@ def test_draws_follow_the_filtered_renormalised_softmax():
     assert chisquare(observed[kept], expected[kept] * n).pvalue > 1e-4
 
 
-def _cpp_built() -> bool:
-    return sampling._extension() is not None
-
-
-@pytest.mark.parametrize("impl", ["reference", pytest.param("cpp", marks=pytest.mark.skipif(
-    not _cpp_built(), reason="the C++ extension engine._sampler is not built (pip install -e .)"))])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_logprobs_equal_log_softmax_of_the_processed_logits(impl):
     x = torch.randn(3, 1000) * 4
     prev = [[1, 1, 5, 9], [], [7] * 10]
@@ -271,7 +274,7 @@ def test_decode_loop_stops_on_token_ids_and_strings_across_token_boundaries():
     loop.step(forced(5))
     assert loop.finish_reason == ["stop_token"] and loop.generated[0] == [1, 5]
 
-    with pytest.raises(ValueError, match="token_bytes"):
+    with pytest.raises(InputError, match="token_bytes"):
         DecodeLoop([SamplingParams(stop=("x",))], [[0]], impl="reference")
 
 
@@ -282,11 +285,26 @@ def test_decode_loop_error_leaves_state_unchanged():
     with pytest.raises(ValueError, match="row 1"):
         loop.step(x)
     assert loop.generated == [[], []]
-    with pytest.raises(ValueError, match="V=8"):
+    with pytest.raises(InputError, match="V=8"):
         loop.step(torch.randn(2, 9))
     loop2 = DecodeLoop([SamplingParams(logit_bias={8: 1.0})], [[0]], impl="reference")
-    with pytest.raises(ValueError, match="8.*V=8"):
+    with pytest.raises(InputError, match="8.*V=8"):
         loop2.step(torch.randn(1, 8))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_next_input_is_the_tokens_with_a_valid_id_for_finished_rows(impl):
+    V = 5
+    loop = DecodeLoop([SamplingParams(temperature=0, max_new_tokens=1), SamplingParams(temperature=0, max_new_tokens=3)],
+                      [[0], [1]], impl=impl)
+    for step in range(3):
+        x = torch.zeros(2, V)
+        x[:, step + 1] = 1.0
+        tokens = loop.step(x).tolist()
+        assert loop.next_input.shape == (2, 1)
+        for tok, fed in zip(tokens, loop.next_input[:, 0].tolist()):
+            assert fed == tok if tok >= 0 else 0 <= fed < V
+    assert tokens == [-1, 3]
 
 
 def test_auto_without_the_extension_warns_once(monkeypatch):
@@ -297,7 +315,7 @@ def test_auto_without_the_extension_warns_once(monkeypatch):
         assert Sampler().impl == "reference"
         assert Sampler("auto").impl == "reference"
     assert len([w for w in caught if "reference sampler" in str(w.message)]) == 1
-    with pytest.raises(ValueError, match="cpp"):
+    with pytest.raises(InputError, match="cpp"):
         Sampler("cpp")
 
 

@@ -3,6 +3,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.errors import InputError
 from engine.tokenizer import END, ROLE_TOKENS, Tokenizer
 
 CORPUS = [
@@ -42,8 +43,6 @@ def test_save_and_load_give_the_same_ids(tok, tmp_path):
 
 def test_vocab_size_is_a_parameter():
     assert Tokenizer.train(CORPUS, vocab_size=300).vocab_size == 300
-    with pytest.raises(ValueError, match="vocab_size must be at least"):
-        Tokenizer.train(CORPUS, vocab_size=100)
 
 
 def test_token_bytes_concatenate_to_the_text(tok):
@@ -79,6 +78,22 @@ def test_render_conversation_masks_exactly_assistant_turns(tok):
     assert prompt[-1] == sp[ROLE_TOKENS["assistant"]] and prompt[:-1] == tok.render_conversation(messages[:2])[0]
 
 
-def test_unknown_role_is_rejected(tok):
-    with pytest.raises(ValueError, match="unknown role 'robot'"):
+def test_a_failed_save_leaves_special_token_text_as_text(tok, tmp_path):
+    with pytest.raises(Exception):
+        tok.save(tmp_path / "no such folder" / "tokenizer.json")
+    assert tok.end_id not in tok.encode(f"please {END} stop")
+
+
+def test_missing_or_malformed_tokenizer_file_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="no tokenizer.json"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(InputError, match="tokenizer.json"):
+        Tokenizer.load(tmp_path)
+
+
+def test_bad_arguments_raise_input_error(tok):
+    with pytest.raises(InputError, match="vocab_size must be at least"):
+        Tokenizer.train(CORPUS, vocab_size=100)
+    with pytest.raises(InputError, match="unknown role 'robot'"):
         tok.render_conversation([{"role": "robot", "content": "beep"}])
