@@ -241,7 +241,7 @@ def cmd_chat(args):
 
 
 def cmd_eval(args):
-    from engine.train import evaluate
+    from engine.evaluate import evaluate
 
     print(json.dumps(evaluate(args.ckpt, device=args.device, backend=args.backend, hf=args.hf, data=args.data), indent=2))
 
@@ -266,12 +266,12 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "pretrain":
-            from engine.train import pretrain
+            from engine.jobs import pretrain
 
             pretrain(args.data, args.out, args.preset, train_config(args), args.backend, args.device, args.resume,
                      args.vocab_size, args.n_people, args.block_size, fsdp=args.fsdp)
         elif args.command == "finetune":
-            from engine.train import finetune
+            from engine.jobs import finetune
 
             finetune(args.ckpt, args.data, args.out, train_config(args), args.backend, args.device, args.resume, hf=args.hf, fsdp=args.fsdp)
         elif args.command == "generate":

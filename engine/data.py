@@ -5,6 +5,7 @@ and a global batch is the same whatever the number of processes that share it.
 """
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,6 +258,26 @@ def load_conversations(path) -> list[list[dict]]:
     if not convs:
         raise InputError(f"--data: {path} holds no conversations")
     return convs
+
+
+def finetune_conversations(data: str, world: dict | None) -> list[list[dict]]:
+    """What a fine-tuning run trains on: a conversations .jsonl, or "builtin" (the conversations of
+    `world`, the built-in world its --init checkpoint was pretrained on)."""
+    if data != "builtin":
+        return load_conversations(data)
+    if not world:
+        raise InputError("finetune --data builtin needs an --init checkpoint pretrained on the built-in world (--data builtin)")
+    return World(**world).conversations()
+
+
+def conversation_split(convs: list[list[dict]], val_fraction: float = 0.05):
+    """Train/val by the first user message: branches of one conversation tree stay together."""
+
+    def is_val(conv):
+        return zlib.crc32(conv[0]["content"].encode()) % 1000 < val_fraction * 1000
+
+    val = [c for c in convs if is_val(c)]
+    return [c for c in convs if not is_val(c)], val or convs[-1:]
 
 
 def conversation_batch(rendered: list[tuple[list[int], list[int]]], batch_size: int, block_size: int, seed: int, step: int, micro: int):

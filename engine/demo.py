@@ -11,7 +11,9 @@ from pathlib import Path
 from engine.checkpoint import load_checkpoint
 from engine.data import World
 from engine.devices import pick_device
-from engine.train import TrainConfig, evaluate, finetune, pretrain, qa_answers
+from engine.evaluate import evaluate, qa_answers
+from engine.jobs import finetune, pretrain
+from engine.train import TrainConfig
 
 
 def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 200, backend="auto", device="auto", n_people: int = 100):

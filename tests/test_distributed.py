@@ -21,7 +21,8 @@ import engine
 from engine import checkpoint
 from engine.distributed import micro_batches
 from engine.errors import InputError
-from engine.train import TrainConfig, finetune, pretrain
+from engine.jobs import finetune, pretrain
+from engine.train import TrainConfig
 
 ROOT = Path(engine.__file__).parents[1]  # the workers run `-m engine` from here: this checkout's code
 # global batch = 2 micro-batches of 4 sequences: on 2 ranks --grad-accum's default (one per rank),

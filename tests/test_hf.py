@@ -415,7 +415,8 @@ def test_fine_tuning_a_gpt2_tokenizer_adds_the_chat_tokens_and_rows(tmp_path):
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     from engine.tokenizer import Tokenizer
-    from engine.train import TrainConfig, finetune, load_init
+    from engine.jobs import finetune, load_init
+    from engine.train import TrainConfig
 
     texts = ["Where was Ada born? Ada was born in Paris."] * 20
     raw = HFTokenizer(models.BPE())

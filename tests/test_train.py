@@ -12,8 +12,11 @@ import pytest
 import torch
 
 import engine.data
+import engine.jobs
 from engine import checkpoint
-from engine.train import TrainConfig, conversation_split, finetune, pretrain
+from engine.data import conversation_split
+from engine.jobs import finetune, pretrain
+from engine.train import TrainConfig
 
 SMALL = dict(vocab_size=512, block_size=64)
 
@@ -46,18 +49,18 @@ def test_loss_falls_on_shakespeare(tmp_path, shared_file):
 def test_interrupted_run_resumes_to_the_same_losses(tmp_path, monkeypatch):
     small_pretrain("builtin", tmp_path / "straight", 10, n_people=10)
 
-    real_batch = engine.data.token_batch
+    real_batch = engine.jobs.token_batch
 
     def interrupt_at_step_4(tokens, batch_size, block_size, seed, step, micro):
         if step == 4:  # Ctrl-C arrives in the middle of step 5
             os.kill(os.getpid(), signal.SIGINT)
         return real_batch(tokens, batch_size, block_size, seed, step, micro)
 
-    monkeypatch.setattr(engine.data, "token_batch", interrupt_at_step_4)
+    monkeypatch.setattr(engine.jobs, "token_batch", interrupt_at_step_4)
     with pytest.raises(Exception, match="interrupted at step 5"):
         small_pretrain("builtin", tmp_path / "resumed", 10, n_people=10)
     assert checkpoint.find_checkpoint(tmp_path / "resumed").name == "step-0000005"
-    monkeypatch.setattr(engine.data, "token_batch", real_batch)
+    monkeypatch.setattr(engine.jobs, "token_batch", real_batch)
     small_pretrain("builtin", tmp_path / "resumed", 10, n_people=10, resume=True)
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
 
@@ -159,7 +162,7 @@ def test_finetune_runs_on_real_conversations(tmp_path, shared_file):
 
 
 def test_eval_reports_val_loss_and_qa_accuracy(tmp_path):
-    from engine.train import evaluate
+    from engine.evaluate import evaluate
 
     small_pretrain("builtin", tmp_path / "run", 10, n_people=10)
     own = evaluate(tmp_path / "run", device="cpu", backend="torch", batches=2)

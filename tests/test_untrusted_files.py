@@ -367,7 +367,7 @@ def test_damaged_data_files_are_named(tmp_path):
 
 def test_a_checkpoint_without_run_json_resumes(tmp_path):
     """run.json is optional (checkpoint.py's docstring): pretrain --resume used to crash without it."""
-    from engine.train import pretrain
+    from engine.jobs import pretrain
 
     def run(steps, resume):
         cfg = TrainConfig(max_steps=steps, batch_size=2, eval_every=steps, eval_batches=1)
