@@ -35,7 +35,7 @@ from engine.model import GPT
 
 TIMEOUT_ENV = "LLM_ENGINE_DIST_TIMEOUT"
 
-# The blocks hand views (the un-added residual delta) to the next block and never modify them
+# The blocks hand views (a sublayer's output, the branch not yet added to the stream) to the next block and never modify them
 # in place, which is the case FSDP2's warning is about.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
