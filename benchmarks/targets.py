@@ -177,8 +177,8 @@ def attention_forward_tflops(run: Run) -> dict[str, float]:
 
 
 def attention_backward_vs_sdpa(run: Run) -> dict[str, float]:
-    """Backward time = forward+backward minus forward of the same implementation ("ours-atomic"
-    has no forward row of its own: its forward is "ours"); the default "ours" is judged."""
+    """Backward time = forward+backward minus forward of the same implementation. Judged: "ours",
+    the default (deterministic) backward; "ours-atomic" has no forward row, so it drops out."""
     forward, both = attention_ms(run, "fwd"), attention_ms(run, "fwd+bwd")
     figures = {}
     for key, ms in both.items():
@@ -303,7 +303,8 @@ CORE = [
     Target("all cuda tests pass", AllPass(), ("cuda_tests",), cuda_tests),
 ]
 
-# Targets of later issues; their steps in the suite's extended part say "not landed" until then.
+# Targets of later issues: "not measured: issue N has not landed" until that issue turns the step's
+# `not_landed` line in gpu_suite.sh into a `step` line and gives its Target a figures function.
 EXTENDED = [
     Target("GQA forward vs the best SDPA backend (H=32, Hkv=8, D=128, bf16, S ≥ 4096)", AtLeast(1.0), ("gqa",)),
     Target("fused linear cross-entropy peak memory vs eager (16k tokens, V=128k, C=2048, bf16)", AtMost(0.25),
