@@ -1,4 +1,6 @@
 # make demo | make test | make bench — each creates .venv when missing and installs into it.
+# make test-compat — the same checks of the kernels and the HF interop under the versions the GPU
+# machines run, in a second virtualenv, .venv-compat.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +14,27 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: install demo test bench clean
+# The GPU machines run Triton 3.6 and transformers 5.17 (CI's .venv gets the newest allowed), so the
+# kernel interpreter tests, the HF interop tests and the AOT compile table run under those too.
+# numpy<2.4: Triton 3.6's interpreter turns a scalar computed in a kernel (`hi = tl.minimum(N, 8)`
+# then `for i in range(0, hi)`) into a 1-element array, and NumPy 2.4 refuses int() of it ("only
+# 0-dimensional arrays can be converted to Python scalars"); NumPy 2.3.5 runs the same kernel, and
+# Triton 3.9 is fine with NumPy 2.4.
+COMPAT := .venv-compat
+COMPAT_PY := $(COMPAT)/bin/python
+COMPAT_STAMP := $(COMPAT)/.installed
+COMPAT_PINS := torch==2.13.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
+COMPAT_TESTS := tests/test_attention.py tests/test_layernorm.py tests/test_hf.py tests/test_compile.py
+
+# The pins and the project in one install: pip keeps the pins or stops with a conflict against
+# pyproject's ranges, never swaps one for another version.
+$(COMPAT_STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
+	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT_PY) -m pip install -q --upgrade pip
+	$(COMPAT_PY) -m pip install -q -e ".[dev]" $(COMPAT_PINS)
+	touch $(COMPAT_STAMP)
+
+.PHONY: install demo test test-compat bench clean
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -21,8 +43,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_PY) -c "import numpy, torch, transformers, triton; print('test-compat: torch', torch.__version__, \
+		'triton', triton.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)"
+	$(COMPAT_PY) -m pytest -q $(COMPAT_TESTS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_suite.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info engine/_sampler*.so
+	rm -rf $(VENV) $(COMPAT) build *.egg-info engine/_sampler*.so

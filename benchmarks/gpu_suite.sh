@@ -1,80 +1,208 @@
 #!/usr/bin/env bash
-# The GPU half of the benchmarks in one call, under 8 minutes on one H100 / H200:
-#   bash benchmarks/gpu_suite.sh [OUT_DIR]
-# CUDA tests, then roofline, layernorm, attention, train ("gpt2", every backend), generate
-# ("gpt2", ours vs Hugging Face) and a short `llm-engine profile`, each as its own process with a
-# time cap (a step that runs over is stopped and marked, the rest still run). Everything lands in
-# benchmarks/results/<gpu>-<date>/ (or OUT_DIR): CSVs, PNGs, one .log per step and summary.md,
-# which is printed last. Uses .venv/bin/python when the repository has one, else $PYTHON or python.
+# Every GPU target measured from a bare checkout, each part one call of under 8 minutes on one H100/H200:
+#   bash benchmarks/gpu_suite.sh [--part core|extended|all] [--dry-run] [OUT_DIR]
+#
+# --part core (the default): the CUDA tests (JUnit report), then roofline, layernorm, attention,
+#   train ("gpt2", every backend), generate ("gpt2", ours vs Hugging Face) and a short profile.
+# --part extended: the targets of later issues (GQA, fused loss, compiled decode, Llama-shaped
+#   training step, tuning); each step says "not landed" until its issue lands.
+# --dry-run: every step of both parts (or of --part) at toy size on the CPU, under the Triton
+#   interpreter, into a temporary folder unless OUT_DIR is given: proves the suite itself runs.
+#
+# Before the steps: the Python whose torch sees CUDA (the first of .venv/bin/python, $PYTHON,
+# python3, python; in a dry run the first with torch), the C++ sampler built in place (the suite
+# stops if it cannot be built: generate must not time the reference sampler instead), and Liger
+# Kernel from the wheels in ./.whl when there are any (pip, offline, into a temporary folder).
+# PYTHONPATH starts with the repository root, so nothing needs installing. Each step is its own
+# process with a time cap (a step that runs over is stopped and marked, the rest still run), its
+# output in OUT/<step>.log. Results: benchmarks/results/<gpu>-<date>/ (or OUT_DIR): CSVs, PNGs,
+# logs, steps-<part>.csv, summary.md and targets.md (benchmarks/targets.py), the table of every
+# target, printed last. Exit status 0 when every step ended ok (or has not landed yet), else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 
-if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python}; fi
-if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_suite: no CUDA GPU visible to $PY (torch.cuda.is_available() is False)" >&2
+PART="" DRY_RUN=0 OUT=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --part) PART=${2:-none}; shift $(($# > 1 ? 2 : 1)) ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        -h|--help) sed -n '2,/^set -uo/{/^set -uo/d; s/^# \{0,1\}//; p}' "$0"; exit 0 ;;
+        -*) echo "gpu_suite: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) OUT=$1; shift ;;
+    esac
+done
+if [ -z "$PART" ]; then PART=$([ $DRY_RUN = 1 ] && echo all || echo core); fi
+case $PART in core|extended|all) ;; *) echo "gpu_suite: --part takes core, extended or all, not '$PART'" >&2; exit 2 ;; esac
+
+# ----------------------------------------------------------------------------- Python, sampler, Liger
+
+if [ $DRY_RUN = 1 ]; then NEEDS="import torch"; else NEEDS="import sys, torch; sys.exit(not torch.cuda.is_available())"; fi
+PY=""
+for candidate in .venv/bin/python ${PYTHON:-} python3 python; do
+    if command -v "$candidate" > /dev/null && "$candidate" -c "$NEEDS" 2> /dev/null; then PY=$candidate; break; fi
+done
+if [ -z "$PY" ] && [ $DRY_RUN = 1 ]; then
+    echo "gpu_suite: no Python with torch among .venv/bin/python, \$PYTHON, python3, python" >&2
+    exit 1
+elif [ -z "$PY" ]; then
+    echo "gpu_suite: no CUDA GPU visible to any of .venv/bin/python, \$PYTHON, python3, python (no torch," \
+        "or torch.cuda.is_available() is False); --dry-run runs the suite at toy size on the CPU" >&2
     exit 1
 fi
-OUT=${1:-$($PY -c "from benchmarks.common import results_dir; print(results_dir())")}
-mkdir -p "$OUT"
-STATUS="$OUT/status.md"
-: > "$STATUS"
-SUITE_START=$SECONDS
 
-# step NAME CAP_SECONDS COMMAND...: run with output in $OUT/NAME.log, record how it ended.
-step() {
-    local name=$1 cap=$2 start=$SECONDS rc
-    shift 2
-    echo "[$name] running (cap ${cap} s) ..."
-    timeout --signal=INT --kill-after=15 "$cap" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    local took=$((SECONDS - start)) how="ok"
-    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then how="timed out after ${cap} s"
-    elif [ $rc -ne 0 ]; then how="failed (exit $rc, see $name.log)"; fi
-    echo "- $name: $how, ${took} s" | tee -a "$STATUS"
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ $DRY_RUN = 1 ]; then
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # the CPU, even on a machine with a GPU
+    OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-suite-dry-run.XXXXXX")}
+fi
+OUT=${OUT:-$("$PY" -c "from benchmarks.common import results_dir; print(results_dir())")}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+echo "gpu_suite: part $PART$([ $DRY_RUN = 1 ] && echo ', dry run'), $PY, results in $OUT"
+FAILED=0
+
+# record NAME OUTCOME SECONDS NOTE: one line of the current part's steps-<part>.csv, echoed.
+record() {
+    printf '%s,%s,%s,"%s"\n' "$1" "$2" "$3" "$4" >> "$STEPS"
+    echo "- $1: $2${4:+ ($4)}, $3 s"
+}
+begin_part() {  # begin_part NAME: later records go to OUT/steps-NAME.csv
+    STEPS=$OUT/steps-$1.csv
+    echo "step,outcome,seconds,note" > "$STEPS"
 }
 
-step cuda_tests 50 $PY -m pytest -m cuda -q tests
-step roofline 20 $PY benchmarks/roofline.py --out "$OUT"
-step layernorm 40 $PY benchmarks/layernorm.py --out "$OUT"
-step attention 150 $PY benchmarks/attention.py --out "$OUT"
-step train 120 $PY benchmarks/train.py --out "$OUT" --steps 10 --budget-s 5
-step generate 70 $PY benchmarks/generate.py --out "$OUT" --new-tokens 64 --reps 2
+begin_part setup
+start=$SECONDS
+if timeout 120 "$PY" setup.py build_ext --inplace > "$OUT/build_sampler.log" 2>&1 &&
+    "$PY" -c "import engine._sampler" >> "$OUT/build_sampler.log" 2>&1; then
+    record build_sampler ok $((SECONDS - start)) ""
+else
+    echo "gpu_suite: could not build the C++ sampler (engine._sampler) with $PY, so generate would time the" \
+        "reference sampler instead; stopping. The end of $OUT/build_sampler.log:" >&2
+    tail -n 25 "$OUT/build_sampler.log" >&2
+    exit 1
+fi
+
+start=$SECONDS
+if compgen -G ".whl/*.whl" > /dev/null; then
+    WHEELS=$(mktemp -d "${TMPDIR:-/tmp}/gpu-suite-wheels.XXXXXX")
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WHEELS" .whl/*.whl > "$OUT/liger.log" 2>&1 &&
+        PYTHONPATH=$PYTHONPATH:$WHEELS "$PY" -c "import liger_kernel" >> "$OUT/liger.log" 2>&1; then
+        export PYTHONPATH=$PYTHONPATH:$WHEELS
+        record liger ok $((SECONDS - start)) "$(cd .whl && ls liger_kernel-*.whl)"
+    else
+        record liger failed $((SECONDS - start)) "see liger.log"
+        FAILED=$((FAILED + 1))
+    fi
+else
+    record liger "not installed" 0 "no wheel in .whl"
+fi
+
+# ----------------------------------------------------------------------------- steps
+
+DRY_RUN_CAP=300  # in a dry run every step gets this cap: toy sizes on a CPU keep their own pace
+
+# step NAME CAP COMMAND...: run COMMAND, output in OUT/NAME.log, stopped after CAP seconds.
+step() {
+    local name=$1 cap=$2 start=$SECONDS rc outcome=ok note=""
+    shift 2
+    if [ $DRY_RUN = 1 ]; then cap=$DRY_RUN_CAP; fi
+    echo "[$name] running (cap $cap s) ..."
+    timeout --signal=INT --kill-after=5 "$cap" "$@" > "$OUT/$name.log" 2>&1
+    rc=$?
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then outcome="timed out"; note="cap $cap s"
+    elif [ $rc -ne 0 ]; then outcome=failed; note="exit $rc, see $name.log"; fi
+    if [ $outcome != ok ]; then FAILED=$((FAILED + 1)); fi
+    record "$name" "$outcome" $((SECONDS - start)) "$note"
+}
+
+# not_landed NAME ISSUE: the step of a target a later issue adds; when it lands, this line becomes a `step` line.
+not_landed() {
+    record "$1" "not landed" 0 "issue $2"
+}
+
+if [ $DRY_RUN = 1 ]; then
+    TOY=(--toy)
+    TRAIN=(--toy --backends torch,triton)  # torch.compile (inductor) would spend the CPU's minutes building C++
+    GENERATE=(--toy)
+    PROFILE=(--preset tiny --mode train --steps 2 --batch-size 2 --seq-len 16 --device cpu)
+else
+    TOY=()
+    TRAIN=(--steps 10 --budget-s 5)
+    GENERATE=(--new-tokens 64 --reps 2)
+    PROFILE=(--preset gpt2 --mode train --steps 3 --batch-size 8)
+fi
 PROFILE_DIR=${TMPDIR:-/tmp}/llm-engine-profile  # the trace is tens of MB: kept out of the results
-step profile 30 $PY -m engine profile --preset gpt2 --mode train --steps 3 --batch-size 8 --out "$PROFILE_DIR"
 
-# The kernels' own summaries (their scripts print them), as markdown for summary.md.
-{
-    echo "## CUDA tests"; echo; echo '```'; tail -n 3 "$OUT/cuda_tests.log"; echo '```'; echo
-    echo "## Attention: ours against the best SDPA backend"; echo; echo '```'
-    grep "the best SDPA backend" "$OUT/attention.log" || echo "(no summary: see attention.log)"
-    echo '```'; echo
-    echo "## LayerNorm: ours as a share of a copy, and against the others"; echo; echo '```'
-    grep "of copy" "$OUT/layernorm.log" || echo "(no summary: see layernorm.log)"
-    echo '```'; echo
-    echo "## Profile: gpt2, 3 training steps of batch 8, top-15 kernels"; echo; echo '```'
-    sed -n '/ms .*calls/,/^wrote/p' "$OUT/profile.log" | head -n 17
-    echo '```'
-} > "$OUT/kernels.md"
-$PY benchmarks/roofline.py --annotate "$OUT" > /dev/null 2>&1 || echo "- roofline shares: failed" >> "$STATUS"
-echo "- whole suite: $((SECONDS - SUITE_START)) s" >> "$STATUS"
+# The caps add up to 425 s: with the sampler build, Python starts and the tables, under 8 minutes on an H100/H200.
+core() {
+    step cuda_tests 60 "$PY" -m pytest -m cuda -q tests --junitxml="$OUT/cuda_tests.xml"
+    step roofline 15 "$PY" benchmarks/roofline.py "${TOY[@]}" --out "$OUT"
+    step layernorm 35 "$PY" benchmarks/layernorm.py "${TOY[@]}" --out "$OUT"
+    step attention 135 "$PY" benchmarks/attention.py "${TOY[@]}" --out "$OUT"
+    step train 105 "$PY" benchmarks/train.py "${TRAIN[@]}" --out "$OUT"
+    step generate 55 "$PY" benchmarks/generate.py "${GENERATE[@]}" --out "$OUT"
+    step profile 20 "$PY" -m engine profile "${PROFILE[@]}" --out "$PROFILE_DIR"
 
-$PY - "$OUT" <<'EOF'
+    # The kernels' own summaries (their scripts print them), as markdown for summary.md.
+    {
+        echo "## CUDA tests"; echo; echo '```'; tail -n 3 "$OUT/cuda_tests.log"; echo '```'; echo
+        echo "## Attention: ours against the best SDPA backend"; echo; echo '```'
+        grep "the best SDPA backend" "$OUT/attention.log" || echo "(no summary: see attention.log)"
+        echo '```'; echo
+        echo "## LayerNorm: ours as a share of a copy, and against the others"; echo; echo '```'
+        grep "of copy" "$OUT/layernorm.log" || echo "(no summary: see layernorm.log)"
+        echo '```'; echo
+        echo "## Profile: ${PROFILE[*]}, top-15 kernels"; echo; echo '```'
+        sed -n '/ms .*calls/,/^wrote/p' "$OUT/profile.log" | head -n 17
+        echo '```'
+    } > "$OUT/kernels.md"
+    "$PY" benchmarks/roofline.py --annotate "$OUT" > /dev/null 2>&1 || echo "roofline --annotate failed" >&2
+}
+
+extended() {
+    not_landed gqa 16
+    not_landed fused_loss 18
+    not_landed compiled_decode 17
+    not_landed llama_train 16
+    not_landed tuning 19
+}
+
+for part in core extended; do
+    if [ $PART = $part ] || [ $PART = all ]; then
+        begin_part $part
+        part_start=$SECONDS
+        $part
+        record "part $part" done $((SECONDS - part_start)) ""
+    fi
+done
+
+# ----------------------------------------------------------------------------- tables
+
+"$PY" benchmarks/targets.py "$OUT" $([ $DRY_RUN = 1 ] && echo --dry-run) > /dev/null || FAILED=$((FAILED + 1))
+"$PY" - "$OUT" "$PART" "$DRY_RUN" <<'EOF' || FAILED=$((FAILED + 1))
 import datetime, platform, subprocess, sys
 from pathlib import Path
 
 import torch
+import triton
 
 from benchmarks.common import write_summary
+from benchmarks.targets import Run
 
-out = Path(sys.argv[1])
+out, part, dry_run = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+device = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if torch.cuda.is_available() else "CPU (dry run)"
 notes = [
-    f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit or 'unknown'}, `bash benchmarks/gpu_suite.sh`",
-    f"{torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-    f"triton {__import__('triton').__version__}, Python {platform.python_version()}",
-    *[line.removeprefix("- ") for line in (out / "status.md").read_text().splitlines()],
+    f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit or 'unknown'}, "
+    f"`bash benchmarks/gpu_suite.sh --part {part}{' --dry-run' if dry_run else ''}`",
+    f"{device}, torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}",
+    *[f"{s.name}: {s.outcome}{f' ({s.note})' if s.note else ''}, {s.seconds} s" for s in Run(out).steps.values()],
 ]
-write_summary(out, "GPU benchmark suite", notes, ["roofline", "roofline_share", "train", "generate", "kernels"])
+title = "GPU benchmark suite" + (" (dry run: toy sizes on the CPU)" if dry_run else "")
+write_summary(out, title, notes, ["targets", "roofline", "roofline_share", "train", "generate", "kernels"])
 EOF
+echo "wrote $OUT/summary.md"
 echo
-cat "$OUT/summary.md"
+cat "$OUT/targets.md"
+[ $FAILED -eq 0 ]
