@@ -48,6 +48,8 @@ class GPTConfig:
         for name in ("layer_norm_epsilon", "rms_norm_eps", "rope_theta"):
             if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:
                 raise InputError(f"GPTConfig.{name} must be a positive number, got {getattr(self, name)!r}")
+        if (self.arch == "gpt2" or self.head_dim is None) and self.n_embd % self.n_head:
+            raise InputError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.arch == "gpt2":
             self._check_gpt2()
         elif self.bias:
@@ -55,8 +57,6 @@ class GPTConfig:
         for name in ("n_kv_head", "intermediate_size", "head_dim"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
-        if self.head_dim is None and self.n_embd % self.n_head:
-            raise InputError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.n_kv_head = self.n_kv_head or self.n_head
         if self.n_head % self.n_kv_head:
@@ -72,7 +72,7 @@ class GPTConfig:
     def _check_gpt2(self):
         """GPT-2 as we run it: the Llama fields keep their defaults (or name GPT-2's own values)."""
         gpt2 = dict(n_kv_head=(None, self.n_head), head_dim=(None, self.n_embd // self.n_head),
-                    tie_embeddings=(True,), qk_norm=(False,), attn_bias=(False,), rope_scaling=(None,))
+                    intermediate_size=(None, 4 * self.n_embd), tie_embeddings=(True,), qk_norm=(False,), attn_bias=(False,), rope_scaling=(None,))
         for name, allowed in gpt2.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"GPTConfig.{name}={getattr(self, name)!r} needs arch 'llama' (GPT-2 allows {allowed[-1]!r})")
@@ -84,7 +84,10 @@ class GPTConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.arch == "gpt2":  # null, as they follow from n_embd and n_head: a hand-edited config.json stays whole
+            d.update(n_kv_head=None, head_dim=None, intermediate_size=None)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":

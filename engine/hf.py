@@ -13,8 +13,8 @@ saved from GPT2Model lack the "transformer." prefix). The Llama family keeps the
 HF's q, k, v projections are stacked into c_attn, gate and up into c_fc (llama_names). Nothing is ever downloaded, and reading
 a folder needs no `transformers` (only safetensors / torch); to_hf, export and patch need it.
 
-patch(): LayerNorm modules get a forward that calls the backend's layer_norm (same
-parameters, so the state_dict is unchanged). Attention goes through transformers'
+patch(): LayerNorm (GPT-2) and RMSNorm (Llama, Qwen2, Qwen3) modules get a forward that calls
+the backend's layer_norm / rms_norm (same parameters, so the state_dict is unchanged). Attention goes through transformers'
 AttentionInterface: our function is registered under "llm_engine_<backend>" and the model's
 attention implementation set to it. HF hands attention functions an optional mask; our
 kernels take only `causal` and `kv_start` (left padding), so the mask is read once per
@@ -364,7 +364,7 @@ PATCH_ATTR = "_llm_engine_patch"  # on a patched model: what unpatch restores
 
 
 def attention_plan(mask, sq: int, sk: int):
-    """How our kernel runs HF's mask for GPT-2's (causal) self-attention: (causal, kv_start or
+    """How our kernel runs HF's mask for causal self-attention: (causal, kv_start or
     None, keys to use), or None when the mask is none of: absent, causal, causal with left
     padding, all-visible.
 
@@ -431,7 +431,7 @@ def _make_attention(ops):
             return fallback("the attention mask is not causal with left padding", module, query, key, value,
                             attention_mask, **kwargs)
         causal, kv_start, keys = last["plan"]
-        # scale is 1/sqrt(head_dim), our kernels' default: patch() accepts only GPT-2s that use it
+        # scale is 1/sqrt(head_dim), our kernels' default: patch() accepts only models that use it
         out = ops.attention(query, key[:, :, :keys], value[:, :, :keys], causal=causal, kv_start=kv_start)
         return out.transpose(1, 2), None  # HF wants [B, S, H, D] and the (absent) weights
 
@@ -445,6 +445,24 @@ def _layer_norm_forward(ops):
     return forward
 
 
+def _rms_norm_forward(ops):  # HF's LlamaRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm: weight, variance_epsilon
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.variance_epsilon)
+
+    return forward
+
+
+def _norms(hf_model) -> list:
+    """(module, our forward for it) for every norm patch() swaps."""
+    norms = []
+    for m in hf_model.modules():
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            norms.append((m, _layer_norm_forward))
+        elif type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon"):
+            norms.append((m, _rms_norm_forward))
+    return norms
+
+
 def _set_attn_implementation(hf_model, name):
     if hasattr(hf_model, "set_attn_implementation"):
         hf_model.set_attn_implementation(name)
@@ -453,18 +471,25 @@ def _set_attn_implementation(hf_model, name):
 
 
 def patch(hf_model, backend: str = "triton"):
-    """Run a loaded Hugging Face GPT-2's LayerNorms and attention on our backend ("triton",
-    "torch", "reference"). Weights and state_dict are untouched; `unpatch` undoes it. Returns
-    the model. See the module docstring for which attention masks fall back to SDPA."""
+    """Run a loaded Hugging Face GPT-2's LayerNorms, or a Llama's, Qwen2's or Qwen3's RMSNorms,
+    and their attention (grouped-query included) on our backend ("triton", "torch",
+    "reference"). Weights and state_dict are untouched; `unpatch` undoes it. Returns the model.
+    See the module docstring for which attention masks fall back to SDPA."""
     import transformers
 
-    if getattr(hf_model.config, "model_type", None) != "gpt2":
-        raise InputError(f"patch: expected a Hugging Face GPT-2 model, got model_type "
-                         f"{getattr(hf_model.config, 'model_type', None)!r}")
-    needs = dict(add_cross_attention=False, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
-    for name, value in needs.items():
-        if bool(getattr(hf_model.config, name, value)) != value:
-            raise InputError(f"patch: GPT-2 with {name}={not value} is not supported (our attention needs {value})")
+    model_type = getattr(hf_model.config, "model_type", None)
+    if model_type == "gpt2":
+        needs = dict(add_cross_attention=False, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
+        for name, value in needs.items():
+            if bool(getattr(hf_model.config, name, value)) != value:
+                raise InputError(f"patch: GPT-2 with {name}={not value} is not supported (our attention needs {value})")
+    elif model_type in LLAMA_TYPES:
+        try:  # the same checks as loading one (its attention scale is 1/sqrt(head_dim), our default)
+            llama_config_from_hf(hf_model.config.to_dict(), "model.config")
+        except InputError as err:
+            raise InputError(f"patch: expected a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 model: {err}") from None
+    else:
+        raise InputError(f"patch: expected a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 model, got model_type {model_type!r}")
     from transformers.models.gpt2 import modeling_gpt2
 
     if not hasattr(transformers, "AttentionInterface") or not hasattr(modeling_gpt2, "ALL_ATTENTION_FUNCTIONS"):
@@ -484,20 +509,20 @@ def patch(hf_model, backend: str = "triton"):
         pass  # older versions build the mask in the model and pass it to any implementation
     previous = hf_model.config._attn_implementation
     _set_attn_implementation(hf_model, name)
-    layer_norms = [m for m in hf_model.modules() if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1]
-    for m in layer_norms:
-        m.forward = types.MethodType(_layer_norm_forward(ops), m)
-    setattr(hf_model, PATCH_ATTR, dict(attn_implementation=previous, layer_norms=layer_norms))
+    norms = _norms(hf_model)
+    for m, forward in norms:
+        m.forward = types.MethodType(forward(ops), m)
+    setattr(hf_model, PATCH_ATTR, dict(attn_implementation=previous, norms=[m for m, _ in norms]))
     return hf_model
 
 
 def unpatch(hf_model):
-    """Undo `patch`: HF's own attention implementation and LayerNorm forward again."""
+    """Undo `patch`: HF's own attention implementation and norms' forward again."""
     state = getattr(hf_model, PATCH_ATTR, None)
     if state is None:
         raise ValueError("unpatch: this model is not patched (engine.hf.patch was not called on it)")
     _set_attn_implementation(hf_model, state["attn_implementation"])
-    for m in state["layer_norms"]:
+    for m in state["norms"]:
         del m.forward
     delattr(hf_model, PATCH_ATTR)
     return hf_model

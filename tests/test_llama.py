@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -336,6 +337,42 @@ def test_hf_config_errors_name_the_field(tmp_path):
             hf.config_from_hf({**good, **change})
     with pytest.raises(InputError, match="lacks"):
         hf.config_from_hf({k: v for k, v in good.items() if k != "hidden_size"})
+
+
+def logits_and_grads(model, ids, **kwargs):
+    model.zero_grad()
+    out = model(ids, labels=ids, **kwargs)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["llama-3-rope", "qwen3"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])  # triton: under the interpreter (conftest)
+def test_patch_runs_our_attention_and_rms_norm_inside_hf(name, backend, monkeypatch):
+    calls = []
+    ops_class = type(get_backend(backend))
+    for op in ("attention", "rms_norm"):
+        original = getattr(ops_class, op)
+        monkeypatch.setattr(ops_class, op, lambda self, *a, _op=op, _f=original, **k: calls.append(_op) or _f(self, *a, **k))
+    m = hf_model(name)
+    ids, kv_start = torch.randint(0, 101, (2, 9)), torch.tensor([3, 0])
+    mask = (torch.arange(9)[None] >= kv_start[:, None]).long()
+    ref_logits, ref_grads = logits_and_grads(m, ids)
+    with torch.no_grad():
+        ref_padded = m(ids, attention_mask=mask).logits
+    hf.patch(m, backend=backend)
+    logits, grads = logits_and_grads(m, ids)
+    n_norms = 2 * 2 + 1 + (2 * 2 if name == "qwen3" else 0)  # per block 2 (+ q_norm, k_norm), the final one
+    assert calls.count("attention") == 2 and calls.count("rms_norm") == n_norms, calls
+    assert (logits - ref_logits).abs().max().item() < 1e-4
+    for n in ref_grads:
+        assert (grads[n] - ref_grads[n]).abs().max().item() < 1e-4, n
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # left padding runs our attention, no fallback
+        padded = m(ids, attention_mask=mask).logits
+    assert (padded - ref_padded)[mask.bool()].abs().max().item() < 1e-4
+    hf.unpatch(m)
+    assert torch.equal(logits_and_grads(m, ids)[0], ref_logits)
 
 
 # ---------------------------------------------------------------------------------------------
