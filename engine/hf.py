@@ -1,9 +1,9 @@
 """Hugging Face interop: GPT-2, Llama, Qwen2 and Qwen3 weights in and out, and our kernels inside HF models.
 
-    gpt = from_hf("path/to/gpt2")            # a local HF folder, or a GPT2LMHeadModel object
-    hf_model = to_hf(gpt)                    # a transformers GPT2LMHeadModel with the same weights
+    gpt = from_hf("path/to/gpt2")            # a local HF folder, or a GPT2LMHeadModel / LlamaForCausalLM / ... object
+    hf_model = to_hf(gpt)                    # a transformers model of the same family with the same weights
     export(gpt, tokenizer, "out/")           # a folder AutoModelForCausalLM.from_pretrained loads
-    patch(hf_model, backend="triton")        # our LayerNorm and attention inside the HF model
+    patch(hf_model, backend="triton")        # our norms and attention inside the HF model
     unpatch(hf_model)                        # back to what it was
 
 The two models hold the same numbers under different names and layouts: HF's GPT-2 keeps
@@ -236,9 +236,9 @@ def from_hf(model_or_folder, backend: str = "auto") -> GPT:
     else:
         folder = Path(model_or_folder)
         if not folder.is_dir():
-            raise InputError(f"{folder}: not a folder (expected a Hugging Face GPT-2 checkpoint folder)")
+            raise InputError(f"{folder}: not a folder (expected a Hugging Face model folder: GPT-2, Llama, Qwen2 or Qwen3)")
         if not (folder / "config.json").is_file():
-            raise InputError(f"{folder}: no config.json (expected a Hugging Face GPT-2 checkpoint: "
+            raise InputError(f"{folder}: no config.json (expected a Hugging Face model folder: "
                              f"config.json + one of {list(WEIGHT_FILES)})")
         config = config_from_hf(read_json(folder / "config.json"), folder / "config.json")  # before reading gigabytes
         hf_state, source = _read_weights(folder)
@@ -248,7 +248,7 @@ def from_hf(model_or_folder, backend: str = "auto") -> GPT:
 
 
 def load_hf(folder, backend: str = "auto"):
-    """(GPT, Tokenizer or None) from a local HF GPT-2 folder: what `--hf PATH` loads.
+    """(GPT, Tokenizer or None) from a local HF folder (GPT-2, Llama, Qwen2, Qwen3): what `--hf PATH` loads.
     The tokenizer is the folder's tokenizer.json as is; None when there is none."""
     model = from_hf(folder, backend=backend)
     path = Path(folder) / "tokenizer.json"

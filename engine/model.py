@@ -177,7 +177,7 @@ class Block(nn.Module):
         self.ln_2 = pieces["norm"](config)
         self.mlp = pieces["mlp"](config)
 
-    def forward(self, stream, branch, ops, rotate, cache=None, kv_start=None):
+    def forward(self, stream, branch, ops, cache=None, kv_start=None, rotate=None):
         """stream: the residual stream [B, T, C]; branch: the previous block's MLP output, not yet
         added to it (None in the first block); rotate: q, k -> q, k at this forward's positions, or None.
         Returns (stream, this block's MLP output)."""
@@ -204,7 +204,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+        for name, p in self.named_parameters():  # GPT-2's init, for both families: residual projections scaled by depth
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.set_backend(backend)
@@ -271,7 +271,7 @@ class GPT(nn.Module):
         rotate = positions.rotation(pos, ops)
         branch = None
         for block in self.transformer.h:
-            stream, branch = block(stream, branch, ops, rotate, cache, kv_start)
+            stream, branch = block(stream, branch, ops, cache, kv_start, rotate)
         h, _ = self.transformer.ln_f.add_then_norm(stream, branch, ops)  # [B, T, C]
         if cache is not None:
             cache.advance(T)

@@ -379,6 +379,8 @@ def test_patch_runs_our_attention_and_rms_norm_inside_hf(name, backend, monkeypa
 # Command line
 # ---------------------------------------------------------------------------------------------
 def test_cli_pretrain_llama_tiny_then_generate_chat_and_eval(tmp_path):
+    from engine.checkpoint import load_checkpoint
+
     def run(*args, stdin=None):
         return subprocess.run([sys.executable, "-m", "engine", *args], input=stdin, capture_output=True, text=True,
                               timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -395,3 +397,11 @@ def test_cli_pretrain_llama_tiny_then_generate_chat_and_eval(tmp_path):
     assert result.returncode == 0 and result.stdout.count("assistant> ") == 2, result.stderr
     result = run("eval", "--ckpt", str(out))
     assert result.returncode == 0 and "qa_accuracy_held_out_half" in result.stdout, result.stderr
+    result = run("export", "--ckpt", str(out), "--out", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = load_checkpoint(out, backend="torch")[0].eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert type(exported).__name__ == "LlamaForCausalLM"
+        assert (exported(ids).logits - ours(ids)[0]).abs().max().item() < 1e-5
