@@ -378,6 +378,7 @@ def test_patch_runs_our_attention_and_rms_norm_inside_hf(name, backend, monkeypa
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_pretrain_llama_tiny_then_generate_chat_and_eval(tmp_path):
     from engine.checkpoint import load_checkpoint
 
