@@ -4,11 +4,17 @@ A backend is a small object with the few ops the model needs. The model calls th
 looks at the backend's name, so a new backend is one class and one line in BACKENDS.
 
     attention(q, k, v, causal, kv_start=None) -> [B, H, Sq, D]
-        q: [B, H, Sq, D]; k, v: [B, H, Sk, D], Sk >= Sq, causal mask bottom-right aligned;
+        q: [B, H, Sq, D]; k, v: [B, Hkv, Sk, D] (Hkv divides H: grouped-query attention),
+        Sk >= Sq, causal mask bottom-right aligned;
         kv_start: optional LongTensor[B], first real (non left-padding) position of each row.
     layer_norm(x, weight, bias, eps) -> y
     add_layer_norm(x, residual, weight, bias, eps) -> (layer_norm(x + residual), x + residual)
         residual: the residual stream; x: a sublayer's output to add to it (the model's `branch`)
+    rms_norm(x, weight, eps) -> y
+    add_rms_norm(x, residual, weight, eps) -> (rms_norm(x + residual), x + residual)
+    apply_rope(q, k, cos, sin, positions) -> (q, k)
+        rotary embedding; cos, sin: [P, D/2] tables; positions: LongTensor[B or 1, T]
+    swiglu(gate, up) -> silu(gate) * up
 """
 import os
 
@@ -34,6 +40,19 @@ class ReferenceBackend:
         s = x + residual
         return self.layer_norm(s, weight, bias, eps), s
 
+    def rms_norm(self, x, weight, eps):
+        return reference.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        s = x + residual
+        return self.rms_norm(s, weight, eps), s
+
+    def apply_rope(self, q, k, cos, sin, positions):
+        return reference.apply_rope(q, k, cos, sin, positions)
+
+    def swiglu(self, gate, up):
+        return reference.swiglu(gate, up)
+
 
 class TorchBackend(ReferenceBackend):
     """What a user would pick instead: PyTorch's fused SDPA and LayerNorm."""
@@ -42,20 +61,39 @@ class TorchBackend(ReferenceBackend):
 
     def attention(self, q, k, v, causal=True, kv_start=None):
         sq, sk = q.shape[-2], k.shape[-2]
+        gqa = k.shape[1] < q.shape[1]
         if kv_start is None and (not causal or sq == sk or sq == 1):
             # a single query (a decode step) is the last position: it sees every key, no mask
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal and sq > 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal and sq > 1, enable_gqa=gqa)
         # SDPA's is_causal is top-left aligned; with a KV cache (Sq < Sk) or padding we pass
         # the bottom-right aligned mask explicitly.
         mask = reference.attention_mask(sq, sk, causal, kv_start, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def layer_norm(self, x, weight, bias, eps):
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
+    def rms_norm(self, x, weight, eps):
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
 
-class TritonBackend(ReferenceBackend):
-    """Our kernels: flash attention and fused (residual-add +) LayerNorm from `kernels`."""
+    def apply_rope(self, q, k, cos, sin, positions):
+        cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B|1, 1, T, D/2]
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # [B|1, 1, T, D]
+
+        def rotate(x):  # (a, b) -> (a·cos − b·sin, b·cos + a·sin), in x's dtype like Hugging Face
+            a, b = x.chunk(2, dim=-1)
+            return x * cos.to(x.dtype) + torch.cat([b, a], dim=-1) * sin.to(x.dtype)
+
+        return rotate(q), rotate(k)
+
+    def swiglu(self, gate, up):
+        return F.silu(gate) * up
+
+
+class TritonBackend(TorchBackend):
+    """Our kernels: flash attention and fused (residual-add +) LayerNorm from `kernels`.
+    RMSNorm, RoPE and SwiGLU have no kernels yet (issue 16's kernel step): until they land,
+    those ops are the torch backend's."""
 
     name = "triton"
 
@@ -73,6 +111,9 @@ class TritonBackend(ReferenceBackend):
         self.kernels = kernels
 
     def attention(self, q, k, v, causal=True, kv_start=None):
+        group = q.shape[1] // k.shape[1]
+        if group > 1:  # flash_attention takes Hkv < H only from issue 16's kernel step: until then, repeat K/V
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return self.kernels.flash_attention(q, k, v, causal=causal, kv_start=kv_start)
 
     def layer_norm(self, x, weight, bias, eps):

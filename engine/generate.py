@@ -20,19 +20,19 @@ from engine.sampling import DecodeLoop, SamplingParams
 
 
 class KVCache:
-    """Keys and values of every layer: [n_layer, B, nh, max_len, hd], filled up to `pos`."""
+    """Keys and values of every layer: [n_layer, B, nkv, max_len, hd] (nkv: key/value heads), filled up to `pos`."""
 
     def __init__(self, config, batch_size: int, max_len: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
-        # each layer's [B, nh, max_len, hd] views, made once: a small decode step is bound by how
+        # each layer's [B, nkv, max_len, hd] views, made once: a small decode step is bound by how
         # many ops it dispatches, and indexing self.k[layer, :, :, a:b] is four of them
         self.layers = [(self.k[i], self.v[i]) for i in range(config.n_layer)]
         self.pos = 0
 
     def update(self, layer: int, k, v):
-        """Write this step's k, v [B, nh, T, hd] after the cached ones; return all of them."""
+        """Write this step's k, v [B, nkv, T, hd] after the cached ones; return all of them."""
         k_all, v_all = self.layers[layer]
         T = k.shape[2]
         k_all.narrow(2, self.pos, T).copy_(k)

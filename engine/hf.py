@@ -1,19 +1,20 @@
-"""Hugging Face interop: GPT-2 weights in and out, and our kernels inside HF models.
+"""Hugging Face interop: GPT-2, Llama, Qwen2 and Qwen3 weights in and out, and our kernels inside HF models.
 
-    gpt = from_hf("path/to/gpt2")            # a local HF folder, or a GPT2LMHeadModel object
-    hf_model = to_hf(gpt)                    # a transformers GPT2LMHeadModel with the same weights
+    gpt = from_hf("path/to/gpt2")            # a local HF folder, or a GPT2LMHeadModel / LlamaForCausalLM / ... object
+    hf_model = to_hf(gpt)                    # a transformers model of the same family with the same weights
     export(gpt, tokenizer, "out/")           # a folder AutoModelForCausalLM.from_pretrained loads
-    patch(hf_model, backend="triton")        # our LayerNorm and attention inside the HF model
+    patch(hf_model, backend="triton")        # our norms and attention inside the HF model
     unpatch(hf_model)                        # back to what it was
 
 The two models hold the same numbers under different names and layouts: HF's GPT-2 keeps
 its projections in `Conv1D` modules whose weight is [in, out], ours are nn.Linear [out, in],
 so those four weights per block are transposed; the names are otherwise nanoGPT's (HF files
-saved from GPT2Model lack the "transformer." prefix). Nothing is ever downloaded, and reading
+saved from GPT2Model lack the "transformer." prefix). The Llama family keeps the same names:
+HF's q, k, v projections are stacked into c_attn, gate and up into c_fc (llama_names). Nothing is ever downloaded, and reading
 a folder needs no `transformers` (only safetensors / torch); to_hf, export and patch need it.
 
-patch(): LayerNorm modules get a forward that calls the backend's layer_norm (same
-parameters, so the state_dict is unchanged). Attention goes through transformers'
+patch(): LayerNorm (GPT-2) and RMSNorm (Llama, Qwen2, Qwen3) modules get a forward that calls
+the backend's layer_norm / rms_norm (same parameters, so the state_dict is unchanged). Attention goes through transformers'
 AttentionInterface: our function is registered under "llm_engine_<backend>" and the model's
 attention implementation set to it. HF hands attention functions an optional mask; our
 kernels take only `causal` and `kv_start` (left padding), so the mask is read once per
@@ -38,7 +39,7 @@ import torch.nn as nn
 from engine import reference
 from engine.backends import get_backend
 from engine.checkpoint import check_vocab, model_from_weights, read_json, read_pickle, read_safetensors, read_tokenizer
-from engine.config import GPTConfig
+from engine.config import ROPE_SCALING_KEYS, GPTConfig
 from engine.errors import InputError
 from engine.model import GPT
 
@@ -62,19 +63,30 @@ TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approxima
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # old transformers' causal-mask buffers, not weights
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+LLAMA_TYPES = ("llama", "qwen2", "qwen3")  # SmolLM2 and Llama 3.2 are "llama"
+LLAMA_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings")
 
 
 # ---------------------------------------------------------------------------------------------
 # Weights in
 # ---------------------------------------------------------------------------------------------
 def config_from_hf(hf_config: dict, source="config.json") -> GPTConfig:
-    """GPTConfig from a GPT-2 config (config.json's dict); InputError naming any field we can't run."""
-    c = {**GPT2_DEFAULTS, **hf_config}
-    if "model_type" not in c:  # HF always writes it; our own checkpoints' config.json has none
+    """GPTConfig from a GPT-2, Llama, Qwen2 or Qwen3 config (config.json's dict); InputError
+    naming any field we can't run."""
+    if "model_type" not in hf_config:  # HF always writes it; our own checkpoints' config.json has none
         raise InputError(f"{source} has no model_type: not a Hugging Face config (an llm-engine checkpoint "
                          "folder loads with --ckpt / engine.checkpoint.load_checkpoint)")
-    if c["model_type"] != "gpt2":
-        raise InputError(f"{source}: model_type is {c['model_type']!r}; only 'gpt2' checkpoints are supported")
+    model_type = hf_config["model_type"]
+    if model_type == "gpt2":
+        return gpt2_config_from_hf(hf_config, source)
+    if model_type in LLAMA_TYPES:
+        return llama_config_from_hf(hf_config, source)
+    raise InputError(f"{source}: model_type is {model_type!r}; supported: {['gpt2', *LLAMA_TYPES]}")
+
+
+def gpt2_config_from_hf(hf_config: dict, source) -> GPTConfig:
+    c = {**GPT2_DEFAULTS, **hf_config}
     try:  # checks the sizes' types and values first: the checks below compute with them
         config = GPTConfig(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"], n_head=c["n_head"],
                            n_embd=c["n_embd"], dropout=0.0, bias=True, layer_norm_epsilon=c["layer_norm_epsilon"])
@@ -90,6 +102,83 @@ def config_from_hf(hf_config: dict, source="config.json") -> GPTConfig:
         if bool(c[name]) != value:
             raise InputError(f"{source}: {name}={c[name]!r} is not supported (GPT-2 as we run it needs {value})")
     return config
+
+
+def llama_config_from_hf(c: dict, source) -> GPTConfig:
+    """GPTConfig(arch="llama") from a Llama / Qwen2 / Qwen3 config.json."""
+    model_type = c["model_type"]
+    missing = [name for name in LLAMA_REQUIRED if name not in c]
+    if missing:
+        raise InputError(f"{source}: {model_type} config lacks {missing}")
+    # transformers 5 writes rope_parameters; older files have rope_theta and rope_scaling
+    rope = c.get("rope_parameters") or {**(c.get("rope_scaling") or {}), "rope_theta": c.get("rope_theta", 10000.0)}
+    if not isinstance(rope, dict):
+        raise InputError(f"{source}: rope_parameters must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise InputError(f"{source}: rope_type {rope_type!r} is not supported (only 'default' and 'llama3')")
+    unsupported = dict(hidden_act=(c.get("hidden_act", "silu"), "silu"), mlp_bias=(c.get("mlp_bias", False), False),
+                       use_sliding_window=(c.get("use_sliding_window", False), False),
+                       attention_bias=(c.get("attention_bias", False), False))  # Llama/Qwen3's: o_proj's bias too
+    for name, (value, needed) in unsupported.items():
+        if value != needed:
+            raise InputError(f"{source}: {name}={value!r} is not supported (we run {needed!r})")
+    n_head = c["num_attention_heads"]
+    try:
+        return GPTConfig(
+            arch="llama", bias=False, vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
+            n_layer=c["num_hidden_layers"], n_head=n_head, n_kv_head=c.get("num_key_value_heads") or n_head,
+            n_embd=c["hidden_size"], head_dim=c.get("head_dim"), intermediate_size=c["intermediate_size"],
+            rope_theta=rope.get("rope_theta", 10000.0),
+            rope_scaling={k: rope.get(k) for k in ROPE_SCALING_KEYS} if rope_type == "llama3" else None,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=c.get("tie_word_embeddings", False),
+            qk_norm=model_type == "qwen3", attn_bias=model_type == "qwen2")
+    except InputError as err:
+        raise InputError(f"{source}: {err}") from None
+
+
+def llama_names(config: GPTConfig) -> list:
+    """(our name, HF names, split sizes) for every Llama-family tensor: ours holds the HF tensors
+    concatenated along the rows (q, k, v into c_attn; gate, up into c_fc), split back by sizes."""
+    q, kv, inter = config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.intermediate_size
+    per_layer = [
+        ("ln_1.weight", ["input_layernorm.weight"], None),
+        ("attn.c_attn.weight", ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"], [q, kv, kv]),
+        *([("attn.c_attn.bias", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"], [q, kv, kv])]
+          if config.attn_bias else []),
+        *([("attn.q_norm.weight", ["self_attn.q_norm.weight"], None), ("attn.k_norm.weight", ["self_attn.k_norm.weight"], None)]
+          if config.qk_norm else []),
+        ("attn.c_proj.weight", ["self_attn.o_proj.weight"], None),
+        ("ln_2.weight", ["post_attention_layernorm.weight"], None),
+        ("mlp.c_fc.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"], [inter, inter]),
+        ("mlp.c_proj.weight", ["mlp.down_proj.weight"], None),
+    ]
+    names = [("transformer.wte.weight", ["model.embed_tokens.weight"], None)]
+    for i in range(config.n_layer):
+        names += [(f"transformer.h.{i}.{ours}", [f"model.layers.{i}.{n}" for n in hf], sizes) for ours, hf, sizes in per_layer]
+    names.append(("transformer.ln_f.weight", ["model.norm.weight"], None))
+    if not config.tie_embeddings:
+        names.append(("lm_head.weight", ["lm_head.weight"], None))
+    return names
+
+
+def llama_state_dict_from_hf(config: GPTConfig, hf_state: dict, source) -> dict:
+    """Our names for HF Llama-family tensors. A tensor we don't know keeps its HF name, and one
+    whose pieces are missing stays missing, for model_from_weights to report."""
+    hf_state = {k: v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer, not a weight
+    ours, used = {}, set()
+    for name, hf_names, _ in llama_names(config):
+        if not all(n in hf_state for n in hf_names):
+            continue
+        pieces = [hf_state[n] for n in hf_names]
+        if len({p.shape[1:] for p in pieces}) > 1 or any(p.dim() == 0 for p in pieces):
+            raise InputError(f"{source}: {hf_names} have shapes {[list(p.shape) for p in pieces]}, which don't stack")
+        ours[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        used.update(hf_names)
+    if config.tie_embeddings and "lm_head.weight" in hf_state:
+        ours["lm_head.weight"] = hf_state["lm_head.weight"]  # checked against the token table in model_from_weights
+        used.add("lm_head.weight")
+    return {**ours, **{k: v for k, v in hf_state.items() if k not in used}}
 
 
 def state_dict_from_hf(hf_state: dict) -> dict:
@@ -134,7 +223,8 @@ def _read_weights(folder: Path):
 
 
 def from_hf(model_or_folder, backend: str = "auto") -> GPT:
-    """Our GPT from a Hugging Face GPT-2: a GPT2LMHeadModel (or GPT2Model) object, or a local
+    """Our GPT from a Hugging Face GPT-2, Llama, Qwen2 or Qwen3: a GPT2LMHeadModel (or
+    GPT2Model, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) object, or a local
     folder holding config.json and model.safetensors (or shards) or pytorch_model.bin. Weights
     come out fp32, on the CPU. A folder is untrusted input: whatever is wrong with it raises
     InputError naming the file."""
@@ -146,17 +236,19 @@ def from_hf(model_or_folder, backend: str = "auto") -> GPT:
     else:
         folder = Path(model_or_folder)
         if not folder.is_dir():
-            raise InputError(f"{folder}: not a folder (expected a Hugging Face GPT-2 checkpoint folder)")
+            raise InputError(f"{folder}: not a folder (expected a Hugging Face model folder: GPT-2, Llama, Qwen2 or Qwen3)")
         if not (folder / "config.json").is_file():
-            raise InputError(f"{folder}: no config.json (expected a Hugging Face GPT-2 checkpoint: "
+            raise InputError(f"{folder}: no config.json (expected a Hugging Face model folder: "
                              f"config.json + one of {list(WEIGHT_FILES)})")
         config = config_from_hf(read_json(folder / "config.json"), folder / "config.json")  # before reading gigabytes
         hf_state, source = _read_weights(folder)
+    if config.arch == "llama":
+        return model_from_weights(config, llama_state_dict_from_hf(config, hf_state, source), source, backend)
     return model_from_weights(config, state_dict_from_hf(hf_state), source, backend)
 
 
 def load_hf(folder, backend: str = "auto"):
-    """(GPT, Tokenizer or None) from a local HF GPT-2 folder: what `--hf PATH` loads.
+    """(GPT, Tokenizer or None) from a local HF folder (GPT-2, Llama, Qwen2, Qwen3): what `--hf PATH` loads.
     The tokenizer is the folder's tokenizer.json as is; None when there is none."""
     model = from_hf(folder, backend=backend)
     path = Path(folder) / "tokenizer.json"
@@ -170,8 +262,44 @@ def load_hf(folder, backend: str = "auto"):
 # Weights out
 # ---------------------------------------------------------------------------------------------
 def to_hf(gpt: GPT, **config_overrides):
-    """A transformers GPT2LMHeadModel holding a copy of gpt's weights (same device and dtype).
-    config_overrides go to GPT2Config (e.g. bos_token_id / eos_token_id)."""
+    """A transformers model holding a copy of gpt's weights (same device and dtype): a
+    GPT2LMHeadModel, or for arch "llama" a Qwen3ForCausalLM (qk_norm), Qwen2ForCausalLM
+    (attn_bias) or LlamaForCausalLM. config_overrides go to its config (e.g. bos_token_id / eos_token_id)."""
+    hf = llama_to_hf(gpt, config_overrides) if gpt.config.arch == "llama" else gpt2_to_hf(gpt, config_overrides)
+    wte = gpt.transformer.wte.weight
+    return hf.to(device=wte.device, dtype=wte.dtype).eval()
+
+
+def llama_to_hf(gpt: GPT, config_overrides: dict):
+    import transformers
+
+    c = gpt.config
+    if c.qk_norm and c.attn_bias:
+        raise InputError("to_hf: no Hugging Face model has both Qwen3's qk_norm and Qwen2's q/k/v-only biases")
+    name = "Qwen3" if c.qk_norm else "Qwen2" if c.attn_bias else "Llama"
+    rope = dict(rope_type="llama3", **c.rope_scaling) if c.rope_scaling else dict(rope_type="default")
+    hf_config = getattr(transformers, f"{name}Config")(**{
+        **dict(vocab_size=c.vocab_size, max_position_embeddings=c.block_size, hidden_size=c.n_embd,
+               intermediate_size=c.intermediate_size, num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+               num_key_value_heads=c.n_kv_head, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+               rope_parameters=dict(rope, rope_theta=c.rope_theta), tie_word_embeddings=c.tie_embeddings,
+               hidden_act="silu", attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None),
+        **config_overrides,
+    })
+    hf = getattr(transformers, f"{name}ForCausalLM")(hf_config)
+    ours = gpt.state_dict()
+    state = {}
+    for our_name, hf_names, sizes in llama_names(c):
+        pieces = ours[our_name].split(sizes) if sizes else [ours[our_name]]
+        state.update(zip(hf_names, pieces))
+    if c.tie_embeddings:
+        state["lm_head.weight"] = ours["lm_head.weight"]
+    with torch.no_grad():
+        hf.load_state_dict(state)
+    return hf
+
+
+def gpt2_to_hf(gpt: GPT, config_overrides: dict):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = gpt.config
@@ -189,8 +317,7 @@ def to_hf(gpt: GPT, **config_overrides):
     state = {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v) for k, v in gpt.state_dict().items()}
     with torch.no_grad():
         hf.load_state_dict(state)
-    wte = gpt.transformer.wte.weight
-    return hf.to(device=wte.device, dtype=wte.dtype).eval()
+    return hf
 
 
 def export(model: GPT, tokenizer, out_folder):
@@ -237,7 +364,7 @@ PATCH_ATTR = "_llm_engine_patch"  # on a patched model: what unpatch restores
 
 
 def attention_plan(mask, sq: int, sk: int):
-    """How our kernel runs HF's mask for GPT-2's (causal) self-attention: (causal, kv_start or
+    """How our kernel runs HF's mask for causal self-attention: (causal, kv_start or
     None, keys to use), or None when the mask is none of: absent, causal, causal with left
     padding, all-visible.
 
@@ -304,7 +431,7 @@ def _make_attention(ops):
             return fallback("the attention mask is not causal with left padding", module, query, key, value,
                             attention_mask, **kwargs)
         causal, kv_start, keys = last["plan"]
-        # scale is 1/sqrt(head_dim), our kernels' default: patch() accepts only GPT-2s that use it
+        # scale is 1/sqrt(head_dim), our kernels' default: patch() accepts only models that use it
         out = ops.attention(query, key[:, :, :keys], value[:, :, :keys], causal=causal, kv_start=kv_start)
         return out.transpose(1, 2), None  # HF wants [B, S, H, D] and the (absent) weights
 
@@ -318,6 +445,24 @@ def _layer_norm_forward(ops):
     return forward
 
 
+def _rms_norm_forward(ops):  # HF's LlamaRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm: weight, variance_epsilon
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.variance_epsilon)
+
+    return forward
+
+
+def _norms(hf_model) -> list:
+    """(module, our forward for it) for every norm patch() swaps."""
+    norms = []
+    for m in hf_model.modules():
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            norms.append((m, _layer_norm_forward))
+        elif type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon"):
+            norms.append((m, _rms_norm_forward))
+    return norms
+
+
 def _set_attn_implementation(hf_model, name):
     if hasattr(hf_model, "set_attn_implementation"):
         hf_model.set_attn_implementation(name)
@@ -326,18 +471,25 @@ def _set_attn_implementation(hf_model, name):
 
 
 def patch(hf_model, backend: str = "triton"):
-    """Run a loaded Hugging Face GPT-2's LayerNorms and attention on our backend ("triton",
-    "torch", "reference"). Weights and state_dict are untouched; `unpatch` undoes it. Returns
-    the model. See the module docstring for which attention masks fall back to SDPA."""
+    """Run a loaded Hugging Face GPT-2's LayerNorms, or a Llama's, Qwen2's or Qwen3's RMSNorms,
+    and their attention (grouped-query included) on our backend ("triton", "torch",
+    "reference"). Weights and state_dict are untouched; `unpatch` undoes it. Returns the model.
+    See the module docstring for which attention masks fall back to SDPA."""
     import transformers
 
-    if getattr(hf_model.config, "model_type", None) != "gpt2":
-        raise InputError(f"patch: expected a Hugging Face GPT-2 model, got model_type "
-                         f"{getattr(hf_model.config, 'model_type', None)!r}")
-    needs = dict(add_cross_attention=False, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
-    for name, value in needs.items():
-        if bool(getattr(hf_model.config, name, value)) != value:
-            raise InputError(f"patch: GPT-2 with {name}={not value} is not supported (our attention needs {value})")
+    model_type = getattr(hf_model.config, "model_type", None)
+    if model_type == "gpt2":
+        needs = dict(add_cross_attention=False, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)
+        for name, value in needs.items():
+            if bool(getattr(hf_model.config, name, value)) != value:
+                raise InputError(f"patch: GPT-2 with {name}={not value} is not supported (our attention needs {value})")
+    elif model_type in LLAMA_TYPES:
+        try:  # the same checks as loading one (its attention scale is 1/sqrt(head_dim), our default)
+            llama_config_from_hf(hf_model.config.to_dict(), "model.config")
+        except InputError as err:
+            raise InputError(f"patch: expected a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 model: {err}") from None
+    else:
+        raise InputError(f"patch: expected a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 model, got model_type {model_type!r}")
     from transformers.models.gpt2 import modeling_gpt2
 
     if not hasattr(transformers, "AttentionInterface") or not hasattr(modeling_gpt2, "ALL_ATTENTION_FUNCTIONS"):
@@ -357,20 +509,20 @@ def patch(hf_model, backend: str = "triton"):
         pass  # older versions build the mask in the model and pass it to any implementation
     previous = hf_model.config._attn_implementation
     _set_attn_implementation(hf_model, name)
-    layer_norms = [m for m in hf_model.modules() if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1]
-    for m in layer_norms:
-        m.forward = types.MethodType(_layer_norm_forward(ops), m)
-    setattr(hf_model, PATCH_ATTR, dict(attn_implementation=previous, layer_norms=layer_norms))
+    norms = _norms(hf_model)
+    for m, forward in norms:
+        m.forward = types.MethodType(forward(ops), m)
+    setattr(hf_model, PATCH_ATTR, dict(attn_implementation=previous, norms=[m for m, _ in norms]))
     return hf_model
 
 
 def unpatch(hf_model):
-    """Undo `patch`: HF's own attention implementation and LayerNorm forward again."""
+    """Undo `patch`: HF's own attention implementation and norms' forward again."""
     state = getattr(hf_model, PATCH_ATTR, None)
     if state is None:
         raise ValueError("unpatch: this model is not patched (engine.hf.patch was not called on it)")
     _set_attn_implementation(hf_model, state["attn_implementation"])
-    for m in state["layer_norms"]:
+    for m in state["norms"]:
         del m.forward
     delattr(hf_model, PATCH_ATTR)
     return hf_model

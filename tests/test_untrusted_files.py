@@ -238,7 +238,7 @@ INDEX = "model.safetensors.index.json"
 HF_CASES = {
     "config missing": ("", delete("config.json"), "no config.json"),
     "config not JSON": ("config.json", write("config.json", "{not json"), "not valid JSON"),
-    "config of another model": ("config.json", edit_json("config.json", lambda c: c.update(model_type="llama")), "model_type is 'llama'"),
+    "config of another model": ("config.json", edit_json("config.json", lambda c: c.update(model_type="bert")), "model_type is 'bert'"),  # Llama loads since issue 16
     "config size of the wrong type": ("config.json", edit_json("config.json", lambda c: c.update(n_embd={"a": 1})), "n_embd must be a positive integer"),
     "config heads don't divide": ("config.json", edit_json("config.json", lambda c: c.update(n_head=3)), "divisible by n_head"),
     "config disagrees with weights": ("model.safetensors", edit_json("config.json", lambda c: c.update(n_layer=2)), r"missing \['transformer.h.1"),
