@@ -86,10 +86,10 @@ def add_model_source(p, flag="--ckpt"):
     g.add_argument("--hf", metavar="PATH", help="a local Hugging Face GPT-2 folder (config.json + weights)")
 
 
-def add_sampling_flags(p, max_new_tokens=256):
+def add_sampling_flags(p, max_new_tokens=256, top_p=1.0):
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this much mass (default 1.0 = off)")
+    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus: smallest set with this much mass (default {top_p}; 1.0 = off)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (default 0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: fresh each run)")
@@ -129,13 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(p)
     add_runtime_flags(p)
 
-    p = sub.add_parser("chat", help="talk to a fine-tuned model", description="Multi-turn chat. Reads one user message per line from stdin (a pipe works); /reset starts over, /quit ends.")
+    p = sub.add_parser("chat", help="talk to a fine-tuned model", description=(
+        "Multi-turn chat. Reads one user message per line from stdin (a pipe works); /reset starts over, /quit ends. "
+        "The defaults (temperature 0.8, top-p 0.95, at most 64 new tokens) give varied but sound replies: top-p 0.95 "
+        "drops the improbable tail tokens where a small model's reply derails instead of ending its turn, and 64 "
+        "tokens is four times the demo world's longest answer. --temperature 0 gives the single most likely reply "
+        "(what `eval` scores)."))
     add_model_source(p)
     p.add_argument("--system", default=None, help="an optional system message")
-    add_sampling_flags(p)
+    add_sampling_flags(p, max_new_tokens=64, top_p=0.95)
     add_runtime_flags(p)
 
-    p = sub.add_parser("eval", help="validation loss and QA accuracy", description="Validation loss; on the built-in world also QA exact-match accuracy on both halves of the people.")
+    p = sub.add_parser("eval", help="validation loss and QA accuracy", description=(
+        "Validation loss; on the built-in world also, for both halves of the people, the exact-match accuracy of "
+        "greedy answers per question type and turn by turn over 200 fixed three-turn chats, and the share of "
+        "replies sampled at temperature 0.8 / top-p 0.95 (3 seeds) that end their turn within 48 tokens."))
     add_model_source(p)
     p.add_argument("--data", default=None, metavar="PATH", help="loss on this text file/folder or conversations .jsonl instead of the run's own val data")
     add_runtime_flags(p)

@@ -50,13 +50,21 @@ SENTENCES = {
     "employer": ["{name} works for {v}.", "{name} is employed by {v}.",
                  "{name} has a job at {v}.", "{name} earns a living at {v}."],
 }
+# {who}: the full name, or "he"/"she" in a follow-up about the person the chat is already about
 QUESTIONS = {
-    "birth_date": "When was {name} born?",
-    "birth_city": "Where was {name} born?",
-    "university": "Which university did {name} attend?",
-    "major": "What did {name} study?",
-    "employer": "Who does {name} work for?",
+    "birth_date": "When was {who} born?",
+    "birth_city": "Where was {who} born?",
+    "university": "Which university did {who} attend?",
+    "major": "What did {who} study?",
+    "employer": "Who does {who} work for?",
 }
+# the first names that take "she" in a follow-up question
+FEMALE_FIRST = set("""Anna Clara Elena Greta Iris Karin Mira Olga Rosa Tara Vera Yara Zoe Bianca Dora Fiona Helen
+Julia Lena Nora Petra""".split())
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer questions about people in one sentence.",
+                  "You know the biographies of many people. Answer briefly."]
+SYSTEM_PROMPT_SHARE = 0.3  # chats that open with a system message
+SWITCH_SHARE = 0.4  # later turns that ask about another person by name instead of saying he/she
 
 
 @dataclass(frozen=True)
@@ -77,15 +85,18 @@ class World:
     n_people: int = 100
     seed: int = 0
     bios_per_person: int = 6
+    multi_turn_chats: int = 1000  # 2-4 turn fine-tuning chats, beside one single-turn chat per fact
 
     def __post_init__(self):
-        for name in ("n_people", "seed", "bios_per_person"):
+        for name in ("n_people", "seed", "bios_per_person", "multi_turn_chats"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise InputError(f"World.{name} must be an integer, got {getattr(self, name)!r}")
         if not 2 <= self.n_people <= len(FIRST) * len(LAST):  # two: one to fine-tune on, one held out
             raise InputError(f"n_people must be between 2 and {len(FIRST) * len(LAST)}, got {self.n_people}")
         if self.bios_per_person < 1:
             raise InputError(f"bios_per_person must be at least 1, got {self.bios_per_person}")
+        if self.multi_turn_chats < 0:
+            raise InputError(f"World.multi_turn_chats must be at least 0, got {self.multi_turn_chats}")
 
     def people(self) -> list[Person]:
         rng = random.Random(self.seed)
@@ -121,20 +132,55 @@ class World:
 
     @staticmethod
     def qa_pairs(people: list[Person]) -> list[tuple[str, str]]:
-        """(question, answer) for every fact of every person. The answer is a whole sentence in
-        a pretraining phrasing ("Anna Smith was born in Lisbon."): answering then runs through
-        the same path as reading did, which is what lets the model answer about people it was
-        never asked about in fine-tuning."""
-        return [(QUESTIONS[a].format(name=p.name), SENTENCES[a][0].format(name=p.name, v=getattr(p, a)))
-                for p in people for a in ATTRIBUTES]
+        """(question, answer) for every fact of every person, attribute by attribute."""
+        return [qa_pair(p, a) for p in people for a in ATTRIBUTES]
 
     def conversations(self) -> list[list[dict]]:
-        """One-turn chats about the fine-tuning half."""
-        return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-                for q, a in self.qa_pairs(self.split()[0])]
+        """The fine-tuning chats, all about the fine-tuning half: one single-turn chat per fact,
+        then multi_turn_chats chats of 2-4 turns (follow-ups with he/she, switches to another
+        person, sometimes a system message)."""
+        seen = self.split()[0]
+        single = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in self.qa_pairs(seen)]
+        rng = random.Random(self.seed + 2)
+        return single + [multi_turn_chat(seen, rng.randint(2, 4), rng) for _ in range(self.multi_turn_chats)]
+
+    def eval_chats(self, people: list[Person], n_chats: int = 200, n_turns: int = 3, seed: int = 1234) -> list[list[dict]]:
+        """Fixed multi-turn chats about `people` for evaluation, drawn like the fine-tuning ones."""
+        rng = random.Random(seed)
+        return [multi_turn_chat(people, n_turns, rng) for _ in range(n_chats)]
 
     def to_dict(self) -> dict:
-        return {"n_people": self.n_people, "seed": self.seed, "bios_per_person": self.bios_per_person}
+        return {"n_people": self.n_people, "seed": self.seed, "bios_per_person": self.bios_per_person,
+                "multi_turn_chats": self.multi_turn_chats}
+
+
+def qa_pair(person: Person, attribute: str, who: str | None = None) -> tuple[str, str]:
+    """(question, answer) about one fact; who: how the question names the person (default the
+    full name). The answer is always a whole sentence with the full name, in a pretraining
+    phrasing ("Anna Smith was born in Lisbon."): answering then runs through the same path as
+    reading did, which is what lets the model answer about people it was never asked about."""
+    question = QUESTIONS[attribute].format(who=who or person.name)
+    return question, SENTENCES[attribute][0].format(name=person.name, v=getattr(person, attribute))
+
+
+def pronoun(person: Person) -> str:
+    return "she" if person.name.split()[0] in FEMALE_FIRST else "he"
+
+
+def multi_turn_chat(people: list[Person], n_turns: int, rng: random.Random) -> list[dict]:
+    """A chat of n_turns questions and answers: each later turn either follows up on the same
+    person ("When was she born?", a fact not asked yet) or switches to another one by name."""
+    chat = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < SYSTEM_PROMPT_SHARE else []
+    asked = set()
+    for turn in range(n_turns):
+        follow_up = turn > 0 and len(asked) < len(ATTRIBUTES) and rng.random() >= SWITCH_SHARE
+        if not follow_up:
+            person, asked = rng.choice(people), set()
+        attribute = rng.choice([a for a in ATTRIBUTES if a not in asked])
+        asked.add(attribute)
+        question, answer = qa_pair(person, attribute, pronoun(person) if follow_up else None)
+        chat += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return chat
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,3 +172,80 @@ def test_eval_reports_val_loss_and_qa_accuracy(tmp_path):
     (tmp_path / "other.txt").write_text("Some other text entirely, for the --data path. " * 50)
     other = evaluate(tmp_path / "run", device="cpu", backend="torch", batches=2, data=tmp_path / "other.txt")
     assert other["val_loss"] > own["val_loss"]  # text unlike the training data costs more
+
+
+def test_eval_reports_every_world_figure_of_an_untrained_chat(tmp_path):
+    from engine.data import ATTRIBUTES
+    from engine.evaluate import evaluate
+
+    small_pretrain("builtin", tmp_path / "run", 2, n_people=10)
+    results = evaluate(tmp_path / "run", device="cpu", backend="torch", batches=1)
+    for half in ("finetune_half", "held_out_half"):
+        assert results[f"qa_accuracy_by_type_{half}"] == {a: 0.0 for a in ATTRIBUTES}
+        assert results[f"multi_turn_accuracy_{half}"] == {"turn_1": 0.0, "turn_2": 0.0, "turn_3": 0.0}
+    assert 0.0 <= results["end_of_turn_rate"] < 0.5  # an untrained model rarely picks <|end|> by chance
+    assert "end_of_turn_rate" not in evaluate(tmp_path / "run", device="cpu", backend="torch", batches=1, chat=False)
+
+
+class ScriptedChat:
+    """Stands in for chat_replies: answers a question that names the person with the world's
+    answer, and anything else ("he"/"she") with "I don't know."; records what it was shown."""
+
+    def __init__(self, world):
+        self.gold = {q: a for q, a in world.qa_pairs(world.people())}
+        self.shown, self.params = [], []
+
+    def __call__(self, model, tokenizer, chats, params):
+        from types import SimpleNamespace
+
+        self.shown += [list(chat) for chat in chats]
+        self.params += params
+        return [SimpleNamespace(text=self.gold.get(chat[-1]["content"], "I don't know."),
+                                finish_reason="stop_token" if p.seed is None or p.seed % 4 else "length")
+                for chat, p in zip(chats, params)]
+
+
+def test_multi_turn_accuracy_scores_each_turn_of_chats_that_continue_from_the_models_own_replies(monkeypatch):
+    from types import SimpleNamespace
+
+    import engine.evaluate
+    from engine.data import World
+
+    world = World(n_people=20, seed=0)
+    scripted = ScriptedChat(world)
+    monkeypatch.setattr(engine.evaluate, "chat_replies", scripted)
+    model = SimpleNamespace(config=SimpleNamespace(block_size=10_000))
+    tokenizer = SimpleNamespace(render_prompt=lambda messages: [0] * len(messages), end_id=7)
+    chats = world.eval_chats(world.split()[1], n_chats=50)
+    accuracies = engine.evaluate.multi_turn_accuracy(model, tokenizer, chats)
+
+    def names_the_person(question):
+        return not {"he", "she"} & set(question.rstrip("?").split())
+
+    users = [[m["content"] for m in chat if m["role"] == "user"] for chat in chats]
+    assert accuracies == [sum(names_the_person(u[t]) for u in users) / 50 for t in range(3)]
+    assert accuracies[0] == 1.0 and 0 < accuracies[1] < 1
+    # the third turn is asked after the model's own second reply, not the gold one
+    third_turn_prompts = [shown for shown in scripted.shown if sum(m["role"] == "user" for m in shown) == 3]
+    assert len(third_turn_prompts) == 50
+    assert any(m["content"] == "I don't know." for shown in third_turn_prompts for m in shown)
+
+
+def test_end_of_turn_rate_samples_every_question_with_three_seeds(monkeypatch):
+    from types import SimpleNamespace
+
+    import engine.evaluate
+    from engine.data import World
+
+    world = World(n_people=10, seed=0)
+    scripted = ScriptedChat(world)
+    monkeypatch.setattr(engine.evaluate, "chat_replies", scripted)
+    questions = [q for q, _ in world.qa_pairs(world.people())]
+    model = SimpleNamespace(config=SimpleNamespace(block_size=10_000))
+    tokenizer = SimpleNamespace(render_prompt=lambda messages: [0] * len(messages), end_id=7)
+    rate = engine.evaluate.end_of_turn_rate(model, tokenizer, questions)
+    seeds = [p.seed for p in scripted.params]
+    assert len(set(seeds)) == len(seeds) == 3 * len(questions)
+    assert all(p.temperature == 0.8 and p.top_p == 0.95 and p.stop_token_ids == (7,) and p.max_new_tokens == 48
+               for p in scripted.params)
+    assert rate == sum(s % 4 != 0 for s in seeds) / len(seeds)
