@@ -1,11 +1,14 @@
-"""`make bench`: the CPU benchmarks in one call (under 10 minutes on 2 cores), results in one folder.
+"""`make bench`: the CPU benchmarks in one call, results in one folder.
 
     python benchmarks/cpu_suite.py [--threads N] [--out DIR]
 
 Runs, each as its own process with a time cap: roofline.py (the CPU's copy and float32 matmul
 ceilings), sampling.py (C++ sampler vs reference vs Hugging Face's processors), train.py on
 "tiny" (backends reference, torch, torch.compile; the Triton interpreter takes minutes per step,
-so it is left to the GPU suite) and generate.py on "tiny" (ours vs Hugging Face `generate`).
+so it is left to the GPU suite) and generate.py (ours vs Hugging Face `generate`) on "tiny" and
+on a 6-layer, 192-wide model (6 heads, vocabulary 4096, context 512; prompt 40, 96 new tokens),
+each case with one torch thread and with torch's default side by side. The caps add up to
+19 minutes.
 Writes benchmarks/results/<cpu>-<date>/ (or --out): each script's CSV / PNG / markdown, its log,
 and summary.md, which is printed last. --threads N sets OMP_NUM_THREADS for every script (torch's
 intra-op pool and the C++ sampler): on a machine shared with other work, 1 gives steadier numbers.
@@ -29,7 +32,9 @@ STEPS = [
     ("roofline", ["benchmarks/roofline.py"], 30),
     ("sampling", ["benchmarks/sampling.py"], 120),
     ("train", ["benchmarks/train.py", "--backends", "reference,torch,torch.compile"], 270),
-    ("generate", ["benchmarks/generate.py"], 170),
+    ("generate", ["benchmarks/generate.py", "--threads", "1,0", "--reps", "2"], 300),
+    ("generate_6x192", ["benchmarks/generate.py", "--config", "n_layer=6,n_head=6,n_embd=192,vocab_size=4096,block_size=512",
+                        "--prompt-len", "40", "--new-tokens", "96", "--threads", "1,0", "--reps", "2", "--name", "generate_6x192"], 420),
 ]
 
 
@@ -73,7 +78,7 @@ def main(argv=None):
         f"load average {os.getloadavg()[0]:.1f} at the end: other work on the machine makes these timings noisy",
         *statuses,
     ]
-    summary = write_summary(out, "CPU benchmark suite", notes, ["roofline", "train", "generate", "sampling"])
+    summary = write_summary(out, "CPU benchmark suite", notes, ["roofline", "train", "generate", "generate_6x192", "sampling"])
     print(summary.read_text())
     print(f"wrote {summary}")
 

@@ -13,9 +13,16 @@ multi-threaded ops slow down far more than the C++ sampler: compare with a --thr
 
     python benchmarks/sampling.py [--toy] [--threads N] [--out DIR]   # CSV + markdown table (+ plot)
     pytest benchmarks/sampling.py                       # the same cases under pytest-benchmark
+
+--pool measures where the C++ sampler's worker pool starts to pay: DecodeLoop.step on one
+thread against the pool forced on (engine._sampler.set_pool_min_work(0)) with --threads (default
+2) threads, for greedy and for top-k/top-p rows over a grid of V and B, side by side. The
+sampler's threshold (engine._sampler.pool_min_work(), in logits read, sampled rows x8) sits where
+the pool's gain outgrows the cost of waking a worker. Writes sampling_pool.csv and .md.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +33,7 @@ if __name__ == "__main__":  # run as a script: make the repository importable
 import torch
 
 from benchmarks.common import plot_lines, results_dir, time_ms, write_csv
+from engine import _sampler
 from engine.sampling import DecodeLoop, Sampler, SamplingParams
 
 SETTINGS = dict(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1)
@@ -99,12 +107,72 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+POOL_KINDS = {"greedy": dict(temperature=0.0), "sample": dict(temperature=0.8, top_k=50, top_p=0.9)}
+
+
+def pool_crossover(vocabs, batches, threads: int, budget_s: float) -> list[dict]:
+    """us per DecodeLoop.step on one thread and on `threads` with the pool forced on, interleaved."""
+    default_min_work, default_threads = _sampler.pool_min_work(), torch.get_num_threads()
+    rows = []
+    try:
+        for kind, settings in POOL_KINDS.items():
+            for V in vocabs:
+                for B in batches:
+                    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(0)) * 3
+                    steps = {}
+                    for n, min_work in ((1, default_min_work), (threads, 0)):
+                        torch.set_num_threads(n)  # DecodeLoop gives the C++ sampler torch's thread count
+                        loop = DecodeLoop([SamplingParams(**settings, seed=b, max_new_tokens=10**9) for b in range(B)], [[0]] * B)
+                        steps[n, min_work] = lambda loop=loop, min_work=min_work: (_sampler.set_pool_min_work(min_work), loop.step(logits))
+                    us = {key: [] for key in steps}
+                    for _ in range(repetitions(next(iter(steps.values())), budget_s)):
+                        for key, fn in steps.items():
+                            t0 = time.perf_counter()
+                            fn()
+                            us[key].append((time.perf_counter() - t0) * 1e6)
+                    one, pool = (statistics.median(v) for v in us.values())
+                    work = B * V * (1 if kind == "greedy" else 8)
+                    rows.append(dict(kind=kind, V=V, B=B, work=work, us_one_thread=round(one, 1), us_pool=round(pool, 1),
+                                     speedup=round(one / pool, 2)))
+                    print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    finally:
+        _sampler.set_pool_min_work(default_min_work)
+        torch.set_num_threads(default_threads)
+    return rows
+
+
+def pool_markdown(rows: list[dict], threads: int) -> str:
+    lines = [
+        f"# C++ sampler: one thread vs the worker pool ({threads} threads), us per DecodeLoop.step (median)",
+        "",
+        f"greedy = temperature 0 (one argmax pass); sample = {POOL_KINDS['sample']}. work = B x V, x8 for sampled rows; "
+        f"the sampler uses the pool from work >= {_sampler.pool_min_work()}. {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} when the table was written.",
+        "",
+        "| kind | V | B | work | us one thread | us pool | pool speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {r['V']} | {r['B']} | {r['work']} | {r['us_one_thread']} | {r['us_pool']} | {r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--toy", action="store_true", help="tiny sizes: a smoke test of the script")
     ap.add_argument("--threads", type=int, default=None, help="torch and C++ sampler threads (default: torch's default)")
+    ap.add_argument("--pool", action="store_true", help="measure where the worker pool pays instead (see above)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<hardware>-<date>/)")
     args = ap.parse_args(argv)
+    if args.pool:
+        threads = args.threads or 2
+        vocabs, batches, budget = ((1000,), (1, 8), 0.02) if args.toy else ((2048, 4096, 32000, 128256), (1, 8, 64), 1.0)
+        rows = pool_crossover(vocabs, batches, threads, budget)
+        out = results_dir(args.out)
+        write_csv(rows, out / "sampling_pool.csv")
+        (out / "sampling_pool.md").write_text(pool_markdown(rows, threads))
+        print(f"wrote {out / 'sampling_pool'}.csv and .md")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     vocabs, batches, budget = ((1000,), (1, 4), 0.02) if args.toy else (VOCABS, BATCHES, 1.5)

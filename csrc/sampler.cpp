@@ -3,7 +3,7 @@
 //
 //   penalties -> logit bias -> temperature -> top-k -> top-p -> min-p -> Gumbel-max draw
 //
-// Work per row is O(V) plus O(k log k): top-k by a bounded heap scan (no sort of the vocabulary),
+// Work per row is O(V) plus O(k log k): top-k by a bound from block maxima (no sort of the vocabulary),
 // top-p on the ranked top-k survivors (or, without top-k, on a ranking grown chunk by chunk with
 // nth_element until the mass is reached), min-p in one linear pass, the draw without a cumulative
 // sum. A greedy row without penalties, bias or log-probs is one argmax pass over the float32 row
@@ -127,18 +127,24 @@ void check_row(const float* row, int64_t V, int64_t b) {
     }
 }
 
-// Index of the first maximum of x[0..V) (no NaN in x): ties go to the lowest id.
+// The maximum of x[0..n) (no NaN in x; -inf when n = 0).
 template <class T>
-int64_t first_max(const T* x, int64_t V) {
+T max_of(const T* x, int64_t n) {
     constexpr int kLanes = 8;  // independent running maxima: the loop vectorises without -ffast-math
     T lane[kLanes];
     std::fill(lane, lane + kLanes, -std::numeric_limits<T>::infinity());
     int64_t i = 0;
-    for (; i + kLanes <= V; i += kLanes)
+    for (; i + kLanes <= n; i += kLanes)
         for (int j = 0; j < kLanes; ++j) lane[j] = std::max(lane[j], x[i + j]);
     T best = *std::max_element(lane, lane + kLanes);
-    for (; i < V; ++i) best = std::max(best, x[i]);
-    return std::find(x, x + V, best) - x;
+    for (; i < n; ++i) best = std::max(best, x[i]);
+    return best;
+}
+
+// Index of the first maximum of x[0..V): ties go to the lowest id.
+template <class T>
+int64_t first_max(const T* x, int64_t V) {
+    return std::find(x, x + V, max_of(x, V)) - x;
 }
 
 // x = the row widened to float64, then penalties and bias. Throws on NaN, +inf.
@@ -155,22 +161,20 @@ void process(const float* row, int64_t V, const Params& p, const Counts& counts,
     for (const auto& [tok, add] : p.bias) x[tok] += add;
 }
 
-// Top-k by a heap scan: ids of the k best tokens (x descending, id ascending), ranked.
+// Top-k (k < V): ids of the k best tokens (x descending, id ascending), ranked. k disjoint blocks
+// of the row hold k maxima, so the k-th best value is at least the smallest of them: only tokens
+// reaching that bar (a few k of them in a typical row) are ranked. Tokens equal to the bar stay
+// in, so ties are settled by id as everywhere else.
 void top_k(const std::vector<double>& x, int64_t k, std::vector<int32_t>& idx) {
     const auto better = [&x](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
-    const int64_t V = static_cast<int64_t>(x.size());
+    const int64_t V = static_cast<int64_t>(x.size()), block = V / k;
+    double bar = kInf;
+    for (int64_t j = 0; j < k; ++j) bar = std::min(bar, max_of(x.data() + j * block, block));
+    idx.clear();
+    for (int64_t i = 0; i < V; ++i)
+        if (x[i] >= bar) idx.push_back(static_cast<int32_t>(i));
+    std::nth_element(idx.begin(), idx.begin() + (k - 1), idx.end(), better);
     idx.resize(k);
-    std::iota(idx.begin(), idx.end(), 0);
-    std::make_heap(idx.begin(), idx.end(), better);  // front = the worst kept token
-    double worst = x[idx.front()];
-    for (int64_t i = k; i < V; ++i) {
-        if (x[i] > worst) {  // a later id never wins a tie
-            std::pop_heap(idx.begin(), idx.end(), better);
-            idx.back() = static_cast<int32_t>(i);
-            std::push_heap(idx.begin(), idx.end(), better);
-            worst = x[idx.front()];
-        }
-    }
     std::sort(idx.begin(), idx.end(), better);
 }
 
@@ -384,11 +388,13 @@ class WorkerPool {
 };
 
 // Below this much work (in logits read, an argmax-only row counting its V, any other row
-// kSampledRowWeight x V) a step runs on the calling thread alone: waking a worker costs more than
-// it saves. `python benchmarks/sampling.py --pool` measures where the pool starts to pay; tests
-// and that benchmark move the threshold with set_pool_min_work.
+// kSampledRowWeight x V, about 0.5 ns a unit on one core) a step runs on the calling thread
+// alone. `python benchmarks/sampling.py --pool` measured it on 2 shared cores (load average ~9):
+// the pool never won below 2^25 units (at 2^21-2^23 a preempted worker made steps up to 3.5x
+// slower) and won 1.28x at 2^26. Rerun it on a quieter machine before lowering the threshold.
+// Tests and that benchmark move it with set_pool_min_work.
 constexpr int64_t kSampledRowWeight = 8;
-std::atomic<int64_t> pool_min_work{1 << 18};
+std::atomic<int64_t> pool_min_work{int64_t{1} << 25};
 
 // Samples rows[0..n) with row_fn(b, scratch) -> Draw into out[b], GIL released; threads counts
 // the caller. A row's error (NaN, all -inf) is rethrown for the lowest such row, as ValueError,

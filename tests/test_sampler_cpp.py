@@ -195,6 +195,12 @@ def test_benchmark_script_toy_run_writes_the_csv(tmp_path):
     assert {r["impl"] for r in rows} == {"cpp", "cpp_loop", "reference", "hf"}
     assert all(float(r["ms_per_step"]) > 0 for r in rows)
     assert (tmp_path / "sampling.md").read_text().count("|") > 10
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampling.py"), "--pool", "--toy", "--out", str(tmp_path)], check=True,
+                   cwd=ROOT, timeout=120)
+    with open(tmp_path / "sampling_pool.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["kind"], r["B"]) for r in rows} == {(k, b) for k in ("greedy", "sample") for b in ("1", "8")}
+    assert all(float(r["us_one_thread"]) > 0 and float(r["us_pool"]) > 0 for r in rows)
 
 
 def test_cpp_releases_the_gil_while_sampling():
