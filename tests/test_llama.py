@@ -176,23 +176,18 @@ def test_rope_at_kv_cache_offsets_equals_rope_of_the_full_sequence(backend):
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
-def test_reference_and_torch_backends_give_the_same_logits():
-    model = small_llama(qk_norm=True, attn_bias=True, head_dim=24)
+@pytest.mark.parametrize("backend, overrides, atol", [
+    ("reference", dict(qk_norm=True, attn_bias=True, head_dim=24), 1e-5),
+    # under the interpreter (conftest sets TRITON_INTERPRET=1): GQA via repeated K/V heads for now
+    ("triton", {}, 1e-4),
+])
+def test_backends_give_the_torch_backends_logits(backend, overrides, atol):
+    model = small_llama(**overrides)
     idx = torch.randint(0, 97, (2, 19))
     with torch.no_grad():
         fast, _ = model(idx)
-        ref, _ = model.set_backend("reference")(idx)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
-
-
-def test_triton_backend_runs_a_llama_like_torch():
-    """Under the interpreter (conftest sets TRITON_INTERPRET=1): GQA via repeated K/V heads for now."""
-    model = small_llama()
-    idx = torch.randint(0, 97, (2, 17))
-    with torch.no_grad():
-        fast, _ = model(idx)
-        ours, _ = model.set_backend("triton")(idx)
-    torch.testing.assert_close(ours, fast, atol=1e-4, rtol=0)
+        other, _ = model.set_backend(backend)(idx)
+    torch.testing.assert_close(other, fast, atol=atol, rtol=0)
 
 
 def test_kv_cache_prefill_plus_decode_equals_full_forward():
