@@ -269,7 +269,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
         mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (SK - SQ), 0), BLOCK_M) * BLOCK_M
     if HAS_KV_START:
         mid = SQ
-    mid = tl.minimum(mid, SQ)
+    # a partial last key tile needs the bounds mask against every query tile: its zero-filled keys
+    # score 0, and p = exp2(0 - lse) overflows when the real logits are very negative (inf · 0 = NaN)
+    mid = tl.where(start_n + BLOCK_N > SK, SQ, tl.minimum(mid, SQ))
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, k_pos, lo, mid, SQ, SK,
                          kv_start, sm_scale, qk_scale, True, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, k_pos, mid, SQ, SQ, SK,

@@ -68,7 +68,12 @@ def max_err(x, ref):
 
 
 def check(b, h, sq, sk, d, dtype, causal, kv_start=None, grads=True, deterministic=True):
-    q, k, v, do = make_inputs(b, h, sq, sk, d, dtype)
+    check_inputs(*make_inputs(b, h, sq, sk, d, dtype), causal, kv_start, grads, deterministic)
+
+
+def check_inputs(q, k, v, do, causal, kv_start=None, grads=True, deterministic=True):
+    """Output (and gradients) of flash_attention on these inputs against float64, by the module's rules."""
+    dtype = q.dtype
     kw = dict(causal=causal, kv_start=kv_start)
     if not grads:
         with torch.no_grad():
@@ -153,6 +158,21 @@ def test_atomic_dq_backward(sq, sk, d, dtype, causal):
     """deterministic=False: dQ accumulated with atomics inside the dK/dV kernel."""
     check(2, 3, sq, sk, d, dtype, causal, deterministic=False)
     check(2, 1, sq, sk, d, dtype, causal, kv_start=torch.tensor([0, sk // 2], device=DEVICE), deterministic=False)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["separate_dq", "atomic_dq"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("sq,sk", [(40, 40), (17, 40), (1, 40)])
+def test_ragged_key_tile_with_very_negative_logits(sq, sk, causal, deterministic):
+    """Sk = 40 leaves every key tile partial, and logits near -25 make lse so negative that a padding
+    key (zero-filled, score 0) would get p = exp2(-lse), past fp16's range: the backward must keep
+    the padding keys masked in every pass, or inf · 0 turns dQ into NaN."""
+    q = (2.5 + 0.1 * torch.randn(1, 1, sq, 16, device=DEVICE)).half()
+    k = (-2.5 + 0.1 * torch.randn(1, 1, sk, 16, device=DEVICE)).half()
+    v, do = torch.randn(1, 1, sk, 16, device=DEVICE).half(), torch.randn(1, 1, sq, 16, device=DEVICE).half()
+    for got in run(flash_attention, q, k, v, do, causal=causal, deterministic=deterministic):
+        assert torch.isfinite(got).all()
+    check_inputs(q, k, v, do, causal, deterministic=deterministic)
 
 
 def test_backward_is_deterministic():
