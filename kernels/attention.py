@@ -35,6 +35,8 @@ compiles three kernels, a decode step one or two) and later calls with any sizes
 Grids: B·H is folded into grid axis x with the tiles (CUDA allows 2^31 - 1 programs there but only
 65,535 on axes y and z). Offsets: batch/head bases and each tile's first row are 64-bit, since
 they pass 2^31 once one tensor does; offsets within a tile and sequence positions stay 32-bit.
+K and V share one set of strides, so one tile of in-tile offsets addresses both: holding a second
+one across the key loop made the D=128 forward spill registers.
 
 fp32 inputs use exact fp32 dots (input_precision="ieee", CUDA cores), not TF32: slower, but
 fp32 means fp32 accuracy here. fp16 / bf16 use tensor cores with fp32 accumulation.
@@ -114,7 +116,7 @@ def _load_key_rows(ptrs, k_pos, SK, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, kv_start, qk_scale,
+def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, hi, SK, kv_start, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
@@ -133,7 +135,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, 
         p = tl.exp2(qk - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_key_rows(_tile_ptrs(V, start_n, stride_vn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
+        v = _load_key_rows(_tile_ptrs(V, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
     return acc, l_i, m_i
@@ -145,11 +147,10 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, 
 @triton.jit(do_not_specialize=["ROWS", "H", "SQ", "SK"])
 def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn,
               ROWS, H, SQ, SK, SPLIT_SIZE,
               CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE). O and LSE are contiguous
+    """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE) (V has K's strides). O and LSE are
     [splits, ROWS = B·H·SQ, (D)]: with one split they are the result, else partials for _attn_combine."""
     m_tiles = tl.cdiv(SQ, BLOCK_M)
     pid_bh, tile = _head_and_tile(m_tiles)
@@ -160,7 +161,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    V += off_b * stride_kb + off_h * stride_kh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -175,9 +176,9 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
     lo = pid_s * SPLIT_SIZE
     mid, hi = _key_tiles(start_m, lo, tl.minimum(lo + SPLIT_SIZE, SK), SQ, SK, CAUSAL, HAS_KV_START,
                          BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, mid, SK, kv_start,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, mid, SK, kv_start,
                                qk_scale, False, CAUSAL, HAS_KV_START, BLOCK_N, HEAD_DIM)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, mid, hi, SK, kv_start,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, mid, hi, SK, kv_start,
                                qk_scale, True, CAUSAL, HAS_KV_START, BLOCK_N, HEAD_DIM)
 
     # a row with no visible key (possible only within one split) yields o = 0 and lse = -inf
@@ -259,7 +260,7 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, 
 @triton.jit(do_not_specialize=["H", "SQ", "SK"])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dob, stride_doh, stride_dom,
                    H, SQ, SK,
                    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -269,7 +270,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    V += off_b * stride_kb + off_h * stride_kh
     DO += off_b * stride_dob + off_h * stride_doh
     LSE += pid_bh.to(tl.int64) * SQ
     DELTA += pid_bh.to(tl.int64) * SQ
@@ -280,7 +281,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
     k_pos = start_n + tl.arange(0, BLOCK_N)
     in_keys = k_pos[:, None] < SK
     k = tl.load(_tile_ptrs(K, start_n, stride_kn, BLOCK_N, HEAD_DIM), mask=in_keys, other=0.0)
-    v = tl.load(_tile_ptrs(V, start_n, stride_vn, BLOCK_N, HEAD_DIM), mask=in_keys, other=0.0)
+    v = tl.load(_tile_ptrs(V, start_n, stride_kn, BLOCK_N, HEAD_DIM), mask=in_keys, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
@@ -307,14 +308,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, kv_start, qk_scale,
+def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, q_pos, lo, hi, SK, kv_start, qk_scale,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
         k = _load_key_rows(_tile_ptrs(K, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
-        v = _load_key_rows(_tile_ptrs(V, start_n, stride_vn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
+        v = _load_key_rows(_tile_ptrs(V, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(q_pos[:, None], k_pos[None, :], SK, kv_start, CAUSAL, HAS_KV_START), p, 0.0)
@@ -327,7 +328,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, q_pos, lo, hi, 
 @triton.jit(do_not_specialize=["H", "SQ", "SK"])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                 stride_dob, stride_doh, stride_dom,
                  H, SQ, SK,
                  CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -339,7 +340,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, sm_scale,
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    V += off_b * stride_kb + off_h * stride_kh
     DO += off_b * stride_dob + off_h * stride_doh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
     qk_scale = sm_scale * 1.4426950408889634
@@ -355,9 +356,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, sm_scale,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     mid, hi = _key_tiles(start_m, 0, SK, SQ, SK, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, q_pos, 0, mid, SK, kv_start, qk_scale,
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, q_pos, 0, mid, SK, kv_start, qk_scale,
                    False, CAUSAL, HAS_KV_START, BLOCK_N, HEAD_DIM)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, q_pos, mid, hi, SK, kv_start, qk_scale,
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, q_pos, mid, hi, SK, kv_start, qk_scale,
                    True, CAUSAL, HAS_KV_START, BLOCK_N, HEAD_DIM)
     tl.store(_tile_ptrs(DQ, first_row, HEAD_DIM, BLOCK_M, HEAD_DIM), (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=in_rows[:, None])
@@ -373,6 +374,7 @@ class Config(NamedTuple):
     num_stages: int
 
 
+ARCHS = (80, 90)
 # (arch, kind, 16-bit dtype?) -> head_dim -> Config. "fwd": training/prefill forward,
 # "decode": forward for Sq <= DECODE_MAX_SQ (split-KV), "dkdv" / "dq": the backward.
 # fp32 runs exact (ieee) dots on CUDA cores, so its tiles are smaller.
@@ -387,15 +389,16 @@ _CONFIGS = {
     (80, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 64, 8, 3)},
     (90, "dq", True): {**dict.fromkeys(_SMALL_D, _C(128, 64, 4, 3)), 128: _C(128, 64, 8, 2)},
     (80, "dq", True): {**dict.fromkeys(_SMALL_D, _C(128, 32, 4, 3)), 128: _C(128, 32, 8, 2)},
-    # fp32: ieee dots on CUDA cores hold whole tiles in registers; 8 warps keep them from spilling
+    # fp32: ieee dots on CUDA cores hold whole tiles in registers; 8 warps keep them from spilling,
+    # and on sm_80 so do smaller forward tiles and a single-stage dK/dV loop
     (90, "fwd", False): {**dict.fromkeys(_SMALL_D, _C(64, 32, 8, 2)), 128: _C(16, 32, 8, 2)},
-    (90, "decode", False): dict.fromkeys(HEAD_DIMS, _C(16, 32, 8, 2)),
-    (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 32, 4, 2)},
-    (90, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(16, 32, 4, 2)},
+    (80, "fwd", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 32, 8, 2)},
+    (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 32, 8, 2)},
+    (80, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 1)), 128: _C(16, 32, 8, 1)},
 }
-for _kind in ("fwd", "decode", "dkdv", "dq"):
-    _CONFIGS[(80, _kind, False)] = _CONFIGS[(90, _kind, False)]
-ARCHS = (80, 90)
+for _arch in ARCHS:
+    _CONFIGS[(_arch, "decode", False)] = dict.fromkeys(HEAD_DIMS, _C(16, 32, 8, 2))
+    _CONFIGS[(_arch, "dq", False)] = {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(16, 32, 4, 2)}
 _ROWS_PER_PROGRAM = 64  # preprocess tile height
 # warps of the preprocess and the combine; both run Triton's default stages (no loop worth pipelining)
 _PRE_WARPS, _COMBINE_WARPS, _SMALL_STAGES = 4, 1, 3
@@ -447,6 +450,15 @@ def _inner_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _kernel_layout(q, k, v):
+    """q, k, v as the kernels read them: contiguous along D, and K and V with the same strides
+    (copied to one layout when they differ), so that one tile of offsets addresses both."""
+    q, k, v = (_inner_contiguous(t) for t in (q, k, v))
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
+
+
 def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
     """The forward's launches, and its outputs o [B, H, Sq, D] (q's dtype) and lse [B·H, Sq] (fp32,
     base 2) that they will write. Reads no data: kernels/compile.py runs it on meta tensors."""
@@ -468,7 +480,7 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
     forward = Launch(
         _attn_fwd, checked_grid(m_tiles * b * h, splits),
         (q, k, v, o_part, lse_part, q if kv_start is None else kv_start, sm_scale,  # (q: unused pointer)
-         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], rows, h, sq, sk, split_size),
+         *q.stride()[:3], *k.stride()[:3], rows, h, sq, sk, split_size),
         dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages)
     if splits == 1:
@@ -494,7 +506,7 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
     else:
         dq = torch.zeros((b, h, sq, d), dtype=torch.float32, device=dev)
     common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
+    strides = (*q.stride()[:3], *k.stride()[:3], *do.stride()[:3])
     kv = q if kv_start is None else kv_start  # unused pointers get any tensor
     c = _CONFIGS[(arch, "dkdv", half)][d]
     launches.append(Launch(
@@ -556,11 +568,11 @@ def aot_configs() -> list[dict]:
 # Integer parameters that must enter 64-bit offsets (kernels/compile.py checks each build's PTX):
 # the sequence strides (a tile's first row · stride) and the row counts of the flattened outputs.
 _WIDE_OFFSETS = {
-    _attn_fwd: ("stride_qm", "stride_kn", "stride_vn", "ROWS", "SQ"),
+    _attn_fwd: ("stride_qm", "stride_kn", "ROWS", "SQ"),
     _attn_combine: ("ROWS",),
     _attn_bwd_preprocess: ("stride_dom", "SQ"),
-    _attn_bwd_dkdv: ("stride_qm", "stride_kn", "stride_vn", "stride_dom", "SQ", "SK"),
-    _attn_bwd_dq: ("stride_qm", "stride_kn", "stride_vn", "stride_dom", "SQ"),
+    _attn_bwd_dkdv: ("stride_qm", "stride_kn", "stride_dom", "SQ", "SK"),
+    _attn_bwd_dq: ("stride_qm", "stride_kn", "stride_dom", "SQ"),
 }
 
 
@@ -588,7 +600,7 @@ def _aot_entry(launch, arch, dtype, forward_kind):
 class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale, kv_start, deterministic):
-        q, k, v = (_inner_contiguous(t) for t in (q, k, v))
+        q, k, v = _kernel_layout(q, k, v)
         o, lse = _forward(q, k, v, causal, sm_scale, kv_start)
         ctx.save_for_backward(q, k, v, o, lse, kv_start)
         ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
