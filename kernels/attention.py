@@ -32,11 +32,11 @@ Sk) are not specialised, so the first call of each (kernel, D, dtype, causal, kv
 JIT-compiles it (about 1-6 s per kernel on a 2-core CPU, fp32 the slowest; a training step
 compiles three kernels, a decode step one or two) and later calls with any sizes reuse it.
 
-Grids: B·H is folded into grid axis x with the tiles (CUDA allows 2^31 - 1 programs there but only
-65,535 on axes y and z). Offsets: batch/head bases and each tile's first row are 64-bit, since
-they pass 2^31 once one tensor does; offsets within a tile and sequence positions stay 32-bit.
-K and V share one set of strides, so one tile of in-tile offsets addresses both: holding a second
-one across the key loop made the D=128 forward spill registers.
+Grids are (B·H, tiles, splits): B·H on axis x, where CUDA allows 2^31 - 1 programs (axes y and
+z stop at 65,535, which caps a sequence at 65,535 tiles). Offsets: batch/head bases and each
+tile's first row are 64-bit, since they pass 2^31 once one tensor does; offsets within a tile and
+sequence positions stay 32-bit. K and V share one set of strides, so one tile of in-tile offsets
+addresses both: holding a second one across the key loop made the D=128 forward spill registers.
 
 fp32 inputs use exact fp32 dots (input_precision="ieee", CUDA cores), not TF32: slower, but
 fp32 means fp32 accuracy here. fp16 / bf16 use tensor cores with fp32 accumulation.
@@ -85,14 +85,6 @@ def _key_tiles(start_m, lo, hi, SQ, SK, CAUSAL: tl.constexpr, HAS_KV_START: tl.c
         full = 0  # padding boundaries may fall anywhere: mask every tile
     mid = tl.minimum(tl.maximum(full, lo), hi)
     return mid, hi
-
-
-@triton.jit
-def _head_and_tile(num_tiles):
-    """Grid axis x runs over B·H × num_tiles programs (axis y would cap B·H at 65,535), the tiles
-    of one (batch, head) adjacent so that programs running together share its K/V in L2."""
-    pid = tl.program_id(0)
-    return pid // num_tiles, pid % num_tiles
 
 
 @triton.jit
@@ -152,11 +144,10 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE) (V has K's strides). O and LSE are
     [splits, ROWS = B·H·SQ, (D)]: with one split they are the result, else partials for _attn_combine."""
-    m_tiles = tl.cdiv(SQ, BLOCK_M)
-    pid_bh, tile = _head_and_tile(m_tiles)
+    pid_bh = tl.program_id(0)
     # last query tiles first: under a causal mask they stream the most keys (shorter tail)
-    start_m = (m_tiles - 1 - tile) * BLOCK_M
-    pid_s = tl.program_id(1)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    pid_s = tl.program_id(2)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -217,8 +208,8 @@ def _attn_combine(O_PART, LSE_PART, O, LSE, ROWS, NUM_SPLITS, HEAD_DIM: tl.const
 def _attn_bwd_preprocess(O, DO, DELTA, stride_dob, stride_doh, stride_dom, H, SQ,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O), the softmax-backward term shared by every key of a row."""
-    pid_bh, tile = _head_and_tile(tl.cdiv(SQ, BLOCK_M))
-    start_m = tile * BLOCK_M
+    pid_bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
     in_rows = start_m + tl.arange(0, BLOCK_M) < SQ
     first_row = pid_bh.to(tl.int64) * SQ + start_m
     o = tl.load(_tile_ptrs(O, first_row, HEAD_DIM, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
@@ -264,8 +255,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
                    H, SQ, SK,
                    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh, tile = _head_and_tile(tl.cdiv(SK, BLOCK_N))
-    start_n = tile * BLOCK_N
+    pid_bh = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -332,10 +323,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, sm_scale,
                  H, SQ, SK,
                  CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    m_tiles = tl.cdiv(SQ, BLOCK_M)
-    pid_bh, tile = _head_and_tile(m_tiles)
+    pid_bh = tl.program_id(0)
     # last query tiles first: under a causal mask they stream the most keys (shorter tail)
-    start_m = (m_tiles - 1 - tile) * BLOCK_M
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
@@ -384,21 +374,22 @@ _CONFIGS = {
     (90, "fwd", True): {**dict.fromkeys(_SMALL_D, _C(128, 64, 4, 3)), 128: _C(128, 64, 8, 3)},
     (80, "fwd", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 8, 3), 128: _C(128, 64, 8, 3)},
     (90, "decode", True): dict.fromkeys(HEAD_DIMS, _C(16, 64, 4, 3)),
-    (80, "decode", True): dict.fromkeys(HEAD_DIMS, _C(16, 64, 4, 3)),
+    (80, "decode", True): {**dict.fromkeys(_SMALL_D, _C(16, 64, 4, 3)), 128: _C(16, 32, 4, 3)},
     (90, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 128, 8, 2)},
     (80, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 64, 8, 3)},
     (90, "dq", True): {**dict.fromkeys(_SMALL_D, _C(128, 64, 4, 3)), 128: _C(128, 64, 8, 2)},
     (80, "dq", True): {**dict.fromkeys(_SMALL_D, _C(128, 32, 4, 3)), 128: _C(128, 32, 8, 2)},
-    # fp32: ieee dots on CUDA cores hold whole tiles in registers; 8 warps keep them from spilling,
-    # and on sm_80 so do smaller forward tiles and a single-stage dK/dV loop
-    (90, "fwd", False): {**dict.fromkeys(_SMALL_D, _C(64, 32, 8, 2)), 128: _C(16, 32, 8, 2)},
-    (80, "fwd", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 32, 8, 2)},
+    # fp32: ieee dots on CUDA cores hold whole tiles in registers; tiles, warps and stages are
+    # the largest found with no build spilling (python -m kernels.compile); sm_80 needs smaller
+    (90, "fwd", False): {16: _C(64, 32, 8, 2), 32: _C(64, 32, 8, 2), 64: _C(32, 32, 8, 2), 128: _C(16, 32, 8, 2)},
+    (90, "decode", False): dict.fromkeys(HEAD_DIMS, _C(16, 32, 8, 2)),
     (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 32, 8, 2)},
-    (80, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 1)), 128: _C(16, 32, 8, 1)},
+    (80, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 1)), 128: _C(16, 16, 8, 1)},
+    (90, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(16, 32, 8, 2)},
+    (80, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 16, 8, 2)},
 }
-for _arch in ARCHS:
-    _CONFIGS[(_arch, "decode", False)] = dict.fromkeys(HEAD_DIMS, _C(16, 32, 8, 2))
-    _CONFIGS[(_arch, "dq", False)] = {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(16, 32, 4, 2)}
+for _kind in ("fwd", "decode"):
+    _CONFIGS[(80, _kind, False)] = _CONFIGS[(90, _kind, False)]
 _ROWS_PER_PROGRAM = 64  # preprocess tile height
 # warps of the preprocess and the combine; both run Triton's default stages (no loop worth pipelining)
 _PRE_WARPS, _COMBINE_WARPS, _SMALL_STAGES = 4, 1, 3
@@ -478,7 +469,7 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
         o_part = torch.empty((splits, rows, d), dtype=torch.float32, device=dev)
         lse_part = torch.empty((splits, rows), dtype=torch.float32, device=dev)
     forward = Launch(
-        _attn_fwd, checked_grid(m_tiles * b * h, splits),
+        _attn_fwd, checked_grid(b * h, m_tiles, splits),
         (q, k, v, o_part, lse_part, q if kv_start is None else kv_start, sm_scale,  # (q: unused pointer)
          *q.stride()[:3], *k.stride()[:3], rows, h, sq, sk, split_size),
         dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
@@ -496,7 +487,7 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
     (b, h, sq, d), sk, dev = q.shape, k.shape[2], q.device
     half = q.dtype != torch.float32
     delta = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
-    launches = [Launch(_attn_bwd_preprocess, checked_grid(triton.cdiv(sq, _ROWS_PER_PROGRAM) * b * h),
+    launches = [Launch(_attn_bwd_preprocess, checked_grid(b * h, triton.cdiv(sq, _ROWS_PER_PROGRAM)),
                        (o, do, delta, *do.stride()[:3], h, sq), dict(HEAD_DIM=d, BLOCK_M=_ROWS_PER_PROGRAM),
                        _PRE_WARPS, _SMALL_STAGES)]
     dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=dev)
@@ -510,14 +501,14 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
     kv = q if kv_start is None else kv_start  # unused pointers get any tensor
     c = _CONFIGS[(arch, "dkdv", half)][d]
     launches.append(Launch(
-        _attn_bwd_dkdv, checked_grid(triton.cdiv(sk, c.block_n) * b * h),
+        _attn_bwd_dkdv, checked_grid(b * h, triton.cdiv(sk, c.block_n)),
         (q, k, v, do, lse, delta, dk, dv, delta if deterministic else dq, kv, sm_scale, *strides, h, sq, sk),
         dict(**common, ATOMIC_DQ=not deterministic, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages))
     if deterministic:
         c = _CONFIGS[(arch, "dq", half)][d]
         launches.append(Launch(
-            _attn_bwd_dq, checked_grid(triton.cdiv(sq, c.block_m) * b * h),
+            _attn_bwd_dq, checked_grid(b * h, triton.cdiv(sq, c.block_m)),
             (q, k, v, do, lse, delta, dq, kv, sm_scale, *strides, h, sq, sk),
             dict(**common, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c.num_warps, c.num_stages))
     return launches, dq, dk, dv

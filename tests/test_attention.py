@@ -133,7 +133,7 @@ def test_decode_splits_keys():
     q, k, v, _ = meta_inputs(1, 2, 1, 300, 64, torch.float16)
     launches, _, _ = attn._forward_launches(q, k, v, True, 1.0, None, *attn._target(torch.device(DEVICE)))
     assert [launch.kernel for launch in launches] == [attn._attn_fwd, attn._attn_combine]
-    assert launches[0].grid[1] > 1  # the splits
+    assert launches[0].grid[2] > 1  # the splits
     check(1, 2, 1, 300, 64, torch.float16, causal=True, grads=False)
     check(1, 2, 16, 300, 64, torch.float32, causal=False)
     kv_start = torch.tensor([40], device=DEVICE)  # the first splits of the padding query see no key
@@ -152,11 +152,13 @@ def test_launch_grids_fit_cuda_limits_past_65535_heads(b, h, sq, sk):
         launches += attn._backward_launches(do, q, k, v, o, lse, causal, 1.0, kv_start, deterministic, arch)[0]
         for launch in launches:
             assert len(launch.grid) <= 3 and all(1 <= n <= limit for n, limit in zip(launch.grid, MAX_GRID)), launch.grid
-            assert launch.grid[0] % (b * h) == 0  # tiles × B·H (the combine: one program per row)
+            assert launch.grid[0] % (b * h) == 0  # B·H (the combine: one program per row)
 
 
-def test_launch_grid_past_cuda_limit_is_a_value_error():
-    q, k, v, _ = meta_inputs(2**17, 2**12, 1024, 1024, 64, torch.float16)  # 2^29 heads × 8 query tiles
+@pytest.mark.parametrize("b,h,sq", [(2**16, 2**16, 1024), (1, 1, 65536 * 128 + 1)], ids=["heads", "tiles"])
+def test_launch_grid_past_cuda_limit_is_a_value_error(b, h, sq):
+    """B·H = 2^32 (axis x), or 65,536 query tiles of 128 rows (axis y): a ValueError names the limit."""
+    q, k, v, _ = meta_inputs(b, h, sq, sq, 64, torch.float16)
     with pytest.raises(ValueError, match="CUDA's limit"):
         attn._forward_launches(q, k, v, True, 1.0, None, 90, 132)
 
