@@ -383,7 +383,7 @@ _CONFIGS = {
     # the largest found with no build spilling (python -m kernels.compile); sm_80 needs smaller
     (90, "fwd", False): {16: _C(64, 32, 8, 2), 32: _C(64, 32, 8, 2), 64: _C(32, 32, 8, 2), 128: _C(16, 32, 8, 2)},
     (90, "decode", False): dict.fromkeys(HEAD_DIMS, _C(16, 32, 8, 2)),
-    (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 32, 8, 2)},
+    (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 1)), 128: _C(16, 32, 8, 2)},
     (80, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 1)), 128: _C(16, 16, 8, 1)},
     (90, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(16, 32, 8, 2)},
     (80, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 16, 8, 2)},
