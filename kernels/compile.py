@@ -4,7 +4,8 @@
 
 Each kernel module lists in `aot_configs()` the launches its launchers make (kernels/launch.py:
 kernel, grid, arguments, constexprs, num_warps, num_stages), computed by the launchers' own code
-on meta tensors. Each is turned into the source Triton's JIT would compile for it (argument
+on meta tensors, each with a label (kernel, arch, config), whether it needs wgmma, and which
+integer parameters must enter 64-bit offsets ("wide"). Each is turned into the source Triton's JIT would compile for it (argument
 types, 16-divisibility and constants specialised by Triton's own rule, see `jit_source`) and
 compiled with Triton's bundled toolchain (`triton.compile(ASTSource(...), target=GPUTarget("cuda",
 arch, 32))`, which runs ptxas); its cubin is read with `cuobjdump -res-usage`. The table shows
@@ -101,12 +102,6 @@ def widened_params(ptx: str) -> set[int]:
     return widened
 
 
-def compile_launch(launch: Launch, arch: int):
-    """The CompiledKernel of one launch for one arch (compiled, or from Triton's cache)."""
-    return triton.compile(jit_source(launch, arch), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
-
-
 def compile_one(cfg: dict) -> dict:
     """Compile one build for its arch; returns a row of the table."""
     arch = cfg["arch"]
@@ -114,10 +109,13 @@ def compile_one(cfg: dict) -> dict:
     t0 = time.perf_counter()
     try:
         # one label, one build: the launches sharing a label must not differ in what is compiled
-        keys = {(jit_source(launch, arch).hash(), launch.num_warps, launch.num_stages) for launch in cfg["launches"]}
-        if len(keys) > 1:
-            raise ValueError(f"{len(keys)} different builds share this label")
-        kernel = compile_launch(cfg["launches"][0], arch)
+        sources = [jit_source(launch, arch) for launch in cfg["launches"]]
+        builds = {(src.hash(), launch.num_warps, launch.num_stages) for src, launch in zip(sources, cfg["launches"])}
+        if len(builds) > 1:
+            raise ValueError(f"{len(builds)} different builds share this label")
+        launch = cfg["launches"][0]
+        kernel = triton.compile(sources[0], target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
             f.flush()
@@ -128,7 +126,7 @@ def compile_one(cfg: dict) -> dict:
                    smem=kernel.metadata.shared + int(res["SHARED"]),
                    wgmma=len(re.findall(r"wgmma\.mma_async", kernel.asm["ptx"])))
         # PTX numbers the runtime parameters in order, constexprs left out
-        runtime = [name for name, ty in jit_source(cfg["launches"][0], arch).signature.items() if ty != "constexpr"]
+        runtime = [name for name, ty in sources[0].signature.items() if ty != "constexpr"]
         narrow = [name for name in cfg["wide"] if runtime.index(name) not in widened_params(kernel.asm["ptx"])]
         problems = [f"32-bit offsets: {' '.join(narrow)}"] if narrow else []
         if row["spill"]:
