@@ -25,16 +25,22 @@ batch 1. The keys are split across programs (flash-decoding); each writes its no
 output and logsumexp, and a small kernel combines them.
 
 Launch configs come from one table (_CONFIGS) per arch (sm_80 / sm_90+), kind, 16-bit or fp32,
-and head dim; no autotuning. `aot_configs()` lists exactly those for kernels/compile.py, so what
-ships is what compiles. The first call of each (kernel, D, dtype, causal, kv_start) JIT-compiles
-it: about 1-6 s per kernel measured for the AOT builds on a 2-core CPU (fp32 builds are the
-slowest); a training step compiles three kernels, a decode step one or two. Later calls with
-any sequence lengths reuse them.
+and head dim; no autotuning. The launches (kernel, grid, arguments, constexprs, warps, stages)
+are computed by _forward_launches / _backward_launches, which read no data: `aot_configs()` runs
+them on meta tensors, so kernels/compile.py builds exactly the kernels that run. Sizes (B·H, Sq,
+Sk) are not specialised, so the first call of each (kernel, D, dtype, causal, kv_start)
+JIT-compiles it (about 1-6 s per kernel on a 2-core CPU, fp32 the slowest; a training step
+compiles three kernels, a decode step one or two) and later calls with any sizes reuse it.
+
+Grids are (B·H, tiles, splits): B·H on axis x, where CUDA allows 2^31 - 1 programs (axes y and
+z stop at 65,535, which caps a sequence at 65,535 tiles). Offsets: batch/head bases and each
+tile's first row are 64-bit, since they pass 2^31 once one tensor does; offsets within a tile and
+sequence positions stay 32-bit. K and V share one set of strides, so one tile of in-tile offsets
+addresses both: holding a second one across the key loop made the D=128 forward spill registers.
 
 fp32 inputs use exact fp32 dots (input_precision="ieee", CUDA cores), not TF32: slower, but
 fp32 means fp32 accuracy here. fp16 / bf16 use tensor cores with fp32 accumulation.
 """
-import inspect
 import itertools
 import math
 from typing import NamedTuple
@@ -42,6 +48,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from kernels.launch import Launch, checked_grid
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,6 +88,15 @@ def _key_tiles(start_m, lo, hi, SQ, SK, CAUSAL: tl.constexpr, HAS_KV_START: tl.c
 
 
 @triton.jit
+def _tile_ptrs(base, start, stride, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Pointers to rows [start, start + ROWS) of a [S, HEAD_DIM] matrix with row stride `stride`.
+    start · stride is 64-bit: it passes 2^31 once one tensor does (a long sequence in a [B, S, H, D]
+    view). Offsets within the tile stay 32-bit: ROWS · stride is far below 2^31."""
+    rows = tl.arange(0, ROWS)
+    return base + tl.cast(start, tl.int64) * stride + (rows[:, None] * stride + tl.arange(0, HEAD_DIM)[None, :])
+
+
+@triton.jit
 def _load_key_rows(ptrs, k_pos, SK, MASKED: tl.constexpr):
     """A [BLOCK_N, HEAD_DIM] tile of K or V rows; only a tile that may run past SK pays for the
     bounds mask."""
@@ -91,16 +108,13 @@ def _load_key_rows(ptrs, k_pos, SK, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, kv_start, qk_scale,
+def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, hi, SK, kv_start, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
-        k_ptrs = K + k_pos[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V + k_pos[:, None] * stride_vn + offs_d[None, :]
-        k = _load_key_rows(k_ptrs, k_pos, SK, MASKED)
+        k = _load_key_rows(_tile_ptrs(K, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         if MASKED:
             qk = tl.where(_visible(q_pos[:, None], k_pos[None, :], SK, kv_start, CAUSAL, HAS_KV_START),
@@ -113,35 +127,37 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, 
         p = tl.exp2(qk - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_key_rows(v_ptrs, k_pos, SK, MASKED)
+        v = _load_key_rows(_tile_ptrs(V, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit
+# Sizes are not specialised (do_not_specialize): one build serves every sequence length and head
+# count (Triton would compile other variants for values divisible by 16 or equal to 1), so the
+# first call compiles and kernels/compile.py can list every build that runs.
+@triton.jit(do_not_specialize=["ROWS", "H", "SQ", "SK"])
 def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              stride_vb, stride_vh, stride_vn, stride_os, stride_ls,
-              H, SQ, SK, SPLIT_SIZE,
+              ROWS, H, SQ, SK, SPLIT_SIZE,
               CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE). O and LSE are contiguous
-    [splits, B·H, SQ, (D)]: with one split they are the result, else partials for _attn_combine."""
+    """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE) (V has K's strides). O and LSE are
+    [splits, ROWS = B·H·SQ, (D)]: with one split they are the result, else partials for _attn_combine."""
+    pid_bh = tl.program_id(0)
     # last query tiles first: under a causal mask they stream the most keys (shorter tail)
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     pid_s = tl.program_id(2)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    V += off_b * stride_kb + off_h * stride_kh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=offs_m[:, None] < SQ, other=0.0)
+    in_rows = offs_m < SQ
+    q = tl.load(_tile_ptrs(Q, start_m, stride_qm, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
     q_pos = offs_m + (SK - SQ)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp(x) = exp2(x · log2(e))
 
@@ -151,21 +167,21 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
     lo = pid_s * SPLIT_SIZE
     mid, hi = _key_tiles(start_m, lo, tl.minimum(lo + SPLIT_SIZE, SK), SQ, SK, CAUSAL, HAS_KV_START,
                          BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, lo, mid, SK, kv_start,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, mid, SK, kv_start,
                                qk_scale, False, CAUSAL, HAS_KV_START, BLOCK_N, HEAD_DIM)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, q_pos, mid, hi, SK, kv_start,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, mid, hi, SK, kv_start,
                                qk_scale, True, CAUSAL, HAS_KV_START, BLOCK_N, HEAD_DIM)
 
     # a row with no visible key (possible only within one split) yields o = 0 and lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    rows = pid_bh * SQ + offs_m
-    o_ptrs = O + pid_s * stride_os + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=offs_m[:, None] < SQ)
-    tl.store(LSE + pid_s * stride_ls + rows, m_i + tl.log2(l_safe), mask=offs_m < SQ)
+    first_row = pid_s.to(tl.int64) * ROWS + pid_bh.to(tl.int64) * SQ + start_m
+    o_ptrs = _tile_ptrs(O, first_row, HEAD_DIM, BLOCK_M, HEAD_DIM)
+    tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=in_rows[:, None])
+    tl.store(LSE + first_row + tl.arange(0, BLOCK_M), m_i + tl.log2(l_safe), mask=in_rows)
 
 
-@triton.jit
-def _attn_combine(O_PART, LSE_PART, O, LSE, stride_ps, stride_ls, NUM_SPLITS, HEAD_DIM: tl.constexpr):
+@triton.jit(do_not_specialize=["ROWS", "NUM_SPLITS"])
+def _attn_combine(O_PART, LSE_PART, O, LSE, ROWS, NUM_SPLITS, HEAD_DIM: tl.constexpr):
     """Merge the per-split (o, lse) of one query row: weights 2^(lse_s - lse)."""
     row = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -173,8 +189,9 @@ def _attn_combine(O_PART, LSE_PART, O, LSE, stride_ps, stride_ls, NUM_SPLITS, HE
     l = 0.0
     acc = tl.zeros([HEAD_DIM], tl.float32)
     for s in range(NUM_SPLITS):
-        lse_s = tl.load(LSE_PART + s * stride_ls + row)
-        o_s = tl.load(O_PART + s * stride_ps + row * HEAD_DIM + offs_d)
+        part_row = tl.cast(s, tl.int64) * ROWS + row
+        lse_s = tl.load(LSE_PART + part_row)
+        o_s = tl.load(O_PART + part_row * HEAD_DIM + offs_d)
         m_new = tl.maximum(m, lse_s)
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits that saw no key weigh 0
         alpha = tl.exp2(m - m_sub)
@@ -187,19 +204,19 @@ def _attn_combine(O_PART, LSE_PART, O, LSE, stride_ps, stride_ls, NUM_SPLITS, HE
     tl.store(LSE + row, m + tl.log2(l))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "SQ"])
 def _attn_bwd_preprocess(O, DO, DELTA, stride_dob, stride_doh, stride_dom, H, SQ,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O), the softmax-backward term shared by every key of a row."""
-    pid_bh = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = pid_bh * SQ + offs_m
-    in_rows = offs_m[:, None] < SQ
-    o = tl.load(O + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], mask=in_rows, other=0.0)
+    pid_bh = tl.program_id(0)
+    start_m = tl.program_id(1) * BLOCK_M
+    in_rows = start_m + tl.arange(0, BLOCK_M) < SQ
+    first_row = pid_bh.to(tl.int64) * SQ + start_m
+    o = tl.load(_tile_ptrs(O, first_row, HEAD_DIM, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
     DO += (pid_bh // H).to(tl.int64) * stride_dob + (pid_bh % H).to(tl.int64) * stride_doh
-    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_rows, other=0.0)
-    tl.store(DELTA + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < SQ)
+    do = tl.load(_tile_ptrs(DO, start_m, stride_dom, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
+    tl.store(DELTA + first_row + tl.arange(0, BLOCK_M), tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+             mask=in_rows)
 
 
 @triton.jit
@@ -210,12 +227,11 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, 
     [BLOCK_N, BLOCK_M] so that no large tile needs a transpose. Query rows past SQ load as zeros
     and contribute nothing. ATOMIC_DQ: also add this key tile's share of dQ into the fp32 DQ_ACC
     (two fewer matmuls than the separate dQ pass, but the summation order varies run to run)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         in_rows = offs_m < SQ
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_rows[:, None], other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_rows[:, None], other=0.0)
+        q = tl.load(_tile_ptrs(Q, start_m, stride_qm, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
+        do = tl.load(_tile_ptrs(DO, start_m, stride_dom, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
         lse = tl.load(LSE + offs_m, mask=in_rows, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=in_rows, other=0.0)
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale - lse[None, :])
@@ -228,36 +244,35 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, 
         dk = tl.dot(ds_t, q, dk, input_precision="ieee")
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t), k, input_precision="ieee") * sm_scale
-            tl.atomic_add(DQ_ACC + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=in_rows[:, None])
+            tl.atomic_add(_tile_ptrs(DQ_ACC, start_m, HEAD_DIM, BLOCK_M, HEAD_DIM), dq, mask=in_rows[:, None])
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "SQ", "SK"])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                   stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                   stride_dob, stride_doh, stride_dom,
                    H, SQ, SK,
                    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    start_n = tl.program_id(1) * BLOCK_N
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    V += off_b * stride_kb + off_h * stride_kh
     DO += off_b * stride_dob + off_h * stride_doh
-    LSE += pid_bh * SQ
-    DELTA += pid_bh * SQ
+    LSE += pid_bh.to(tl.int64) * SQ
+    DELTA += pid_bh.to(tl.int64) * SQ
     DQ_ACC += pid_bh.to(tl.int64) * SQ * HEAD_DIM
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
     qk_scale = sm_scale * 1.4426950408889634
 
     k_pos = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     in_keys = k_pos[:, None] < SK
-    k = tl.load(K + k_pos[:, None] * stride_kn + offs_d[None, :], mask=in_keys, other=0.0)
-    v = tl.load(V + k_pos[:, None] * stride_vn + offs_d[None, :], mask=in_keys, other=0.0)
+    k = tl.load(_tile_ptrs(K, start_n, stride_kn, BLOCK_N, HEAD_DIM), mask=in_keys, other=0.0)
+    v = tl.load(_tile_ptrs(V, start_n, stride_kn, BLOCK_N, HEAD_DIM), mask=in_keys, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
@@ -277,23 +292,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
     dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, k_pos, mid, SQ, SQ, SK,
                          kv_start, sm_scale, qk_scale, False, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
 
-    rows = (pid_bh * SK + k_pos)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + rows, (dk * sm_scale).to(DK.dtype.element_ty), mask=in_keys)
-    tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=in_keys)
+    first_row = pid_bh.to(tl.int64) * SK + start_n
+    tl.store(_tile_ptrs(DK, first_row, HEAD_DIM, BLOCK_N, HEAD_DIM), (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=in_keys)
+    tl.store(_tile_ptrs(DV, first_row, HEAD_DIM, BLOCK_N, HEAD_DIM), dv.to(DV.dtype.element_ty), mask=in_keys)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, q_pos, lo, hi, SK, kv_start, qk_scale,
+def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, q_pos, lo, hi, SK, kv_start, qk_scale,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
-        k_ptrs = K + k_pos[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V + k_pos[:, None] * stride_vn + offs_d[None, :]
-        k = _load_key_rows(k_ptrs, k_pos, SK, MASKED)
-        v = _load_key_rows(v_ptrs, k_pos, SK, MASKED)
+        k = _load_key_rows(_tile_ptrs(K, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
+        v = _load_key_rows(_tile_ptrs(V, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])
         if MASKED:
             p = tl.where(_visible(q_pos[:, None], k_pos[None, :], SK, kv_start, CAUSAL, HAS_KV_START), p, 0.0)
@@ -303,43 +316,42 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, q_pos, lo, hi, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "SQ", "SK"])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                 stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                 stride_dob, stride_doh, stride_dom,
                  H, SQ, SK,
                  CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
     # last query tiles first: under a causal mask they stream the most keys (shorter tail)
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    V += off_b * stride_kb + off_h * stride_kh
     DO += off_b * stride_dob + off_h * stride_doh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
     qk_scale = sm_scale * 1.4426950408889634
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     in_rows = offs_m < SQ
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=in_rows[:, None], other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=in_rows[:, None], other=0.0)
-    rows = pid_bh * SQ + offs_m
-    lse = tl.load(LSE + rows, mask=in_rows, other=0.0)
-    delta = tl.load(DELTA + rows, mask=in_rows, other=0.0)
+    q = tl.load(_tile_ptrs(Q, start_m, stride_qm, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
+    do = tl.load(_tile_ptrs(DO, start_m, stride_dom, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
+    first_row = pid_bh.to(tl.int64) * SQ + start_m
+    lse = tl.load(LSE + first_row + tl.arange(0, BLOCK_M), mask=in_rows, other=0.0)
+    delta = tl.load(DELTA + first_row + tl.arange(0, BLOCK_M), mask=in_rows, other=0.0)
     q_pos = offs_m + (SK - SQ)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     mid, hi = _key_tiles(start_m, 0, SK, SQ, SK, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, q_pos, 0, mid, SK, kv_start, qk_scale,
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, q_pos, 0, mid, SK, kv_start, qk_scale,
                    False, CAUSAL, HAS_KV_START, BLOCK_N, HEAD_DIM)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, q_pos, mid, hi, SK, kv_start, qk_scale,
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, q_pos, mid, hi, SK, kv_start, qk_scale,
                    True, CAUSAL, HAS_KV_START, BLOCK_N, HEAD_DIM)
-    tl.store(DQ + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=in_rows[:, None])
+    tl.store(_tile_ptrs(DQ, first_row, HEAD_DIM, BLOCK_M, HEAD_DIM), (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=in_rows[:, None])
 
 
 # ----------------------------------------------------------------------------- launch configs
@@ -352,6 +364,7 @@ class Config(NamedTuple):
     num_stages: int
 
 
+ARCHS = (80, 90)
 # (arch, kind, 16-bit dtype?) -> head_dim -> Config. "fwd": training/prefill forward,
 # "decode": forward for Sq <= DECODE_MAX_SQ (split-KV), "dkdv" / "dq": the backward.
 # fp32 runs exact (ieee) dots on CUDA cores, so its tiles are smaller.
@@ -361,98 +374,40 @@ _CONFIGS = {
     (90, "fwd", True): {**dict.fromkeys(_SMALL_D, _C(128, 64, 4, 3)), 128: _C(128, 64, 8, 3)},
     (80, "fwd", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 8, 3), 128: _C(128, 64, 8, 3)},
     (90, "decode", True): dict.fromkeys(HEAD_DIMS, _C(16, 64, 4, 3)),
-    (80, "decode", True): dict.fromkeys(HEAD_DIMS, _C(16, 64, 4, 3)),
+    (80, "decode", True): {**dict.fromkeys(_SMALL_D, _C(16, 64, 4, 3)), 128: _C(16, 32, 4, 3)},
     (90, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 128, 8, 2)},
     (80, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 64, 8, 3)},
     (90, "dq", True): {**dict.fromkeys(_SMALL_D, _C(128, 64, 4, 3)), 128: _C(128, 64, 8, 2)},
     (80, "dq", True): {**dict.fromkeys(_SMALL_D, _C(128, 32, 4, 3)), 128: _C(128, 32, 8, 2)},
-    # fp32: ieee dots on CUDA cores hold whole tiles in registers; 8 warps keep them from spilling
-    (90, "fwd", False): {**dict.fromkeys(_SMALL_D, _C(64, 32, 8, 2)), 128: _C(16, 32, 8, 2)},
+    # fp32: ieee dots on CUDA cores hold whole tiles in registers; tiles, warps and stages are
+    # the largest found with no build spilling (python -m kernels.compile); sm_80 needs smaller
+    (90, "fwd", False): {16: _C(64, 32, 8, 2), 32: _C(64, 32, 8, 2), 64: _C(32, 32, 8, 2), 128: _C(16, 32, 8, 2)},
     (90, "decode", False): dict.fromkeys(HEAD_DIMS, _C(16, 32, 8, 2)),
-    (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 32, 4, 2)},
-    (90, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(16, 32, 4, 2)},
+    (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 1)), 128: _C(16, 32, 8, 2)},
+    (80, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 1)), 128: _C(16, 16, 8, 1)},
+    (90, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(16, 32, 8, 2)},
+    (80, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 16, 8, 2)},
 }
-for _kind in ("fwd", "decode", "dkdv", "dq"):
+for _kind in ("fwd", "decode"):
     _CONFIGS[(80, _kind, False)] = _CONFIGS[(90, _kind, False)]
-ARCHS = (80, 90)
 _ROWS_PER_PROGRAM = 64  # preprocess tile height
-_KERNELS = {"fwd": _attn_fwd, "decode": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
-_VARIANTS = {"dkdv": ({"ATOMIC_DQ": False}, {"ATOMIC_DQ": True})}  # extra constexprs, one build each
+# warps of the preprocess and the combine; both run Triton's default stages (no loop worth pipelining)
+_PRE_WARPS, _COMBINE_WARPS, _SMALL_STAGES = 4, 1, 3
 
 
-def _arch(device: torch.device) -> int:
-    """The config table row for a device: 90 for Hopper and newer, else 80 (also the interpreter)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9:
-        return 90
-    return 80
+def _target(device: torch.device) -> tuple[int, int]:
+    """(config table arch, SM count): arch 90 for Hopper and newer, else 80; the interpreter counts
+    as arch 80 with an H100's 132 SMs."""
+    if device.type == "cuda":
+        return (90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80,
+                torch.cuda.get_device_properties(device).multi_processor_count)
+    return 80, 132
 
 
-def _config(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> Config:
-    return _CONFIGS[(_arch(device), kind, dtype != torch.float32)][head_dim]
-
-
-def _num_splits(bh: int, m_tiles: int, sk: int, block_n: int, device: torch.device) -> int:
+def _num_splits(programs: int, sk: int, block_n: int, num_sms: int) -> int:
     """Enough key splits for about two programs per SM, each streaming >= _MIN_TILES_PER_SPLIT tiles."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    want = triton.cdiv(2 * sms, bh * m_tiles)
+    want = triton.cdiv(2 * num_sms, programs)
     return max(1, min(want, triton.cdiv(sk, block_n * _MIN_TILES_PER_SPLIT)))
-
-
-_INT_PARAMS = {"H", "SQ", "SK", "SPLIT_SIZE", "NUM_SPLITS"}
-_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def aot_configs() -> list[dict]:
-    """Every shipped launch configuration of this module's kernels, for kernels/compile.py.
-
-    Each is compiled in its most general variant (CAUSAL and HAS_KV_START on: both the unmasked
-    and the masked loops, plus the padding mask), for bf16 and fp32; fp16 shares bf16's configs."""
-    out = []
-    for dtype in (torch.bfloat16, torch.float32):  # fp16 builds the same code as bf16
-        t = _TRITON_TYPE[dtype]
-        for head_dim in HEAD_DIMS:
-            flags = {"CAUSAL": True, "HAS_KV_START": True, "HEAD_DIM": head_dim}
-            for kind, fn in _KERNELS.items():
-                for arch, variant in itertools.product(ARCHS, _VARIANTS.get(kind, ({},))):
-                    c = _CONFIGS[(arch, kind, dtype != torch.float32)][head_dim]
-                    # the decode forward writes fp32 partials when it splits the keys
-                    sig = _signature(fn, t, "fp32" if kind == "decode" else t)
-                    out.append({
-                        "kernel": f"attn_{kind}" + ("_atomic" if variant.get("ATOMIC_DQ") else ""),
-                        "fn": fn, "signature": sig,
-                        "constexprs": {**flags, **variant, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
-                        "num_warps": c.num_warps, "num_stages": c.num_stages, "archs": (arch,),
-                        # Hopper tensor cores for the 16-bit matmul kernels; decode tiles are 16 rows
-                        "wgmma": dtype != torch.float32 and kind != "decode",
-                        "config": f"D={head_dim} {t} BM={c.block_m} BN={c.block_n} w{c.num_warps} s{c.num_stages}",
-                    })
-            for fn, name, constexprs, warps in (
-                (_attn_bwd_preprocess, "attn_bwd_pre", {"HEAD_DIM": head_dim, "BLOCK_M": _ROWS_PER_PROGRAM}, 4),
-                (_attn_combine, "attn_combine", {"HEAD_DIM": head_dim}, 1),
-            ):
-                out.append({
-                    "kernel": name, "fn": fn, "signature": _signature(fn, t, t), "constexprs": constexprs,
-                    "num_warps": warps, "num_stages": 1, "archs": ARCHS, "wgmma": False,
-                    "config": f"D={head_dim} {t} w{warps}",
-                })
-    return out
-
-
-def _signature(fn, t: str, out_t: str) -> dict:
-    """Triton types of fn's parameters: Q/K/V/... of dtype t, O of out_t, fp32 statistics,
-    int64 kv_start, i32 sizes and strides."""
-    types = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "O_PART": "*fp32", "LSE_PART": "*fp32",
-             "KV_START": "*i64",
-             "O": f"*{out_t}", "sm_scale": "fp32"}
-    sig = {}
-    for name, p in inspect.signature(fn.fn).parameters.items():  # fn.fn: the Python function, also interpreted
-        if p.annotation is tl.constexpr:
-            sig[name] = "constexpr"
-        elif name in types:
-            sig[name] = types[name]
-        else:
-            sig[name] = "i32" if name.startswith("stride") or name in _INT_PARAMS else f"*{t}"
-    return sig
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -486,59 +441,148 @@ def _inner_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, causal, sm_scale, kv_start):
-    """Returns o [B, H, Sq, D] (contiguous, q's dtype) and lse [B·H, Sq] (fp32, base 2)."""
+def _kernel_layout(q, k, v):
+    """q, k, v as the kernels read them: contiguous along D, and K and V with the same strides
+    (copied to one layout when they differ), so that one tile of offsets addresses both."""
+    q, k, v = (_inner_contiguous(t) for t in (q, k, v))
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
+
+
+def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
+    """The forward's launches, and its outputs o [B, H, Sq, D] (q's dtype) and lse [B·H, Sq] (fp32,
+    base 2) that they will write. Reads no data: kernels/compile.py runs it on meta tensors."""
     (b, h, sq, d), sk, dev = q.shape, k.shape[2], q.device
     kind = "decode" if sq <= DECODE_MAX_SQ else "fwd"
-    c = _config(kind, d, q.dtype, dev)
+    c = _CONFIGS[(arch, kind, q.dtype != torch.float32)][d]
     m_tiles = triton.cdiv(sq, c.block_m)
-    splits = _num_splits(b * h, m_tiles, sk, c.block_n, dev) if kind == "decode" else 1
+    splits = _num_splits(b * h * m_tiles, sk, c.block_n, num_sms) if kind == "decode" else 1
     split_size = triton.cdiv(triton.cdiv(sk, splits), c.block_n) * c.block_n
     splits = triton.cdiv(sk, split_size)
+    rows = b * h * sq
     o = torch.empty((b, h, sq, d), dtype=q.dtype, device=dev)
     lse = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
     if splits == 1:
         o_part, lse_part = o, lse
+    else:  # fp32 partials for the combine
+        o_part = torch.empty((splits, rows, d), dtype=torch.float32, device=dev)
+        lse_part = torch.empty((splits, rows), dtype=torch.float32, device=dev)
+    forward = Launch(
+        _attn_fwd, checked_grid(b * h, m_tiles, splits),
+        (q, k, v, o_part, lse_part, q if kv_start is None else kv_start, sm_scale,  # (q: unused pointer)
+         *q.stride()[:3], *k.stride()[:3], rows, h, sq, sk, split_size),
+        dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+        c.num_warps, c.num_stages)
+    if splits == 1:
+        return [forward], o, lse
+    combine = Launch(_attn_combine, checked_grid(rows), (o_part, lse_part, o, lse, rows, splits),
+                     dict(HEAD_DIM=d), _COMBINE_WARPS, _SMALL_STAGES)
+    return [forward, combine], o, lse
+
+
+def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic, arch):
+    """The backward's launches, and dq, dk, dv that they will write (dq in fp32 when not
+    deterministic: the atomics' accumulator). Reads no data, like _forward_launches."""
+    (b, h, sq, d), sk, dev = q.shape, k.shape[2], q.device
+    half = q.dtype != torch.float32
+    delta = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
+    launches = [Launch(_attn_bwd_preprocess, checked_grid(b * h, triton.cdiv(sq, _ROWS_PER_PROGRAM)),
+                       (o, do, delta, *do.stride()[:3], h, sq), dict(HEAD_DIM=d, BLOCK_M=_ROWS_PER_PROGRAM),
+                       _PRE_WARPS, _SMALL_STAGES)]
+    dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=dev)
+    dv = torch.empty((b, h, sk, d), dtype=v.dtype, device=dev)
+    if deterministic:
+        dq = torch.empty((b, h, sq, d), dtype=q.dtype, device=dev)
     else:
-        o_part = torch.empty((splits, b * h * sq, d), dtype=torch.float32, device=dev)
-        lse_part = torch.empty((splits, b * h * sq), dtype=torch.float32, device=dev)
-    _attn_fwd[(m_tiles, b * h, splits)](
-        q, k, v, o_part, lse_part, q if kv_start is None else kv_start, sm_scale,  # (q: unused pointer)
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], b * h * sq * d, b * h * sq,
-        h, sq, sk, split_size,
-        CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )
-    if splits > 1:
-        _attn_combine[(b * h * sq,)](o_part, lse_part, o, lse, b * h * sq * d, b * h * sq, splits,
-                                     HEAD_DIM=d, num_warps=1)
+        dq = torch.zeros((b, h, sq, d), dtype=torch.float32, device=dev)
+    common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d)
+    strides = (*q.stride()[:3], *k.stride()[:3], *do.stride()[:3])
+    kv = q if kv_start is None else kv_start  # unused pointers get any tensor
+    c = _CONFIGS[(arch, "dkdv", half)][d]
+    launches.append(Launch(
+        _attn_bwd_dkdv, checked_grid(b * h, triton.cdiv(sk, c.block_n)),
+        (q, k, v, do, lse, delta, dk, dv, delta if deterministic else dq, kv, sm_scale, *strides, h, sq, sk),
+        dict(**common, ATOMIC_DQ=not deterministic, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+        c.num_warps, c.num_stages))
+    if deterministic:
+        c = _CONFIGS[(arch, "dq", half)][d]
+        launches.append(Launch(
+            _attn_bwd_dq, checked_grid(b * h, triton.cdiv(sq, c.block_m)),
+            (q, k, v, do, lse, delta, dq, kv, sm_scale, *strides, h, sq, sk),
+            dict(**common, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c.num_warps, c.num_stages))
+    return launches, dq, dk, dv
+
+
+def _forward(q, k, v, causal, sm_scale, kv_start):
+    launches, o, lse = _forward_launches(q, k, v, causal, sm_scale, kv_start, *_target(q.device))
+    for launch in launches:
+        launch()
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic):
-    (b, h, sq, d), sk, dev = q.shape, k.shape[2], q.device
-    delta = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
-    _attn_bwd_preprocess[(triton.cdiv(sq, _ROWS_PER_PROGRAM), b * h)](
-        o, do, delta, *do.stride()[:3], h, sq, HEAD_DIM=d, BLOCK_M=_ROWS_PER_PROGRAM, num_warps=4)
-    dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=dev)
-    dv = torch.empty((b, h, sk, d), dtype=v.dtype, device=dev)
-    common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
-    kv = q if kv_start is None else kv_start  # unused pointers get any tensor
-    dq_acc = delta if deterministic else torch.zeros((b, h, sq, d), dtype=torch.float32, device=dev)
-    c = _config("dkdv", d, q.dtype, dev)
-    _attn_bwd_dkdv[(triton.cdiv(sk, c.block_n), b * h)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, kv, sm_scale, *strides, h, sq, sk, **common,
-        ATOMIC_DQ=not deterministic, BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps,
-        num_stages=c.num_stages)
-    if not deterministic:
-        return dq_acc.to(q.dtype), dk, dv
-    dq = torch.empty((b, h, sq, d), dtype=q.dtype, device=dev)
-    c = _config("dq", d, q.dtype, dev)
-    _attn_bwd_dq[(triton.cdiv(sq, c.block_m), b * h)](
-        q, k, v, do, lse, delta, dq, kv, sm_scale, *strides, h, sq, sk, **common,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages)
-    return dq, dk, dv
+    launches, dq, dk, dv = _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic,
+                                              _target(q.device)[0])
+    for launch in launches:
+        launch()
+    return dq.to(q.dtype), dk, dv
+
+
+# ----------------------------------------------------------------------------- ahead-of-time builds
+
+# Shapes (B, H, Sq, Sk) on which the launchers pick every build: training / prefill; a decode step
+# at batch 1 over a long cache (split keys, fp32 partials, the combine); one at a large batch (one
+# split, written in place). Sizes are not specialised, so other shapes of each kind pick the same.
+_AOT_SHAPES = ((2, 12, 1024, 1024), (1, 12, 1, 4096), (64, 12, 1, 512))
+_AOT_SMS = {80: 108, 90: 132}  # A100, H100
+_AOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def aot_configs() -> list[dict]:
+    """Every build the launchers pick, for kernels/compile.py: per arch, dtype and head dim, causal
+    or not, with and without kv_start, forward, decode and both backward variants. Each entry holds
+    the launcher's own Launch, computed on meta tensors (16-byte aligned, like torch's allocations)."""
+    out = []
+    for arch, dtype, d, causal, padded, (b, h, sq, sk) in itertools.product(
+            ARCHS, _AOT_DTYPES, HEAD_DIMS, (True, False), (False, True), _AOT_SHAPES):
+        q, k, v, do = (torch.empty(b, h, s, d, dtype=dtype, device="meta") for s in (sq, sk, sk, sq))
+        kv_start = torch.zeros(b, dtype=torch.int64, device="meta") if padded else None
+        launches, o, lse = _forward_launches(q, k, v, causal, 1.0, kv_start, arch, _AOT_SMS[arch])
+        for deterministic in (True, False):
+            launches += _backward_launches(do, q, k, v, o, lse, causal, 1.0, kv_start, deterministic, arch)[0]
+        out += [_aot_entry(launch, arch, dtype, "decode" if sq <= DECODE_MAX_SQ else "fwd") for launch in launches]
+    return out
+
+
+# Integer parameters that must enter 64-bit offsets (kernels/compile.py checks each build's PTX):
+# the sequence strides (a tile's first row · stride) and the row counts of the flattened outputs.
+_WIDE_OFFSETS = {
+    _attn_fwd: ("stride_qm", "stride_kn", "ROWS", "SQ"),
+    _attn_combine: ("ROWS",),
+    _attn_bwd_preprocess: ("stride_dom", "SQ"),
+    _attn_bwd_dkdv: ("stride_qm", "stride_kn", "stride_dom", "SQ", "SK"),
+    _attn_bwd_dq: ("stride_qm", "stride_kn", "stride_dom", "SQ"),
+}
+
+
+def _aot_entry(launch, arch, dtype, forward_kind):
+    c = launch.constexprs
+    name = {_attn_fwd: forward_kind, _attn_combine: "combine", _attn_bwd_preprocess: "bwd_pre",
+            _attn_bwd_dkdv: "dkdv_atomic" if c.get("ATOMIC_DQ") else "dkdv", _attn_bwd_dq: "dq"}[launch.kernel]
+    words = [f"D={c['HEAD_DIM']}", _TRITON_TYPE[dtype]]
+    if "CAUSAL" in c:
+        words += ["causal" if c["CAUSAL"] else "full"] + ["kv_start"] * c["HAS_KV_START"]
+    if launch.kernel is _attn_fwd and launch.args[3].dtype != dtype:
+        words.append("fp32-partials")
+    if "BLOCK_N" in c:
+        words += [f"BM={c['BLOCK_M']}", f"BN={c['BLOCK_N']}"]
+    words += [f"w{launch.num_warps}", f"s{launch.num_stages}"]
+    return {"kernel": f"attn_{name}", "arch": arch, "config": " ".join(words), "launch": launch,
+            "wide": _WIDE_OFFSETS[launch.kernel],
+            # Hopper tensor cores for the 16-bit matmul kernels; decode tiles are 16 rows
+            "wgmma": arch >= 90 and dtype != torch.float32 and name in ("fwd", "dkdv", "dkdv_atomic", "dq")}
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -547,7 +591,7 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic):
 class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale, kv_start, deterministic):
-        q, k, v = (_inner_contiguous(t) for t in (q, k, v))
+        q, k, v = _kernel_layout(q, k, v)
         o, lse = _forward(q, k, v, causal, sm_scale, kv_start)
         ctx.save_for_backward(q, k, v, o, lse, kv_start)
         ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic

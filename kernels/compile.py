@@ -1,20 +1,25 @@
-"""Ahead-of-time compile of every shipped kernel configuration for sm_80 and sm_90, no GPU needed.
+"""Ahead-of-time compile of every kernel build the launchers pick, for sm_80 and sm_90, no GPU needed.
 
     python -m kernels.compile [--arch 80 90] [--jobs N] [--fresh] [--json]
 
-Each kernel module lists its shipped launch configurations in `aot_configs()` (see
-kernels/attention.py). Every one is compiled with Triton's bundled toolchain
-(`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`, which runs ptxas) and
-its cubin is read with `cuobjdump -res-usage`. The table shows registers per thread, stack
-bytes (register spills), shared memory bytes (Triton's dynamic allocation plus static) and the
-number of wgmma instructions in the PTX. The exit status is non-zero when a configuration fails
-to compile, spills, overflows shared memory, or lacks wgmma where its module requires it.
+Each kernel module lists in `aot_configs()` the launches its launchers make (kernels/launch.py:
+kernel, grid, arguments, constexprs, num_warps, num_stages), computed by the launchers' own code
+on meta tensors, each with a label (kernel, arch, config), whether it needs wgmma, and which
+integer parameters must enter 64-bit offsets ("wide"). Each is turned into the source Triton's JIT would compile for it (argument
+types, 16-divisibility and constants specialised by Triton's own rule, see `jit_source`) and
+compiled with Triton's bundled toolchain (`triton.compile(ASTSource(...), target=GPUTarget("cuda",
+arch, 32))`, which runs ptxas); its cubin is read with `cuobjdump -res-usage`. The table shows
+registers per thread, stack bytes (register spills), shared memory bytes (Triton's dynamic
+allocation plus static) and the number of wgmma instructions in the PTX. The exit status is
+non-zero when a build fails to compile, spills, overflows shared memory, lacks wgmma where its
+module requires it, or computes in 32 bits an offset its module says must be 64-bit ("wide").
 
 Compiled kernels land in Triton's own cache (TRITON_CACHE_DIR, default ~/.triton/cache), never
 in the repository; --fresh compiles into a temporary cache to time a cold build.
 """
 import argparse
 import concurrent.futures
+import functools
 import importlib
 import json
 import multiprocessing
@@ -29,16 +34,27 @@ from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import native_specialize_impl
+
+from kernels.launch import Launch
 
 MODULES = ("kernels.attention", "kernels.layernorm")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100/H200)
 COLUMNS = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "seconds", "status")
 
 
+@functools.cache
 def collect_configs() -> list[dict]:
-    """aot_configs() of every kernel module, in MODULES order. An import error is raised, not skipped."""
-    return [cfg for name in MODULES for cfg in importlib.import_module(name).aot_configs()]
+    """The builds of every kernel module's aot_configs(), in MODULES order: one entry per (kernel,
+    arch, config) label, holding every launch that carries it ("launches"). An import error is
+    raised, not skipped."""
+    builds = {}
+    for name in MODULES:
+        for cfg in importlib.import_module(name).aot_configs():
+            key = (cfg["kernel"], cfg["arch"], cfg["config"])
+            builds.setdefault(key, {**cfg, "launches": []})["launches"].append(cfg["launch"])
+    return list(builds.values())
 
 
 def cuobjdump() -> str:
@@ -50,21 +66,56 @@ def cuobjdump() -> str:
     raise FileNotFoundError("cuobjdump not found (looked in triton/backends/nvidia/bin, PATH, /usr/local/cuda/bin)")
 
 
-def _attrs(signature: dict) -> dict:
-    """Specialise like the JIT does for contiguous tensors: pointers and strides 16-divisible."""
-    return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(signature.items())
-            if ty.startswith("*") or name.startswith("stride")}
+def jit_source(launch: Launch, arch: int) -> ASTSource:
+    """What Triton's JIT compiles for this launch (triton/runtime/jit.py: JITFunction.run binds the
+    arguments, specialises each with native_specialize_impl, then _pack_args): argument types from
+    the values, tt.divisibility 16 on pointers aligned to 16 bytes and ints divisible by 16, ints
+    equal to 1 as constants, except where the kernel says do_not_specialize. (Our kernels annotate
+    no parameter but their constexprs, so annotated types need no mirroring.)"""
+    fn = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    values = fn.signature.bind(*launch.args, **launch.constexprs).arguments
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[(i,)] = "constexpr", value
+            continue
+        ty, spec = native_specialize_impl(backend, value, param.is_const, not param.do_not_specialize,
+                                          not param.do_not_specialize_on_alignment)
+        signature[param.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = spec
+        elif isinstance(spec, str):
+            attrs[(i,)] = backend.parse_attr(spec)
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
-def compile_one(cfg: dict, arch: int) -> dict:
-    """Compile one configuration for one arch; returns a row of the table."""
+def widened_params(ptx: str) -> set[int]:
+    """Indices of the kernel's 32-bit parameters that enter 64-bit arithmetic in its PTX: loaded
+    sign-extended into a 64-bit register, or a source of a widening multiply or conversion."""
+    widened = set()
+    for reg, index in re.findall(r"ld\.param\.[bsu]32\s+(%\w+), \[\w+_param_(\d+)\]", ptx):
+        if reg.startswith("%rd") or re.search(
+                rf"\b(?:mul|mad)\.wide\.[su]32\s+%\w+, (?:[^;]*\s)?{reg}\b|\bcvt\.[su]64\.[su]32\s+%\w+, {reg}\b", ptx):
+            widened.add(int(index))
+    return widened
+
+
+def compile_one(cfg: dict) -> dict:
+    """Compile one build for its arch; returns a row of the table."""
+    arch = cfg["arch"]
     row = {"kernel": cfg["kernel"], "arch": f"sm_{arch}", "config": cfg["config"]}
     t0 = time.perf_counter()
     try:
-        src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"],
-                        attrs=_attrs(cfg["signature"]))
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        # one label, one build: the launches sharing a label must not differ in what is compiled
+        sources = [jit_source(launch, arch) for launch in cfg["launches"]]
+        builds = {(src.hash(), launch.num_warps, launch.num_stages) for src, launch in zip(sources, cfg["launches"])}
+        if len(builds) > 1:
+            raise ValueError(f"{len(builds)} different builds share this label")
+        launch = cfg["launches"][0]
+        kernel = triton.compile(sources[0], target=GPUTarget("cuda", arch, 32),
+                                options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
             f.flush()
@@ -74,12 +125,15 @@ def compile_one(cfg: dict, arch: int) -> dict:
         row.update(regs=int(res["REG"]), spill=int(res["STACK"]),
                    smem=kernel.metadata.shared + int(res["SHARED"]),
                    wgmma=len(re.findall(r"wgmma\.mma_async", kernel.asm["ptx"])))
-        problems = []
+        # PTX numbers the runtime parameters in order, constexprs left out
+        runtime = [name for name, ty in sources[0].signature.items() if ty != "constexpr"]
+        narrow = [name for name in cfg["wide"] if runtime.index(name) not in widened_params(kernel.asm["ptx"])]
+        problems = [f"32-bit offsets: {' '.join(narrow)}"] if narrow else []
         if row["spill"]:
             problems.append("spills")
         if row["smem"] > SMEM_LIMIT[arch]:
             problems.append(f"smem > {SMEM_LIMIT[arch]}")
-        if arch >= 90 and cfg["wgmma"] and not row["wgmma"]:
+        if cfg["wgmma"] and not row["wgmma"]:
             problems.append("no wgmma")
         row["status"] = ", ".join(problems) or "ok"
     except Exception as err:  # a failed compile is a row of the report, not the end of it
@@ -89,19 +143,18 @@ def compile_one(cfg: dict, arch: int) -> dict:
     return row
 
 
-def _compile_index(job):
-    index, arch = job
-    return compile_one(collect_configs()[index], arch)
+def _compile_index(index):
+    return compile_one(collect_configs()[index])
 
 
 def compile_all(archs=(80, 90), jobs: int | None = None) -> list[dict]:
-    """Compile every shipped configuration for each of `archs` it ships for, on `jobs` processes."""
-    configs = collect_configs()
-    work = [(i, arch) for i, cfg in enumerate(configs) for arch in archs if arch in cfg["archs"]]
+    """Compile every build for each of `archs`, on `jobs` processes."""
+    work = [i for i, cfg in enumerate(collect_configs()) if cfg["arch"] in archs]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
-        return [_compile_index(job) for job in work]
-    # fork: the workers inherit the imported kernels; each compile is independent and CPU-bound
+        return [_compile_index(i) for i in work]
+    # fork: the workers inherit the imported kernels and the collected builds; each compile is
+    # independent and CPU-bound
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         return list(pool.map(_compile_index, work))
 

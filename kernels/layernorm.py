@@ -11,13 +11,21 @@ largest block) is streamed in chunks, with the chunk statistics merged by Chan's
 Backward: dx in one pass over each row. dweight and dbias in two stages: each program walks
 its rows and sums dy * xhat and dy into its own fp32 partial row, then a small kernel adds
 the partial rows in a fixed order. No atomics, so the gradients are bitwise reproducible.
+
+The launches (kernel, grid, arguments, constexprs, warps, stages) are computed by
+_forward_launches / _backward_launches, which read no data: `aot_configs()` runs them on meta
+tensors, so kernels/compile.py builds exactly the kernels that run. Grids are 1-D (axis x, up to
+2^31 - 1 programs); row offsets are 64-bit.
 """
 import functools
+import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.launch import Launch, checked_grid
 
 MAX_N = 65536  # largest feature size; the chunked path is written for it
 
@@ -45,7 +53,8 @@ def _store_y(Y, W, B, rows, c, mask, xhat, N, stride_ym, HAS_WEIGHT: tl.constexp
     tl.store(Y + rows[:, None] * stride_ym + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# Row counts are not specialised (do_not_specialize): M == 1 or M % 16 == 0 would only add builds.
+@triton.jit(do_not_specialize=["M"])
 def _ln_fwd_kernel(
     X, R, S, Y, W, B, Mean, Rstd,
     stride_xm, stride_rm, stride_sm, stride_ym,
@@ -99,91 +108,118 @@ def _ln_fwd_kernel(
 
 
 @triton.jit
+def _load_rows(PTR, rows, c, stride, mask):
+    """A [ROWS, BLOCK_N] tile in fp32 (rows are int64: row * stride can pass 2**31 on large batches)."""
+    return tl.load(PTR + rows[:, None] * stride + c[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_block(Mean, Rstd, first, M, ROWS: tl.constexpr):
+    """Rows [first, first + ROWS) as int64, which of them exist, and their saved mean and rstd."""
+    rows = first + tl.arange(0, ROWS)
+    row_ok = rows < M
+    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)[:, None]
+    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)[:, None]
+    return rows.to(tl.int64), row_ok, mean, rstd
+
+
+@triton.jit
+def _store_dx(DX, DS, rows, c, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dxm, HAS_DS: tl.constexpr):
+    """dx = rstd * (w*dy - (xhat * c1 + c2)), plus ds: the gradient that reaches s directly in
+    add_layer_norm."""
+    dx = (wdy - (xhat * c1 + c2)) * rstd
+    if HAS_DS:
+        dx += _load_rows(DS, rows, c, stride_dsm, mask)
+    tl.store(DX + rows[:, None] * stride_dxm + c[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
 def _ln_bwd_dx_kernel(
     X, W, DY, DS, DX, Mean, Rstd, DW_partial, DB_partial,
     stride_xm, stride_dym, stride_dsm, stride_dxm,
     M, N,
     HAS_DS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)) (+ ds, the gradient that
-    reaches s directly in add_layer_norm). Program p takes row blocks p, p + P, p + 2P, ...
-    and sums dy * xhat and dy over them into row p of DW_partial and DB_partial."""
+    """dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)) (+ ds), the row one tile in
+    registers. Program p takes row blocks p, p + P, p + 2P, ... and sums dy * xhat and dy over
+    them into row p of DW_partial and DB_partial."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    if not CHUNKED:
-        col_ok = cols < N
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    col_ok = cols < N
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for first in range(pid * ROWS, M, tl.num_programs(0) * ROWS):
-        rows = first + tl.arange(0, ROWS)
-        row_ok = rows < M
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)[:, None]
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)[:, None]
-        rows = rows.to(tl.int64)
-        if CHUNKED:
-            # The row does not fit in registers: one pass for the two row sums, one for dx,
-            # adding into this program's own partial rows (still deterministic).
-            sum_xw = tl.zeros([ROWS], dtype=tl.float32)
-            sum_w = tl.zeros([ROWS], dtype=tl.float32)
-            for start in range(0, N, BLOCK_N):
-                c = start + cols
-                mask = row_ok[:, None] & (c < N)[None, :]
-                x = tl.load(X + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                wdy = tl.load(DY + rows[:, None] * stride_dym + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                if HAS_WEIGHT:
-                    wdy *= tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
-                sum_xw += tl.sum((x - mean) * rstd * wdy, axis=1)
-                sum_w += tl.sum(wdy, axis=1)
-            c1 = (sum_xw / N)[:, None]
-            c2 = (sum_w / N)[:, None]
-            tl.debug_barrier()  # the partial rows read below were written by other threads
-            for start in range(0, N, BLOCK_N):
-                c = start + cols
-                c_ok = c < N
-                mask = row_ok[:, None] & c_ok[None, :]
-                x = tl.load(X + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + rows[:, None] * stride_dym + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                xhat = (x - mean) * rstd
-                wdy = dy
-                part = pid * N + c
-                if HAS_WEIGHT:
-                    wdy = dy * tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-                    dw = tl.load(DW_partial + part, mask=c_ok) + tl.sum(dy * xhat, axis=0)
-                    tl.store(DW_partial + part, dw, mask=c_ok)
-                if HAS_BIAS:
-                    tl.store(DB_partial + part, tl.load(DB_partial + part, mask=c_ok) + tl.sum(dy, axis=0), mask=c_ok)
-                dx = (wdy - (xhat * c1 + c2)) * rstd
-                if HAS_DS:
-                    dx += tl.load(DS + rows[:, None] * stride_dsm + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + rows[:, None] * stride_dxm + c[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        else:
-            mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            xhat = (x - mean) * rstd  # padding lanes hold garbage, but dy = 0 there
-            wdy = dy
-            if HAS_WEIGHT:
-                wdy = dy * w
-                dw += dy * xhat
-            if HAS_BIAS:
-                db += dy
-            c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
-            c2 = tl.sum(wdy, axis=1)[:, None] / N
-            dx = (wdy - (xhat * c1 + c2)) * rstd
-            if HAS_DS:
-                dx += tl.load(DS + rows[:, None] * stride_dsm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    if not CHUNKED:
+        rows, row_ok, mean, rstd = _row_block(Mean, Rstd, first, M, ROWS)
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = _load_rows(X, rows, cols, stride_xm, mask)
+        dy = _load_rows(DY, rows, cols, stride_dym, mask)
+        xhat = (x - mean) * rstd  # padding lanes hold garbage, but dy = 0 there
+        wdy = dy
         if HAS_WEIGHT:
-            tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+            wdy = dy * w
+            dw += dy * xhat
         if HAS_BIAS:
-            tl.store(DB_partial + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
+            db += dy
+        c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
+        c2 = tl.sum(wdy, axis=1)[:, None] / N
+        _store_dx(DX, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dxm, HAS_DS)
+    if HAS_WEIGHT:
+        tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB_partial + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
+def _ln_bwd_dx_chunked_kernel(
+    X, W, DY, DS, DX, Mean, Rstd, DW_partial, DB_partial,
+    stride_xm, stride_dym, stride_dsm, stride_dxm,
+    M, N,
+    HAS_DS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """_ln_bwd_dx_kernel for rows that do not fit in registers: one pass over a row's chunks for
+    the two row sums, one for dx, adding into this program's own partial rows (zeroed by the
+    launcher; still deterministic). Partial row offsets pid * N stay 32-bit: programs * MAX_N is
+    far below 2**31."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    for first in range(pid * ROWS, M, tl.num_programs(0) * ROWS):
+        rows, row_ok, mean, rstd = _row_block(Mean, Rstd, first, M, ROWS)
+        sum_xw = tl.zeros([ROWS], dtype=tl.float32)
+        sum_w = tl.zeros([ROWS], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_ok[:, None] & (c < N)[None, :]
+            x = _load_rows(X, rows, c, stride_xm, mask)
+            wdy = _load_rows(DY, rows, c, stride_dym, mask)
+            if HAS_WEIGHT:
+                wdy *= tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
+            sum_xw += tl.sum((x - mean) * rstd * wdy, axis=1)
+            sum_w += tl.sum(wdy, axis=1)
+        c1 = (sum_xw / N)[:, None]
+        c2 = (sum_w / N)[:, None]
+        tl.debug_barrier()  # the partial rows read below were written by other threads
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            c_ok = c < N
+            mask = row_ok[:, None] & c_ok[None, :]
+            x = _load_rows(X, rows, c, stride_xm, mask)
+            dy = _load_rows(DY, rows, c, stride_dym, mask)
+            xhat = (x - mean) * rstd
+            wdy = dy
+            part = pid * N + c
+            if HAS_WEIGHT:
+                wdy = dy * tl.load(W + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(DW_partial + part, tl.load(DW_partial + part, mask=c_ok) + tl.sum(dy * xhat, axis=0), mask=c_ok)
+            if HAS_BIAS:
+                tl.store(DB_partial + part, tl.load(DB_partial + part, mask=c_ok) + tl.sum(dy, axis=0), mask=c_ok)
+            _store_dx(DX, DS, rows, c, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dxm, HAS_DS)
+
+
+@triton.jit(do_not_specialize=["P"])
 def _ln_bwd_reduce_kernel(Partial, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Out[c] = sum over p of Partial[p, c], always in the same order."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -217,6 +253,7 @@ _BWD_CONFIGS = (
 # short rows enough programs; wide ones keep the program count sane for long rows.
 _REDUCE_CONFIGS = ((8192, 128, 32, 8), (MAX_N, 32, 256, 8))
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_NUM_STAGES = 3  # Triton's default, which these launches have always run with
 
 
 def _pick(table, n):
@@ -225,44 +262,6 @@ def _pick(table, n):
 
 def _pick_reduce(n):
     return next(cfg[1:] for cfg in _REDUCE_CONFIGS if n <= cfg[0])
-
-
-def aot_configs() -> list[dict]:
-    """Every shipped launch configuration of this module's kernels, for kernels/compile.py.
-
-    Compiled in the heaviest variant (weight, bias and residual / ds on); the fp32 and bf16
-    builds bracket the register use of all dtypes."""
-    configs = []
-    for dtype in ("bf16", "fp32"):
-        ptr = f"*{dtype}"
-        for block_n, rows, warps, chunked in _FWD_CONFIGS:
-            sig = {"X": ptr, "R": ptr, "S": ptr, "Y": ptr, "W": ptr, "B": ptr, "Mean": "*fp32", "Rstd": "*fp32",
-                   "stride_xm": "i32", "stride_rm": "i32", "stride_sm": "i32", "stride_ym": "i32",
-                   "M": "i32", "N": "i32", "eps": "fp32"}
-            constexprs = {"HAS_RESIDUAL": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
-                          "ROWS": rows, "BLOCK_N": block_n, "CHUNKED": chunked}
-            configs.append(_aot_entry("ln_fwd", _ln_fwd_kernel, sig, constexprs, warps, dtype))
-        for block_n, rows, warps, chunked in _BWD_CONFIGS:
-            sig = {"X": ptr, "W": ptr, "DY": ptr, "DS": ptr, "DX": ptr, "Mean": "*fp32", "Rstd": "*fp32",
-                   "DW_partial": "*fp32", "DB_partial": "*fp32",
-                   "stride_xm": "i32", "stride_dym": "i32", "stride_dsm": "i32", "stride_dxm": "i32",
-                   "M": "i32", "N": "i32"}
-            constexprs = {"HAS_DS": True, "HAS_WEIGHT": True, "HAS_BIAS": True,
-                          "ROWS": rows, "BLOCK_N": block_n, "CHUNKED": chunked}
-            configs.append(_aot_entry("ln_bwd_dx", _ln_bwd_dx_kernel, sig, constexprs, warps, dtype))
-        for _, block_p, block_c, warps in _REDUCE_CONFIGS:
-            sig = {"Partial": "*fp32", "Out": ptr, "P": "i32", "N": "i32"}
-            constexprs = {"BLOCK_P": block_p, "BLOCK_C": block_c}
-            configs.append(_aot_entry("ln_bwd_reduce", _ln_bwd_reduce_kernel, sig, constexprs, warps, dtype))
-    return configs
-
-
-def _aot_entry(kernel, fn, signature, constexprs, warps, dtype):
-    signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    shape = " ".join(f"{k}={int(v)}" for k, v in constexprs.items() if not k.startswith("HAS_"))
-    return {"kernel": kernel, "fn": fn, "signature": signature, "constexprs": constexprs,
-            "num_warps": warps, "num_stages": 1, "archs": (80, 90), "wgmma": False,
-            "config": f"{dtype} {shape} w{warps}"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,8 +292,9 @@ def _check(x, residual, weight, bias):
             raise ValueError(f"{name} must have shape ({x.shape[-1]},) on {x.device}, got {tuple(p.shape)} on {p.device}")
 
 
-def _forward(x, residual, weight, bias, eps):
-    """Returns y, s (the [M, N] tensor that was normalised) and the fp32 mean and rstd."""
+def _forward_launches(x, residual, weight, bias, eps):
+    """The forward's launches, and y, s (the [M, N] tensor that is normalised) and the fp32 mean
+    and rstd that they will write. Reads no data: kernels/compile.py runs it on meta tensors."""
     _check(x, residual, weight, bias)
     n = x.shape[-1]
     x2 = _as_rows(x, n)
@@ -307,51 +307,102 @@ def _forward(x, residual, weight, bias, eps):
     y = torch.empty((m, n), dtype=s2.dtype, device=x.device)
     mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-    if m:
-        block_n, rows, warps, chunked = _pick(_FWD_CONFIGS, n)
-        w = weight if weight is not None else x2  # any pointer; never read
-        b = bias if bias is not None else x2
-        _ln_fwd_kernel[(triton.cdiv(m, rows),)](
-            x2, r2, s2, y, w, b, mean, rstd,
-            x2.stride(0), r2.stride(0), s2.stride(0), y.stride(0),
-            m, n, eps,
-            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            ROWS=rows, BLOCK_N=block_n, CHUNKED=chunked, num_warps=warps,
-        )
-    return y, s2, mean, rstd
+    if not m:
+        return [], y, s2, mean, rstd
+    block_n, rows, warps, chunked = _pick(_FWD_CONFIGS, n)
+    w = weight if weight is not None else x2  # any pointer; never read
+    b = bias if bias is not None else x2
+    launch = Launch(
+        _ln_fwd_kernel, checked_grid(triton.cdiv(m, rows)),
+        (x2, r2, s2, y, w, b, mean, rstd, x2.stride(0), r2.stride(0), s2.stride(0), y.stride(0), m, n, eps),
+        dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+             ROWS=rows, BLOCK_N=block_n, CHUNKED=chunked),
+        warps, _NUM_STAGES)
+    return [launch], y, s2, mean, rstd
 
 
-def _backward(dy, ds, s2, weight, bias, mean, rstd):
-    """Returns dx (the gradient of s, ds included) as [M, N], dweight and dbias."""
+def _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms):
+    """The backward's launches, and dx (the gradient of s, ds included) as [M, N], dweight and
+    dbias that they will write. Reads no data, like _forward_launches."""
     m, n = s2.shape
     dy2 = _as_rows(dy, n)
     ds2 = _as_rows(ds, n) if ds is not None else dy2
     dx = torch.empty((m, n), dtype=s2.dtype, device=s2.device)
     block_n, rows, warps, chunked = _pick(_BWD_CONFIGS, n)
     # Enough programs to fill the GPU (about 32 warps per SM); each walks several row blocks.
-    progs = max(1, min(triton.cdiv(m, rows), _num_sms(s2.device) * max(1, 32 // warps)))
-    alloc = torch.zeros if chunked else torch.empty  # the chunked path adds into its partial rows
+    progs = max(1, min(triton.cdiv(m, rows), num_sms * max(1, 32 // warps)))
+    alloc = torch.zeros if chunked else torch.empty  # the chunked kernel adds into its partial rows
     dw_part = alloc((progs, n), dtype=torch.float32, device=s2.device) if weight is not None else mean
     db_part = alloc((progs, n), dtype=torch.float32, device=s2.device) if bias is not None else mean
     # Launched even for zero rows: it then writes the zero partial sums.
-    _ln_bwd_dx_kernel[(progs,)](
-        s2, weight if weight is not None else s2, dy2, ds2, dx, mean, rstd, dw_part, db_part,
-        s2.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0),
-        m, n,
-        HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ROWS=rows, BLOCK_N=block_n, CHUNKED=chunked, num_warps=warps,
-    )
-    dweight = _reduce_partials(dw_part, weight) if weight is not None else None
-    dbias = _reduce_partials(db_part, bias) if bias is not None else None
-    return dx, dweight, dbias
+    launches = [Launch(
+        _ln_bwd_dx_chunked_kernel if chunked else _ln_bwd_dx_kernel, checked_grid(progs),
+        (s2, weight if weight is not None else s2, dy2, ds2, dx, mean, rstd, dw_part, db_part,
+         s2.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0), m, n),
+        dict(HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+             ROWS=rows, BLOCK_N=block_n),
+        warps, _NUM_STAGES)]
+    grads = []
+    for partial, param in ((dw_part, weight), (db_part, bias)):
+        grads.append(None if param is None else torch.empty_like(param))
+        if param is not None:
+            block_p, block_c, reduce_warps = _pick_reduce(n)
+            launches.append(Launch(_ln_bwd_reduce_kernel, checked_grid(triton.cdiv(n, block_c)),
+                                   (partial, grads[-1], progs, n), dict(BLOCK_P=block_p, BLOCK_C=block_c),
+                                   reduce_warps, _NUM_STAGES))
+    return launches, dx, *grads
 
 
-def _reduce_partials(partial, param):
-    out = torch.empty_like(param)
-    progs, n = partial.shape
-    block_p, block_c, warps = _pick_reduce(n)
-    _ln_bwd_reduce_kernel[(triton.cdiv(n, block_c),)](partial, out, progs, n, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
-    return out
+def _forward(x, residual, weight, bias, eps):
+    launches, *outputs = _forward_launches(x, residual, weight, bias, eps)
+    for launch in launches:
+        launch()
+    return outputs
+
+
+def _backward(dy, ds, s2, weight, bias, mean, rstd):
+    launches, *grads = _backward_launches(dy, ds, s2, weight, bias, mean, rstd, _num_sms(s2.device))
+    for launch in launches:
+        launch()
+    return grads
+
+
+# Feature sizes on which the launchers pick every build (kernels/compile.py): each table entry's
+# largest N, which is a multiple of 16, and one less, which is not (Triton specialises N and the
+# row strides on divisibility by 16; rows are vector loads only when it holds); MAX_N for the
+# chunked kernels.
+_AOT_SIZES = sorted({n for table in (_FWD_CONFIGS, _BWD_CONFIGS) for block_n, *_ in table
+                     for n in (block_n, block_n - 1)} | {MAX_N, MAX_N - 1})
+_AOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Row strides, multiplied by int64 row indices (kernels/compile.py checks each build's PTX); the
+# partial rows' offsets (programs · N) stay 32-bit.
+_WIDE_OFFSETS = {_ln_fwd_kernel: ("stride_xm", "stride_rm", "stride_sm", "stride_ym"),
+                 _ln_bwd_dx_kernel: ("stride_xm", "stride_dym", "stride_dsm", "stride_dxm"),
+                 _ln_bwd_dx_chunked_kernel: ("stride_xm", "stride_dym", "stride_dsm", "stride_dxm"),
+                 _ln_bwd_reduce_kernel: ()}
+_AOT_NAMES = {_ln_fwd_kernel: "ln_fwd", _ln_bwd_dx_kernel: "ln_bwd_dx", _ln_bwd_dx_chunked_kernel: "ln_bwd_dx_chunked",
+              _ln_bwd_reduce_kernel: "ln_bwd_reduce"}
+
+
+def aot_configs() -> list[dict]:
+    """Every build the launchers pick, for kernels/compile.py, per arch, dtype and table entry, with
+    N % 16 == 0 and not. Each holds the launcher's own Launch, computed on meta tensors (aligned like
+    torch's allocations) in the heaviest variant: residual, weight and bias on (without them the
+    kernels only drop code)."""
+    configs = []
+    for arch, dtype, n in itertools.product((80, 90), _AOT_DTYPES, _AOT_SIZES):
+        x, residual, dy, ds = (torch.empty(4096, n, dtype=dtype, device="meta") for _ in range(4))
+        weight, bias = (torch.empty(n, dtype=dtype, device="meta") for _ in range(2))
+        launches, _, s2, mean, rstd = _forward_launches(x, residual, weight, bias, 1e-5)
+        launches += _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms=132)[0]
+        for launch in launches:
+            shape = " ".join(f"{k}={int(v)}" for k, v in launch.constexprs.items() if not k.startswith("HAS_"))
+            configs.append({
+                "kernel": _AOT_NAMES[launch.kernel], "arch": arch, "launch": launch, "wgmma": False,
+                "wide": _WIDE_OFFSETS[launch.kernel],
+                "config": f"{_DTYPES[dtype]} N%16{'=0' if n % 16 == 0 else '>0'} {shape} w{launch.num_warps} s{launch.num_stages}",
+            })
+    return configs
 
 
 class _LayerNormFunction(torch.autograd.Function):

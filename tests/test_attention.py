@@ -7,6 +7,7 @@ kernels. Accuracy rules: fp32 relative error (max |err| / max |ref|, the denomin
 against float64 (FlashAttention's rule). Every buffer the kernels allocate with torch.empty
 starts as NaN, so an element a kernel forgets to write fails the comparison.
 """
+import itertools
 import math
 import os
 import subprocess
@@ -19,6 +20,8 @@ import torch
 from engine import reference
 from kernels import attention as attn
 from kernels import flash_attention
+from kernels.attention import DECODE_MAX_SQ
+from kernels.launch import MAX_GRID
 
 ROOT = Path(__file__).resolve().parents[1]
 on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -124,14 +127,52 @@ def test_kv_start_matches_reference(sq, sk):
     check(len(kv_start), 2, sq, sk, 32, torch.float32, causal=True, kv_start=kv_start)
 
 
+def meta_inputs(b, h, sq, sk, d, dtype):
+    """q, k, v, dO on the meta device: shapes and strides without memory, for the launch planners."""
+    return (torch.empty(b, h, s, d, dtype=dtype, device="meta") for s in (sq, sk, sk, sq))
+
+
 def test_decode_splits_keys():
     """The decode shape (Sq=1, long cache) takes the split-KV path and its combine."""
-    c = attn._config("decode", 64, torch.float16, torch.device(DEVICE))
-    assert attn._num_splits(1 * 2, 1, 300, c.block_n, torch.device(DEVICE)) > 1
+    q, k, v, _ = meta_inputs(1, 2, 1, 300, 64, torch.float16)
+    launches, _, _ = attn._forward_launches(q, k, v, True, 1.0, None, *attn._target(torch.device(DEVICE)))
+    assert [launch.kernel for launch in launches] == [attn._attn_fwd, attn._attn_combine]
+    assert launches[0].grid[2] > 1  # the splits
     check(1, 2, 1, 300, 64, torch.float16, causal=True, grads=False)
     check(1, 2, 16, 300, 64, torch.float32, causal=False)
     kv_start = torch.tensor([40], device=DEVICE)  # the first splits of the padding query see no key
     check(1, 2, 1, 300, 64, torch.float32, causal=True, kv_start=kv_start)
+
+
+@pytest.mark.parametrize("b,h,sq,sk", [(4096, 32, 1, 4096), (2048, 64, 1000, 1000), (1, 65536, 16, 16)])
+def test_launch_grids_fit_cuda_limits_past_65535_heads(b, h, sq, sk):
+    """B·H = 131,072 or 65,536 (a decode batch of 4,096 requests × 32 heads, training, one huge head
+    count): every kernel's grid stays within CUDA's limits, and covers every (batch, head)."""
+    for arch, dtype, causal, kv_start, deterministic in itertools.product(
+            attn.ARCHS, (torch.float16, torch.float32), (True, False), (None, torch.zeros(b, dtype=torch.long,
+                                                                                         device="meta")), (True, False)):
+        q, k, v, do = meta_inputs(b, h, sq, sk, 128, dtype)
+        launches, o, lse = attn._forward_launches(q, k, v, causal, 1.0, kv_start, arch, 132)
+        launches += attn._backward_launches(do, q, k, v, o, lse, causal, 1.0, kv_start, deterministic, arch)[0]
+        for launch in launches:
+            assert len(launch.grid) <= 3 and all(1 <= n <= limit for n, limit in zip(launch.grid, MAX_GRID)), launch.grid
+            assert launch.grid[0] % (b * h) == 0  # B·H (the combine: one program per row)
+
+
+@pytest.mark.parametrize("b,h,sq", [(2**16, 2**16, 1024), (1, 1, 65536 * 128 + 1)], ids=["heads", "tiles"])
+def test_launch_grid_past_cuda_limit_is_a_value_error(b, h, sq):
+    """B·H = 2^32 (axis x), or 65,536 query tiles of 128 rows (axis y): a ValueError names the limit."""
+    q, k, v, _ = meta_inputs(b, h, sq, sq, 64, torch.float16)
+    with pytest.raises(ValueError, match="CUDA's limit"):
+        attn._forward_launches(q, k, v, True, 1.0, None, 90, 132)
+
+
+@on_cuda
+@pytest.mark.cuda
+def test_launches_past_65535_heads_on_gpu():
+    """B·H = 65,536, once past grid axis y's limit: decode (split-free) and training shapes, both backward variants."""
+    check(4096, 16, 1, 40, 64, torch.float16, causal=True)
+    check(2048, 32, 40, 40, 32, torch.float16, causal=False, deterministic=False)
 
 
 def test_noncontiguous_inputs():
@@ -179,12 +220,56 @@ def test_ragged_key_tile_with_very_negative_logits(sq, sk, causal, deterministic
     check_inputs(q, k, v, do, causal, deterministic=deterministic)
 
 
+@on_cuda
+@pytest.mark.cuda
 def test_backward_is_deterministic():
-    q, k, v, do = make_inputs(2, 3, 129, 300, 64, torch.float16)
+    """Bitwise-equal gradients over 3 runs with thousands of programs in flight (B·H·tiles ≫ 132
+    SMs): only then could a varying summation order show. (The interpreter runs programs one by
+    one, so this test could not fail there.)"""
+    q, k, v, do = make_inputs(4, 16, 1024, 1024, 64, torch.bfloat16)
     first = run(flash_attention, q, k, v, do, causal=True)
-    second = run(flash_attention, q, k, v, do, causal=True)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    for _ in range(2):
+        for a, b in zip(first, run(flash_attention, q, k, v, do, causal=True)):
+            assert torch.equal(a, b)
+
+
+@on_cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs 40 GB of GPU memory")
+@pytest.mark.parametrize("sq", [1, 24], ids=["decode", "prefill_and_backward"])
+def test_offsets_past_2_31_elements(sq):
+    """K and V are [B, S, H, D] views of 2^31 + 2^22 elements each, so key rows past 2^31 / (H·D)
+    lie past 32-bit offsets; those last 1,024 keys get large logits, so a wrong address changes
+    every output. Checked on the first and last heads against float64 (fp16 rule of this module)."""
+    h, d = 32, 128
+    sk = 2**31 // (h * d) + 1024
+    q = (1 + 0.1 * torch.randn(1, h, sq, d, device=DEVICE)).half()
+    k_bshd, v_bshd = (torch.randn(1, sk, h, d, device=DEVICE, dtype=torch.float16).mul_(0.1) for _ in range(2))
+    k_bshd[:, -1024:] += 0.5
+    do = torch.randn(1, h, sq, d, device=DEVICE, dtype=torch.float16)
+    grads = sq > DECODE_MAX_SQ  # the decode shape checks the forward
+    for deterministic in (True, False) if grads else (True,):
+        leaves = [t.detach().requires_grad_(grads) for t in (q, k_bshd, v_bshd)]  # views, no copies
+        o = flash_attention(leaves[0], leaves[1].transpose(1, 2), leaves[2].transpose(1, 2), causal=True,
+                            deterministic=deterministic)
+        got = [o.detach()]
+        if grads:
+            o.backward(do)
+            got += [leaves[0].grad, leaves[1].grad.transpose(1, 2), leaves[2].grad.transpose(1, 2)]
+        del o, leaves
+        for head in (0, h - 1):
+            one = [t[:, head:head + 1] for t in (q, k_bshd.transpose(1, 2), v_bshd.transpose(1, 2), do)]
+            if grads:
+                truth = run(reference.attention, *(t.double() for t in one), causal=True)
+                low = run(torch_fp16, *one, causal=True)
+            else:
+                truth = [reference.attention(*(t.double() for t in one[:3]), causal=True)]
+                low = [torch_fp16(*one[:3], causal=True)]
+            for x, ref, lo in zip(got, truth, low):
+                x = x[:, head:head + 1]
+                assert torch.isfinite(x).all()
+                assert max_err(x, ref) <= 2 * max_err(lo, ref) + 1e-5
 
 
 @pytest.mark.parametrize("shapes,match", [
@@ -207,16 +292,27 @@ def test_rejects_bad_dtype_and_kv_start():
         flash_attention(q, q, q, kv_start=torch.zeros(2, dtype=torch.long, device=DEVICE))
 
 
-def test_aot_configs_match_launcher_table():
-    """What compile.py builds is what the launcher can pick: every table entry is listed."""
-    listed = [(c["kernel"].removesuffix("_atomic"), c["archs"], c["constexprs"]["HEAD_DIM"],
-               c["constexprs"].get("BLOCK_M"), c["constexprs"].get("BLOCK_N"), c["num_warps"], c["num_stages"],
-               c["signature"]["Q"][1:] != "fp32")
-              for c in attn.aot_configs() if "BLOCK_N" in c["constexprs"]]
-    table = {(f"attn_{kind}", (arch,), d, c.block_m, c.block_n, c.num_warps, c.num_stages, half)
-             for (arch, kind, half), per_d in attn._CONFIGS.items() for d, c in per_d.items()}
-    assert set(listed) == table
-    assert sum(key[0] == "attn_dkdv" for key in listed) == 2 * sum(key[0] == "attn_dkdv" for key in table)
+def test_aot_builds_are_every_launch_choice():
+    """kernels/compile.py builds the launchers' own launches, and all of them: every _CONFIGS entry
+    for each dtype of its class, causal or not, with and without kv_start (dK/dV in both backward
+    variants; decode writing in place and into fp32 partials), and no launch config outside the table."""
+    built = set()
+    for e in attn.aot_configs():
+        launch, c = e["launch"], e["launch"].constexprs
+        if "BLOCK_N" in c:
+            built.add((e["arch"], e["kernel"], e["config"].split()[1], c["HEAD_DIM"], c["CAUSAL"], c["HAS_KV_START"],
+                       "fp32-partials" in e["config"],
+                       attn.Config(c["BLOCK_M"], c["BLOCK_N"], launch.num_warps, launch.num_stages)))
+    expected = set()
+    for (arch, kind, half), per_d in attn._CONFIGS.items():
+        names = {"dkdv": ("attn_dkdv", "attn_dkdv_atomic")}.get(kind, (f"attn_{kind}",))
+        for dtype, d, causal, padded, name in itertools.product(
+                ("bf16", "fp16") if half else ("fp32",), per_d, (True, False), (True, False), names):
+            for partials in ((False, True) if kind == "decode" and half else (False,)):
+                expected.add((arch, name, dtype, d, causal, padded, partials, per_d[d]))
+    assert built == expected
+    small = {(e["arch"], e["kernel"], e["config"]) for e in attn.aot_configs() if "BLOCK_N" not in e["launch"].constexprs}
+    assert len(small) == 2 * len(attn.ARCHS) * 3 * len(attn.HEAD_DIMS)  # preprocess and combine per arch, dtype, D
 
 
 @on_cuda

@@ -62,8 +62,8 @@ hf,greedy,8,512,64,8,9,1000,,,1.0,20
 """
 CUDA_TESTS = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="4" failures="1" errors="0" skipped="1">
-<testcase classname="tests.test_gpu_determinism" name="test_attention_gradients_bitwise_equal_over_3_runs" time="1"/>
-<testcase classname="tests.test_gpu_determinism" name="test_layernorm_gradients_bitwise_equal_over_3_runs" time="1">
+<testcase classname="tests.test_attention" name="test_backward_is_deterministic" time="1"/>
+<testcase classname="tests.test_layernorm" name="test_gradients_are_bitwise_deterministic[chunked]" time="1">
 <failure message="AssertionError: gradient of input 2: run 2 differs from run 1">trace</failure></testcase>
 <testcase classname="tests.test_attention" name="test_bf16_on_gpu[True]" time="1"/>
 <testcase classname="tests.test_sampling" name="test_pinned" time="0"><skipped message="needs a CUDA GPU"/></testcase>
@@ -125,9 +125,9 @@ def test_test_targets_read_the_junit_report(tmp_path):
     table = verdicts(full_results(tmp_path))
     assert find(table, "attention gradients bitwise") == ("1 of 1 passed", "pass")
     assert find(table, "LayerNorm gradients bitwise") == (
-        "0 of 1 passed; failed: test_layernorm_gradients_bitwise_equal_over_3_runs", "fail")
+        "0 of 1 passed; failed: test_gradients_are_bitwise_deterministic[chunked]", "fail")
     assert find(table, "all cuda tests pass") == (
-        "2 of 3 passed; failed: test_layernorm_gradients_bitwise_equal_over_3_runs", "fail")
+        "2 of 3 passed; failed: test_gradients_are_bitwise_deterministic[chunked]", "fail")
 
 
 def test_unmeasured_targets_say_why(tmp_path):

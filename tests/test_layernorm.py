@@ -5,14 +5,18 @@ before triton is imported). fp32 must agree with float64 to a relative 1e-5; fp1
 most twice what PyTorch's own fp16 computation is off (+1e-5). Outputs are allocated on
 NaN-poisoned memory, so an element the kernels forget to write fails the test.
 """
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import kernels
 from benchmarks import layernorm as ln_bench
 from engine import reference
 from kernels import layernorm as ln
+from kernels.launch import MAX_GRID
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
@@ -116,12 +120,68 @@ def test_long_rows_streamed_in_chunks(n, rows):
     check(run(kernels.add_layer_norm, inp, torch.float32, True), want)
 
 
-def test_gradients_are_bitwise_deterministic():
-    inp = make_inputs((257,), 100, seed=1)  # several programs, each summing several row blocks
-    first = run(kernels.add_layer_norm, inp, torch.float32, True)
-    second = run(kernels.add_layer_norm, inp, torch.float32, True)
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n", [1000, 20000], ids=["one_pass", "chunked"])
+def test_gradients_are_bitwise_deterministic(n):
+    """Bitwise-equal gradients over 3 runs with many programs per SM, each walking many row blocks
+    (the interpreter runs programs one by one, so this could not fail there)."""
+    inp = make_inputs((2, 4096), n, seed=1)
+    first = run(kernels.add_layer_norm, inp, torch.bfloat16, True)
+    for _ in range(2):
+        again = run(kernels.add_layer_norm, inp, torch.bfloat16, True)
+        for name in first:
+            assert torch.equal(first[name], again[name]), name
+
+
+@pytest.mark.parametrize("m", [2**16, 2**31 - 1, 2**36])
+def test_launch_grids_fit_cuda_limits(m):
+    """Rows sit on grid axis x (up to 2^31 - 1 programs); past it the launcher names the limit."""
+    for n in (64, 768, 8192, ln.MAX_N):
+        x, residual, dy, ds = (torch.empty(m, n, device="meta") for _ in range(4))
+        weight, bias = torch.empty(n, device="meta"), torch.empty(n, device="meta")
+        try:
+            launches, _, s2, mean, rstd = ln._forward_launches(x, residual, weight, bias, EPS)
+        except ValueError as err:
+            assert "CUDA's limit" in str(err) and triton.cdiv(m, ln._pick(ln._FWD_CONFIGS, n)[1]) > MAX_GRID[0]
+            continue
+        launches += ln._backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms=132)[0]
+        for launch in launches:
+            assert len(launch.grid) == 1 and 1 <= launch.grid[0] <= MAX_GRID[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs a CUDA GPU with 40 GB")
+def test_rows_past_2_31_elements():
+    """x of 2^31 + 2^22 elements: row offsets past 2^31 must be 64-bit. The first and last rows of
+    y and dx against float64; dweight and dbias (sums over every row) against float64 too."""
+    m, n = 2**31 // 4096 + 1024, 4096
+    x = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+    w = torch.randn(n, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+    b = torch.randn(n, device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+    dy = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
+    y = kernels.layer_norm(x, w, b, EPS)
+    y.backward(dy)
+    for rows in (slice(0, 64), slice(m - 64, m)):
+        xr = x.detach()[rows].double().requires_grad_()
+        wr, br = (t.detach().double().requires_grad_() for t in (w, b))
+        yr = reference.layer_norm(xr, wr, br, EPS)
+        yr.backward(dy[rows].double())
+        lo_x = x.detach()[rows].clone().requires_grad_()
+        lo = torch_layer_norm(lo_x, w.detach(), b.detach(), EPS)
+        lo.backward(dy[rows])
+        assert max_err(y.detach()[rows].double(), yr) <= 2 * max_err(lo.detach().double(), yr) + 1e-5
+        assert max_err(x.grad[rows].double(), xr.grad) <= 2 * max_err(lo_x.grad.double(), xr.grad) + 1e-5
+    # dweight = sum over rows of dy * xhat, dbias = sum of dy: float64 in chunks of rows
+    dw_ref = torch.zeros(n, dtype=torch.float64, device=DEVICE)
+    for start in range(0, m, 2**16):
+        xs = x.detach()[start:start + 2**16].double()
+        xhat = (xs - xs.mean(1, keepdim=True)) * torch.rsqrt(xs.var(1, unbiased=False, keepdim=True) + EPS)
+        dw_ref += (dy[start:start + 2**16].double() * xhat).sum(0)
+    db_ref = sum(dy[start:start + 2**16].double().sum(0) for start in range(0, m, 2**16))
+    assert max_err(w.grad.double(), dw_ref) <= 1e-2 * dw_ref.abs().max().item()
+    assert max_err(b.grad.double(), db_ref) <= 1e-2 * db_ref.abs().max().item()
 
 
 def test_non_contiguous_input_gives_the_same_result():
@@ -221,19 +281,23 @@ def test_bad_inputs_raise_value_error(call, match):
         call()
 
 
-def test_aot_configs_are_the_launch_tables():
-    configs = ln.aot_configs()
-    keys = {"kernel", "fn", "signature", "constexprs", "num_warps", "num_stages", "archs", "wgmma", "config"}
-    assert all(set(c) == keys for c in configs)
-    for c in configs:  # every parameter typed, in order
-        assert list(c["signature"]) == c["fn"].arg_names
-    shipped = {(c["kernel"], c["constexprs"].get("BLOCK_N"), c["constexprs"].get("ROWS"), c["num_warps"], c["constexprs"].get("CHUNKED")) for c in configs}
-    for kernel, table in (("ln_fwd", ln._FWD_CONFIGS), ("ln_bwd_dx", ln._BWD_CONFIGS)):
-        picked = {ln._pick(table, n) for n in range(1, ln.MAX_N + 1, 37)} | {ln._pick(table, 2 ** k) for k in range(17)}
-        assert {(kernel, *cfg) for cfg in picked} == {s for s in shipped if s[0] == kernel}
-    picked = {ln._pick_reduce(n) for n in range(1, ln.MAX_N + 1, 37)} | {ln._pick_reduce(ln.MAX_N)}
-    shipped = {(c["constexprs"]["BLOCK_P"], c["constexprs"]["BLOCK_C"], c["num_warps"]) for c in configs if c["kernel"] == "ln_bwd_reduce"}
-    assert picked == shipped
+def test_aot_builds_are_every_launch_choice():
+    """kernels/compile.py builds the launchers' own launches: every table entry (forward, both backward
+    kernels, the reduction) for each dtype, with N % 16 == 0 and not, per arch."""
+    built = {(c["arch"], c["kernel"], c["config"].split()[0], c["config"].split()[1],
+              c["launch"].constexprs.get("BLOCK_N"), c["launch"].constexprs.get("ROWS"), c["launch"].num_warps)
+             for c in ln.aot_configs() if c["kernel"] != "ln_bwd_reduce"}
+    expected = set()
+    for arch, dtype, divisible in itertools.product((80, 90), ("bf16", "fp16", "fp32"), ("N%16=0", "N%16>0")):
+        for block_n, rows, warps, chunked in ln._FWD_CONFIGS:
+            expected.add((arch, "ln_fwd", dtype, divisible, block_n, rows, warps))
+        for block_n, rows, warps, chunked in ln._BWD_CONFIGS:
+            expected.add((arch, "ln_bwd_dx_chunked" if chunked else "ln_bwd_dx", dtype, divisible, block_n, rows, warps))
+    assert built == expected
+    reduce = {(c["arch"], c["config"].split()[0], c["config"].split()[1], c["launch"].constexprs["BLOCK_P"],
+               c["launch"].constexprs["BLOCK_C"], c["launch"].num_warps) for c in ln.aot_configs() if c["kernel"] == "ln_bwd_reduce"}
+    assert reduce == {(arch, dtype, divisible, *cfg[1:]) for arch, dtype, divisible, cfg in itertools.product(
+        (80, 90), ("bf16", "fp16", "fp32"), ("N%16=0", "N%16>0"), ln._REDUCE_CONFIGS)}
 
 
 def test_benchmark_smoke(tmp_path):
