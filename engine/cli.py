@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import fields, replace
 
+from engine.distributed import torchrun_env
 from engine.errors import InputError
 
 TRAIN_HELP = {
@@ -35,21 +36,17 @@ TRAIN_HELP = {
 TORCHRUN_GRACE_S = 30  # how long a non-zero rank waits for rank 0 to report the same bad input
 
 
-def rank() -> int:
-    """This process's rank under torchrun (it sets RANK), 0 otherwise."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def report_bad_input(line: str):
     """Print the one-line error before the caller exits 2. Under torchrun every process meets
     the same bad input and only rank 0 prints it. The others stay until torchrun stops them
     (which it does once rank 0 has exited) and then exit 2: had one exited first, torchrun would
     stop rank 0, perhaps before it had printed. A rank not stopped within TORCHRUN_GRACE_S met
     the error alone, and prints it itself."""
-    if rank() != 0:
+    rank, _, _ = torchrun_env()
+    if rank != 0:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
         time.sleep(TORCHRUN_GRACE_S)
-        line = f"rank {rank()}: {line}"
+        line = f"rank {rank}: {line}"
     print(line, file=sys.stderr, flush=True)
 
 
@@ -57,7 +54,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse; under torchrun a bad command line is one line from rank 0 (report_bad_input)."""
 
     def error(self, message):
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if torchrun_env()[1] == 1:
             super().error(message)  # usage, then the error; exits 2
         report_bad_input(f"{self.prog}: error: {message}")
         self.exit(2)

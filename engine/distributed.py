@@ -79,15 +79,20 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) in a process it did not start."""
+    return tuple(int(os.environ.get(name, default)) for name, default in
+                 (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
+
+
 @contextlib.contextmanager
 def process_group(device: torch.device, fsdp: bool = False):
     """-> (Dist, device). Under torchrun with more than one process: joins the job (NCCL on
     CUDA, gloo on the CPU) and puts this process on cuda:LOCAL_RANK; leaves it on success."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size, local_rank = torchrun_env()
     if world_size == 1:
         yield Dist(fsdp=fsdp), device
         return
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
