@@ -108,7 +108,10 @@ def _ln_fwd_kernel(
         mask = row_ok[:, None] & (cols < N)[None, :]
         s = _load_s(X, R, S, rows, cols, mask, stride_xm, stride_rm, stride_sm, HAS_RESIDUAL)
         if RMS:
-            d = s  # padding lanes hold 0
+            # d = s (padding lanes load 0). Spelt `d = s`, ptxas's register heuristics spill 8 B
+            # in a few sm_80 builds of 8-16 short rows (Triton 3.9 and 3.6 each in others):
+            # see python -m kernels.compile --module kernels.rmsnorm.
+            d = tl.where(row_ok[:, None], s, 0.0)
         else:
             mean = tl.sum(s, axis=1) / N
             d = tl.where(mask, s - mean[:, None], 0.0)
@@ -186,10 +189,12 @@ def _ln_bwd_dx_kernel(
         else:
             c2 = tl.sum(wdy, axis=1)[:, None] / N
         _store_dx(DX, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dxm, HAS_DS)
+    # One 32-bit offset per element: as `ptr + pid * N + cols`, LLVM keeps the columns' 64-bit
+    # offsets live across the row loop, which Triton 3.6's ptxas spills (RMS, sm_90, fp32).
     if HAS_WEIGHT:
-        tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+        tl.store(DW_partial + (pid * N + cols), tl.sum(dw, axis=0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB_partial + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
+        tl.store(DB_partial + (pid * N + cols), tl.sum(db, axis=0), mask=col_ok)
 
 
 @triton.jit(do_not_specialize=["M"])
