@@ -95,6 +95,8 @@ def compare(inp, dtype, add):
 @pytest.mark.parametrize("rows", [1, 3, 129])
 @pytest.mark.parametrize("n", [1, 7, 129, 1000, CHUNKED_N])
 def test_matches_float64_reference(n, rows, dtype, add):
+    if n == CHUNKED_N and rows == 129 and (dtype, add) != (torch.float32, True):
+        pytest.skip("time (the interpreter): the chunked path walks 129 rows once, in fp32 with the residual")
     compare(make_inputs(LEADS[rows], n, seed=n * 1000 + rows), dtype, add)
 
 
