@@ -108,9 +108,9 @@ def _ln_fwd_kernel(
         mask = row_ok[:, None] & (cols < N)[None, :]
         s = _load_s(X, R, S, rows, cols, mask, stride_xm, stride_rm, stride_sm, HAS_RESIDUAL)
         if RMS:
-            # d = s (padding lanes load 0). Spelt `d = s`, ptxas's register heuristics spill 8 B
-            # in a few sm_80 builds of 8-16 short rows (Triton 3.9 and 3.6 each in others):
-            # see python -m kernels.compile --module kernels.rmsnorm.
+            # d = s (padding lanes load 0), spelt so that ptxas's occupancy heuristics spill
+            # nothing: `d = s` spills 8 B on sm_80 (fp32, 16 rows of 128) under Triton 3.9, and
+            # where(mask, s, 0.0) three other sm_80 builds under 3.6 (python -m kernels.compile).
             d = tl.where(row_ok[:, None], s, 0.0)
         else:
             mean = tl.sum(s, axis=1) / N
