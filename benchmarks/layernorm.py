@@ -1,12 +1,15 @@
-"""LayerNorm bandwidth: kernels.layer_norm against F.layer_norm, torch.compile (dynamic shapes) of
-the reference and Liger Kernel's LayerNorm (when installed), next to a plain device-to-device copy.
+"""LayerNorm / RMSNorm bandwidth: kernels.layer_norm against F.layer_norm, torch.compile (dynamic
+shapes) of the reference and Liger Kernel's LayerNorm (when installed), next to a plain
+device-to-device copy; --op rmsnorm: kernels.rms_norm against F.rms_norm, torch.compile of the
+reference and Liger's RMSNorm, the same way.
 
-    python benchmarks/layernorm.py [--toy] [--out DIR]
+    python benchmarks/layernorm.py [--op layernorm|rmsnorm] [--toy] [--out DIR]
 
 GB/s counts the tensors that must cross memory (weights are negligible): forward reads x and
 writes y; backward reads x and dy and writes dx; "both" is the sum of the two. bf16, M = 32768
 rows, N from 768 to 16384 on a GPU; --toy is a tiny fp32 run on the CPU (Triton interpreter).
-Writes layernorm.csv and layernorm.png under benchmarks/results/<hardware>-<date>/ (or --out).
+Writes <op>.csv and <op>.png (layernorm.csv, rmsnorm.csv) under
+benchmarks/results/<hardware>-<date>/ (or --out).
 """
 import argparse
 import os
@@ -23,41 +26,57 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import plot_lines, results_dir, time_ms, write_csv  # noqa: E402
 from engine import reference  # noqa: E402
-from kernels import layer_norm  # noqa: E402
+from kernels import layer_norm, rms_norm  # noqa: E402
 
 COLUMNS = ("mode", "N", "M", "dtype", "provider", "ms", "GB/s", "copy GB/s", "fraction of copy")
 MODES = {"forward": 2, "backward": 3, "both": 5}  # tensors of M x N moved
+OPS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
 
 
-def providers(on_gpu: bool) -> dict:
-    """name -> fn(x, weight, bias, eps)."""
-    found = {"triton": layer_norm, "torch": lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps)}
+def _liger(op: str):
+    """Liger Kernel's op as fn(x, *params, eps); ImportError when it is not installed."""
+    if op == "rmsnorm":
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        # offset 0, Llama casting (rstd in fp32), not in place: the backward timing reuses dy
+        return lambda x, w, eps: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
+    from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+
+    return LigerLayerNormFunction.apply
+
+
+def providers(on_gpu: bool, op: str = "layernorm") -> dict:
+    """name -> fn(x, *params, eps), params: (weight, bias) for layernorm, (weight,) for rmsnorm."""
+    if op == "rmsnorm":
+        found = {"triton": rms_norm, "torch": lambda x, w, eps: F.rms_norm(x, x.shape[-1:], w, eps)}
+    else:
+        found = {"triton": layer_norm, "torch": lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps)}
     if on_gpu:  # inductor on the CPU would spend the toy run compiling
         # dynamic: one compile serves every N (the suite gives this script well under a minute)
-        found["torch.compile"] = torch.compile(reference.layer_norm, dynamic=True)
+        found["torch.compile"] = torch.compile(reference.rms_norm if op == "rmsnorm" else reference.layer_norm,
+                                               dynamic=True)
         try:
-            from liger_kernel.ops.layer_norm import LigerLayerNormFunction
-
-            found["liger"] = LigerLayerNormFunction.apply
+            found["liger"] = _liger(op)
         except ImportError:
             print("liger-kernel not installed: skipping it")
     return found
 
 
-def timed(fn, x, w, b, dy, mode: str, **reps) -> float:
+def timed(fn, x, params, dy, mode: str, **reps) -> float:
     """Milliseconds for one forward, one backward (graph kept), or one forward + backward."""
     eps = 1e-5
     if mode == "forward":
         with torch.no_grad():
-            return time_ms(lambda: fn(x, w, b, eps), **reps)
+            return time_ms(lambda: fn(x, *params, eps), **reps)
     if mode == "backward":
-        y = fn(x, w, b, eps)
-        return time_ms(lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True), **reps)
-    return time_ms(lambda: torch.autograd.grad(fn(x, w, b, eps), (x, w, b), dy), **reps)
+        y = fn(x, *params, eps)
+        return time_ms(lambda: torch.autograd.grad(y, (x, *params), dy, retain_graph=True), **reps)
+    return time_ms(lambda: torch.autograd.grad(fn(x, *params, eps), (x, *params), dy), **reps)
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", choices=sorted(OPS), default="layernorm", help="the norm to time (default layernorm)")
     parser.add_argument("--toy", action="store_true", help="tiny sizes, for a CPU smoke run")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware>-<date>)")
     args = parser.parse_args(argv)
@@ -66,29 +85,29 @@ def main(argv=None) -> list[dict]:
     dtype, m, sizes = (torch.bfloat16, 32768, (768, 1024, 2048, 4096, 8192, 16384)) if on_gpu else (torch.float32, 16, (16, 64))
     reps = {"warmup": 2, "reps": 10} if on_gpu else {"warmup": 1, "reps": 2}  # 72 timings in the sweep
 
-    fns = providers(on_gpu)
+    fns = providers(on_gpu, args.op)
     rows = []
     for n in sizes:
         x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
-        w = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
-        b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+        params = tuple(torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(2 if args.op == "layernorm" else 1))  # weight (and bias)
         dy = torch.randn_like(x)
         nbytes = m * n * x.element_size()
         copy_ms = time_ms(lambda: torch.empty_like(x).copy_(x.detach()), **reps)
         copy_gbps = 2 * nbytes / copy_ms / 1e6
         for name, fn in fns.items():
             for mode, tensors in MODES.items():
-                ms = timed(fn, x, w, b, dy, mode, **reps)
+                ms = timed(fn, x, params, dy, mode, **reps)
                 gbps = tensors * nbytes / ms / 1e6
                 rows.append(dict(zip(COLUMNS, (mode, n, m, str(dtype).removeprefix("torch."), name, round(ms, 4),
                                                _sig(gbps), _sig(copy_gbps), _sig(gbps / copy_gbps)))))
                 print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     out = results_dir(args.out)
-    write_csv(rows, out / "layernorm.csv")
-    plot_lines(rows, x="N", y="GB/s", series="provider", facet="mode", path=out / "layernorm.png",
-               title=f"LayerNorm {rows[0]['dtype']}, M={m}: GB/s")
+    write_csv(rows, out / f"{args.op}.csv")
+    plot_lines(rows, x="N", y="GB/s", series="provider", facet="mode", path=out / f"{args.op}.png",
+               title=f"{OPS[args.op]} {rows[0]['dtype']}, M={m}: GB/s")
     _summary(rows)
-    print(f"wrote {out / 'layernorm.csv'} and {out / 'layernorm.png'}")
+    print(f"wrote {out / f'{args.op}.csv'} and {out / f'{args.op}.png'}")
     return rows
 
 

@@ -91,8 +91,8 @@ class TorchBackend(ReferenceBackend):
 
 
 class TritonBackend(TorchBackend):
-    """Our kernels: flash attention and fused (residual-add +) LayerNorm from `kernels`.
-    RMSNorm, RoPE and SwiGLU have no kernels yet (issue 16's kernel step): until they land,
+    """Our kernels: flash attention and fused (residual-add +) LayerNorm and RMSNorm from
+    `kernels`. RoPE and SwiGLU have no kernels yet (issue 16's kernel step): until they land,
     those ops are the torch backend's."""
 
     name = "triton"
@@ -121,6 +121,12 @@ class TritonBackend(TorchBackend):
 
     def add_layer_norm(self, x, residual, weight, bias, eps):
         return self.kernels.add_layer_norm(x, residual, weight, bias, eps)
+
+    def rms_norm(self, x, weight, eps):
+        return self.kernels.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return self.kernels.add_rms_norm(x, residual, weight, eps)
 
 
 BACKENDS = {"reference": ReferenceBackend, "torch": TorchBackend, "triton": TritonBackend}

@@ -12,6 +12,9 @@ Backward: dx in one pass over each row. dweight and dbias in two stages: each pr
 its rows and sums dy * xhat and dy into its own fp32 partial row, then a small kernel adds
 the partial rows in a fixed order. No atomics, so the gradients are bitwise reproducible.
 
+RMSNorm (kernels/rmsnorm.py) runs these kernels with the constexpr RMS: the mean is 0 (not
+computed, stored or read), there is no bias, and the backward's mean(w*dy) term drops out.
+
 The launches (kernel, grid, arguments, constexprs, warps, stages) are computed by
 _forward_launches / _backward_launches, which read no data: `aot_configs()` runs them on meta
 tensors, so kernels/compile.py builds exactly the kernels that run. Grids are 1-D (axis x, up to
@@ -60,29 +63,34 @@ def _ln_fwd_kernel(
     stride_xm, stride_rm, stride_sm, stride_ym,
     M, N, eps,
     HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKED: tl.constexpr, RMS: tl.constexpr,
 ):
-    """ROWS rows per program. Not CHUNKED: the row is one tile held in registers."""
+    """ROWS rows per program. Not CHUNKED: the row is one tile held in registers. RMS: RMSNorm,
+    the mean taken as 0 (rstd = 1 / sqrt(mean(s^2) + eps)) and not stored."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < M
     rows = rows.to(tl.int64)  # row * stride can pass 2**31 on large batches
     cols = tl.arange(0, BLOCK_N)
     if CHUNKED:
         # Pass 1: exact mean and sum of squared deviations per chunk, merged into the
-        # running ones (Chan et al.): no cancellation, unlike sum(x^2) - sum(x)^2.
+        # running ones (Chan et al.): no cancellation, unlike sum(x^2) - sum(x)^2. RMS: the
+        # mean stays 0 and m2 is the plain sum of squares, which has nothing to cancel.
         mean = tl.zeros([ROWS], dtype=tl.float32)
         m2 = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_ok[:, None] & (c < N)[None, :]
             s = _load_s(X, R, S, rows, c, mask, stride_xm, stride_rm, stride_sm, HAS_RESIDUAL)
-            n_a = start * 1.0  # float(start), also when the interpreter hands a Python int
-            n_b = tl.minimum(N - start, BLOCK_N) * 1.0
-            mean_b = tl.sum(s, axis=1) / n_b
-            d = tl.where(mask, s - mean_b[:, None], 0.0)
-            delta = mean_b - mean
-            mean += delta * (n_b / (n_a + n_b))
-            m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+            if RMS:  # padding lanes hold 0
+                m2 += tl.sum(s * s, axis=1)
+            else:
+                n_a = start * 1.0  # float(start), also when the interpreter hands a Python int
+                n_b = tl.minimum(N - start, BLOCK_N) * 1.0
+                mean_b = tl.sum(s, axis=1) / n_b
+                d = tl.where(mask, s - mean_b[:, None], 0.0)
+                delta = mean_b - mean
+                mean += delta * (n_b / (n_a + n_b))
+                m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
         rstd = tl.rsqrt(m2 / N + eps)
         # Pass 2: normalise; s comes back from L2 (from S when we just wrote it: the barrier
         # makes every thread's stores visible to the threads that read them back).
@@ -94,16 +102,23 @@ def _ln_fwd_kernel(
                 s = tl.load(S + rows[:, None] * stride_sm + c[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
                 s = tl.load(X + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            xhat = (s - mean[:, None]) * rstd[:, None]
+            xhat = (s - mean[:, None]) * rstd[:, None]  # RMS: mean is a constant 0 (s - 0 is exact: compiled away)
             _store_y(Y, W, B, rows, c, mask, xhat, N, stride_ym, HAS_WEIGHT, HAS_BIAS)
     else:
         mask = row_ok[:, None] & (cols < N)[None, :]
         s = _load_s(X, R, S, rows, cols, mask, stride_xm, stride_rm, stride_sm, HAS_RESIDUAL)
-        mean = tl.sum(s, axis=1) / N
-        d = tl.where(mask, s - mean[:, None], 0.0)
+        if RMS:
+            # d = s (padding lanes load 0), spelt so that ptxas's occupancy heuristics spill
+            # nothing: `d = s` spills 8 B on sm_80 (fp32, 16 rows of 128) under Triton 3.9, and
+            # where(mask, s, 0.0) three other sm_80 builds under 3.6 (python -m kernels.compile).
+            d = tl.where(row_ok[:, None], s, 0.0)
+        else:
+            mean = tl.sum(s, axis=1) / N
+            d = tl.where(mask, s - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(d * d, axis=1) / N + eps)
         _store_y(Y, W, B, rows, cols, mask, d * rstd[:, None], N, stride_ym, HAS_WEIGHT, HAS_BIAS)
-    tl.store(Mean + rows, mean, mask=row_ok)
+    if not RMS:
+        tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
@@ -114,11 +129,15 @@ def _load_rows(PTR, rows, c, stride, mask):
 
 
 @triton.jit
-def _row_block(Mean, Rstd, first, M, ROWS: tl.constexpr):
-    """Rows [first, first + ROWS) as int64, which of them exist, and their saved mean and rstd."""
+def _row_block(Mean, Rstd, first, M, ROWS: tl.constexpr, RMS: tl.constexpr):
+    """Rows [first, first + ROWS) as int64, which of them exist, and their saved mean (RMS: the
+    constant 0, nothing read) and rstd, as [ROWS, 1]."""
     rows = first + tl.arange(0, ROWS)
     row_ok = rows < M
-    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)[:, None]
+    if RMS:
+        mean = 0.0
+    else:
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)[:, None]
     rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)[:, None]
     return rows.to(tl.int64), row_ok, mean, rstd
 
@@ -126,7 +145,7 @@ def _row_block(Mean, Rstd, first, M, ROWS: tl.constexpr):
 @triton.jit
 def _store_dx(DX, DS, rows, c, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dxm, HAS_DS: tl.constexpr):
     """dx = rstd * (w*dy - (xhat * c1 + c2)), plus ds: the gradient that reaches s directly in
-    add_layer_norm."""
+    add_layer_norm. RMS passes c2 = 0."""
     dx = (wdy - (xhat * c1 + c2)) * rstd
     if HAS_DS:
         dx += _load_rows(DS, rows, c, stride_dsm, mask)
@@ -139,11 +158,12 @@ def _ln_bwd_dx_kernel(
     stride_xm, stride_dym, stride_dsm, stride_dxm,
     M, N,
     HAS_DS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, RMS: tl.constexpr,
 ):
     """dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)) (+ ds), the row one tile in
-    registers. Program p takes row blocks p, p + P, p + 2P, ... and sums dy * xhat and dy over
-    them into row p of DW_partial and DB_partial."""
+    registers; RMS (xhat = s * rstd, no mean to differentiate through) drops the mean(w*dy) term.
+    Program p takes row blocks p, p + P, p + 2P, ... and sums dy * xhat and dy over them into row
+    p of DW_partial and DB_partial."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -152,7 +172,7 @@ def _ln_bwd_dx_kernel(
     dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for first in range(pid * ROWS, M, tl.num_programs(0) * ROWS):
-        rows, row_ok, mean, rstd = _row_block(Mean, Rstd, first, M, ROWS)
+        rows, row_ok, mean, rstd = _row_block(Mean, Rstd, first, M, ROWS, RMS)
         mask = row_ok[:, None] & col_ok[None, :]
         x = _load_rows(X, rows, cols, stride_xm, mask)
         dy = _load_rows(DY, rows, cols, stride_dym, mask)
@@ -164,12 +184,17 @@ def _ln_bwd_dx_kernel(
         if HAS_BIAS:
             db += dy
         c1 = tl.sum(xhat * wdy, axis=1)[:, None] / N
-        c2 = tl.sum(wdy, axis=1)[:, None] / N
+        if RMS:
+            c2 = 0.0
+        else:
+            c2 = tl.sum(wdy, axis=1)[:, None] / N
         _store_dx(DX, DS, rows, cols, mask, xhat, wdy, c1, c2, rstd, stride_dsm, stride_dxm, HAS_DS)
+    # One 32-bit offset per element: as `ptr + pid * N + cols`, LLVM keeps the columns' 64-bit
+    # offsets live across the row loop, which Triton 3.6's ptxas spills (RMS, sm_90, fp32).
     if HAS_WEIGHT:
-        tl.store(DW_partial + pid * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+        tl.store(DW_partial + (pid * N + cols), tl.sum(dw, axis=0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB_partial + pid * N + cols, tl.sum(db, axis=0), mask=col_ok)
+        tl.store(DB_partial + (pid * N + cols), tl.sum(db, axis=0), mask=col_ok)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -178,7 +203,7 @@ def _ln_bwd_dx_chunked_kernel(
     stride_xm, stride_dym, stride_dsm, stride_dxm,
     M, N,
     HAS_DS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, RMS: tl.constexpr,
 ):
     """_ln_bwd_dx_kernel for rows that do not fit in registers: one pass over a row's chunks for
     the two row sums, one for dx, adding into this program's own partial rows (zeroed by the
@@ -187,7 +212,7 @@ def _ln_bwd_dx_chunked_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     for first in range(pid * ROWS, M, tl.num_programs(0) * ROWS):
-        rows, row_ok, mean, rstd = _row_block(Mean, Rstd, first, M, ROWS)
+        rows, row_ok, mean, rstd = _row_block(Mean, Rstd, first, M, ROWS, RMS)
         sum_xw = tl.zeros([ROWS], dtype=tl.float32)
         sum_w = tl.zeros([ROWS], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
@@ -198,9 +223,13 @@ def _ln_bwd_dx_chunked_kernel(
             if HAS_WEIGHT:
                 wdy *= tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)[None, :]
             sum_xw += tl.sum((x - mean) * rstd * wdy, axis=1)
-            sum_w += tl.sum(wdy, axis=1)
+            if not RMS:
+                sum_w += tl.sum(wdy, axis=1)
         c1 = (sum_xw / N)[:, None]
-        c2 = (sum_w / N)[:, None]
+        if RMS:
+            c2 = 0.0
+        else:
+            c2 = (sum_w / N)[:, None]
         tl.debug_barrier()  # the partial rows read below were written by other threads
         for start in range(0, N, BLOCK_N):
             c = start + cols
@@ -293,9 +322,12 @@ def _check(x, residual, weight, bias):
             raise ValueError(f"{name} must have shape ({x.shape[-1]},) on {x.device}, got {tuple(p.shape)} on {p.device}")
 
 
-def _forward_launches(x, residual, weight, bias, eps):
+def _forward_launches(x, residual, weight, bias, eps, rms=False):
     """The forward's launches, and y, s (the [M, N] tensor that is normalised) and the fp32 mean
-    and rstd that they will write. Reads no data: kernels/compile.py runs it on meta tensors."""
+    and rstd that they will write. rms: RMSNorm (no bias; the mean is None, as no kernel makes
+    one). Reads no data: kernels/compile.py runs it on meta tensors."""
+    if rms and bias is not None:
+        raise ValueError("RMSNorm has no bias")
     _check(x, residual, weight, bias)
     n = x.shape[-1]
     x2 = _as_rows(x, n)
@@ -306,8 +338,8 @@ def _forward_launches(x, residual, weight, bias, eps):
         r2 = _as_rows(residual, n)
         s2 = torch.empty((m, n), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
     y = torch.empty((m, n), dtype=s2.dtype, device=x.device)
-    mean = torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    mean = None if rms else torch.empty(m, dtype=torch.float32, device=x.device)
     if not m:
         return [], y, s2, mean, rstd
     block_n, rows, warps, chunked = _pick(_FWD_CONFIGS, n)
@@ -315,16 +347,19 @@ def _forward_launches(x, residual, weight, bias, eps):
     b = bias if bias is not None else x2
     launch = Launch(
         _ln_fwd_kernel, checked_grid(triton.cdiv(m, rows)),
-        (x2, r2, s2, y, w, b, mean, rstd, x2.stride(0), r2.stride(0), s2.stride(0), y.stride(0), m, n, eps),
+        (x2, r2, s2, y, w, b, rstd if rms else mean, rstd, x2.stride(0), r2.stride(0), s2.stride(0), y.stride(0),
+         m, n, eps),
         dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-             ROWS=rows, BLOCK_N=block_n, CHUNKED=chunked),
+             ROWS=rows, BLOCK_N=block_n, CHUNKED=chunked, RMS=rms),
         warps, _NUM_STAGES)
     return [launch], y, s2, mean, rstd
 
 
 def _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms):
     """The backward's launches, and dx (the gradient of s, ds included) as [M, N], dweight and
-    dbias that they will write. Reads no data, like _forward_launches."""
+    dbias that they will write; mean None: RMSNorm's. Reads no data, like _forward_launches."""
+    rms = mean is None
+    mean = rstd if rms else mean  # RMS: any pointer, never read
     m, n = s2.shape
     dy2 = _as_rows(dy, n)
     ds2 = _as_rows(ds, n) if ds is not None else dy2
@@ -341,7 +376,7 @@ def _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms):
         (s2, weight if weight is not None else s2, dy2, ds2, dx, mean, rstd, dw_part, db_part,
          s2.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0), m, n),
         dict(HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-             ROWS=rows, BLOCK_N=block_n),
+             ROWS=rows, BLOCK_N=block_n, RMS=rms),
         warps, _NUM_STAGES)]
     grads = []
     for partial, param in ((dw_part, weight), (db_part, bias)):
@@ -354,8 +389,8 @@ def _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms):
     return launches, dx, *grads
 
 
-def _forward(x, residual, weight, bias, eps):
-    launches, *outputs = _forward_launches(x, residual, weight, bias, eps)
+def _forward(x, residual, weight, bias, eps, rms):
+    launches, *outputs = _forward_launches(x, residual, weight, bias, eps, rms)
     for launch in launches:
         launch()
     return outputs
@@ -381,39 +416,45 @@ _WIDE_OFFSETS = {_ln_fwd_kernel: ("stride_xm", "stride_rm", "stride_sm", "stride
                  _ln_bwd_dx_kernel: ("stride_xm", "stride_dym", "stride_dsm", "stride_dxm"),
                  _ln_bwd_dx_chunked_kernel: ("stride_xm", "stride_dym", "stride_dsm", "stride_dxm"),
                  _ln_bwd_reduce_kernel: ()}
+# Labels; RMS builds (kernels/rmsnorm.py) say "rms_" for "ln_", but the reduction has no RMS flag:
+# LayerNorm and RMSNorm share its builds, under one label.
 _AOT_NAMES = {_ln_fwd_kernel: "ln_fwd", _ln_bwd_dx_kernel: "ln_bwd_dx", _ln_bwd_dx_chunked_kernel: "ln_bwd_dx_chunked",
               _ln_bwd_reduce_kernel: "ln_bwd_reduce"}
 
 
-def aot_configs() -> list[dict]:
+def aot_configs(rms=False) -> list[dict]:
     """Every build the launchers pick, for kernels/compile.py, per arch, dtype and table entry, with
     N % 16 == 0 and not. Each holds the launcher's own Launch, computed on meta tensors (aligned like
     torch's allocations) in the heaviest variant: residual, weight and bias on (without them the
-    kernels only drop code)."""
+    kernels only drop code). rms: RMSNorm's builds instead (no bias)."""
     configs = []
     for arch, dtype, n in itertools.product((80, 90), _AOT_DTYPES, _AOT_SIZES):
         x, residual, dy, ds = (torch.empty(4096, n, dtype=dtype, device="meta") for _ in range(4))
-        weight, bias = (torch.empty(n, dtype=dtype, device="meta") for _ in range(2))
-        launches, _, s2, mean, rstd = _forward_launches(x, residual, weight, bias, 1e-5)
+        weight, bias = torch.empty(n, dtype=dtype, device="meta"), None if rms else torch.empty(n, dtype=dtype, device="meta")
+        launches, _, s2, mean, rstd = _forward_launches(x, residual, weight, bias, 1e-5, rms)
         launches += _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms=132)[0]
         for launch in launches:
-            shape = " ".join(f"{k}={int(v)}" for k, v in launch.constexprs.items() if not k.startswith("HAS_"))
+            shape = " ".join(f"{k}={int(v)}" for k, v in launch.constexprs.items() if not k.startswith("HAS_") and k != "RMS")
+            name = _AOT_NAMES[launch.kernel]
+            if launch.constexprs.get("RMS"):
+                name = name.replace("ln_", "rms_", 1)
             configs.append({
-                "kernel": _AOT_NAMES[launch.kernel], "arch": arch, "launch": launch, "wgmma": False,
+                "kernel": name, "arch": arch, "launch": launch, "wgmma": False,
                 "wide": _WIDE_OFFSETS[launch.kernel],
                 "config": f"{_DTYPES[dtype]} N%16{'=0' if n % 16 == 0 else '>0'} {shape} w{launch.num_warps} s{launch.num_stages}",
             })
     return configs
 
 
-class _LayerNormFunction(torch.autograd.Function):
-    """layer_norm(x) -> y, or with a residual: (layer_norm(x + residual), x + residual)."""
+class _NormFunction(torch.autograd.Function):
+    """layer_norm(x) -> y, or with a residual: (layer_norm(x + residual), x + residual); rms:
+    rms_norm instead (kernels/rmsnorm.py)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
+    def forward(ctx, x, residual, weight, bias, eps, rms):
         weight = weight.contiguous() if weight is not None else None
         bias = bias.contiguous() if bias is not None else None
-        y, s2, mean, rstd = _forward(x, residual, weight, bias, eps)
+        y, s2, mean, rstd = _forward(x, residual, weight, bias, eps, rms)
         ctx.save_for_backward(s2, weight, bias, mean, rstd)
         ctx.input_dtypes = (x.dtype, residual.dtype if residual is not None else None)
         if residual is None:
@@ -429,17 +470,17 @@ class _LayerNormFunction(torch.autograd.Function):
         x_dtype, r_dtype = ctx.input_dtypes
         # s = x + residual: both inputs get the same gradient (in their own dtypes).
         dres = dx.to(r_dtype) if r_dtype is not None else None
-        return dx.to(x_dtype), dres, dweight, dbias, None
+        return dx.to(x_dtype), dres, dweight, dbias, None, None
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last dimension of x (any leading shape); weight and bias optional."""
-    return _LayerNormFunction.apply(x, None, weight, bias, eps)
+    return _NormFunction.apply(x, None, weight, bias, eps, False)
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
     """(layer_norm(x + residual), x + residual) in one pass; differentiable in both outputs."""
-    return _LayerNormFunction.apply(x, residual, weight, bias, eps)
+    return _NormFunction.apply(x, residual, weight, bias, eps, False)
 
 
 class LayerNorm(torch.nn.LayerNorm):

@@ -76,3 +76,14 @@ def test_widened_params_reads_ptx():
 """
     assert aot.widened_params(before) == {8}
     assert aot.widened_params(after) == {8, 9, 16}
+
+
+def test_module_filter_lists_only_that_modules_builds():
+    """--module kernels.rmsnorm: RMSNorm's builds, and the reduction it shares with LayerNorm (one
+    label, so collected once); the default lists every module."""
+    rms = aot.collect_configs(("kernels.rmsnorm",))
+    assert {c["kernel"] for c in rms} == {"rms_fwd", "rms_bwd_dx", "rms_bwd_dx_chunked", "ln_bwd_reduce"}
+    every = {(c["kernel"], c["arch"], c["config"]) for c in aot.collect_configs()}
+    assert {(c["kernel"], c["arch"], c["config"]) for c in rms} <= every
+    with pytest.raises(SystemExit):
+        aot.main(["--module", "kernels.nope"])
