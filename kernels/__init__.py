@@ -1,7 +1,8 @@
 """Triton kernels, importable on their own (nothing here imports `engine`).
 
-    from kernels import flash_attention, layer_norm, add_layer_norm, LayerNorm, apply_rope
+    from kernels import flash_attention, layer_norm, add_layer_norm, LayerNorm, apply_rope, swiglu
 """
 from kernels.attention import flash_attention
 from kernels.layernorm import LayerNorm, add_layer_norm, layer_norm
 from kernels.rope import apply_rope
+from kernels.swiglu import swiglu
