@@ -11,8 +11,10 @@ the model (a row of positions per sequence, or one row shared by the batch). The
 whatever the input dtype, rounded once to q's dtype (the torch backend rounds cos and sin to
 that dtype first, then each product: ours is at least as close to the float64 reference).
 
-One launch rotates both tensors: program (x, y) takes head x % (H + Hkv) of sequence
-x // (H + Hkv) — a head of q below H, of k from there — and BLOCK_T tokens of it (grid axis y).
+One launch rotates both tensors. Counting q's H heads then k's Hkv, program (x, y) takes BLOCK_T
+tokens (grid axis y) of a group of G consecutive heads of one sequence (grid axis x: B · ⌈(H + Hkv)
+/ G⌉), reading the tokens' cos and sin once for the group; G is 1 where the grid would otherwise
+be small (decode), up to 8 on long inputs.
 q and k may be strided views (the model passes slices of its fused qkv projection, transposed);
 only the head dimension must have unit stride (else it is copied). The outputs are new
 contiguous tensors, so autograd sees an ordinary out-of-place op.
@@ -24,8 +26,8 @@ gradient. Positions must lie in [0, P): they are not checked (that would read de
 
 The launches (kernel, grid, arguments, constexprs, warps, stages) are computed by _launches,
 which reads no data: `aot_configs()` runs it on meta tensors, so kernels/compile.py builds
-exactly the kernels that run. Grid axis x holds B·(H + Hkv) programs (up to 2^31 − 1), axis y
-the token blocks (up to 65,535); offsets are 64-bit.
+exactly the kernels that run. Grid axis x holds the B·⌈(H + Hkv) / G⌉ head groups (up to
+2^31 − 1), axis y the token blocks (up to 65,535); offsets are 64-bit.
 """
 import itertools
 
@@ -39,19 +41,21 @@ MAX_D = 512  # largest head dimension (the launch table's widest block holds 256
 
 
 # Token and head counts are not specialised: T == 1 (decode) or H == 1 would only add builds.
-@triton.jit(do_not_specialize=["T", "H", "HEADS"])
+@triton.jit(do_not_specialize=["T", "H", "HEADS", "GROUP"])
 def _rope_kernel(
     Q, K, QO, KO, Cos, Sin, Pos,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_qob, stride_qoh, stride_qot, stride_kob, stride_koh, stride_kot,
     stride_pb, stride_cos, stride_sin,
-    T, H, HEADS, HALF, sign,
+    T, H, HEADS, GROUP, HALF, sign,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """BLOCK_T tokens of one head of q (head < H) or of k (head >= H): x' = x·cos + rotate_half(x)·sign·sin."""
+    """BLOCK_T tokens of GROUP consecutive heads of one sequence, counting q's H heads then k's:
+    x' = x·cos + rotate_half(x)·sign·sin, with cos and sin read once for the group."""
     pid = tl.program_id(0)
-    b = (pid // HEADS).to(tl.int64)  # b * stride can pass 2**31 on large batches
-    head = (pid % HEADS).to(tl.int64)
+    groups = tl.cdiv(HEADS, GROUP)
+    b = (pid // groups).to(tl.int64)  # b * stride can pass 2**31 on large batches
+    first = (pid % groups) * GROUP
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
     i = tl.arange(0, BLOCK_H)
@@ -60,18 +64,28 @@ def _rope_kernel(
     c = tl.load(Cos + pos[:, None] * stride_cos + i[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.load(Sin + pos[:, None] * stride_sin + i[None, :], mask=mask, other=0.0).to(tl.float32) * sign
     t = t.to(tl.int64)
-    if head < H:
-        x = Q + b * stride_qb + head * stride_qh + t * stride_qt
-        o = QO + b * stride_qob + head * stride_qoh + t * stride_qot
-    else:
-        x = K + b * stride_kb + (head - H) * stride_kh + t * stride_kt
-        o = KO + b * stride_kob + (head - H) * stride_koh + t * stride_kot
-    x1 = x[:, None] + i[None, :]  # the first half of each row; its partners sit HALF further on
-    o1 = o[:, None] + i[None, :]
-    a = tl.load(x1, mask=mask, other=0.0).to(tl.float32)
-    bb = tl.load(x1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(o1, (a * c - bb * s).to(QO.dtype.element_ty), mask=mask)
-    tl.store(o1 + HALF, (bb * c + a * s).to(QO.dtype.element_ty), mask=mask)
+    for j in range(GROUP):
+        head = (first + j).to(tl.int64)
+        if head < H:  # scalars only in the branches: the row pointers are built once, below
+            x = Q + b * stride_qb + head * stride_qh
+            o = QO + b * stride_qob + head * stride_qoh
+            st_x = stride_qt.to(tl.int64)
+            st_o = stride_qot.to(tl.int64)
+        else:
+            x = K + b * stride_kb + (head - H) * stride_kh
+            o = KO + b * stride_kob + (head - H) * stride_koh
+            st_x = stride_kt.to(tl.int64)
+            st_o = stride_kot.to(tl.int64)
+        x += t * st_x
+        o += t * st_o
+        live = tl.where(head < HEADS, T, 0)  # tokens to rotate: none past the last head
+        m = (t < live)[:, None] & (i < HALF)[None, :]
+        x1 = x[:, None] + i[None, :]  # the first half of each row; its partners sit HALF further on
+        o1 = o[:, None] + i[None, :]
+        a = tl.load(x1, mask=m, other=0.0).to(tl.float32)
+        bb = tl.load(x1 + HALF, mask=m, other=0.0).to(tl.float32)
+        tl.store(o1, (a * c - bb * s).to(QO.dtype.element_ty), mask=m)
+        tl.store(o1 + HALF, (bb * c + a * s).to(QO.dtype.element_ty), mask=m)
 
 
 # Launch table: BLOCK_H (pairs per row, a power of two, at least 8) -> (BLOCK_T, warps). A program
@@ -81,6 +95,10 @@ def _rope_kernel(
 _CONFIGS = {8: (128, 4), 16: (64, 4), 32: (32, 4), 64: (16, 4), 128: (8, 4), 256: (4, 4)}
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _NUM_STAGES = 3  # Triton's default
+# Heads per program: up to _MAX_GROUP, sharing one read of the cos/sin tile, as long as the grid
+# keeps _MIN_PROGRAMS programs (a few waves on a 132-SM GPU); decode (T = 1) keeps one head per
+# program, so its few heads still run side by side. A runtime argument: no extra builds.
+_MAX_GROUP, _MIN_PROGRAMS = 8, 2048
 
 
 def _pick(d):
@@ -90,14 +108,24 @@ def _pick(d):
     return block_t, block_h, warps
 
 
+def _group(b, heads, t_blocks):
+    """Heads per program: the largest power of two up to _MAX_GROUP that leaves _MIN_PROGRAMS."""
+    group = _MAX_GROUP
+    while group > 1 and b * triton.cdiv(heads, group) * t_blocks < _MIN_PROGRAMS:
+        group //= 2
+    return group
+
+
 def _strides(t):
-    """The strides of t's first three dims, 0 where the dim has size 1 (any stride is valid there;
+    """The strides of all but t's last dim, 0 where the dim has size 1 (any stride is valid there;
     a stride of 1 would become a separate Triton specialisation)."""
-    return tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in range(3))
+    return tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in range(t.dim() - 1))
 
 
 def _unit_last(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """t with unit stride along the last dim, and no other stride of 1 (only overlapping views have
+    one: the kernel widens these strides with .to(), which a constant 1 lacks); copied if need be."""
+    return t if t.stride(-1) == 1 and 1 not in _strides(t) else t.contiguous()
 
 
 def _check(q, k, cos, sin, positions):
@@ -134,11 +162,13 @@ def _launches(q, k, cos, sin, positions, sign=1.0):
     if not b * t:
         return [], qo, ko
     block_t, block_h, warps = _pick(d)
+    t_blocks = triton.cdiv(t, block_t)
+    group = _group(b, h + hkv, t_blocks)
     launch = Launch(
-        _rope_kernel, checked_grid(b * (h + hkv), triton.cdiv(t, block_t)),
+        _rope_kernel, checked_grid(b * triton.cdiv(h + hkv, group), t_blocks),
         (q, k, qo, ko, cos, sin, positions, *_strides(q), *_strides(k), *_strides(qo), *_strides(ko),
          positions.stride(0) if positions.shape[0] > 1 else 0, cos.stride(0), sin.stride(0),
-         t, h, h + hkv, d // 2, float(sign)),
+         t, h, h + hkv, group, d // 2, float(sign)),
         dict(BLOCK_T=block_t, BLOCK_H=block_h), warps, _NUM_STAGES)
     return [launch], qo, ko
 

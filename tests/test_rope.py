@@ -100,6 +100,19 @@ def test_matches_float64_reference(h, hkv, d, t, dtype):
     check(got, want, run(TorchBackend().apply_rope, inp, dtype) if dtype == torch.float16 else None)
 
 
+@pytest.mark.parametrize("h,hkv", [(8, 2), (4, 1), (3, 3)])
+def test_several_heads_per_program(monkeypatch, h, hkv):
+    """Long inputs give each program a group of up to 8 heads (q's then k's, the last group partial
+    when 8 does not divide H + Hkv); the tiny test inputs get there with the threshold lowered."""
+    monkeypatch.setattr(rope, "_MIN_PROGRAMS", 1)
+    inp = make_inputs(2, h, hkv, 7, 64, "padded", seed=h)
+    t_blocks = triton.cdiv(7, rope._pick(64)[0])
+    assert rope._group(2, h + hkv, t_blocks) == 8
+    want = run(reference.apply_rope, inp, torch.float64)
+    check(run(kernels.apply_rope, inp, torch.float32), want)
+    check(run(kernels.apply_rope, inp, torch.float16), want, run(TorchBackend().apply_rope, inp, torch.float16))
+
+
 @pytest.mark.parametrize("positions", ["offset", "padded", "zero"])
 def test_positions_broadcast_and_per_row(positions):
     """[1, T] positions (shared by the batch) and [B, T] ones (left padding), 3 rows, odd D."""
@@ -167,21 +180,24 @@ def test_zero_tokens_and_batch():
 
 @pytest.mark.parametrize("b,h,t", [(1, 32, 1), (2**16, 64, 8), (2**20, 4096, 1), (1, 8, 2**22), (1, 8, 2**24)])
 def test_launch_grids_fit_cuda_limits(b, h, t):
-    """Sequences x heads of q and k sit on grid axis x (up to 2^31 - 1 programs), token blocks on
-    axis y (up to 65,535); past either the launcher names the limit."""
+    """Sequences x head groups of q and k sit on grid axis x (up to 2^31 - 1 programs), token blocks
+    on axis y (up to 65,535); past either the launcher names the limit. Decode keeps one head per
+    program."""
     for d in (16, 64, 128, rope.MAX_D):
         q = torch.empty(b, h, t, d, device="meta")
         k = torch.empty(b, max(1, h // 4), t, d, device="meta")
         cos, sin = (torch.empty(8, d // 2, device="meta") for _ in range(2))
         positions = torch.empty(1, t, dtype=torch.long, device="meta")
-        block_t = rope._pick(d)[0]
+        heads, t_blocks = h + k.shape[1], triton.cdiv(t, rope._pick(d)[0])
+        group = rope._group(b, heads, t_blocks)
+        assert group == 1 or b * triton.cdiv(heads, group) * t_blocks >= rope._MIN_PROGRAMS
         try:
             (launch,), _, _ = rope._launches(q, k, cos, sin, positions)
         except ValueError as err:
             assert "CUDA's limit" in str(err)
-            assert b * (h + k.shape[1]) > MAX_GRID[0] or triton.cdiv(t, block_t) > MAX_GRID[1]
+            assert b * triton.cdiv(heads, group) > MAX_GRID[0] or t_blocks > MAX_GRID[1]
             continue
-        assert launch.grid == (b * (h + k.shape[1]), triton.cdiv(t, block_t))
+        assert launch.grid == (b * triton.cdiv(heads, group), t_blocks)
         assert all(1 <= n <= limit for n, limit in zip(launch.grid, MAX_GRID))
 
 
