@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every kernel build the launchers pick, for sm_80 and sm_90, no GPU needed.
 
-    python -m kernels.compile [--arch 80 90] [--module kernels.rope ...] [--jobs N] [--fresh] [--json]
+    python -m kernels.compile [--arch 80 90] [--module kernels.rmsnorm ...] [--jobs N] [--fresh] [--json]
 
 Each kernel module lists in `aot_configs()` the launches its launchers make (kernels/launch.py:
 kernel, grid, arguments, constexprs, num_warps, num_stages), computed by the launchers' own code
@@ -46,9 +46,9 @@ COLUMNS = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "second
 
 @functools.cache
 def collect_configs(modules: tuple[str, ...] = MODULES) -> list[dict]:
-    """The builds of every kernel module's aot_configs(), in MODULES order (or of `modules`): one
-    entry per (kernel, arch, config) label, holding every launch that carries it ("launches"). An
-    import error is raised, not skipped."""
+    """The builds of the kernel modules' aot_configs(), in `modules` order: one entry per (kernel,
+    arch, config) label, holding every launch that carries it ("launches"). An import error is
+    raised, not skipped."""
     builds = {}
     for name in modules:
         for cfg in importlib.import_module(name).aot_configs():
@@ -151,7 +151,7 @@ def compile_one(cfg: dict) -> dict:
     return row
 
 
-def _compile_index(index, modules=MODULES):
+def _compile_index(modules, index):
     return compile_one(collect_configs(modules)[index])
 
 
@@ -160,11 +160,11 @@ def compile_all(archs=(80, 90), jobs: int | None = None, modules: tuple[str, ...
     work = [i for i, cfg in enumerate(collect_configs(modules)) if cfg["arch"] in archs]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
-        return [_compile_index(i, modules) for i in work]
+        return [_compile_index(modules, i) for i in work]
     # fork: the workers inherit the imported kernels and the collected builds; each compile is
     # independent and CPU-bound
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(functools.partial(_compile_index, modules=modules), work))
+        return list(pool.map(functools.partial(_compile_index, modules), work))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -178,8 +178,8 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
-    parser.add_argument("--module", nargs="+", default=list(MODULES), choices=MODULES,
-                        help="only these kernel modules (default: all)")
+    parser.add_argument("--module", nargs="+", default=list(MODULES), choices=MODULES, dest="modules",
+                        help="only these kernel modules' builds (default: all)")
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     parser.add_argument("--fresh", action="store_true", help="compile into an empty temporary cache")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         if args.fresh:
             os.environ["TRITON_CACHE_DIR"] = cache
         t0 = time.perf_counter()
-        rows = compile_all(tuple(args.arch), args.jobs, tuple(args.module))
+        rows = compile_all(tuple(args.arch), args.jobs, tuple(args.modules))
         elapsed = time.perf_counter() - t0
     bad = [r for r in rows if r["status"] != "ok"]
     if args.json:
