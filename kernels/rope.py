@@ -90,8 +90,8 @@ def _rope_kernel(
 
 # Launch table: BLOCK_H (pairs per row, a power of two, at least 8) -> (BLOCK_T, warps). A program
 # holds 1024 pairs: 8 per thread per tensor (x's two halves, cos, sin, two outputs, and 64-bit
-# addresses for the loads and stores). Twice that spills on sm_80 and sm_90 at D = 16 (see
-# python -m kernels.compile --module kernels.rope).
+# addresses for the loads and stores). Twice that spilled at D = 16 on sm_80 and sm_90 (measured
+# with one head per program; python -m kernels.compile --module kernels.rope).
 _CONFIGS = {8: (128, 4), 16: (64, 4), 32: (32, 4), 64: (16, 4), 128: (8, 4), 256: (4, 4)}
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _NUM_STAGES = 3  # Triton's default
