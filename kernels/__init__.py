@@ -1,8 +1,10 @@
 """Triton kernels, importable on their own (nothing here imports `engine`).
 
     from kernels import flash_attention, layer_norm, add_layer_norm, LayerNorm
-    from kernels import rms_norm, add_rms_norm, RMSNorm
+    from kernels import rms_norm, add_rms_norm, RMSNorm, apply_rope, swiglu
 """
 from kernels.attention import flash_attention
 from kernels.layernorm import LayerNorm, add_layer_norm, layer_norm
 from kernels.rmsnorm import RMSNorm, add_rms_norm, rms_norm
+from kernels.rope import apply_rope
+from kernels.swiglu import swiglu

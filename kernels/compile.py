@@ -39,7 +39,7 @@ from triton.runtime.jit import native_specialize_impl
 
 from kernels.launch import Launch
 
-MODULES = ("kernels.attention", "kernels.layernorm", "kernels.rmsnorm")
+MODULES = ("kernels.attention", "kernels.layernorm", "kernels.rmsnorm", "kernels.rope", "kernels.swiglu")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100/H200)
 COLUMNS = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "seconds", "status")
 
@@ -93,11 +93,19 @@ def jit_source(launch: Launch, arch: int) -> ASTSource:
 
 def widened_params(ptx: str) -> set[int]:
     """Indices of the kernel's 32-bit parameters that enter 64-bit arithmetic in its PTX: loaded
-    sign-extended into a 64-bit register, or a source of a widening multiply or conversion."""
+    sign-extended into a 64-bit register, or a source of a widening multiply or conversion, itself
+    or through 32-bit register copies (a value chosen in a branch reaches its use through a mov)."""
     widened = set()
     for reg, index in re.findall(r"ld\.param\.[bsu]32\s+(%\w+), \[\w+_param_(\d+)\]", ptx):
-        if reg.startswith("%rd") or re.search(
-                rf"\b(?:mul|mad)\.wide\.[su]32\s+%\w+, (?:[^;]*\s)?{reg}\b|\bcvt\.[su]64\.[su]32\s+%\w+, {reg}\b", ptx):
+        regs, todo = {reg}, [reg]
+        while todo:
+            for copy in re.findall(rf"\bmov\.[bsu]32\s+(%\w+), {todo.pop()}\b", ptx):
+                if copy not in regs:
+                    regs.add(copy)
+                    todo.append(copy)
+        if reg.startswith("%rd") or any(re.search(
+                rf"\b(?:mul|mad)\.wide\.[su]32\s+%\w+, (?:[^;]*\s)?{r}\b|\bcvt\.[su]64\.[su]32\s+%\w+, {r}\b", ptx)
+                for r in regs):
             widened.add(int(index))
     return widened
 

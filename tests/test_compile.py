@@ -76,6 +76,16 @@ def test_widened_params_reads_ptx():
 """
     assert aot.widened_params(before) == {8}
     assert aot.widened_params(after) == {8, 9, 16}
+    # rope's token strides: q's or k's, picked in a branch, reach the conversion through a mov
+    branch = """
+	ld.param.b32 	%r11, [_rope_kernel_param_9];
+	ld.param.b32 	%r14, [_rope_kernel_param_12];
+	mov.b32 	%r136, %r11;
+	mov.b32 	%r137, %r136;
+	cvt.s64.s32 	%rd65, %r137;
+"""
+    assert aot.widened_params(branch) == {9}
+    assert aot.widened_params(branch + "\tmov.b32 \t%r136, %r14;\n") == {9, 12}
 
 
 def test_module_filter_lists_only_that_modules_builds():

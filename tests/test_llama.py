@@ -155,17 +155,18 @@ def test_rope_matches_hugging_face_and_llama3_scaling():
     positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 1, 2, 3, 4, 5]])  # row 1 left-padded by 3
     hf_cos, hf_sin = torch.cat([cos, cos], -1)[positions], torch.cat([sin, sin], -1)[positions]
     hf_q, hf_k = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
-    for backend in ("reference", "torch"):
+    for backend in ("reference", "torch", "triton"):  # triton: under the interpreter on the CPU
         ours_q, ours_k = get_backend(backend).apply_rope(q, k, cos, sin, positions)
         torch.testing.assert_close(ours_q, hf_q, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(ours_k, hf_k, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_rope_at_kv_cache_offsets_equals_rope_of_the_full_sequence(backend):
     ops = get_backend(backend)
     cos, sin = reference.rope_tables(18, 40, 10000.0)
-    q, k = torch.randn(2, 3, 13, 18, dtype=torch.float64), torch.randn(2, 1, 13, 18, dtype=torch.float64)
+    dtype = torch.float32 if backend == "triton" else torch.float64  # the kernel takes fp32/fp16/bf16
+    q, k = torch.randn(2, 3, 13, 18, dtype=dtype), torch.randn(2, 1, 13, 18, dtype=dtype)
     full_q, full_k = ops.apply_rope(q, k, cos, sin, torch.arange(13)[None])
     for start in (1, 6, 12):
         part_q, part_k = ops.apply_rope(q[:, :, start:], k[:, :, start:], cos, sin, torch.arange(start, 13)[None])

@@ -23,6 +23,8 @@ if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 # 2 layers, context 64: head dim 16 (32 wide, 2 heads) and head dim 32 (128 wide, 4 heads)
 CONFIGS = [GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32),
            GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=128)]
+# Llama: RoPE and SwiGLU through our kernels (GQA 4:2, head dim 16, intermediate size 96)
+LLAMA = GPTConfig.from_preset("llama-tiny", vocab_size=97, block_size=64, n_layer=2, n_embd=64, intermediate_size=96)
 
 
 def twin_models(config, device="cpu"):
@@ -50,7 +52,7 @@ def train_steps(model, batches, steps=5):
     return losses, grads0
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["hd16", "hd32"])
+@pytest.mark.parametrize("config", [*CONFIGS, LLAMA], ids=["hd16", "hd32", "llama"])
 def test_five_adamw_steps_match_the_reference(config):
     ref, tri = twin_models(config)
     batches = [tuple(torch.randint(0, 97, (2, 2, 64))) for _ in range(5)]
@@ -62,8 +64,9 @@ def test_five_adamw_steps_match_the_reference(config):
     assert worst[0] < 1e-4, f"gradient of {worst[1]} differs by {worst[0]:.2e} (relative)"
 
 
-def test_greedy_generation_matches_the_reference():
-    ref, tri = twin_models(CONFIGS[1])
+@pytest.mark.parametrize("config", [CONFIGS[1], LLAMA], ids=["gpt2", "llama"])
+def test_greedy_generation_matches_the_reference(config):
+    ref, tri = twin_models(config)
     prompts = [[5, 9, 11], [7] * 13, [3, 1, 4, 1, 5, 9, 2]]  # different lengths: left padding on the kernel path
     params = [SamplingParams(temperature=0.0, max_new_tokens=20)] * 3
     outputs = {}
