@@ -30,7 +30,7 @@ from engine.tokenizer import Tokenizer
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
 KEEP = 2  # checkpoints kept per run folder (the newest)
-TIED = ("transformer.wte.weight", "lm_head.weight")  # one tensor under two names; a file may hold either or both
+TIED = ("transformer.wte.weight", "lm_head.weight")  # one table under two names when config.tie_embeddings, else two
 RUN_INFO_TYPES = {"kind": str, "data": str, "preset": str, "init": str, "hf": bool, "finetune_data": str, "world": (dict, type(None))}
 
 
@@ -207,33 +207,53 @@ def _few(names, n=6):
 
 
 def model_from_weights(config: GPTConfig, weights: dict, source, backend: str = "auto") -> GPT:
-    """A GPT of `config` holding `weights` (name -> tensor, our names; the tied lm_head.weight may
-    be absent), once they are checked against it: the same names and shapes, floating point.
-    Nothing is allocated before that (the model is built on the meta device: a config.json
-    can't ask for terabytes). Weights come out fp32, on the CPU."""
+    """A GPT of `config` holding `weights` (name -> tensor, our names), once they are checked
+    against it: the same names and shapes, floating point. Nothing is allocated before that (the
+    model is built on the meta device: a config.json can't ask for terabytes). Weights come out
+    fp32, on the CPU.
+
+    config.tie_embeddings decides what the head is. Tied: one table under two names, of which
+    the file may hold either or both (both must then be equal: a file whose head differs from
+    its token table is not the tied model its config.json says). Untied: two tables, both
+    required, loaded as they are."""
     with torch.device("meta"):
         model = GPT(config, backend=backend)
     for name, tensor in weights.items():
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise InputError(f"{source}: {name} is {what}, expected floating-point weights")
-    tied = [weights[name] for name in TIED if name in weights]
-    if len(tied) == 2 and (tied[0].shape != tied[1].shape or not torch.equal(*tied)):
-        raise InputError(f"{source}: lm_head.weight differs from transformer.wte.weight; only tied embeddings are supported")
-    weights = {**weights, **dict.fromkeys(TIED, tied[0])} if tied else weights
+    if config.tie_embeddings:
+        tied = [weights[name] for name in TIED if name in weights]
+        if len(tied) == 2 and (tied[0].shape != tied[1].shape or not torch.equal(*tied)):
+            raise InputError(f"{source}: lm_head.weight differs from transformer.wte.weight, but the config makes "
+                             "them one tied table (tie_embeddings / tie_word_embeddings true)")
+        weights = {**weights, **dict.fromkeys(TIED, tied[0])} if tied else weights
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         found = ", ".join(f"{what} {_few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names)
         raise InputError(f"{source}: the weights don't match the model config.json describes "
-                         f"(n_layer={config.n_layer}, bias={config.bias}): {found}")
+                         f"(n_layer={config.n_layer}, bias={config.bias}, tie_embeddings={config.tie_embeddings}): {found}")
     for name, tensor in expected.items():
         if weights[name].shape != tensor.shape:
             raise InputError(f"{source}: {name} has shape {list(weights[name].shape)}, but config.json "
                              f"makes it {list(tensor.shape)}")
-    model.load_state_dict({n: t.float().contiguous() for n, t in weights.items()}, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True loaded the tied table as two parameters
+    # fp32 copies where needed; an untied head that shares memory with the token table in the
+    # file (a loader may hand both names one tensor) gets its own, so training moves them apart
+    loaded = {n: t.float().contiguous() for n, t in weights.items()}
+    if not config.tie_embeddings and loaded[TIED[1]].untyped_storage().data_ptr() == loaded[TIED[0]].untyped_storage().data_ptr():
+        loaded[TIED[1]] = loaded[TIED[1]].clone()
+    model.load_state_dict(loaded, assign=True)
+    retie(model)
+    return model
+
+
+def retie(model: GPT) -> GPT:
+    """A tied model's head is its token table again. load_state_dict(assign=True) puts two
+    parameters where the tied model has one; an untied model keeps its two."""
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
     return model
 
 

@@ -236,6 +236,59 @@ def test_untied_head_and_resize_vocab():
     assert small_llama().resize_vocab(101).lm_head.weight is not None
 
 
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_untied_checkpoint_round_trips_bitwise_with_two_tables(tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.checkpoint import load_checkpoint, save_checkpoint
+    from engine.tokenizer import Tokenizer
+
+    model = perturbed(small_llama(tie_embeddings=False, vocab_size=300))
+    tok = Tokenizer.train(["untied heads keep two tables"] * 5, vocab_size=300)
+    folder = save_checkpoint(tmp_path, 1, model, tok, {"step": 1})
+    in_file = load_file(folder / "model.safetensors")
+    assert not torch.equal(in_file["lm_head.weight"], in_file["transformer.wte.weight"])  # both tables are written
+    back, _, _, _ = load_checkpoint(folder, backend="torch")
+    assert back.lm_head.weight is not back.transformer.wte.weight
+    assert back.lm_head.weight.untyped_storage().data_ptr() != back.transformer.wte.weight.untyped_storage().data_ptr()
+    a, b = model.state_dict(), back.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert back.num_params() == model.num_params() == perturbed(small_llama(vocab_size=300)).num_params() + 300 * 64
+    # a tied model's checkpoint still comes back tied
+    tied = perturbed(small_llama(vocab_size=300))
+    back = load_checkpoint(save_checkpoint(tmp_path / "tied", 1, tied, tok, {"step": 1}), backend="torch")[0]
+    assert back.lm_head.weight is back.transformer.wte.weight
+    assert torch.equal(back.lm_head.weight, tied.lm_head.weight)
+
+
+def test_head_and_token_table_must_agree_with_tie_embeddings(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from engine.checkpoint import load_checkpoint, save_checkpoint
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["tied or not"] * 5, vocab_size=300)
+    untied = perturbed(small_llama(tie_embeddings=False, vocab_size=300))
+    folder = save_checkpoint(tmp_path / "a", 1, untied, tok, {"step": 1})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_embeddings": True}))  # says tied, holds two tables
+    with pytest.raises(InputError, match=rf"{folder / 'model.safetensors'}: lm_head.weight differs from transformer.wte.weight"):
+        load_checkpoint(folder)
+    folder = save_checkpoint(tmp_path / "b", 1, perturbed(small_llama(vocab_size=300)), tok, {"step": 1})
+    (folder / "config.json").write_text(json.dumps({**config, "tie_embeddings": False}))  # says untied, holds one table
+    weights = load_file(folder / "model.safetensors")
+    table = weights.pop("lm_head.weight", None)  # safetensors keeps one of a tied table's two names
+    save_file({"transformer.wte.weight": table, **weights}, folder / "model.safetensors")
+    with pytest.raises(InputError, match=r"model.safetensors: .*tie_embeddings=False.*missing \['lm_head.weight'\]"):
+        load_checkpoint(folder)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hugging Face Llama, Qwen2, Qwen3
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +298,7 @@ HF_BASE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_
 HF_MODELS = {  # name -> (transformers class prefix, config fields beyond HF_BASE)
     "llama-3-rope": ("Llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                                                         high_freq_factor=4.0, original_max_position_embeddings=32))),
-    "llama-mha-untied-head_dim": ("Llama", dict(num_key_value_heads=4, head_dim=8)),
+    "llama-mha-untied-head_dim": ("Llama", dict(num_key_value_heads=4, head_dim=8, tie_word_embeddings=False)),
     "qwen2": ("Qwen2", dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
     "qwen3": ("Qwen3", dict(head_dim=32, num_key_value_heads=1)),
 }
@@ -262,12 +315,7 @@ def hf_model(name, seed=0):
     return model
 
 
-def loadable(name):
-    """Untied heads need engine.checkpoint.model_from_weights to stop requiring tied embeddings (not yet)."""
-    return name != "llama-mha-untied-head_dim"
-
-
-@pytest.mark.parametrize("name", [n for n in HF_MODELS if loadable(n)])
+@pytest.mark.parametrize("name", HF_MODELS)
 def test_from_hf_logits_match_with_and_without_left_padding(name):
     m = hf_model(name)
     ours = hf.from_hf(m, backend="torch").eval()
@@ -284,14 +332,10 @@ def test_from_hf_logits_match_with_and_without_left_padding(name):
 @pytest.mark.parametrize("name", HF_MODELS)
 def test_to_hf_round_trip_is_bitwise(name):
     m = hf_model(name)
-    if not loadable(name):  # our own untied model goes out and back in
-        ours = small_llama(tie_embeddings=False, head_dim=8, n_kv_head=4)
-        back = hf.to_hf(ours)
-        assert type(back).__name__ == "LlamaForCausalLM" and not back.config.tie_word_embeddings
-        assert torch.equal(back.lm_head.weight, ours.lm_head.weight)
-        return
-    back = hf.to_hf(hf.from_hf(m))
-    assert type(back) is type(m)
+    ours = hf.from_hf(m)
+    assert (ours.lm_head.weight is ours.transformer.wte.weight) == m.config.tie_word_embeddings
+    back = hf.to_hf(ours)
+    assert type(back) is type(m) and back.config.tie_word_embeddings == m.config.tie_word_embeddings
     a, b = m.state_dict(), back.state_dict()
     assert sorted(a) == sorted(b)
     for k in a:
