@@ -50,6 +50,7 @@ def save_checkpoint(run_dir, step: int, model: GPT, tokenizer: Tokenizer, traine
     save_model(model, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     tokenizer.save(tmp / "tokenizer.json")
+    tokenizer.save_config(tmp)  # a Hugging Face chat template, if the tokenizer came with one
     torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / "run.json").write_text(json.dumps(run_info or {}, indent=2))
     for f in tmp.iterdir():  # on disk before the rename makes it visible
@@ -187,12 +188,20 @@ def read_pickle(path):
 
 
 def read_tokenizer(path) -> Tokenizer:
+    """tokenizer.json, with the chat template and special tokens of a tokenizer_config.json (or
+    chat_template.jinja) beside it, as a Hugging Face folder or a checkpoint fine-tuned from one holds them."""
+    from engine.chat_template import read_hf_chat_template
+
     path = Path(path)
     _require_file(path)
     try:
-        return Tokenizer.load(path)
+        tokenizer = Tokenizer.load(path)
     except Exception as err:  # the tokenizers library raises a plain Exception for a bad file
         raise InputError(f"{path}: not a tokenizer the tokenizers library reads ({_reason(err)})") from None
+    template, special = read_hf_chat_template(path.parent)
+    if template is None and not special:
+        return tokenizer
+    return Tokenizer(tokenizer.hf, template, special)
 
 
 def check_vocab(model: GPT, tokenizer: Tokenizer, path):

@@ -200,7 +200,7 @@ def cmd_generate(args):
     model, tokenizer = load_model(args)
     if args.chat:
         prompt = tokenizer.render_prompt([{"role": "user", "content": args.prompt}])
-        params = sampling_params(args, stop_token_ids=(tokenizer.end_id,))
+        params = sampling_params(args, stop_token_ids=tokenizer.stop_ids)
     else:
         prompt, params = args.prompt, sampling_params(args)
         print(args.prompt, end="", flush=True)
@@ -234,7 +234,7 @@ def cmd_chat(args):
             print("[the conversation is longer than the model's context; /reset to start over]", flush=True)
             history.pop()
             continue
-        params = sampling_params(args, stop_token_ids=(tokenizer.end_id,))
+        params = sampling_params(args, stop_token_ids=tokenizer.stop_ids)
         params = replace(params, max_new_tokens=min(params.max_new_tokens, room))
         print("assistant> ", end="", flush=True)
         reply = ""
