@@ -1,5 +1,5 @@
-"""Data-parallel training under torchrun, on the CPU (gloo, 2 processes, the tiny preset at its
-own sizes): one step of DDP or FSDP2 equals one single-process step on the same global batch;
+"""Data-parallel training under torchrun, on the CPU (gloo, 2 processes, the tiny and llama-tiny
+presets at their own sizes): one step of DDP or FSDP2 equals one single-process step on the same global batch;
 checkpoints move between world sizes; a dead rank ends the job; bad arguments are one line."""
 import contextlib
 import json
@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import engine
 from engine import checkpoint
+from engine.config import GPTConfig
 from engine.distributed import micro_batches
 from engine.errors import InputError
 from engine.jobs import finetune, pretrain
@@ -56,8 +57,8 @@ def config(steps, **kw):
     return TrainConfig(max_steps=steps, batch_size=4, grad_accum=2, warmup_steps=0, save_every=1, **kw)
 
 
-def single_process(out, steps, resume=False):
-    pretrain("builtin", out, "tiny", config(steps), backend="torch", device="cpu", resume=resume, n_people=10, progress=False)
+def single_process(out, steps, resume=False, preset="tiny"):
+    pretrain("builtin", out, preset, config(steps), backend="torch", device="cpu", resume=resume, n_people=10, progress=False)
 
 
 def weights(run, step):
@@ -80,13 +81,17 @@ def cut_back_to_step_1(src, dst):
     (dst / "metrics.jsonl").write_text((src / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Two steps, a checkpoint after each: one process, 2-rank DDP, 2-rank FSDP2."""
-    root = tmp_path_factory.mktemp("dist")
-    single_process(root / "single", 2)
-    run_torchrun("--max-steps", "2", "--save-every", "1", "--out", str(root / "ddp"))
-    run_torchrun("--max-steps", "2", "--save-every", "1", "--fsdp", "--out", str(root / "fsdp"))
+@pytest.fixture(scope="module", params=["tiny", "llama-tiny"])
+def runs(request, tmp_path_factory):
+    """Two steps, a checkpoint after each: one process, 2-rank DDP, 2-rank FSDP2; GPT-2 (tiny)
+    and Llama (llama-tiny: RMSNorm, RoPE, SwiGLU, GQA) at their preset sizes. The tests that
+    use it run once per preset."""
+    preset = request.param
+    root = tmp_path_factory.mktemp(f"dist-{preset}")
+    single_process(root / "single", 2, preset=preset)
+    run_torchrun("--preset", preset, "--max-steps", "2", "--save-every", "1", "--out", str(root / "ddp"))
+    run_torchrun("--preset", preset, "--max-steps", "2", "--save-every", "1", "--fsdp", "--out", str(root / "fsdp"))
+    assert json.loads((root / "fsdp" / "step-0000001" / "config.json").read_text())["arch"] == GPTConfig.from_preset(preset).arch
     return root
 
 

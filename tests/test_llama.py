@@ -419,7 +419,8 @@ def test_patch_runs_our_attention_and_rms_norm_inside_hf(name, backend, monkeypa
 # Command line
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_cli_pretrain_llama_tiny_then_generate_chat_and_eval(tmp_path):
+def test_cli_pretrain_llama_tiny_then_finetune_generate_chat_eval_export_and_profile(tmp_path):
+    """Every command once with --preset llama-tiny (tiny step counts): a Llama's whole life."""
     from engine.checkpoint import load_checkpoint
 
     def run(*args, stdin=None):
@@ -432,10 +433,20 @@ def test_cli_pretrain_llama_tiny_then_generate_chat_and_eval(tmp_path):
                  "--eval-every", "3", "--eval-batches", "1", "--save-every", "3")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "step-0000003" / "config.json").read_text())["arch"] == "llama"
+    result = run("finetune", "--init", str(out), "--data", "builtin", "--out", str(tmp_path / "ft"), "--max-steps", "2",
+                 "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--save-every", "2")
+    assert result.returncode == 0, result.stderr
+    tuned, _, _, _ = load_checkpoint(tmp_path / "ft", backend="torch")
+    assert tuned.config == load_checkpoint(out, backend="torch")[0].config  # still llama-tiny (at --block-size 64)
+    assert json.loads((tmp_path / "ft" / "step-0000002" / "run.json").read_text())["preset"] == "llama-tiny"
     result = run("generate", "--ckpt", str(out), "--prompt", "Alice was born", "--max-new-tokens", "5", "--seed", "1")
     assert result.returncode == 0 and result.stdout.startswith("Alice was born"), result.stderr
-    result = run("chat", "--ckpt", str(out), "--max-new-tokens", "5", "--seed", "1", stdin="hello\nwho are you?\n")
+    result = run("chat", "--ckpt", str(tmp_path / "ft"), "--max-new-tokens", "5", "--seed", "1", stdin="hello\nwho are you?\n")
     assert result.returncode == 0 and result.stdout.count("assistant> ") == 2, result.stderr
+    result = run("profile", "--preset", "llama-tiny", "--mode", "train", "--steps", "1", "--batch-size", "1", "--seq-len", "32",
+                 "--out", str(tmp_path / "prof"))
+    assert result.returncode == 0 and (tmp_path / "prof" / "trace.json").is_file(), result.stderr
+    assert "rms_norm" in (tmp_path / "prof" / "trace.json").read_text()  # the Llama ops ran
     result = run("eval", "--ckpt", str(out))
     assert result.returncode == 0 and "qa_accuracy_held_out_half" in result.stdout, result.stderr
     result = run("export", "--ckpt", str(out), "--out", str(tmp_path / "hf"))
