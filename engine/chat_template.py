@@ -118,12 +118,10 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The text transformers' apply_chat_template(messages, tokenize=False, add_generation_prompt=...) gives."""
-        import jinja2
-
         try:
             return compile_template(self.source).render(messages=[dict(m) for m in messages], tools=None, documents=None,
                                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
-        except jinja2.exceptions.TemplateError as err:  # raise_exception() in the template, or an error in it
+        except Exception as err:  # raise_exception() in the template, a sandbox refusal, or an error in it: bad input
             raise InputError(f"chat_template: {type(err).__name__}: {err}") from None
 
     # ---- tokens ----

@@ -54,6 +54,7 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens or {})
         self.template = ChatTemplate(chat_template, self.special_tokens) if chat_template is not None else None
         self._token_bytes = None
+        self._stop_ids = None
 
     # ---- building, saving, loading ----
     @classmethod
@@ -172,13 +173,14 @@ class Tokenizer:
         if self.template is None:
             self._check_chat()
             return (self.end_id,)
-        names = [self.template.end_of_turn(self.control_tokens()), self.special_tokens.get("eos_token")]
-        ids = [self.hf.token_to_id(n) for n in names if n is not None]
-        ids = tuple(dict.fromkeys(i for i in ids if i is not None))
-        if not ids:
+        if self._stop_ids is None:  # rendered once per tokenizer
+            names = [self.template.end_of_turn(self.control_tokens()), self.special_tokens.get("eos_token")]
+            ids = [self.hf.token_to_id(n) for n in names if n is not None]
+            self._stop_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
+        if not self._stop_ids:
             raise InputError("the chat template ends a reply with no special token and tokenizer_config.json names "
                              "no eos_token: there is nothing to stop generation at")
-        return ids
+        return self._stop_ids
 
     def control_tokens(self) -> list[str]:
         """The special tokens' texts (what a chat template writes as markup)."""

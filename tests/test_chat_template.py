@@ -190,6 +190,27 @@ def test_a_template_whose_history_changes_can_not_be_masked(tmp_path):
         Tokenizer(tokenizer_json("chatml"), "{{ raise_exception('no roles here') }}").render_prompt(CHATS[0])
 
 
+def test_a_bad_template_in_a_folder_is_an_input_error_naming_the_file(tmp_path):
+    from engine.checkpoint import read_tokenizer
+
+    make_folder("chatml", tmp_path / "ok")
+    for name, config, message in [
+        ("syntax", {"chat_template": "{% for m in messages %}"}, "tokenizer_config.json: chat_template: not a valid Jinja"),
+        ("type", {"chat_template": 42}, "tokenizer_config.json: chat_template must be a string"),
+        ("json", "{not json", "tokenizer_config.json: not valid JSON"),
+    ]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text((tmp_path / "ok" / "tokenizer.json").read_text())
+        (folder / "tokenizer_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+        with pytest.raises(InputError, match=message):
+            read_tokenizer(folder / "tokenizer.json")
+    # what a template does when rendered is bad input too: an escape the sandbox refuses, a type error
+    for source in ("{{ messages.__class__.__mro__ }}", "{{ messages[0].content + 1 }}"):
+        with pytest.raises(InputError, match="chat_template: "):
+            Tokenizer(tokenizer_json("chatml"), source).render_prompt(CHATS[0])
+
+
 def test_a_checkpoint_keeps_the_template(family, tmp_path):
     from engine.checkpoint import save_checkpoint
 
