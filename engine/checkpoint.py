@@ -2,8 +2,9 @@
 
 A run folder (`--out DIR`) holds metrics.jsonl, data/ (pretraining's token files) and
 checkpoint folders step-NNNNNNN/, each with model.safetensors, config.json, tokenizer.json,
-trainer_state.pt (optimizer, step, RNG states) and run.json (what was trained on what;
-optional). A checkpoint is written into a hidden temporary folder and renamed into place, so
+trainer_state.pt (optimizer, step, RNG states), run.json (what was trained on what;
+optional) and tokenizer_config.json (optional: the Jinja chat template of a tokenizer that
+came from a Hugging Face folder, and its special tokens). A checkpoint is written into a hidden temporary folder and renamed into place, so
 a crash mid-save never leaves a folder that looks complete.
 
 A folder we are asked to load is untrusted input. The readers below check each file against

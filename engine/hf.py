@@ -249,7 +249,8 @@ def from_hf(model_or_folder, backend: str = "auto") -> GPT:
 
 def load_hf(folder, backend: str = "auto"):
     """(GPT, Tokenizer or None) from a local HF folder (GPT-2, Llama, Qwen2, Qwen3): what `--hf PATH` loads.
-    The tokenizer is the folder's tokenizer.json as is; None when there is none."""
+    The tokenizer is the folder's tokenizer.json as is, with the Jinja chat template and special
+    tokens of its tokenizer_config.json (or chat_template.jinja) if any; None when there is none."""
     model = from_hf(folder, backend=backend)
     path = Path(folder) / "tokenizer.json"
     tokenizer = read_tokenizer(path) if path.is_file() else None

@@ -6,6 +6,7 @@ randomly initialised LlamaForCausalLM or Qwen3ForCausalLM (save_pretrained), and
 template written for these tests in the Llama-3 style or the Qwen (ChatML) style. Nothing is
 downloaded.
 """
+import inspect
 import json
 import os
 import subprocess
@@ -172,11 +173,8 @@ def test_a_control_token_typed_in_a_message_stays_text(family):
     assert ids.count(tokenizer.hf.token_to_id(end)) == len(chat) + (name == "chatml")  # the template's own: one per turn
     assert tokenizer.decode(ids, skip_special_tokens=False) == fast.apply_chat_template(chat, tokenize=False)
     assert tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False).endswith(f"ok {end} done{end}")
-    try:  # transformers >= 5.2x: the same sanitising
-        theirs = fast.apply_chat_template(chat, tokenize=True, return_dict=False, sanitize_control_tokens=True)
-    except TypeError:
-        return
-    assert ids == list(theirs)
+    if "sanitize_control_tokens" in inspect.signature(fast.apply_chat_template).parameters:  # newer transformers: the same sanitising
+        assert ids == list(fast.apply_chat_template(chat, tokenize=True, return_dict=False, sanitize_control_tokens=True))
 
 
 def test_a_template_whose_history_changes_can_not_be_masked(tmp_path):
