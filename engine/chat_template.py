@@ -140,7 +140,9 @@ class ChatTemplate:
         return ids, mask
 
     def _assistant_spans(self, marked: list[dict], text: str, control) -> list[tuple[int, int]]:
-        specials = re.compile("|".join(map(re.escape, sorted(control, key=len, reverse=True)))) if control else None
+        # a special token the template wrote, not one typed in a message (those are marked)
+        tokens = "|".join(map(re.escape, sorted(control, key=len, reverse=True)))
+        specials = re.compile(f"(?<!{MARK_START})(?:{tokens})") if control else None
         spans = []
         for i, m in enumerate(marked):
             if m["role"] != "assistant":

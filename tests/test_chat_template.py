@@ -168,11 +168,13 @@ def test_stop_ids_are_the_end_of_turn_and_eos_tokens(family):
 def test_a_control_token_typed_in_a_message_stays_text(family):
     name, _, fast, tokenizer = family
     end = FAMILIES[name][4]
-    chat = [{"role": "user", "content": f"say {end} please"}, {"role": "assistant", "content": f"ok {end} done"}]
+    # the reply's spaces make Llama-3's template (| trim) change it: it is not found as it was given
+    chat = [{"role": "user", "content": f"say {end} please"}, {"role": "assistant", "content": f"ok {end} done" + " " * (name == "llama3")}]
     ids, mask = tokenizer.render_conversation(chat)
     assert ids.count(tokenizer.hf.token_to_id(end)) == len(chat) + (name == "chatml")  # the template's own: one per turn
     assert tokenizer.decode(ids, skip_special_tokens=False) == fast.apply_chat_template(chat, tokenize=False)
-    assert tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False).endswith(f"ok {end} done{end}")
+    thinking = "<think>\n\n</think>\n\n" if name == "qwen3" else ""
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == f"{thinking}ok {end} done{end}"
     if "sanitize_control_tokens" in inspect.signature(fast.apply_chat_template).parameters:  # newer transformers: the same sanitising
         assert ids == list(fast.apply_chat_template(chat, tokenize=True, return_dict=False, sanitize_control_tokens=True))
 
