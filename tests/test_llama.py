@@ -371,6 +371,27 @@ def test_folder_in_export_out(tmp_path):
         assert torch.equal(again(ids).logits, m(ids).logits)
 
 
+def test_hf_folders_tied_or_not(tmp_path):
+    """An untied folder loads with its own head; a tied config whose file holds a different head is
+    refused, naming the file (it is not the model its config.json describes)."""
+    from safetensors.torch import load_file, save_file
+
+    m = hf_model("llama-mha-untied-head_dim")
+    m.save_pretrained(tmp_path / "untied")
+    ours = hf.from_hf(tmp_path / "untied", backend="torch")
+    assert not ours.config.tie_embeddings and torch.equal(ours.lm_head.weight, m.lm_head.weight)
+    assert not torch.equal(ours.lm_head.weight, ours.transformer.wte.weight)
+    config = json.loads((tmp_path / "untied" / "config.json").read_text())
+    (tmp_path / "untied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(InputError, match=rf"{tmp_path / 'untied' / 'model.safetensors'}: lm_head.weight differs"):
+        hf.from_hf(tmp_path / "untied")
+    (tmp_path / "untied" / "config.json").write_text(json.dumps(config))
+    weights = load_file(tmp_path / "untied" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, tmp_path / "untied" / "model.safetensors")
+    with pytest.raises(InputError, match=r"missing \['lm_head.weight'\]"):  # untied, but the head is not there
+        hf.from_hf(tmp_path / "untied")
+
+
 def test_hf_config_errors_name_the_field(tmp_path):
     good = hf_model("llama-3-rope").config.to_dict()
     for change, message in [(dict(hidden_act="gelu"), "hidden_act"), (dict(attention_bias=True), "attention_bias"),
