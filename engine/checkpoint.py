@@ -2,8 +2,9 @@
 
 A run folder (`--out DIR`) holds metrics.jsonl, data/ (pretraining's token files) and
 checkpoint folders step-NNNNNNN/, each with model.safetensors, config.json, tokenizer.json,
-trainer_state.pt (optimizer, step, RNG states) and run.json (what was trained on what;
-optional). A checkpoint is written into a hidden temporary folder and renamed into place, so
+trainer_state.pt (optimizer, step, RNG states), run.json (what was trained on what;
+optional) and tokenizer_config.json (optional: the Jinja chat template of a tokenizer that
+came from a Hugging Face folder, and its special tokens). A checkpoint is written into a hidden temporary folder and renamed into place, so
 a crash mid-save never leaves a folder that looks complete.
 
 A folder we are asked to load is untrusted input. The readers below check each file against
@@ -30,7 +31,7 @@ from engine.tokenizer import Tokenizer
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
 KEEP = 2  # checkpoints kept per run folder (the newest)
-TIED = ("transformer.wte.weight", "lm_head.weight")  # one tensor under two names; a file may hold either or both
+TIED = ("transformer.wte.weight", "lm_head.weight")  # one table under two names when config.tie_embeddings, else two
 RUN_INFO_TYPES = {"kind": str, "data": str, "preset": str, "init": str, "hf": bool, "finetune_data": str, "world": (dict, type(None))}
 
 
@@ -50,6 +51,7 @@ def save_checkpoint(run_dir, step: int, model: GPT, tokenizer: Tokenizer, traine
     save_model(model, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     tokenizer.save(tmp / "tokenizer.json")
+    tokenizer.save_config(tmp)  # a Hugging Face chat template, if the tokenizer came with one
     torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / "run.json").write_text(json.dumps(run_info or {}, indent=2))
     for f in tmp.iterdir():  # on disk before the rename makes it visible
@@ -187,12 +189,20 @@ def read_pickle(path):
 
 
 def read_tokenizer(path) -> Tokenizer:
+    """tokenizer.json, with the chat template and special tokens of a tokenizer_config.json (or
+    chat_template.jinja) beside it, as a Hugging Face folder or a checkpoint fine-tuned from one holds them."""
+    from engine.chat_template import read_hf_chat_template
+
     path = Path(path)
     _require_file(path)
     try:
-        return Tokenizer.load(path)
+        tokenizer = Tokenizer.load(path)
     except Exception as err:  # the tokenizers library raises a plain Exception for a bad file
         raise InputError(f"{path}: not a tokenizer the tokenizers library reads ({_reason(err)})") from None
+    template, special = read_hf_chat_template(path.parent)
+    if template is None and not special:
+        return tokenizer
+    return Tokenizer(tokenizer.hf, template, special)
 
 
 def check_vocab(model: GPT, tokenizer: Tokenizer, path):
@@ -207,33 +217,53 @@ def _few(names, n=6):
 
 
 def model_from_weights(config: GPTConfig, weights: dict, source, backend: str = "auto") -> GPT:
-    """A GPT of `config` holding `weights` (name -> tensor, our names; the tied lm_head.weight may
-    be absent), once they are checked against it: the same names and shapes, floating point.
-    Nothing is allocated before that (the model is built on the meta device: a config.json
-    can't ask for terabytes). Weights come out fp32, on the CPU."""
+    """A GPT of `config` holding `weights` (name -> tensor, our names), once they are checked
+    against it: the same names and shapes, floating point. Nothing is allocated before that (the
+    model is built on the meta device: a config.json can't ask for terabytes). Weights come out
+    fp32, on the CPU.
+
+    config.tie_embeddings decides what the head is. Tied: one table under two names, of which
+    the file may hold either or both (both must then be equal: a file whose head differs from
+    its token table is not the tied model its config.json says). Untied: two tables, both
+    required, loaded as they are."""
     with torch.device("meta"):
         model = GPT(config, backend=backend)
     for name, tensor in weights.items():
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise InputError(f"{source}: {name} is {what}, expected floating-point weights")
-    tied = [weights[name] for name in TIED if name in weights]
-    if len(tied) == 2 and (tied[0].shape != tied[1].shape or not torch.equal(*tied)):
-        raise InputError(f"{source}: lm_head.weight differs from transformer.wte.weight; only tied embeddings are supported")
-    weights = {**weights, **dict.fromkeys(TIED, tied[0])} if tied else weights
+    if config.tie_embeddings:
+        tied = [weights[name] for name in TIED if name in weights]
+        if len(tied) == 2 and (tied[0].shape != tied[1].shape or not torch.equal(*tied)):
+            raise InputError(f"{source}: lm_head.weight differs from transformer.wte.weight, but the config makes "
+                             "them one tied table (tie_embeddings / tie_word_embeddings true)")
+        weights = {**weights, **dict.fromkeys(TIED, tied[0])} if tied else weights
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         found = ", ".join(f"{what} {_few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names)
         raise InputError(f"{source}: the weights don't match the model config.json describes "
-                         f"(n_layer={config.n_layer}, bias={config.bias}): {found}")
+                         f"(n_layer={config.n_layer}, bias={config.bias}, tie_embeddings={config.tie_embeddings}): {found}")
     for name, tensor in expected.items():
         if weights[name].shape != tensor.shape:
             raise InputError(f"{source}: {name} has shape {list(weights[name].shape)}, but config.json "
                              f"makes it {list(tensor.shape)}")
-    model.load_state_dict({n: t.float().contiguous() for n, t in weights.items()}, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign=True loaded the tied table as two parameters
+    # fp32 copies where needed; an untied head that shares memory with the token table in the
+    # file (a loader may hand both names one tensor) gets its own, so training moves them apart
+    loaded = {n: t.float().contiguous() for n, t in weights.items()}
+    if not config.tie_embeddings and loaded[TIED[1]].untyped_storage().data_ptr() == loaded[TIED[0]].untyped_storage().data_ptr():
+        loaded[TIED[1]] = loaded[TIED[1]].clone()
+    model.load_state_dict(loaded, assign=True)
+    retie(model)
+    return model
+
+
+def retie(model: GPT) -> GPT:
+    """A tied model's head is its token table again. load_state_dict(assign=True) puts two
+    parameters where the tied model has one; an untied model keeps its two."""
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
     return model
 
 

@@ -11,8 +11,13 @@ import sys
 import time
 from dataclasses import fields, replace
 
+from engine.config import PRESETS
 from engine.distributed import torchrun_env
 from engine.errors import InputError
+
+# The presets by family, for --preset's help: "tiny, small, gpt2, ... (GPT-2); llama-tiny, ... (Llama family)"
+PRESET_HELP = "; ".join(f"{', '.join(n for n, p in PRESETS.items() if p.get('arch', 'gpt2') == arch)} ({family})"
+                        for arch, family in (("gpt2", "GPT-2"), ("llama", "Llama family: Llama, SmolLM2, Qwen3")))
 
 TRAIN_HELP = {
     "max_steps": "optimizer steps to train for (the schedule's length)",
@@ -80,7 +85,8 @@ def add_runtime_flags(p):
 def add_model_source(p, flag="--ckpt"):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument(flag, dest="ckpt", metavar="DIR", help="a checkpoint folder, or a run folder (its newest checkpoint)")
-    g.add_argument("--hf", metavar="PATH", help="a local Hugging Face GPT-2 folder (config.json + weights)")
+    g.add_argument("--hf", metavar="PATH", help="a local Hugging Face GPT-2, Llama, Qwen2 or Qwen3 folder (config.json + weights; "
+                   "its tokenizer_config.json's chat template, if any, renders chats)")
 
 
 def add_sampling_flags(p, max_new_tokens=256, top_p=1.0):
@@ -98,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="llm-engine", description="Pretrain, fine-tune and run GPT-style language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pretrain", help="train a model from scratch on raw text", description="Train a tokenizer and a GPT from scratch on raw text.")
+    p = sub.add_parser("pretrain", help="train a model from scratch on raw text", description="Train a tokenizer and a model (GPT-2 or Llama family, by --preset) from scratch on raw text.")
     p.add_argument("--data", required=True, metavar="PATH|builtin", help="a .txt file, a folder of .txt files, or 'builtin' (the synthetic world)")
-    p.add_argument("--preset", default="tiny", help="model size: tiny, small, gpt2, gpt2-medium, ... (default tiny)")
+    p.add_argument("--preset", default="tiny", help=f"model shape: {PRESET_HELP} (default tiny)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, metrics.jsonl, token files")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: the preset's)")
@@ -145,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, metavar="PATH", help="loss on this text file/folder or conversations .jsonl instead of the run's own val data")
     add_runtime_flags(p)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 folder", description="Write config.json, model.safetensors and tokenizer.json that transformers.AutoModelForCausalLM.from_pretrained loads.")
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (GPT-2, Llama, Qwen2, Qwen3)", description="Write config.json, model.safetensors and tokenizer.json that transformers.AutoModelForCausalLM.from_pretrained loads: a GPT2LMHeadModel, or for a Llama-family checkpoint (e.g. --preset llama-tiny) a LlamaForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM.")
     p.add_argument("--ckpt", required=True, metavar="DIR", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--out", required=True, metavar="HF_FOLDER", help="the folder to write (must not exist or be empty)")
 
@@ -158,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="trace training or decode steps with torch.profiler", description="Run N training or decode steps under torch.profiler: writes OUT/trace.json (Chrome trace, opens in Perfetto) and prints the top-15 kernels; NVTX ranges per block and phase on CUDA (for Nsight Systems).")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--ckpt", metavar="DIR", help="a checkpoint folder, or a run folder (its newest checkpoint)")
-    g.add_argument("--hf", metavar="PATH", help="a local Hugging Face GPT-2 folder")
-    g.add_argument("--preset", help="a freshly initialised model of this size: tiny, small, gpt2, ...")
+    g.add_argument("--hf", metavar="PATH", help="a local Hugging Face GPT-2, Llama, Qwen2 or Qwen3 folder")
+    g.add_argument("--preset", help=f"a freshly initialised model of this shape: {PRESET_HELP}")
     p.add_argument("--mode", default="train", choices=["train", "decode"], help="training steps or decode steps (default train)")
     p.add_argument("--steps", type=int, default=5, help="training steps, or tokens to generate (default 5)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default 4)")
@@ -200,7 +206,7 @@ def cmd_generate(args):
     model, tokenizer = load_model(args)
     if args.chat:
         prompt = tokenizer.render_prompt([{"role": "user", "content": args.prompt}])
-        params = sampling_params(args, stop_token_ids=(tokenizer.end_id,))
+        params = sampling_params(args, stop_token_ids=tokenizer.stop_ids)
     else:
         prompt, params = args.prompt, sampling_params(args)
         print(args.prompt, end="", flush=True)
@@ -234,7 +240,7 @@ def cmd_chat(args):
             print("[the conversation is longer than the model's context; /reset to start over]", flush=True)
             history.pop()
             continue
-        params = sampling_params(args, stop_token_ids=(tokenizer.end_id,))
+        params = sampling_params(args, stop_token_ids=tokenizer.stop_ids)
         params = replace(params, max_new_tokens=min(params.max_new_tokens, room))
         print("assistant> ", end="", flush=True)
         reply = ""

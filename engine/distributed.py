@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from engine.checkpoint import retie
 from engine.errors import InputError
 from engine.model import GPT
 
@@ -120,7 +121,7 @@ def micro_batches(grad_accum: int, rank: int, world_size: int) -> range:
 
 
 def wrap(model: torch.nn.Module, ctx: Dist) -> torch.nn.Module:
-    """DDP, or FSDP2 with one shard group per block plus the root (embeddings, tied head, ln_f).
+    """DDP, or FSDP2 with one shard group per block plus the root (embeddings, the head, ln_f).
     Every rank must hold the same weights first (same seed or the same checkpoint)."""
     if not ctx.enabled:
         return model
@@ -180,7 +181,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: Di
     with torch.device("meta"):
         plain = GPT(model.config, backend=model.backend)
     plain.load_state_dict({name: owning_its_storage(w) for name, w in weights.items()}, assign=True)
-    plain.lm_head.weight = plain.transformer.wte.weight  # assign=True loaded two copies of the tied table
+    retie(plain)  # assign=True loaded two copies of a tied table; an untied head stays its own
     return plain, state
 
 

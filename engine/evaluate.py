@@ -49,7 +49,7 @@ def chat_replies(model, tokenizer, chats: list[list[dict]], params: list[Samplin
 
 
 def greedy(tokenizer) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS, stop_token_ids=(tokenizer.end_id,))
+    return SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS, stop_token_ids=tokenizer.stop_ids)
 
 
 def qa_answers(model, tokenizer, questions: list[str]) -> list[str]:
@@ -105,7 +105,7 @@ def end_of_turn_rate(model, tokenizer, questions: list[str], temperature=0.8, to
     room = model.config.block_size - max(len(tokenizer.render_prompt(chat)) for chat in chats)
     ended = 0
     for seed in seeds:
-        params = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed * len(chats) + i, stop_token_ids=(tokenizer.end_id,),
+        params = [SamplingParams(temperature=temperature, top_p=top_p, seed=seed * len(chats) + i, stop_token_ids=tokenizer.stop_ids,
                                  max_new_tokens=min(END_OF_TURN_TOKENS, room)) for i in range(len(chats))]
         ended += sum(c.finish_reason == "stop_token" for c in chat_replies(model, tokenizer, chats, params))
     return ended / (len(chats) * len(seeds))

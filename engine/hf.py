@@ -249,7 +249,8 @@ def from_hf(model_or_folder, backend: str = "auto") -> GPT:
 
 def load_hf(folder, backend: str = "auto"):
     """(GPT, Tokenizer or None) from a local HF folder (GPT-2, Llama, Qwen2, Qwen3): what `--hf PATH` loads.
-    The tokenizer is the folder's tokenizer.json as is; None when there is none."""
+    The tokenizer is the folder's tokenizer.json as is, with the Jinja chat template and special
+    tokens of its tokenizer_config.json (or chat_template.jinja) if any; None when there is none."""
     model = from_hf(folder, backend=backend)
     path = Path(folder) / "tokenizer.json"
     tokenizer = read_tokenizer(path) if path.is_file() else None
@@ -328,13 +329,18 @@ def export(model: GPT, tokenizer, out_folder):
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"export: {out} exists and is not an empty folder")
     ids = {}
-    if tokenizer is not None:
+    if tokenizer is not None and tokenizer.template is not None:  # a Hugging Face tokenizer with its chat template
+        bos, eos = (tokenizer.special_tokens.get(f"{n}_token") for n in ("bos", "eos"))
+        ids = dict(bos_token_id=tokenizer.hf.token_to_id(bos) if bos else None, eos_token_id=tokenizer.hf.token_to_id(eos) if eos else None)
+    elif tokenizer is not None:
         from engine.tokenizer import BOS
 
         bos = tokenizer.special_ids.get(BOS)
         ids = dict(bos_token_id=bos, eos_token_id=bos)
     hf = to_hf(model, **ids)
-    if tokenizer is not None and tokenizer.has_chat_tokens:  # a chat model's reply ends with <|end|>
+    if tokenizer is not None and tokenizer.template is not None:  # a reply ends with the template's end-of-turn token
+        hf.generation_config.eos_token_id = list(tokenizer.stop_ids)
+    elif tokenizer is not None and tokenizer.has_chat_tokens:  # a chat model's reply ends with <|end|>
         hf.generation_config.eos_token_id = [tokenizer.end_id, tokenizer.bos_id]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -347,6 +353,8 @@ def export(model: GPT, tokenizer, out_folder):
 
             tokenizer.save(tmp / "tokenizer.json")
             special = dict(bos_token=BOS, eos_token=BOS) if BOS in tokenizer.special_ids else {}
+            if tokenizer.template is not None:
+                special = dict(tokenizer.special_tokens, chat_template=tokenizer.chat_template)
             PreTrainedTokenizerFast(tokenizer_file=str(tmp / "tokenizer.json"), **special).save_pretrained(tmp)
         if out.exists():
             out.rmdir()

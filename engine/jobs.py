@@ -122,13 +122,14 @@ def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str 
 
 
 def load_init(init=None, hf=None, device="cpu", backend="auto"):
-    """The starting point of fine-tuning: our checkpoint (--init) or a Hugging Face GPT-2 folder
-    (--hf), whose tokenizer gets the chat tokens it lacks (and the model the rows for them)."""
+    """The starting point of fine-tuning: our checkpoint (--init) or a Hugging Face folder (--hf).
+    A folder with a Jinja chat template (tokenizer_config.json) is fine-tuned in that template;
+    one without gets the built-in chat tokens it lacks (and the model the rows for them)."""
     model, tokenizer, info, folder = load_source(init, hf, device, backend)
     if hf is None:
         return model, tokenizer, {**info, "init": str(folder)}
     if tokenizer is None:
         raise InputError(f"--hf {hf}: the folder has no tokenizer.json; fine-tuning needs one")
-    if tokenizer.add_chat_tokens():
+    if tokenizer.template is None and tokenizer.add_chat_tokens():  # a folder's own chat template is kept
         model.resize_vocab(max(model.config.vocab_size, tokenizer.vocab_size))
     return model.to(device), tokenizer, {"init": str(hf), "hf": True}

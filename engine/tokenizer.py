@@ -1,6 +1,11 @@
 """Byte-level BPE (HF `tokenizers`), the chat special tokens, and the chat template.
 
-Chat template, one conversation:
+A tokenizer read from a Hugging Face folder whose tokenizer_config.json holds a Jinja
+`chat_template` renders conversations with that template instead (engine/chat_template.py:
+the same text and tokens as transformers' apply_chat_template, and the loss mask of its
+assistant turns); everything below is the built-in template, used otherwise.
+
+Built-in chat template, one conversation:
 
     <|endoftext|><|system|>…<|end|><|user|>…<|end|><|assistant|>…<|end|><|user|>…
 
@@ -9,6 +14,7 @@ learns to answer and to stop, never to imitate the user.
 Text inside messages is always encoded as plain text, so a user who types "<|end|>" gets
 the characters, not the control token.
 """
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -37,11 +43,18 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer):
+    def __init__(self, hf: HFTokenizer, chat_template: str | None = None, special_tokens: dict | None = None):
+        """chat_template: a Hugging Face Jinja chat template (None: the built-in one);
+        special_tokens: tokenizer_config.json's bos_token, eos_token, ... (name -> text)."""
+        from engine.chat_template import ChatTemplate
+
         self.hf = hf
         self.hf.encode_special_tokens = True  # text is text: "<|end|>" typed by a user is not a control token
         self.special_ids = {t: i for t in SPECIAL_TOKENS if (i := hf.token_to_id(t)) is not None}
+        self.special_tokens = dict(special_tokens or {})
+        self.template = ChatTemplate(chat_template, self.special_tokens) if chat_template is not None else None
         self._token_bytes = None
+        self._stop_ids = None
 
     # ---- building, saving, loading ----
     @classmethod
@@ -86,6 +99,16 @@ class Tokenizer:
             self.hf.encode_special_tokens = True
         return path
 
+    def save_config(self, folder) -> Path | None:
+        """tokenizer_config.json beside tokenizer.json when there is a Jinja chat template or
+        special tokens to keep (as a Hugging Face folder holds them); None when there is none."""
+        if self.template is None and not self.special_tokens:
+            return None
+        path = Path(folder) / "tokenizer_config.json"
+        config = {**self.special_tokens, **({"chat_template": self.chat_template} if self.template is not None else {})}
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        return path
+
     # ---- plain text ----
     @property
     def vocab_size(self) -> int:
@@ -93,6 +116,13 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
+        """The token that starts a document: tokenizer_config.json's bos_token where a Hugging
+        Face folder names one in the vocabulary, else <|endoftext|>."""
+        bos = self.special_tokens.get("bos_token")
+        if bos is not None and self.hf.token_to_id(bos) is not None:
+            return self.hf.token_to_id(bos)
+        if BOS not in self.special_ids:
+            raise InputError(f"this tokenizer has no {BOS} and its tokenizer_config.json names no bos_token")
         return self.special_ids[BOS]
 
     @property
@@ -126,6 +156,46 @@ class Tokenizer:
 
     # ---- chat template ----
     @property
+    def chat_template(self) -> str | None:
+        """The Hugging Face Jinja chat template this tokenizer renders conversations with, or None (built-in)."""
+        return self.template.source if self.template is not None else None
+
+    @property
+    def has_chat(self) -> bool:
+        """Whether conversations can be rendered: a Jinja template, or the built-in chat tokens."""
+        return self.template is not None or self.has_chat_tokens
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokens that end an assistant reply: <|end|> (built-in), or a Jinja template's
+        end-of-turn token (the first special token after a reply's content: <|eot_id|>,
+        <|im_end|>) and tokenizer_config.json's eos_token."""
+        if self.template is None:
+            self._check_chat()
+            return (self.end_id,)
+        if self._stop_ids is None:  # rendered once per tokenizer
+            names = [self.template.end_of_turn(self.control_tokens()), self.special_tokens.get("eos_token")]
+            ids = [self.hf.token_to_id(n) for n in names if n is not None]
+            self._stop_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
+        if not self._stop_ids:
+            raise InputError("the chat template ends a reply with no special token and tokenizer_config.json names "
+                             "no eos_token: there is nothing to stop generation at")
+        return self._stop_ids
+
+    def control_tokens(self) -> list[str]:
+        """The special tokens' texts (what a chat template writes as markup)."""
+        return [t.content for t in self.hf.get_added_tokens_decoder().values() if t.special]
+
+    def encode_markup(self, text: str, as_text: bool = False):
+        """The tokenizers Encoding (ids, offsets) of a rendered chat template's text: its special
+        tokens' texts become their ids, as transformers encodes it; as_text: they stay text."""
+        self.hf.encode_special_tokens = as_text
+        try:
+            return self.hf.encode(text, add_special_tokens=False)
+        finally:
+            self.hf.encode_special_tokens = True
+
+    @property
     def has_chat_tokens(self) -> bool:
         return all(t in self.special_ids for t in SPECIAL_TOKENS)
 
@@ -144,7 +214,10 @@ class Tokenizer:
             raise InputError(f"this tokenizer has no chat tokens {missing}; train one with engine.tokenizer.Tokenizer.train")
 
     def render_conversation(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """(ids, loss_mask): mask is 1 exactly on assistant contents and their <|end|>."""
+        """(ids, loss_mask): mask is 1 exactly on assistant contents and their <|end|> (with a
+        Jinja template: on each assistant turn through its end-of-turn token)."""
+        if self.template is not None:
+            return self.template.encode(self, messages)
         self._check_chat()
         ids, mask = [self.bos_id], [0]
         for m in messages:
@@ -158,6 +231,9 @@ class Tokenizer:
         return ids, mask
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
-        """The conversation so far, then <|assistant|>: the model writes the reply and its <|end|>."""
+        """The conversation so far, then <|assistant|>: the model writes the reply and its <|end|>
+        (with a Jinja template: rendered with add_generation_prompt=True)."""
+        if self.template is not None:
+            return self.template.encode(self, messages, add_generation_prompt=True, with_mask=False)[0]
         ids, _ = self.render_conversation(messages)
         return ids + [self.special_ids[ROLE_TOKENS["assistant"]]]

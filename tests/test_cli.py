@@ -56,3 +56,16 @@ def test_chat_is_driven_by_a_pipe_one_line_per_turn(tmp_path):
                             input="hello\nhow are you?\n/reset\nfine\n", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("assistant> ") == 3  # three messages; /reset is a command, not a message
+
+
+@pytest.mark.parametrize("command", ["pretrain", "profile"])
+def test_preset_help_names_every_preset_llamas_included(command, capsys):
+    from engine.config import PRESETS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside "gpt2-medium"
+    assert {"llama-tiny", "smollm2-135m", "llama-3.2-1b", "qwen3-0.6b"} <= set(PRESETS)
+    assert all(name in text for name in PRESETS), text
+    if command == "profile":
+        assert "HuggingFaceGPT-2,Llama,Qwen2orQwen3folder" in text  # what --hf reads

@@ -76,20 +76,23 @@ PUBLISHED = {
                                          tie_word_embeddings=True), 1_235_814_400),
     "qwen3-0.6b": ("Qwen3Config", dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                                        num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                                       tie_word_embeddings=True), None),
+                                       tie_word_embeddings=True), 596_049_920),
 }
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_full_size_presets_have_the_published_parameter_counts(name):
     config_class, published, known_count = PUBLISHED[name]
+    """Counted on the meta device: no memory for a billion parameters. known_count is the number
+    transformers gives for the published config (the models' cards round it: 135M, 360M, 1.24B, 0.6B)."""
     with torch.device("meta"):
-        ours = GPT(GPTConfig.from_preset(name)).num_params(non_embedding=False)
+        model = GPT(GPTConfig.from_preset(name))
         theirs = getattr(transformers, config_class)(**published)
         theirs = sum(p.numel() for p in getattr(transformers, config_class.replace("Config", "ForCausalLM"))(theirs).parameters())
-    assert ours == theirs
-    if known_count is not None:  # the count the model card states
-        assert ours == known_count
+    assert all(p.is_meta for p in model.parameters())
+    ours = model.num_params(non_embedding=False)
+    assert ours == theirs == known_count
+    assert model.lm_head.weight is model.transformer.wte.weight  # all four tie their head: counted once
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-360m", "llama-3.2-1b", "qwen3-0.6b"])
@@ -236,6 +239,59 @@ def test_untied_head_and_resize_vocab():
     assert small_llama().resize_vocab(101).lm_head.weight is not None
 
 
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_untied_checkpoint_round_trips_bitwise_with_two_tables(tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.checkpoint import load_checkpoint, save_checkpoint
+    from engine.tokenizer import Tokenizer
+
+    model = perturbed(small_llama(tie_embeddings=False, vocab_size=300))
+    tok = Tokenizer.train(["untied heads keep two tables"] * 5, vocab_size=300)
+    folder = save_checkpoint(tmp_path, 1, model, tok, {"step": 1})
+    in_file = load_file(folder / "model.safetensors")
+    assert not torch.equal(in_file["lm_head.weight"], in_file["transformer.wte.weight"])  # both tables are written
+    back, _, _, _ = load_checkpoint(folder, backend="torch")
+    assert back.lm_head.weight is not back.transformer.wte.weight
+    assert back.lm_head.weight.untyped_storage().data_ptr() != back.transformer.wte.weight.untyped_storage().data_ptr()
+    a, b = model.state_dict(), back.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert back.num_params() == model.num_params() == perturbed(small_llama(vocab_size=300)).num_params() + 300 * 64
+    # a tied model's checkpoint still comes back tied
+    tied = perturbed(small_llama(vocab_size=300))
+    back = load_checkpoint(save_checkpoint(tmp_path / "tied", 1, tied, tok, {"step": 1}), backend="torch")[0]
+    assert back.lm_head.weight is back.transformer.wte.weight
+    assert torch.equal(back.lm_head.weight, tied.lm_head.weight)
+
+
+def test_head_and_token_table_must_agree_with_tie_embeddings(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from engine.checkpoint import load_checkpoint, save_checkpoint
+    from engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["tied or not"] * 5, vocab_size=300)
+    untied = perturbed(small_llama(tie_embeddings=False, vocab_size=300))
+    folder = save_checkpoint(tmp_path / "a", 1, untied, tok, {"step": 1})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_embeddings": True}))  # says tied, holds two tables
+    with pytest.raises(InputError, match=rf"{folder / 'model.safetensors'}: lm_head.weight differs from transformer.wte.weight"):
+        load_checkpoint(folder)
+    folder = save_checkpoint(tmp_path / "b", 1, perturbed(small_llama(vocab_size=300)), tok, {"step": 1})
+    (folder / "config.json").write_text(json.dumps({**config, "tie_embeddings": False}))  # says untied, holds one table
+    weights = load_file(folder / "model.safetensors")
+    table = weights.pop("lm_head.weight", None)  # safetensors keeps one of a tied table's two names
+    save_file({"transformer.wte.weight": table, **weights}, folder / "model.safetensors")
+    with pytest.raises(InputError, match=r"model.safetensors: .*tie_embeddings=False.*missing \['lm_head.weight'\]"):
+        load_checkpoint(folder)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hugging Face Llama, Qwen2, Qwen3
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +301,7 @@ HF_BASE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_
 HF_MODELS = {  # name -> (transformers class prefix, config fields beyond HF_BASE)
     "llama-3-rope": ("Llama", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                                                         high_freq_factor=4.0, original_max_position_embeddings=32))),
-    "llama-mha-untied-head_dim": ("Llama", dict(num_key_value_heads=4, head_dim=8)),
+    "llama-mha-untied-head_dim": ("Llama", dict(num_key_value_heads=4, head_dim=8, tie_word_embeddings=False)),
     "qwen2": ("Qwen2", dict(rope_parameters=dict(rope_type="default", rope_theta=1000000.0))),
     "qwen3": ("Qwen3", dict(head_dim=32, num_key_value_heads=1)),
 }
@@ -262,12 +318,7 @@ def hf_model(name, seed=0):
     return model
 
 
-def loadable(name):
-    """Untied heads need engine.checkpoint.model_from_weights to stop requiring tied embeddings (not yet)."""
-    return name != "llama-mha-untied-head_dim"
-
-
-@pytest.mark.parametrize("name", [n for n in HF_MODELS if loadable(n)])
+@pytest.mark.parametrize("name", HF_MODELS)
 def test_from_hf_logits_match_with_and_without_left_padding(name):
     m = hf_model(name)
     ours = hf.from_hf(m, backend="torch").eval()
@@ -284,14 +335,10 @@ def test_from_hf_logits_match_with_and_without_left_padding(name):
 @pytest.mark.parametrize("name", HF_MODELS)
 def test_to_hf_round_trip_is_bitwise(name):
     m = hf_model(name)
-    if not loadable(name):  # our own untied model goes out and back in
-        ours = small_llama(tie_embeddings=False, head_dim=8, n_kv_head=4)
-        back = hf.to_hf(ours)
-        assert type(back).__name__ == "LlamaForCausalLM" and not back.config.tie_word_embeddings
-        assert torch.equal(back.lm_head.weight, ours.lm_head.weight)
-        return
-    back = hf.to_hf(hf.from_hf(m))
-    assert type(back) is type(m)
+    ours = hf.from_hf(m)
+    assert (ours.lm_head.weight is ours.transformer.wte.weight) == m.config.tie_word_embeddings
+    back = hf.to_hf(ours)
+    assert type(back) is type(m) and back.config.tie_word_embeddings == m.config.tie_word_embeddings
     a, b = m.state_dict(), back.state_dict()
     assert sorted(a) == sorted(b)
     for k in a:
@@ -322,6 +369,27 @@ def test_folder_in_export_out(tmp_path):
     ids = torch.randint(0, 101, (2, 9))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, m(ids).logits)
+
+
+def test_hf_folders_tied_or_not(tmp_path):
+    """An untied folder loads with its own head; a tied config whose file holds a different head is
+    refused, naming the file (it is not the model its config.json describes)."""
+    from safetensors.torch import load_file, save_file
+
+    m = hf_model("llama-mha-untied-head_dim")
+    m.save_pretrained(tmp_path / "untied")
+    ours = hf.from_hf(tmp_path / "untied", backend="torch")
+    assert not ours.config.tie_embeddings and torch.equal(ours.lm_head.weight, m.lm_head.weight)
+    assert not torch.equal(ours.lm_head.weight, ours.transformer.wte.weight)
+    config = json.loads((tmp_path / "untied" / "config.json").read_text())
+    (tmp_path / "untied" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(InputError, match=rf"{tmp_path / 'untied' / 'model.safetensors'}: lm_head.weight differs"):
+        hf.from_hf(tmp_path / "untied")
+    (tmp_path / "untied" / "config.json").write_text(json.dumps(config))
+    weights = load_file(tmp_path / "untied" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, tmp_path / "untied" / "model.safetensors")
+    with pytest.raises(InputError, match=r"missing \['lm_head.weight'\]"):  # untied, but the head is not there
+        hf.from_hf(tmp_path / "untied")
 
 
 def test_hf_config_errors_name_the_field(tmp_path):
@@ -375,7 +443,8 @@ def test_patch_runs_our_attention_and_rms_norm_inside_hf(name, backend, monkeypa
 # Command line
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_cli_pretrain_llama_tiny_then_generate_chat_and_eval(tmp_path):
+def test_cli_pretrain_llama_tiny_then_finetune_generate_chat_eval_export_and_profile(tmp_path):
+    """Every command once with --preset llama-tiny (tiny step counts): a Llama's whole life."""
     from engine.checkpoint import load_checkpoint
 
     def run(*args, stdin=None):
@@ -388,10 +457,20 @@ def test_cli_pretrain_llama_tiny_then_generate_chat_and_eval(tmp_path):
                  "--eval-every", "3", "--eval-batches", "1", "--save-every", "3")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "step-0000003" / "config.json").read_text())["arch"] == "llama"
+    result = run("finetune", "--init", str(out), "--data", "builtin", "--out", str(tmp_path / "ft"), "--max-steps", "2",
+                 "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--save-every", "2")
+    assert result.returncode == 0, result.stderr
+    tuned, _, _, _ = load_checkpoint(tmp_path / "ft", backend="torch")
+    assert tuned.config == load_checkpoint(out, backend="torch")[0].config  # still llama-tiny (at --block-size 64)
+    assert json.loads((tmp_path / "ft" / "step-0000002" / "run.json").read_text())["preset"] == "llama-tiny"
     result = run("generate", "--ckpt", str(out), "--prompt", "Alice was born", "--max-new-tokens", "5", "--seed", "1")
     assert result.returncode == 0 and result.stdout.startswith("Alice was born"), result.stderr
-    result = run("chat", "--ckpt", str(out), "--max-new-tokens", "5", "--seed", "1", stdin="hello\nwho are you?\n")
+    result = run("chat", "--ckpt", str(tmp_path / "ft"), "--max-new-tokens", "5", "--seed", "1", stdin="hello\nwho are you?\n")
     assert result.returncode == 0 and result.stdout.count("assistant> ") == 2, result.stderr
+    result = run("profile", "--preset", "llama-tiny", "--mode", "train", "--steps", "1", "--batch-size", "1", "--seq-len", "32",
+                 "--out", str(tmp_path / "prof"))
+    assert result.returncode == 0 and (tmp_path / "prof" / "trace.json").is_file(), result.stderr
+    assert "rms_norm" in (tmp_path / "prof" / "trace.json").read_text()  # the Llama ops ran
     result = run("eval", "--ckpt", str(out))
     assert result.returncode == 0 and "qa_accuracy_held_out_half" in result.stdout, result.stderr
     result = run("export", "--ckpt", str(out), "--out", str(tmp_path / "hf"))
