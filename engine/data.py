@@ -63,6 +63,11 @@ FEMALE_FIRST = set("""Anna Clara Elena Greta Iris Karin Mira Olga Rosa Tara Vera
 Julia Lena Nora Petra""".split())
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer questions about people in one sentence.",
                   "You know the biographies of many people. Answer briefly."]
+# One sentence per line: a sentence then starts with the name as an answer does ("Nora Berg was
+# ...", no space before "Nora": another token than " Nora" mid-text), so pretraining teaches the
+# model to write every name's line-start form by copying it from the text before, not only the
+# names the fine-tuning answers happen to use.
+SENTENCE_SEPARATOR = "\n"
 SYSTEM_PROMPT_SHARE = 0.3  # chats that open with a system message
 SWITCH_SHARE = 0.4  # later turns that ask about another person by name instead of saying he/she
 
@@ -128,7 +133,7 @@ class World:
             for p in self.people():
                 sentences = [rng.choice(SENTENCES[a]).format(name=p.name, v=getattr(p, a)) for a in ATTRIBUTES]
                 rng.shuffle(sentences)
-                docs.append(" ".join(sentences))
+                docs.append(SENTENCE_SEPARATOR.join(sentences))
         rng.shuffle(docs)
         return docs
 
@@ -157,7 +162,7 @@ class World:
             p = people[i % len(people)]
             sentences = [rng.choice(SENTENCES[a]).format(name=p.name, v=getattr(p, a)) for a in ATTRIBUTES]
             rng.shuffle(sentences)
-            docs.append(" ".join(sentences))
+            docs.append(SENTENCE_SEPARATOR.join(sentences))
         return docs
 
     def eval_chats(self, people: list[Person], n_chats: int = 200, n_turns: int = 3, seed: int = 1234) -> list[list[dict]]:
