@@ -91,7 +91,7 @@ class World:
     seed: int = 0
     bios_per_person: int = 6
     multi_turn_chats: int = 1000  # 2-4 turn fine-tuning chats, beside one single-turn chat per fact
-    finetune_bios: int = 0  # biographies (of everyone) replayed among the fine-tuning chats, loss on every token
+    finetune_bios: int = 1200  # biographies (of everyone) replayed among the fine-tuning chats, loss on every token
 
     def __post_init__(self):
         for name in ("n_people", "seed", "bios_per_person", "multi_turn_chats", "finetune_bios"):

@@ -109,7 +109,8 @@ def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str 
         model, run = open_run(out, resume, dev, backend, ctx, start)
         train_convs, val_convs = conversation_split(finetune_conversations(data, run.info.get("world")))
         rendered = [run.tokenizer.render_conversation(c) for c in train_convs]
-        rendered += replay_items(data, run.info.get("world"), run.tokenizer)
+        replayed = replay_items(data, run.info.get("world"), run.tokenizer)
+        rendered += replayed
         val_rendered = [run.tokenizer.render_conversation(c) for c in val_convs]
         T = model.config.block_size
         batches = Batches(
@@ -117,7 +118,8 @@ def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str 
             val_loss=lambda m: chat_val_loss(m, val_rendered, cfg.batch_size, cfg.eval_batches, cfg.seed),
         )
         if ctx.is_main:
-            print(f"fine-tuning on {len(train_convs)} conversations ({len(val_convs)} held out for val), {dev}, "
+            print(f"fine-tuning on {len(train_convs)} conversations ({len(val_convs)} held out for val)"
+                  f"{f' and {len(replayed)} replayed biographies' if replayed else ''}, {dev}, "
                   f"backend {model.backend}{describe(ctx)}")
         return train(model, cfg, batches, run, ctx, progress)
 
