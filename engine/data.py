@@ -130,10 +130,7 @@ class World:
         rng = random.Random(self.seed + 1)
         docs = []
         for _ in range(self.bios_per_person):
-            for p in self.people():
-                sentences = [rng.choice(SENTENCES[a]).format(name=p.name, v=getattr(p, a)) for a in ATTRIBUTES]
-                rng.shuffle(sentences)
-                docs.append(SENTENCE_SEPARATOR.join(sentences))
+            docs += [biography(p, rng) for p in self.people()]
         rng.shuffle(docs)
         return docs
 
@@ -157,13 +154,7 @@ class World:
         what the model knows, and the names it writes, toward that half."""
         rng = random.Random(self.seed + 3)
         people = self.people()
-        docs = []
-        for i in range(self.finetune_bios):
-            p = people[i % len(people)]
-            sentences = [rng.choice(SENTENCES[a]).format(name=p.name, v=getattr(p, a)) for a in ATTRIBUTES]
-            rng.shuffle(sentences)
-            docs.append(SENTENCE_SEPARATOR.join(sentences))
-        return docs
+        return [biography(people[i % len(people)], rng) for i in range(self.finetune_bios)]
 
     def eval_chats(self, people: list[Person], n_chats: int = 200, n_turns: int = 3, seed: int = 1234) -> list[list[dict]]:
         """Fixed multi-turn chats about `people` for evaluation, drawn like the fine-tuning ones."""
@@ -173,6 +164,13 @@ class World:
     def to_dict(self) -> dict:
         return {"n_people": self.n_people, "seed": self.seed, "bios_per_person": self.bios_per_person,
                 "multi_turn_chats": self.multi_turn_chats, "finetune_bios": self.finetune_bios}
+
+
+def biography(person: Person, rng: random.Random) -> str:
+    """Every fact of a person, each in a random phrasing, in random order, one sentence per line."""
+    sentences = [rng.choice(SENTENCES[a]).format(name=person.name, v=getattr(person, a)) for a in ATTRIBUTES]
+    rng.shuffle(sentences)
+    return SENTENCE_SEPARATOR.join(sentences)
 
 
 def qa_pair(person: Person, attribute: str, who: str | None = None) -> tuple[str, str]:
