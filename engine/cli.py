@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain -> fine-tune -> eval -> chat on the built-in world", description="The whole life of a small LLM on the built-in world, in a few minutes on a CPU.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the two runs go (default runs/demo)")
     p.add_argument("--pretrain-steps", type=int, default=600, help="(default 600)")
-    p.add_argument("--finetune-steps", type=int, default=200, help="(default 200)")
+    p.add_argument("--finetune-steps", type=int, default=400, help="(default 400)")
     add_runtime_flags(p)
 
     p = sub.add_parser("profile", help="trace training or decode steps with torch.profiler", description="Run N training or decode steps under torch.profiler: writes OUT/trace.json (Chrome trace, opens in Perfetto) and prints the top-15 kernels; NVTX ranges per block and phase on CUDA (for Nsight Systems).")

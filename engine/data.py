@@ -63,6 +63,11 @@ FEMALE_FIRST = set("""Anna Clara Elena Greta Iris Karin Mira Olga Rosa Tara Vera
 Julia Lena Nora Petra""".split())
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer questions about people in one sentence.",
                   "You know the biographies of many people. Answer briefly."]
+# One sentence per line: a sentence then starts with the name as an answer does ("Nora Berg was
+# ...", no space before "Nora": another token than " Nora" mid-text), so pretraining teaches the
+# model to write every name's line-start form by copying it from the text before, not only the
+# names the fine-tuning answers happen to use.
+SENTENCE_SEPARATOR = "\n"
 SYSTEM_PROMPT_SHARE = 0.3  # chats that open with a system message
 SWITCH_SHARE = 0.4  # later turns that ask about another person by name instead of saying he/she
 
@@ -86,17 +91,19 @@ class World:
     seed: int = 0
     bios_per_person: int = 6
     multi_turn_chats: int = 1000  # 2-4 turn fine-tuning chats, beside one single-turn chat per fact
+    finetune_bios: int = 1200  # biographies (of everyone) replayed among the fine-tuning chats, loss on every token
 
     def __post_init__(self):
-        for name in ("n_people", "seed", "bios_per_person", "multi_turn_chats"):
+        for name in ("n_people", "seed", "bios_per_person", "multi_turn_chats", "finetune_bios"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise InputError(f"World.{name} must be an integer, got {getattr(self, name)!r}")
         if not 2 <= self.n_people <= len(FIRST) * len(LAST):  # two: one to fine-tune on, one held out
             raise InputError(f"n_people must be between 2 and {len(FIRST) * len(LAST)}, got {self.n_people}")
         if self.bios_per_person < 1:
             raise InputError(f"bios_per_person must be at least 1, got {self.bios_per_person}")
-        if self.multi_turn_chats < 0:
-            raise InputError(f"World.multi_turn_chats must be at least 0, got {self.multi_turn_chats}")
+        for name in ("multi_turn_chats", "finetune_bios"):
+            if getattr(self, name) < 0:
+                raise InputError(f"World.{name} must be at least 0, got {getattr(self, name)}")
 
     def people(self) -> list[Person]:
         rng = random.Random(self.seed)
@@ -123,10 +130,7 @@ class World:
         rng = random.Random(self.seed + 1)
         docs = []
         for _ in range(self.bios_per_person):
-            for p in self.people():
-                sentences = [rng.choice(SENTENCES[a]).format(name=p.name, v=getattr(p, a)) for a in ATTRIBUTES]
-                rng.shuffle(sentences)
-                docs.append(" ".join(sentences))
+            docs += [biography(p, rng) for p in self.people()]
         rng.shuffle(docs)
         return docs
 
@@ -144,6 +148,14 @@ class World:
         rng = random.Random(self.seed + 2)
         return single + [multi_turn_chat(seen, rng.randint(2, 4), rng) for _ in range(self.multi_turn_chats)]
 
+    def replay_documents(self) -> list[str]:
+        """finetune_bios biographies of all the people, drawn like the pretraining ones (another
+        seed): mixed into fine-tuning so that learning to answer about one half does not pull
+        what the model knows, and the names it writes, toward that half."""
+        rng = random.Random(self.seed + 3)
+        people = self.people()
+        return [biography(people[i % len(people)], rng) for i in range(self.finetune_bios)]
+
     def eval_chats(self, people: list[Person], n_chats: int = 200, n_turns: int = 3, seed: int = 1234) -> list[list[dict]]:
         """Fixed multi-turn chats about `people` for evaluation, drawn like the fine-tuning ones."""
         rng = random.Random(seed)
@@ -151,7 +163,14 @@ class World:
 
     def to_dict(self) -> dict:
         return {"n_people": self.n_people, "seed": self.seed, "bios_per_person": self.bios_per_person,
-                "multi_turn_chats": self.multi_turn_chats}
+                "multi_turn_chats": self.multi_turn_chats, "finetune_bios": self.finetune_bios}
+
+
+def biography(person: Person, rng: random.Random) -> str:
+    """Every fact of a person, each in a random phrasing, in random order, one sentence per line."""
+    sentences = [rng.choice(SENTENCES[a]).format(name=person.name, v=getattr(person, a)) for a in ATTRIBUTES]
+    rng.shuffle(sentences)
+    return SENTENCE_SEPARATOR.join(sentences)
 
 
 def qa_pair(person: Person, attribute: str, who: str | None = None) -> tuple[str, str]:
@@ -314,6 +333,14 @@ def finetune_conversations(data: str, world: dict | None) -> list[list[dict]]:
     if not world:
         raise InputError("finetune --data builtin needs an --init checkpoint pretrained on the built-in world (--data builtin)")
     return World(**world).conversations()
+
+
+def replay_items(data: str, world: dict | None, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Plain text mixed into fine-tuning, as (ids, loss_mask) items beside the rendered chats:
+    for "builtin", the world's replayed biographies (BOS + text, loss on every text token)."""
+    if data != "builtin" or not world:
+        return []
+    return [([tokenizer.bos_id, *ids], [0] + [1] * len(ids)) for ids in tokenizer.encode_batch(World(**world).replay_documents())]
 
 
 def conversation_split(convs: list[list[dict]], val_fraction: float = 0.05):

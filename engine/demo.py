@@ -33,7 +33,7 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 200, backend="auto", device="auto", n_people: int = 100):
+def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 400, backend="auto", device="auto", n_people: int = 100):
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -41,8 +41,8 @@ def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 2
     pretrain("builtin", out / "pretrain", "tiny", TrainConfig(max_steps=pretrain_steps, lr=2e-3, warmup_steps=30, eval_every=100, save_every=pretrain_steps),
              backend, device, n_people=n_people, block_size=128)
     t1 = time.perf_counter()
-    print("\n== 2. fine-tuning on conversations about half of the people ==")
-    finetune(out / "pretrain", "builtin", out / "finetune", TrainConfig(max_steps=finetune_steps, lr=1e-4, warmup_steps=10, eval_every=50, save_every=finetune_steps),
+    print("\n== 2. fine-tuning on conversations about half of the people (and biographies of everyone) ==")
+    finetune(out / "pretrain", "builtin", out / "finetune", TrainConfig(max_steps=finetune_steps, lr=1e-3, warmup_steps=20, eval_every=100, save_every=finetune_steps),
              backend, device)
     t2 = time.perf_counter()
 

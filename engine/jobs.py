@@ -14,7 +14,7 @@ from engine import distributed
 from engine.checkpoint import load_checkpoint, load_source, read_run_info
 from engine.config import GPTConfig
 from engine.data import (World, conversation_batch, conversation_split, finetune_conversations, read_corpus,
-                         read_tokens, token_batch, tokenize_documents)
+                         read_tokens, replay_items, token_batch, tokenize_documents)
 from engine.devices import pick_device
 from engine.errors import InputError
 from engine.evaluate import chat_val_loss, text_val_loss
@@ -109,6 +109,8 @@ def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str 
         model, run = open_run(out, resume, dev, backend, ctx, start)
         train_convs, val_convs = conversation_split(finetune_conversations(data, run.info.get("world")))
         rendered = [run.tokenizer.render_conversation(c) for c in train_convs]
+        replayed = replay_items(data, run.info.get("world"), run.tokenizer)
+        rendered += replayed
         val_rendered = [run.tokenizer.render_conversation(c) for c in val_convs]
         T = model.config.block_size
         batches = Batches(
@@ -116,7 +118,8 @@ def finetune(init, data: str, out, cfg: TrainConfig | None = None, backend: str 
             val_loss=lambda m: chat_val_loss(m, val_rendered, cfg.batch_size, cfg.eval_batches, cfg.seed),
         )
         if ctx.is_main:
-            print(f"fine-tuning on {len(train_convs)} conversations ({len(val_convs)} held out for val), {dev}, "
+            print(f"fine-tuning on {len(train_convs)} conversations ({len(val_convs)} held out for val)"
+                  f"{f' and {len(replayed)} replayed biographies' if replayed else ''}, {dev}, "
                   f"backend {model.backend}{describe(ctx)}")
         return train(model, cfg, batches, run, ctx, progress)
 

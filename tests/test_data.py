@@ -25,6 +25,39 @@ def test_every_fact_is_in_the_documents_in_several_phrasings_and_orders():
         assert len(set(bios)) > 1  # phrasings and sentence order vary
 
 
+def test_biographies_put_one_sentence_per_line_each_starting_as_an_answer_would():
+    world = World(n_people=10, seed=0, bios_per_person=2)
+    for doc in world.documents():
+        lines = doc.split("\n")
+        assert len(lines) == len(ATTRIBUTES) and all(line.endswith(".") for line in lines)
+        names = {p.name for p in world.people()}
+        assert sum(any(line.startswith(n) for n in names) for line in lines) >= 2  # most phrasings open with the name
+
+
+def test_replayed_biographies_cover_everyone_and_are_trained_on_every_token():
+    from engine.data import replay_items
+
+    world = World(n_people=10, seed=0, finetune_bios=25)
+    docs = world.replay_documents()
+    assert len(docs) == 25 and docs == world.replay_documents()
+    for p in world.people():  # everyone, held-out people included, two or three times
+        bios = [d for d in docs if d.count(p.name) == len(ATTRIBUTES)]
+        assert len(bios) in (2, 3) and all(getattr(p, a) in b for b in bios for a in ATTRIBUTES)
+
+    class Chars:  # a stand-in tokenizer: one id per character
+        bos_id = 0
+
+        @staticmethod
+        def encode_batch(texts):
+            return [[ord(c) for c in t] for t in texts]
+
+    items = replay_items("builtin", world.to_dict(), Chars)
+    assert [ids[1:] for ids, _ in items] == Chars.encode_batch(docs)
+    assert all(ids[0] == 0 and mask == [0] + [1] * (len(ids) - 1) for ids, mask in items)
+    assert replay_items("chats.jsonl", world.to_dict(), Chars) == []
+    assert World(n_people=10).finetune_bios > 0  # the built-in fine-tuning replays by default
+
+
 def test_conversations_ask_only_about_the_fine_tuning_half():
     world = World(n_people=10, seed=0, multi_turn_chats=50)
     seen, held_out = world.split()

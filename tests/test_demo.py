@@ -28,3 +28,4 @@ def test_the_demo_runs_end_to_end_and_prints_its_table_and_a_3_turn_chat(tmp_pat
     chat = out[out.index("== 5."):out.index("times:")]
     assert chat.count("user> ") == 3 and chat.count("assistant> ") == 3
     assert "3-turn chats, turn 2" in out and "held-out people" in out
+    assert "and 1200 replayed biographies" in out  # fine-tuning keeps reading about everyone
