@@ -12,6 +12,7 @@ import time
 from dataclasses import fields, replace
 
 from engine.config import PRESETS
+from engine.demo import DEMO_PRESETS
 from engine.distributed import torchrun_env
 from engine.errors import InputError
 
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the two runs go (default runs/demo)")
     p.add_argument("--pretrain-steps", type=int, default=600, help="(default 600)")
     p.add_argument("--finetune-steps", type=int, default=400, help="(default 400)")
+    p.add_argument("--preset", default="tiny", choices=DEMO_PRESETS,
+                   help="tiny: a GPT-2 (LayerNorm, learned positions, GELU); llama-tiny: the Llama family "
+                        "(RMSNorm, rotary positions, SwiGLU, grouped-query attention). Default tiny, the one measured in the README")
     add_runtime_flags(p)
 
     p = sub.add_parser("profile", help="trace training or decode steps with torch.profiler", description="Run N training or decode steps under torch.profiler: writes OUT/trace.json (Chrome trace, opens in Perfetto) and prints the top-15 kernels; NVTX ranges per block and phase on CUDA (for Nsight Systems).")
@@ -300,7 +304,7 @@ def main(argv=None) -> int:
         elif args.command == "demo":
             from engine.demo import run_demo
 
-            run_demo(args.out, args.pretrain_steps, args.finetune_steps, args.backend, args.device)
+            run_demo(args.out, args.pretrain_steps, args.finetune_steps, args.backend, args.device, preset=args.preset)
         elif args.command == "profile":
             cmd_profile(args)
     except Interrupted as err:

@@ -33,12 +33,16 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 400, backend="auto", device="auto", n_people: int = 100):
+DEMO_PRESETS = ("tiny", "llama-tiny")  # CPU-sized: the GPT-2 family's and the Llama family's
+
+
+def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 400, backend="auto", device="auto",
+             n_people: int = 100, preset: str = "tiny"):
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    print("== 1. pretraining on biographies of the built-in world ==")
-    pretrain("builtin", out / "pretrain", "tiny", TrainConfig(max_steps=pretrain_steps, lr=2e-3, warmup_steps=30, eval_every=100, save_every=pretrain_steps),
+    print(f"== 1. pretraining a {preset} model on biographies of the built-in world ==")
+    pretrain("builtin", out / "pretrain", preset, TrainConfig(max_steps=pretrain_steps, lr=2e-3, warmup_steps=30, eval_every=100, save_every=pretrain_steps),
              backend, device, n_people=n_people, block_size=128)
     t1 = time.perf_counter()
     print("\n== 2. fine-tuning on conversations about half of the people (and biographies of everyone) ==")

@@ -1,7 +1,11 @@
 """The demo: its table and its 3-turn chat, end to end on a small world (the accuracy figures
 themselves are measured by `make demo`, not here)."""
+import pytest
+
+from engine.checkpoint import load_checkpoint
+from engine.config import GPTConfig
 from engine.data import ATTRIBUTES
-from engine.demo import results_table, run_demo
+from engine.demo import DEMO_PRESETS, results_table, run_demo
 
 
 def test_the_table_has_a_row_per_question_type_and_turn_and_a_column_per_half():
@@ -20,8 +24,10 @@ def test_the_table_has_a_row_per_question_type_and_turn_and_a_column_per_half():
     assert lines[-1].endswith("99.5%")
 
 
-def test_the_demo_runs_end_to_end_and_prints_its_table_and_a_3_turn_chat(tmp_path, capsys):
-    results = run_demo(tmp_path / "demo", pretrain_steps=4, finetune_steps=2, backend="torch", device="cpu", n_people=10)
+@pytest.mark.parametrize("preset", DEMO_PRESETS)
+def test_the_demo_runs_end_to_end_and_prints_its_table_and_a_3_turn_chat(tmp_path, capsys, preset):
+    results = run_demo(tmp_path / "demo", pretrain_steps=4, finetune_steps=2, backend="torch", device="cpu", n_people=10,
+                       preset=preset)
     out = capsys.readouterr().out
     assert set(results["qa_accuracy_by_type_held_out_half"]) == set(ATTRIBUTES)
     assert 0.0 <= results["end_of_turn_rate"] <= 1.0
@@ -29,3 +35,6 @@ def test_the_demo_runs_end_to_end_and_prints_its_table_and_a_3_turn_chat(tmp_pat
     assert chat.count("user> ") == 3 and chat.count("assistant> ") == 3
     assert "3-turn chats, turn 2" in out and "held-out people" in out
     assert "and 1200 replayed biographies" in out  # fine-tuning keeps reading about everyone
+    assert f"pretraining a {preset} model" in out
+    model, _, _, _ = load_checkpoint(tmp_path / "demo" / "finetune")
+    assert model.config.arch == GPTConfig.from_preset(preset).arch
