@@ -41,6 +41,29 @@ def time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
     return statistics.median(samples)
 
 
+def time_pass(forward, inputs, grads, mode: str, **reps) -> float:
+    """Milliseconds for one forward (no graph), one backward (graph kept, gradients of `inputs`
+    for output gradients `grads`), or one forward + backward ("both") of forward()."""
+    if mode == "forward":
+        with torch.no_grad():
+            return time_ms(forward, **reps)
+    if mode == "backward":
+        outs = forward()
+        return time_ms(lambda: torch.autograd.grad(outs, inputs, grads, retain_graph=True), **reps)
+    return time_ms(lambda: torch.autograd.grad(forward(), inputs, grads), **reps)
+
+
+def copy_gbps(t: torch.Tensor, **reps) -> float:
+    """GB/s of copying t (read + write): the memory-bound kernels' yardstick."""
+    t = t.detach()
+    return 2 * t.numel() * t.element_size() / time_ms(lambda: torch.empty_like(t).copy_(t), **reps) / 1e6
+
+
+def sig(v: float) -> float:
+    """v to 4 significant digits, for the CSVs."""
+    return float(f"{v:.4g}")
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import plot_lines, results_dir, time_ms, write_csv  # noqa: E402
+from benchmarks.common import copy_gbps, plot_lines, results_dir, sig, time_pass, write_csv  # noqa: E402
 from engine import reference  # noqa: E402
 from kernels import layer_norm, rms_norm  # noqa: E402
 
@@ -63,15 +63,8 @@ def providers(on_gpu: bool, op: str = "layernorm") -> dict:
 
 
 def timed(fn, x, params, dy, mode: str, **reps) -> float:
-    """Milliseconds for one forward, one backward (graph kept), or one forward + backward."""
-    eps = 1e-5
-    if mode == "forward":
-        with torch.no_grad():
-            return time_ms(lambda: fn(x, *params, eps), **reps)
-    if mode == "backward":
-        y = fn(x, *params, eps)
-        return time_ms(lambda: torch.autograd.grad(y, (x, *params), dy, retain_graph=True), **reps)
-    return time_ms(lambda: torch.autograd.grad(fn(x, *params, eps), (x, *params), dy), **reps)
+    """Milliseconds of one pass (common.time_pass) of fn(x, *params, eps)."""
+    return time_pass(lambda: fn(x, *params, 1e-5), (x, *params), dy, mode, **reps)
 
 
 def main(argv=None) -> list[dict]:
@@ -93,14 +86,13 @@ def main(argv=None) -> list[dict]:
                        for _ in range(2 if args.op == "layernorm" else 1))  # weight (and bias)
         dy = torch.randn_like(x)
         nbytes = m * n * x.element_size()
-        copy_ms = time_ms(lambda: torch.empty_like(x).copy_(x.detach()), **reps)
-        copy_gbps = 2 * nbytes / copy_ms / 1e6
+        copy = copy_gbps(x, **reps)
         for name, fn in fns.items():
             for mode, tensors in MODES.items():
                 ms = timed(fn, x, params, dy, mode, **reps)
                 gbps = tensors * nbytes / ms / 1e6
                 rows.append(dict(zip(COLUMNS, (mode, n, m, str(dtype).removeprefix("torch."), name, round(ms, 4),
-                                               _sig(gbps), _sig(copy_gbps), _sig(gbps / copy_gbps)))))
+                                               sig(gbps), sig(copy), sig(gbps / copy)))))
                 print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     out = results_dir(args.out)
     write_csv(rows, out / f"{args.op}.csv")
@@ -109,10 +101,6 @@ def main(argv=None) -> list[dict]:
     _summary(rows)
     print(f"wrote {out / f'{args.op}.csv'} and {out / f'{args.op}.png'}")
     return rows
-
-
-def _sig(v: float) -> float:
-    return float(f"{v:.4g}")
 
 
 def _summary(rows):

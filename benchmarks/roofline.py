@@ -20,7 +20,7 @@ import torch
 if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import results_dir, time_ms, write_csv  # noqa: E402
+from benchmarks.common import results_dir, sig, time_ms, write_csv  # noqa: E402
 
 COLUMNS = ("metric", "device", "dtype", "size", "ms", "value", "unit")
 
@@ -50,14 +50,10 @@ def measure(toy: bool = False) -> list[dict]:
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
     return [
         dict(metric="copy", device=name, dtype="uint8", size=f"{nbytes} B", ms=round(copy_ms, 4),
-             value=_sig(2 * nbytes / copy_ms / 1e6), unit="GB/s"),
+             value=sig(2 * nbytes / copy_ms / 1e6), unit="GB/s"),
         dict(metric="matmul", device=name, dtype=str(dtype).removeprefix("torch."), size=f"{n}x{n}x{n}",
-             ms=round(mm_ms, 4), value=_sig(2 * n**3 / mm_ms / 1e9), unit="TFLOP/s"),
+             ms=round(mm_ms, 4), value=sig(2 * n**3 / mm_ms / 1e9), unit="TFLOP/s"),
     ]
-
-
-def _sig(v: float) -> float:
-    return float(f"{v:.4g}")
 
 
 def peaks(out: Path, toy: bool = False) -> dict:

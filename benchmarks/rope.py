@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import plot_lines, results_dir, time_ms, write_csv  # noqa: E402
+from benchmarks.common import copy_gbps, plot_lines, results_dir, sig, time_pass, write_csv  # noqa: E402
 from engine import reference  # noqa: E402
 from engine.backends import TorchBackend  # noqa: E402
 from kernels import apply_rope  # noqa: E402
@@ -40,15 +40,8 @@ def providers(on_gpu: bool) -> dict:
 
 
 def timed(fn, args, grads, mode: str, **reps) -> float:
-    """Milliseconds for one forward, one backward (graph kept), or one forward + backward."""
-    q, k = args[:2]
-    if mode == "forward":
-        with torch.no_grad():
-            return time_ms(lambda: fn(*args), **reps)
-    if mode == "backward":
-        outs = fn(*args)
-        return time_ms(lambda: torch.autograd.grad(outs, (q, k), grads, retain_graph=True), **reps)
-    return time_ms(lambda: torch.autograd.grad(fn(*args), (q, k), grads), **reps)
+    """Milliseconds of one pass (common.time_pass) of fn(q, k, cos, sin, positions), gradients of q and k."""
+    return time_pass(lambda: fn(*args), args[:2], grads, mode, **reps)
 
 
 def main(argv=None) -> list[dict]:
@@ -75,15 +68,13 @@ def main(argv=None) -> list[dict]:
         positions = (torch.arange(t, device=device)[None] - torch.arange(b, device=device)[:, None] * 7).clamp(min=0)
         grads = (torch.randn(b, h, t, d, device=device, dtype=dtype), torch.randn(b, hkv, t, d, device=device, dtype=dtype))
         nbytes = (q.numel() + k.numel()) * q.element_size()
-        flat = torch.randn(q.numel() + k.numel(), device=device, dtype=dtype)
-        copy_ms = time_ms(lambda: torch.empty_like(flat).copy_(flat), **reps)
-        copy_gbps = 2 * nbytes / copy_ms / 1e6
+        copy = copy_gbps(torch.randn(q.numel() + k.numel(), device=device, dtype=dtype), **reps)
         for name, fn in fns.items():
             for mode, times in MODES.items():
                 ms = timed(fn, (q, k, cos, sin, positions), grads, mode, **reps)
                 gbps = times * nbytes / ms / 1e6
                 rows.append(dict(zip(COLUMNS, (mode, t, b, h, hkv, d, str(dtype).removeprefix("torch."), name,
-                                               round(ms, 4), _sig(gbps), _sig(copy_gbps), _sig(gbps / copy_gbps)))))
+                                               round(ms, 4), sig(gbps), sig(copy), sig(gbps / copy)))))
                 print(", ".join(f"{key}={v}" for key, v in rows[-1].items()), flush=True)
     out = results_dir(args.out)
     write_csv(rows, out / "rope.csv")
@@ -92,10 +83,6 @@ def main(argv=None) -> list[dict]:
     summary(rows)
     print(f"wrote {out / 'rope.csv'} and {out / 'rope.png'}")
     return rows
-
-
-def _sig(v: float) -> float:
-    return float(f"{v:.4g}")
 
 
 def summary(rows, key="T"):

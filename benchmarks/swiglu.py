@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import plot_lines, results_dir, time_ms, write_csv  # noqa: E402
+from benchmarks.common import copy_gbps, plot_lines, results_dir, sig, time_pass, write_csv  # noqa: E402
 from benchmarks.rope import summary  # noqa: E402
 from kernels import swiglu  # noqa: E402
 
@@ -45,15 +45,8 @@ def providers(on_gpu: bool) -> dict:
 
 
 def timed(fn, x, dy, mode: str, **reps) -> float:
-    """Milliseconds for one forward, one backward (graph kept), or one forward + backward; x is
-    the [M, 2N] projection whose halves are gate and up."""
-    if mode == "forward":
-        with torch.no_grad():
-            return time_ms(lambda: fn(*x.chunk(2, dim=-1)), **reps)
-    if mode == "backward":
-        y = fn(*x.chunk(2, dim=-1))
-        return time_ms(lambda: torch.autograd.grad(y, x, dy, retain_graph=True), **reps)
-    return time_ms(lambda: torch.autograd.grad(fn(*x.chunk(2, dim=-1)), x, dy), **reps)
+    """Milliseconds of one pass (common.time_pass) of fn(gate, up), the halves of the [M, 2N] projection x."""
+    return time_pass(lambda: fn(*x.chunk(2, dim=-1)), x, dy, mode, **reps)
 
 
 def main(argv=None) -> list[dict]:
@@ -72,14 +65,13 @@ def main(argv=None) -> list[dict]:
         x = torch.randn(m, 2 * n, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(m, n, device=device, dtype=dtype)
         nbytes = m * n * x.element_size()
-        copy_ms = time_ms(lambda: torch.empty_like(dy).copy_(dy), **reps)
-        copy_gbps = 2 * nbytes / copy_ms / 1e6
+        copy = copy_gbps(dy, **reps)
         for name, fn in fns.items():
             for mode, tensors in MODES.items():
                 ms = timed(fn, x, dy, mode, **reps)
                 gbps = tensors * nbytes / ms / 1e6
                 rows.append(dict(zip(COLUMNS, (mode, n, m, str(dtype).removeprefix("torch."), name, round(ms, 4),
-                                               _sig(gbps), _sig(copy_gbps), _sig(gbps / copy_gbps)))))
+                                               sig(gbps), sig(copy), sig(gbps / copy)))))
                 print(", ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     out = results_dir(args.out)
     write_csv(rows, out / "swiglu.csv")
@@ -88,10 +80,6 @@ def main(argv=None) -> list[dict]:
     summary(rows, key="N")
     print(f"wrote {out / 'swiglu.csv'} and {out / 'swiglu.png'}")
     return rows
-
-
-def _sig(v: float) -> float:
-    return float(f"{v:.4g}")
 
 
 if __name__ == "__main__":

@@ -126,10 +126,15 @@ def test_long_rows_streamed_in_chunks(n, rows):
 def test_gradients_are_bitwise_deterministic(n):
     """Bitwise-equal gradients over 3 runs with many programs per SM, each walking many row blocks
     (the interpreter runs programs one by one, so this could not fail there)."""
-    inp = make_inputs((2, 4096), n, seed=1)
-    first = run(kernels.add_layer_norm, inp, torch.bfloat16, True)
+    assert_bitwise_equal_over_3_runs(run, kernels.add_layer_norm, make_inputs((2, 4096), n, seed=1))
+
+
+def assert_bitwise_equal_over_3_runs(run_fn, fn, inp):
+    """fn's outputs and input gradients on inp in bf16, as run_fn (this module's run, or
+    test_rmsnorm's) gives them: the same bits every time."""
+    first = run_fn(fn, inp, torch.bfloat16, True)
     for _ in range(2):
-        again = run(kernels.add_layer_norm, inp, torch.bfloat16, True)
+        again = run_fn(fn, inp, torch.bfloat16, True)
         for name in first:
             assert torch.equal(first[name], again[name]), name
 
@@ -238,12 +243,17 @@ def test_gpt_with_our_layer_norms_matches_the_reference(monkeypatch, bias):
     torch.manual_seed(0)
     config = GPTConfig.from_preset("tiny")
     config.bias = bias
-    model = GPT(config, backend="reference").to(DEVICE)
-    idx = torch.randint(0, config.vocab_size, (2, 16), device=DEVICE)
+    assert_ops_change_nothing(GPT(config, backend="reference").to(DEVICE), OurLayerNorms(), monkeypatch)
+
+
+def assert_ops_change_nothing(model, ops, monkeypatch):
+    """The model's logits and every parameter's gradient with `ops` in place of its reference
+    backend: within fp32 rounding of the reference's."""
+    idx = torch.randint(0, model.config.vocab_size, (2, 16), device=DEVICE)
     results = []
-    for ops in (None, OurLayerNorms()):
-        if ops is not None:
-            monkeypatch.setattr(model, "ops_for", lambda device: ops)
+    for backend in (None, ops):
+        if backend is not None:
+            monkeypatch.setattr(model, "ops_for", lambda device: backend)
         model.zero_grad()
         logits, loss = model(idx, targets=idx)
         loss.backward()

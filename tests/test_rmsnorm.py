@@ -21,7 +21,8 @@ from engine import reference
 from kernels import layernorm as ln
 from kernels import rmsnorm
 from kernels.launch import MAX_GRID
-from test_layernorm import DEVICE, max_err, nan_poisoned_outputs  # noqa: F401 (an autouse fixture)
+from test_layernorm import (DEVICE, assert_bitwise_equal_over_3_runs, assert_ops_change_nothing, max_err,  # noqa: F401
+                            nan_poisoned_outputs)  # (an autouse fixture)
 
 EPS = 1e-6
 # Leading shapes of 1 to 3 dims, holding 1, 3 and 129 rows.
@@ -185,12 +186,7 @@ def test_rms_norm_module_is_a_drop_in():
 def test_gradients_are_bitwise_deterministic(n):
     """Bitwise-equal gradients over 3 runs with many programs per SM, each walking many row blocks
     (the interpreter runs programs one by one, so this could not fail there)."""
-    inp = make_inputs((2, 4096), n, seed=1)
-    first = run(kernels.add_rms_norm, inp, torch.bfloat16, True)
-    for _ in range(2):
-        again = run(kernels.add_rms_norm, inp, torch.bfloat16, True)
-        for name in first:
-            assert torch.equal(first[name], again[name]), name
+    assert_bitwise_equal_over_3_runs(run, kernels.add_rms_norm, make_inputs((2, 4096), n, seed=1))
 
 
 @pytest.mark.cuda
@@ -273,17 +269,7 @@ def test_llama_with_our_rms_norms_matches_the_reference(monkeypatch):
     model = GPT(config, backend="reference").to(DEVICE)
     for p in model.parameters():  # norms' weights away from 1, so a dropped weight shows
         p.data.add_(0.1 * torch.randn_like(p))
-    idx = torch.randint(0, config.vocab_size, (2, 16), device=DEVICE)
-    results = []
-    for ops in (None, OurRMSNorms()):
-        if ops is not None:
-            monkeypatch.setattr(model, "ops_for", lambda device: ops)
-        model.zero_grad()
-        logits, loss = model(idx, targets=idx)
-        loss.backward()
-        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
-    for want, got in zip(*results):
-        assert max_err(got.double(), want.double()) <= 1e-5 * max(want.abs().max().item(), 1e-3)
+    assert_ops_change_nothing(model, OurRMSNorms(), monkeypatch)
 
 
 def test_benchmark_smoke(tmp_path):
