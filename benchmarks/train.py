@@ -1,7 +1,7 @@
 """Training throughput per backend: tokens/s, MFU and peak memory of full optimizer steps.
 
     python benchmarks/train.py [--toy] [--preset NAME] [--batch-size B] [--seq-len T]
-                               [--backends reference,torch,torch.compile,triton] [--steps N] [--out DIR]
+                               [--backends reference,torch,triton,hf,torch.compile] [--steps N] [--name STEM] [--out DIR]
 
 One step = forward + loss, backward, fused AdamW step (what `llm-engine pretrain` does, without
 data loading or clipping), on random tokens. On CUDA: preset "gpt2" (124M) at context 1024 in
@@ -9,12 +9,16 @@ bf16 autocast over fp32 weights, like the training loop. On the CPU: preset "tin
 the "triton" backend there runs under TRITON_INTERPRET=1 (a correctness path: its figure is the
 interpreter's, not a kernel's).
     torch.compile   the "torch" backend's model wrapped in torch.compile (compiled before timing)
+    hf              Hugging Face's model of the same weights (engine.hf.to_hf; SDPA attention), its
+                    logits through the same loss: what a user of transformers would train instead
+Every backend starts from the same weights and tokens, so its first step's loss (first_loss) must
+agree with the others' to rounding.
 MFU = model FLOPs per token (6·params + 12·layers·width·T attention FLOPs, GPT.flops_per_token)
 x tokens/s over the measured matmul peak of roofline.py (bf16 on CUDA). Peak memory: CUDA's
 max_memory_allocated on a GPU; on Linux CPUs the rise of the process's resident high-water mark
 (reset through /proc/self/clear_refs). Either counts weights, gradients, optimizer state and
 activations of the backend's model, built and trained after the reset.
-Writes train.csv, train.md and train.png into the results folder.
+Writes train.csv, train.md and train.png (or --name's stem) into the results folder.
 """
 import argparse
 import contextlib
@@ -40,9 +44,9 @@ from engine.devices import autocast_for  # noqa: E402
 from engine.model import GPT  # noqa: E402
 from engine.train import TrainConfig, make_optimizer  # noqa: E402
 
-BACKENDS = ("reference", "torch", "triton", "torch.compile")  # compile last: a time cap then costs the least
+BACKENDS = ("reference", "torch", "triton", "hf", "torch.compile")  # compile last: a time cap then costs the least
 COLUMNS = ("preset", "backend", "device", "dtype", "batch", "seq_len", "params", "ms_per_step", "tokens_per_s",
-           "mfu_pct", "peak_mem_mb", "speedup_vs_torch")
+           "mfu_pct", "peak_mem_mb", "speedup_vs_torch", "first_loss")
 
 
 class PeakMemory:
@@ -79,11 +83,20 @@ class PeakMemory:
 
 
 def make_step(config: GPTConfig, backend: str, device: torch.device, batch: int, seq_len: int):
-    """(step function, model) for one backend; the step runs one full optimizer step."""
-    model = GPT(config, backend="torch" if backend == "torch.compile" else backend)
+    """(step function, model) for one backend; the step runs one full optimizer step and returns
+    its loss. The model returned is ours (its parameter and FLOP counts), also for "hf"."""
+    torch.manual_seed(0)  # the same weights for every backend
+    model = GPT(config, backend="torch" if backend in ("torch.compile", "hf") else backend)
     model.to(device).train()
-    optimizer = make_optimizer(model, TrainConfig(max_steps=1))
     forward = torch.compile(model) if backend == "torch.compile" else model
+    trained = model
+    if backend == "hf":
+        from engine.hf import to_hf
+
+        trained = to_hf(model).train()
+        trained.set_attn_implementation("sdpa")
+        forward = lambda idx, targets: (None, GPT.loss(trained(idx).logits, targets))  # noqa: E731
+    optimizer = make_optimizer(trained, TrainConfig(max_steps=1))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=g).to(device)
     inputs, targets = x[:, :-1], x[:, 1:]
@@ -109,10 +122,12 @@ def bench_backend(preset, config, backend, device, batch, seq_len, steps, warmup
     mem = PeakMemory(device)
     mem.reset()
     step, model = make_step(config, backend, device, batch, seq_len)
-    for _ in range(warmup):  # compile, autotune, allocator warm-up
+    for i in range(warmup):  # compile, autotune, allocator warm-up
         t0 = time.perf_counter()
-        step()
+        loss = step()
         sync(device)
+        if i == 0:
+            first_loss = loss.item()
     last = time.perf_counter() - t0  # the last warm-up step: a step's cost once compiled
     n = min(steps, max(3, int(budget_s / max(last, 1e-6))))  # the slow backends get fewer timed steps (3 at least)
     times = []
@@ -128,7 +143,8 @@ def bench_backend(preset, config, backend, device, batch, seq_len, steps, warmup
     row = dict(preset=preset, backend=backend, device=str(device), dtype="bf16-autocast" if device.type == "cuda" else "float32",
                batch=batch, seq_len=seq_len, params=model.num_params(), ms_per_step=round(ms, 3),
                tokens_per_s=round(tokens_per_s, 1), mfu_pct=round(100 * flops / (peak_tflops * 1e12), 2),
-               peak_mem_mb=None if peak_mb is None else round(peak_mb, 1), speedup_vs_torch=None)
+               peak_mem_mb=None if peak_mb is None else round(peak_mb, 1), speedup_vs_torch=None,
+               first_loss=round(first_loss, 6))
     del step, model
     return row
 
@@ -141,30 +157,31 @@ def markdown(rows: list[dict], peak: dict, timed: str, note: str = "") -> str:
         f"Median of {timed} full optimizer steps (forward, backward, AdamW) on random tokens. MFU over the measured "
         f"{peak['matmul_dtype']} matmul peak of {peak['matmul_tflops']} TFLOP/s (roofline.csv). {note}",
         "",
-        "| backend | ms/step | tokens/s | MFU | peak memory MB | vs torch |",
-        "|---|---|---|---|---|---|",
+        "| backend | ms/step | tokens/s | MFU | peak memory MB | vs torch | first step's loss |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["ms_per_step"] is None:
-            lines.append(f"| {r['backend']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['backend']} | failed: {r['error']} | | | | | |")
             continue
         vs = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else ""
         mem = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        lines.append(f"| {r['backend']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | {r['mfu_pct']:.1f}% | {mem} | {vs} |")
+        lines.append(f"| {r['backend']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | {r['mfu_pct']:.1f}% | {mem} | {vs} "
+                     f"| {r['first_loss']:.6f} |")
     return "\n".join(lines) + "\n"
 
 
-def save(rows: list[dict], out: Path, peak: dict, steps: int, note: str) -> tuple[list[dict], str]:
-    """train.csv and train.md of the rows so far (after every backend: a run stopped by a time
+def save(rows: list[dict], out: Path, peak: dict, steps: int, note: str, name: str = "train") -> tuple[list[dict], str]:
+    """NAME.csv and NAME.md of the rows so far (after every backend: a run stopped by a time
     cap keeps what it measured)."""
     base = next((r["ms_per_step"] for r in rows if r["backend"] == "torch" and r["ms_per_step"]), None)
     for r in rows:
         if base and r["ms_per_step"]:
             r["speedup_vs_torch"] = round(base / r["ms_per_step"], 2)
     table = [{k: r[k] for k in COLUMNS} for r in rows]
-    write_csv(table, out / "train.csv")
+    write_csv(table, out / f"{name}.csv")
     text = markdown(rows, peak, f"up to {steps}", note)
-    (out / "train.md").write_text(text)
+    (out / f"{name}.md").write_text(text)
     return table, text
 
 
@@ -179,6 +196,7 @@ def main(argv=None) -> list[dict]:
                     "without triton on the CPU, where the Triton interpreter takes minutes per step)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps at most (default 20)")
     ap.add_argument("--budget-s", type=float, default=10.0, help="seconds of timed steps per backend at most (default 10)")
+    ap.add_argument("--name", default="train", help="file name stem of the results (default train)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<hardware>-<date>/)")
     args = ap.parse_args(argv)
     backends = args.backends.split(",") if args.backends else [b for b in BACKENDS if on_gpu or b != "triton"]
@@ -191,7 +209,8 @@ def main(argv=None) -> list[dict]:
     steps, warmup = args.steps, 3
     if args.toy:  # the preset shrunk to almost nothing
         batch, seq_len, steps, warmup = 2, 16, 2, 1
-        config = GPTConfig.from_preset(preset, vocab_size=256, block_size=seq_len, n_layer=2, n_head=2, n_embd=32)
+        llama = dict(n_kv_head=1, head_dim=None, intermediate_size=64) if GPTConfig.from_preset(preset).arch == "llama" else {}
+        config = GPTConfig.from_preset(preset, vocab_size=256, block_size=seq_len, n_layer=2, n_head=2, n_embd=32, **llama)
         preset += " (toy)"
     else:
         config = GPTConfig.from_preset(preset, block_size=seq_len)
@@ -209,12 +228,12 @@ def main(argv=None) -> list[dict]:
         rows.append(row)
         print(", ".join(f"{k}={row[k]}" for k in COLUMNS), flush=True)
         table, text = save(rows, out, peak, steps, note="" if on_gpu or "triton" in backends else
-                           "triton left out: under the CPU's Triton interpreter a step takes minutes.")
+                           "triton left out: under the CPU's Triton interpreter a step takes minutes.", name=args.name)
         if on_gpu:
             torch.cuda.empty_cache()
     ok = [r for r in table if r["tokens_per_s"]]
     if ok and not args.toy:
-        plot_bars(ok, "backend", ["tokens_per_s", "mfu_pct"], out / "train.png", f"training, {preset}, {device.type}")
+        plot_bars(ok, "backend", ["tokens_per_s", "mfu_pct"], out / f"{args.name}.png", f"training, {preset}, {device.type}")
     print(text)
     return table
 

@@ -66,6 +66,20 @@ def test_train_toy_reports_every_backend(tmp_path):
         assert int(r["params"]) > 0 and r["peak_mem_mb"] != ""
     assert float(rows[1]["speedup_vs_torch"]) == 1.0
     assert "| triton |" in (tmp_path / "train.md").read_text()
+    first_losses = [float(r["first_loss"]) for r in rows]  # same weights, same tokens
+    assert max(first_losses) - min(first_losses) < 1e-4, first_losses
+
+
+def test_train_toy_llama_against_hugging_face(tmp_path):
+    """The suite's llama_train step at toy size: ours and HF's LlamaForCausalLM from the same
+    weights give the same first loss, into --name's files."""
+    run_script("benchmarks/train.py", "--toy", "--preset", "llama-3.2-1b", "--backends", "torch,hf",
+               "--name", "train_llama", "--out", str(tmp_path))
+    _, rows = read_csv(tmp_path / "train_llama.csv")
+    assert [r["backend"] for r in rows] == ["torch", "hf"] and rows[0]["preset"] == "llama-3.2-1b (toy)"
+    assert float(rows[1]["tokens_per_s"]) > 0
+    assert abs(float(rows[0]["first_loss"]) - float(rows[1]["first_loss"])) < 1e-4
+    assert not (tmp_path / "train.csv").exists()
 
 
 def test_generate_toy_matches_hf_greedy_and_reports_both(tmp_path):
