@@ -462,6 +462,12 @@ def test_cli_pretrain_llama_tiny_then_finetune_generate_chat_eval_export_and_pro
     assert result.returncode == 0, result.stderr
     tuned, _, _, _ = load_checkpoint(tmp_path / "ft", backend="torch")
     assert tuned.config == load_checkpoint(out, backend="torch")[0].config  # still llama-tiny (at --block-size 64)
+    ids = torch.randint(0, tuned.config.vocab_size, (2, 17))
+    with torch.no_grad():  # trained under torch, run under the others (triton: the interpreter, conftest)
+        want = tuned.eval()(ids)[0]
+        for backend in ("reference", "triton"):
+            got = load_checkpoint(tmp_path / "ft", backend=backend)[0].eval()(ids)[0]
+            assert (got - want).abs().max().item() < 1e-4, backend
     assert json.loads((tmp_path / "ft" / "step-0000002" / "run.json").read_text())["preset"] == "llama-tiny"
     result = run("generate", "--ckpt", str(out), "--prompt", "Alice was born", "--max-new-tokens", "5", "--seed", "1")
     assert result.returncode == 0 and result.stdout.startswith("Alice was born"), result.stderr
