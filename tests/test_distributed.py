@@ -29,11 +29,16 @@ ROOT = Path(engine.__file__).parents[1]  # the workers run `-m engine` from here
 # global batch = 2 micro-batches of 4 sequences: on 2 ranks --grad-accum's default (one per rank),
 # on 1 both. The model is the tiny preset at its own sizes; only the built-in world is small.
 COMMON = ["--batch-size", "4", "--warmup-steps", "0", "--backend", "torch", "--device", "cpu"]
-PRETRAIN = ["pretrain", "--data", "builtin", "--n-people", "10", *COMMON]
+# 9 people: their tokenizer stops at 761 tokens, which do not split evenly over 2 ranks (see
+# test_fsdp_saves_a_vocabulary_that_does_not_split_evenly_over_the_ranks)
+N_PEOPLE = 9
+PRETRAIN = ["pretrain", "--data", "builtin", "--n-people", str(N_PEOPLE), *COMMON]
 # Weights after the same steps on 1 and 2 ranks. The gradients differ by float rounding (another
 # summation order), which AdamW's first steps, lr * g / (|g| + 1e-8), amplify where |g| is near
-# 1e-8: a few entries in a million move by up to ~6e-6. A wrong batch moves most by ~lr (1e-3).
-SAME_WEIGHTS_ATOL = 1e-5
+# 1e-8: a few entries in a million move by up to ~1.4e-5 (17 of 924,928 past 1e-6 in one run).
+# A wrong batch moves most entries by ~lr (1e-3). So: none past 5% of lr, and at most one in
+# 10,000 past 1e-6.
+SAME_WEIGHTS_ATOL, LOOSE_ENTRIES_ATOL, LOOSE_ENTRIES_SHARE = 5e-5, 1e-6, 1e-4
 
 
 def free_port() -> int:
@@ -58,16 +63,20 @@ def config(steps, **kw):
 
 
 def single_process(out, steps, resume=False, preset="tiny"):
-    pretrain("builtin", out, preset, config(steps), backend="torch", device="cpu", resume=resume, n_people=10, progress=False)
+    pretrain("builtin", out, preset, config(steps), backend="torch", device="cpu", resume=resume, n_people=N_PEOPLE, progress=False)
 
 
 def weights(run, step):
     return load_file(str(run / f"step-{step:07d}" / "model.safetensors"))
 
 
-def max_diff(a, b):
+def assert_same_weights(a, b):
+    """a and b (name -> tensor) equal up to the rounding of another summation order (see above)."""
     assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    loose = (diff > LOOSE_ENTRIES_ATOL).sum().item()
+    assert diff.max().item() <= SAME_WEIGHTS_ATOL, f"max difference {diff.max().item():.3g}"
+    assert loose <= LOOSE_ENTRIES_SHARE * diff.numel(), f"{loose} of {diff.numel()} entries differ by > {LOOSE_ENTRIES_ATOL}"
 
 
 def losses(run, key="loss"):
@@ -97,8 +106,9 @@ def runs(request, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_one_data_parallel_step_equals_one_single_process_step(runs, kind):
-    assert max_diff(weights(runs / kind, 1), weights(runs / "single", 1)) <= SAME_WEIGHTS_ATOL
-    assert max_diff(weights(runs / kind, 1), weights(runs / kind, 2)) > 1e-4  # the step changed something
+    assert_same_weights(weights(runs / kind, 1), weights(runs / "single", 1))
+    with pytest.raises(AssertionError):  # the second step changed the weights more than rounding does
+        assert_same_weights(weights(runs / kind, 1), weights(runs / kind, 2))
     # only rank 0 logs: one line per step, with the loss and the (pre-clipping) gradient norm of
     # the whole global batch; Adam would hide a wrongly scaled gradient, the norm does not
     assert losses(runs / kind) == pytest.approx(losses(runs / "single"), abs=1e-6)
@@ -123,7 +133,7 @@ def test_fine_tuning_on_two_ranks_equals_one_process(runs, tmp_path):
     finetune(runs / "single", "builtin", tmp_path / "single", config(1, lr=5e-4), backend="torch", device="cpu", progress=False)
     run_torchrun("--max-steps", "1", "--lr", "5e-4", "--init", str(runs / "single"), "--out", str(tmp_path / "ddp"),
                  command=["finetune", "--data", "builtin", *COMMON])
-    assert max_diff(weights(tmp_path / "ddp", 1), weights(tmp_path / "single", 1)) <= SAME_WEIGHTS_ATOL
+    assert_same_weights(weights(tmp_path / "ddp", 1), weights(tmp_path / "single", 1))
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), abs=1e-6)
     assert losses(tmp_path / "ddp", "grad_norm") == pytest.approx(losses(tmp_path / "single", "grad_norm"), rel=1e-6)
 
@@ -133,14 +143,14 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path):
     single_process(tmp_path / "resumed", 2, resume=True)
     assert losses(tmp_path / "resumed")[1] == pytest.approx(losses(runs / "fsdp")[1], abs=1e-6)
     # the optimizer state came along too: the step after the resume lands on the same weights
-    assert max_diff(weights(tmp_path / "resumed", 2), weights(runs / "fsdp", 2)) <= SAME_WEIGHTS_ATOL
+    assert_same_weights(weights(tmp_path / "resumed", 2), weights(runs / "fsdp", 2))
 
 
 def test_a_one_rank_checkpoint_resumes_on_two_ranks(runs, tmp_path):
     cut_back_to_step_1(runs / "single", tmp_path / "resumed")
     run_torchrun("--max-steps", "2", "--save-every", "1", "--fsdp", "--resume", "--out", str(tmp_path / "resumed"))
     assert losses(tmp_path / "resumed")[1] == pytest.approx(losses(runs / "single")[1], abs=1e-6)
-    assert max_diff(weights(tmp_path / "resumed", 2), weights(runs / "single", 2)) <= SAME_WEIGHTS_ATOL
+    assert_same_weights(weights(tmp_path / "resumed", 2), weights(runs / "single", 2))
 
 
 def worker_pid(launcher: int, rank: int) -> int | None:
