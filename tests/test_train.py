@@ -215,7 +215,7 @@ def test_multi_turn_accuracy_scores_each_turn_of_chats_that_continue_from_the_mo
     scripted = ScriptedChat(world)
     monkeypatch.setattr(engine.evaluate, "chat_replies", scripted)
     model = SimpleNamespace(config=SimpleNamespace(block_size=10_000))
-    tokenizer = SimpleNamespace(render_prompt=lambda messages: [0] * len(messages), end_id=7)
+    tokenizer = SimpleNamespace(render_prompt=lambda messages: [0] * len(messages), stop_ids=(7,))
     chats = world.eval_chats(world.split()[1], n_chats=50)
     accuracies = engine.evaluate.multi_turn_accuracy(model, tokenizer, chats)
 
@@ -242,7 +242,7 @@ def test_end_of_turn_rate_samples_every_question_with_three_seeds(monkeypatch):
     monkeypatch.setattr(engine.evaluate, "chat_replies", scripted)
     questions = [q for q, _ in world.qa_pairs(world.people())]
     model = SimpleNamespace(config=SimpleNamespace(block_size=10_000))
-    tokenizer = SimpleNamespace(render_prompt=lambda messages: [0] * len(messages), end_id=7)
+    tokenizer = SimpleNamespace(render_prompt=lambda messages: [0] * len(messages), stop_ids=(7,))
     rate = engine.evaluate.end_of_turn_rate(model, tokenizer, questions)
     seeds = [p.seed for p in scripted.params]
     assert len(set(seeds)) == len(seeds) == 3 * len(questions)
