@@ -1,6 +1,10 @@
 """Flash attention in Triton: forward, backward, and flash-decoding over a KV cache.
 
-    o = softmax(q kᵀ · sm_scale + mask) v,   q: [B, H, Sq, D], k, v: [B, H, Sk, D], Sk >= Sq
+    o = softmax(q kᵀ · sm_scale + mask) v,   q: [B, H, Sq, D], k, v: [B, Hkv, Sk, D], Sk >= Sq
+
+Grouped-query attention (GQA): Hkv divides H and query head h reads K/V head h // GROUP, GROUP =
+H / Hkv, by offsetting its K/V pointers (GROUP is a runtime argument, not a specialisation: Hkv = H
+is the group of one). K/V are never repeated in memory.
 
 FlashAttention-2 scheme. The forward streams tiles of K/V past a tile of Q and keeps an online
 softmax with fp32 statistics (running row max m and row sum l); scores are scaled by
@@ -14,7 +18,8 @@ tile) pay for masking. `kv_start` (left-padded batches) follows engine/reference
 key j is visible to query position p iff (j >= kv_start[b]) == (p >= kv_start[b]).
 
 Backward: a preprocess computes delta = rowsum(dO * O); one kernel accumulates dK and dV per
-key tile over the query tiles, a second one computes dQ per query tile over the key tiles.
+key tile over the query tiles (under GQA, of every query head of the group in turn: one program
+per K/V head and key tile), a second one computes dQ per query tile over the key tiles.
 Every gradient element is written by exactly one program that sums in a fixed order, so the
 gradients are deterministic (bitwise equal run after run) without atomics. The price is
 recomputing Q Kᵀ and dO Vᵀ in the dQ pass (7 matmuls instead of 5); deterministic=False opts
@@ -32,7 +37,7 @@ Sk) are not specialised, so the first call of each (kernel, D, dtype, causal, kv
 JIT-compiles it (about 1-6 s per kernel on a 2-core CPU, fp32 the slowest; a training step
 compiles three kernels, a decode step one or two) and later calls with any sizes reuse it.
 
-Grids are (B·H, tiles, splits): B·H on axis x, where CUDA allows 2^31 - 1 programs (axes y and
+Grids are (B·H, tiles, splits) (dK/dV: B·Hkv): heads on axis x, where CUDA allows 2^31 - 1 programs (axes y and
 z stop at 65,535, which caps a sequence at 65,535 tiles). Offsets: batch/head bases and each
 tile's first row are 64-bit, since they pass 2^31 once one tensor does; offsets within a tile and
 sequence positions stay 32-bit. K and V share one set of strides, so one tile of in-tile offsets
@@ -136,23 +141,25 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, hi, SK, kv_start, q
 # Sizes are not specialised (do_not_specialize): one build serves every sequence length and head
 # count (Triton would compile other variants for values divisible by 16 or equal to 1), so the
 # first call compiles and kernels/compile.py can list every build that runs.
-@triton.jit(do_not_specialize=["ROWS", "H", "SQ", "SK"])
+@triton.jit(do_not_specialize=["ROWS", "H", "GROUP", "SQ", "SK"])
 def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              ROWS, H, SQ, SK, SPLIT_SIZE,
+              ROWS, H, GROUP, SQ, SK, SPLIT_SIZE,
               CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE) (V has K's strides). O and LSE are
-    [splits, ROWS = B·H·SQ, (D)]: with one split they are the result, else partials for _attn_combine."""
+    [splits, ROWS = B·H·SQ, (D)]: with one split they are the result, else partials for _attn_combine.
+    Query head h reads K/V head h // GROUP (GROUP = H / Hkv query heads share one K/V head)."""
     pid_bh = tl.program_id(0)
     # last query tiles first: under a causal mask they stream the most keys (shorter tail)
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     pid_s = tl.program_id(2)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = (pid_bh % H // GROUP).to(tl.int64)  # the query head's K/V head
     Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_kb + off_h * stride_kh
+    K += off_b * stride_kb + off_hkv * stride_kh
+    V += off_b * stride_kb + off_hkv * stride_kh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -248,24 +255,24 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, 
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["H", "SQ", "SK"])
+@triton.jit(do_not_specialize=["H", "GROUP", "SQ", "SK"])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_dob, stride_doh, stride_dom,
-                   H, SQ, SK,
+                   H, GROUP, SQ, SK,
                    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_bh = tl.program_id(0)
+    """dK, dV of one key tile of one K/V head (grid B·Hkv × key tiles). Grouped-query attention: the
+    GROUP = H / Hkv query heads sharing this K/V head all add to its dK, dV, so this program loops over
+    them in order and sums in registers. One program writes each dK/dV element, in a fixed order, with
+    no atomics and no per-query-head partials to allocate and reduce afterwards."""
+    pid_bkv = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_kb + off_h * stride_kh
-    DO += off_b * stride_dob + off_h * stride_doh
-    LSE += pid_bh.to(tl.int64) * SQ
-    DELTA += pid_bh.to(tl.int64) * SQ
-    DQ_ACC += pid_bh.to(tl.int64) * SQ * HEAD_DIM
+    hkv = H // GROUP
+    off_b = (pid_bkv // hkv).to(tl.int64)
+    off_hkv = (pid_bkv % hkv).to(tl.int64)
+    K += off_b * stride_kb + off_hkv * stride_kh
+    V += off_b * stride_kb + off_hkv * stride_kh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
     qk_scale = sm_scale * 1.4426950408889634
 
@@ -287,12 +294,19 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
     # a partial last key tile needs the bounds mask against every query tile: its zero-filled keys
     # score 0, and p = exp2(0 - lse) overflows when the real logits are very negative (inf · 0 = NaN)
     mid = tl.where(start_n + BLOCK_N > SK, SQ, tl.minimum(mid, SQ))
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, k_pos, lo, mid, SQ, SK,
-                         kv_start, sm_scale, qk_scale, True, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, k_pos, mid, SQ, SQ, SK,
-                         kv_start, sm_scale, qk_scale, False, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
+    for g in range(GROUP):  # the query heads of this K/V head, always in the same order
+        off_h = off_hkv * GROUP + g
+        row0 = (off_b * H + off_h) * SQ  # this query head's first row in LSE, DELTA and DQ_ACC
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        do_base = DO + off_b * stride_dob + off_h * stride_doh
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, DQ_ACC + row0 * HEAD_DIM,
+                             stride_qm, stride_dom, k_pos, lo, mid, SQ, SK, kv_start, sm_scale, qk_scale,
+                             True, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, DQ_ACC + row0 * HEAD_DIM,
+                             stride_qm, stride_dom, k_pos, mid, SQ, SQ, SK, kv_start, sm_scale, qk_scale,
+                             False, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
 
-    first_row = pid_bh.to(tl.int64) * SK + start_n
+    first_row = pid_bkv.to(tl.int64) * SK + start_n
     tl.store(_tile_ptrs(DK, first_row, HEAD_DIM, BLOCK_N, HEAD_DIM), (dk * sm_scale).to(DK.dtype.element_ty),
              mask=in_keys)
     tl.store(_tile_ptrs(DV, first_row, HEAD_DIM, BLOCK_N, HEAD_DIM), dv.to(DV.dtype.element_ty), mask=in_keys)
@@ -316,11 +330,11 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, q_pos, lo, hi, SK, kv_star
     return dq
 
 
-@triton.jit(do_not_specialize=["H", "SQ", "SK"])
+@triton.jit(do_not_specialize=["H", "GROUP", "SQ", "SK"])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_dob, stride_doh, stride_dom,
-                 H, SQ, SK,
+                 H, GROUP, SQ, SK,
                  CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -329,8 +343,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, sm_scale,
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_kb + off_h * stride_kh
+    off_hkv = (pid_bh % H // GROUP).to(tl.int64)  # the query head's K/V head
+    K += off_b * stride_kb + off_hkv * stride_kh
+    V += off_b * stride_kb + off_hkv * stride_kh
     DO += off_b * stride_dob + off_h * stride_doh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
     qk_scale = sm_scale * 1.4426950408889634
@@ -424,10 +439,13 @@ def _check_inputs(q, k, v, kv_start):
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
                          f"on {q.device}/{k.device}/{v.device}")
-    (b, h, sq, d), sk = q.shape, k.shape[2]
-    if k.shape != v.shape or k.shape[:2] != (b, h) or k.shape[3] != d:
-        raise ValueError(f"flash_attention: k and v must be [B, H, Sk, D] = [{b}, {h}, Sk, {d}], "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    (b, h, sq, d), (hkv, sk) = q.shape, k.shape[1:3]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"flash_attention: k and v must both be [B, Hkv, Sk, D] = [{b}, Hkv, Sk, {d}] "
+                         f"(q is {tuple(q.shape)}), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hkv < 1 or h % hkv:
+        raise ValueError(f"flash_attention: the K/V head count Hkv (k.shape[1] = {hkv}) must divide the query "
+                         f"head count H (q.shape[1] = {h}) for grouped-query attention")
     if d not in HEAD_DIMS:
         raise ValueError(f"flash_attention: head dim D must be one of {HEAD_DIMS}, got {d}")
     if not 1 <= sq <= sk:
@@ -455,7 +473,7 @@ def _kernel_layout(q, k, v):
 def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
     """The forward's launches, and its outputs o [B, H, Sq, D] (q's dtype) and lse [B·H, Sq] (fp32,
     base 2) that they will write. Reads no data: kernels/compile.py runs it on meta tensors."""
-    (b, h, sq, d), sk, dev = q.shape, k.shape[2], q.device
+    (b, h, sq, d), (hkv, sk), dev = q.shape, k.shape[1:3], q.device
     kind = "decode" if sq <= DECODE_MAX_SQ else "fwd"
     c = _CONFIGS[(arch, kind, q.dtype != torch.float32)][d]
     m_tiles = triton.cdiv(sq, c.block_m)
@@ -473,7 +491,7 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
     forward = Launch(
         _attn_fwd, checked_grid(b * h, m_tiles, splits),
         (q, k, v, o_part, lse_part, q if kv_start is None else kv_start, sm_scale,  # (q: unused pointer)
-         *q.stride()[:3], *k.stride()[:3], rows, h, sq, sk, split_size),
+         *q.stride()[:3], *k.stride()[:3], rows, h, h // hkv, sq, sk, split_size),
         dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages)
     if splits == 1:
@@ -485,15 +503,16 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
 
 def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic, arch):
     """The backward's launches, and dq, dk, dv that they will write (dq in fp32 when not
-    deterministic: the atomics' accumulator). Reads no data, like _forward_launches."""
-    (b, h, sq, d), sk, dev = q.shape, k.shape[2], q.device
+    deterministic: the atomics' accumulator; dk, dv [B, Hkv, Sk, D] like k, v). Reads no data, like
+    _forward_launches."""
+    (b, h, sq, d), (hkv, sk), dev = q.shape, k.shape[1:3], q.device
     half = q.dtype != torch.float32
     delta = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
     launches = [Launch(_attn_bwd_preprocess, checked_grid(b * h, triton.cdiv(sq, _ROWS_PER_PROGRAM)),
                        (o, do, delta, *do.stride()[:3], h, sq), dict(HEAD_DIM=d, BLOCK_M=_ROWS_PER_PROGRAM),
                        _PRE_WARPS, _SMALL_STAGES)]
-    dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=dev)
-    dv = torch.empty((b, h, sk, d), dtype=v.dtype, device=dev)
+    dk = torch.empty((b, hkv, sk, d), dtype=k.dtype, device=dev)
+    dv = torch.empty((b, hkv, sk, d), dtype=v.dtype, device=dev)
     if deterministic:
         dq = torch.empty((b, h, sq, d), dtype=q.dtype, device=dev)
     else:
@@ -503,15 +522,15 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
     kv = q if kv_start is None else kv_start  # unused pointers get any tensor
     c = _CONFIGS[(arch, "dkdv", half)][d]
     launches.append(Launch(
-        _attn_bwd_dkdv, checked_grid(b * h, triton.cdiv(sk, c.block_n)),
-        (q, k, v, do, lse, delta, dk, dv, delta if deterministic else dq, kv, sm_scale, *strides, h, sq, sk),
+        _attn_bwd_dkdv, checked_grid(b * hkv, triton.cdiv(sk, c.block_n)),  # one program per K/V head's key tile
+        (q, k, v, do, lse, delta, dk, dv, delta if deterministic else dq, kv, sm_scale, *strides, h, h // hkv, sq, sk),
         dict(**common, ATOMIC_DQ=not deterministic, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages))
     if deterministic:
         c = _CONFIGS[(arch, "dq", half)][d]
         launches.append(Launch(
             _attn_bwd_dq, checked_grid(b * h, triton.cdiv(sq, c.block_m)),
-            (q, k, v, do, lse, delta, dq, kv, sm_scale, *strides, h, sq, sk),
+            (q, k, v, do, lse, delta, dq, kv, sm_scale, *strides, h, h // hkv, sq, sk),
             dict(**common, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c.num_warps, c.num_stages))
     return launches, dq, dk, dv
 
@@ -533,10 +552,13 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic):
 
 # ----------------------------------------------------------------------------- ahead-of-time builds
 
-# Shapes (B, H, Sq, Sk) on which the launchers pick every build: training / prefill; a decode step
+# Shapes (B, H, Hkv, Sq, Sk) on which the launchers pick every build: training / prefill; a decode step
 # at batch 1 over a long cache (split keys, fp32 partials, the combine); one at a large batch (one
-# split, written in place). Sizes are not specialised, so other shapes of each kind pick the same.
-_AOT_SHAPES = ((2, 12, 1024, 1024), (1, 12, 1, 4096), (64, 12, 1, 512))
+# split, written in place); training and decode again with grouped K/V heads. Sizes and the group
+# (H / Hkv) are not specialised, so other shapes of each kind pick the same builds (compile.py checks
+# that launches sharing a label compile the same source).
+_AOT_SHAPES = ((2, 12, 12, 1024, 1024), (1, 12, 12, 1, 4096), (64, 12, 12, 1, 512),
+               (2, 32, 8, 1024, 1024), (1, 32, 8, 1, 4096))
 _AOT_SMS = {80: 108, 90: 132}  # A100, H100
 _AOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -547,9 +569,10 @@ def aot_configs() -> list[dict]:
     or not, with and without kv_start, forward, decode and both backward variants. Each entry holds
     the launcher's own Launch, computed on meta tensors (16-byte aligned, like torch's allocations)."""
     out = []
-    for arch, dtype, d, causal, padded, (b, h, sq, sk) in itertools.product(
+    for arch, dtype, d, causal, padded, (b, h, hkv, sq, sk) in itertools.product(
             ARCHS, _AOT_DTYPES, HEAD_DIMS, (True, False), (False, True), _AOT_SHAPES):
-        q, k, v, do = (torch.empty(b, h, s, d, dtype=dtype, device="meta") for s in (sq, sk, sk, sq))
+        q, k, v, do = (torch.empty(b, heads, s, d, dtype=dtype, device="meta")
+                       for heads, s in ((h, sq), (hkv, sk), (hkv, sk), (h, sq)))
         kv_start = torch.zeros(b, dtype=torch.int64, device="meta") if padded else None
         launches, o, lse = _forward_launches(q, k, v, causal, 1.0, kv_start, arch, _AOT_SMS[arch])
         for deterministic in (True, False):
@@ -611,9 +634,11 @@ class FlashAttention(torch.autograd.Function):
 
 
 def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, deterministic=True):
-    """softmax(q kᵀ · sm_scale + mask) v with q: [B, H, Sq, D], k, v: [B, H, Sk, D], Sk >= Sq.
+    """softmax(q kᵀ · sm_scale + mask) v with q: [B, H, Sq, D], k, v: [B, Hkv, Sk, D], Sk >= Sq.
 
-    causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq). sm_scale defaults to
+    Grouped-query attention when Hkv < H (Hkv must divide H): query head h attends with K/V head
+    h // (H / Hkv). K/V are read in place, never repeated in memory; their gradients come back with
+    k's and v's shape [B, Hkv, Sk, D], summed over each group's query heads. causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq). sm_scale defaults to
     1/sqrt(D). kv_start: optional LongTensor[B], the first real position of each left-padded row
     (see engine/reference.py: attention_mask). D in HEAD_DIMS; fp16, bf16 or fp32; any strides.
     Differentiable in q, k, v. deterministic=True (default): bitwise-equal gradients run after
