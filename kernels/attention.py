@@ -18,8 +18,8 @@ tile) pay for masking. `kv_start` (left-padded batches) follows engine/reference
 key j is visible to query position p iff (j >= kv_start[b]) == (p >= kv_start[b]).
 
 Backward: a preprocess computes delta = rowsum(dO * O); one kernel accumulates dK and dV per
-key tile over the query tiles (under GQA, of every query head of the group in turn: one program
-per K/V head and key tile), a second one computes dQ per query tile over the key tiles.
+key tile over the query tiles (under GQA, one share per query head, which the launcher then sums
+over the group in a fixed order), a second one computes dQ per query tile over the key tiles.
 Every gradient element is written by exactly one program that sums in a fixed order, so the
 gradients are deterministic (bitwise equal run after run) without atomics. The price is
 recomputing Q Kᵀ and dO Vᵀ in the dQ pass (7 matmuls instead of 5); deterministic=False opts
@@ -37,7 +37,7 @@ Sk) are not specialised, so the first call of each (kernel, D, dtype, causal, kv
 JIT-compiles it (about 1-6 s per kernel on a 2-core CPU, fp32 the slowest; a training step
 compiles three kernels, a decode step one or two) and later calls with any sizes reuse it.
 
-Grids are (B·H, tiles, splits) (dK/dV: B·Hkv): heads on axis x, where CUDA allows 2^31 - 1 programs (axes y and
+Grids are (B·H, tiles, splits): B·H on axis x, where CUDA allows 2^31 - 1 programs (axes y and
 z stop at 65,535, which caps a sequence at 65,535 tiles). Offsets: batch/head bases and each
 tile's first row are 64-bit, since they pass 2^31 once one tensor does; offsets within a tile and
 sequence positions stay 32-bit. K and V share one set of strides, so one tile of in-tile offsets
@@ -262,17 +262,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
                    H, GROUP, SQ, SK,
                    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key tile of one K/V head (grid B·Hkv × key tiles). Grouped-query attention: the
-    GROUP = H / Hkv query heads sharing this K/V head all add to its dK, dV, so this program loops over
-    them in order and sums in registers. One program writes each dK/dV element, in a fixed order, with
-    no atomics and no per-query-head partials to allocate and reduce afterwards."""
-    pid_bkv = tl.program_id(0)
+    """One key tile's dK, dV from one query head (grid B·H × key tiles), read from K/V head h // GROUP.
+    DK, DV are [B·H, SK, D]: with GROUP = 1 the gradients themselves, else one partial per query head
+    that the launcher sums over each group (see _backward_launches)."""
+    pid_bh = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
-    hkv = H // GROUP
-    off_b = (pid_bkv // hkv).to(tl.int64)
-    off_hkv = (pid_bkv % hkv).to(tl.int64)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = (pid_bh % H // GROUP).to(tl.int64)  # the query head's K/V head
+    Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_hkv * stride_kh
     V += off_b * stride_kb + off_hkv * stride_kh
+    DO += off_b * stride_dob + off_h * stride_doh
+    LSE += pid_bh.to(tl.int64) * SQ
+    DELTA += pid_bh.to(tl.int64) * SQ
+    DQ_ACC += pid_bh.to(tl.int64) * SQ * HEAD_DIM
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
     qk_scale = sm_scale * 1.4426950408889634
 
@@ -294,19 +298,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
     # a partial last key tile needs the bounds mask against every query tile: its zero-filled keys
     # score 0, and p = exp2(0 - lse) overflows when the real logits are very negative (inf · 0 = NaN)
     mid = tl.where(start_n + BLOCK_N > SK, SQ, tl.minimum(mid, SQ))
-    for g in range(GROUP):  # the query heads of this K/V head, always in the same order
-        off_h = off_hkv * GROUP + g
-        row0 = (off_b * H + off_h) * SQ  # this query head's first row in LSE, DELTA and DQ_ACC
-        q_base = Q + off_b * stride_qb + off_h * stride_qh
-        do_base = DO + off_b * stride_dob + off_h * stride_doh
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, DQ_ACC + row0 * HEAD_DIM,
-                             stride_qm, stride_dom, k_pos, lo, mid, SQ, SK, kv_start, sm_scale, qk_scale,
-                             True, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0, DQ_ACC + row0 * HEAD_DIM,
-                             stride_qm, stride_dom, k_pos, mid, SQ, SQ, SK, kv_start, sm_scale, qk_scale,
-                             False, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, k_pos, lo, mid, SQ, SK,
+                         kv_start, sm_scale, qk_scale, True, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, k_pos, mid, SQ, SQ, SK,
+                         kv_start, sm_scale, qk_scale, False, CAUSAL, HAS_KV_START, ATOMIC_DQ, BLOCK_M, HEAD_DIM)
 
-    first_row = pid_bkv.to(tl.int64) * SK + start_n
+    first_row = pid_bh.to(tl.int64) * SK + start_n
     tl.store(_tile_ptrs(DK, first_row, HEAD_DIM, BLOCK_N, HEAD_DIM), (dk * sm_scale).to(DK.dtype.element_ty),
              mask=in_keys)
     tl.store(_tile_ptrs(DV, first_row, HEAD_DIM, BLOCK_N, HEAD_DIM), dv.to(DV.dtype.element_ty), mask=in_keys)
@@ -503,16 +500,21 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
 
 def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic, arch):
     """The backward's launches, and dq, dk, dv that they will write (dq in fp32 when not
-    deterministic: the atomics' accumulator; dk, dv [B, Hkv, Sk, D] like k, v). Reads no data, like
-    _forward_launches."""
+    deterministic: the atomics' accumulator; dk, dv [B, H, Sk, D], one per query head: with Hkv < H
+    partials that _backward sums over each group). Reads no data, like _forward_launches."""
     (b, h, sq, d), (hkv, sk), dev = q.shape, k.shape[1:3], q.device
     half = q.dtype != torch.float32
     delta = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
     launches = [Launch(_attn_bwd_preprocess, checked_grid(b * h, triton.cdiv(sq, _ROWS_PER_PROGRAM)),
                        (o, do, delta, *do.stride()[:3], h, sq), dict(HEAD_DIM=d, BLOCK_M=_ROWS_PER_PROGRAM),
                        _PRE_WARPS, _SMALL_STAGES)]
-    dk = torch.empty((b, hkv, sk, d), dtype=k.dtype, device=dev)
-    dv = torch.empty((b, hkv, sk, d), dtype=v.dtype, device=dev)
+    # Grouped-query attention: the H / Hkv query heads of a group all add to their K/V head's dK, dV.
+    # Each dK/dV program handles one query head, as without groups, and writes that head's share;
+    # _backward sums the shares of each group with one torch reduction, in a fixed order: deterministic,
+    # no atomics. (One program looping over the group's query heads instead needs no buffer, but
+    # holding the loop's state across the query loop made the D=128 16-bit builds spill registers.)
+    dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=dev)
+    dv = torch.empty((b, h, sk, d), dtype=v.dtype, device=dev)
     if deterministic:
         dq = torch.empty((b, h, sq, d), dtype=q.dtype, device=dev)
     else:
@@ -522,7 +524,7 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
     kv = q if kv_start is None else kv_start  # unused pointers get any tensor
     c = _CONFIGS[(arch, "dkdv", half)][d]
     launches.append(Launch(
-        _attn_bwd_dkdv, checked_grid(b * hkv, triton.cdiv(sk, c.block_n)),  # one program per K/V head's key tile
+        _attn_bwd_dkdv, checked_grid(b * h, triton.cdiv(sk, c.block_n)),
         (q, k, v, do, lse, delta, dk, dv, delta if deterministic else dq, kv, sm_scale, *strides, h, h // hkv, sq, sk),
         dict(**common, ATOMIC_DQ=not deterministic, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages))
@@ -547,6 +549,9 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic):
                                               _target(q.device)[0])
     for launch in launches:
         launch()
+    hkv = k.shape[1]
+    if dk.shape[1] != hkv:  # per-query-head shares of grouped K/V heads: summed in fp32, group by group
+        dk, dv = (t.unflatten(1, (hkv, -1)).sum(2, dtype=torch.float32).to(t.dtype) for t in (dk, dv))
     return dq.to(q.dtype), dk, dv
 
 
