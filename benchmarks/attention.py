@@ -1,6 +1,6 @@
 """Attention speed: kernels.flash_attention against torch SDPA (each backend) and torch.compile.
 
-    python benchmarks/attention.py [--toy] [--out DIR]
+    python benchmarks/attention.py [--toy] [--gqa] [--out DIR]
 
 Forward and forward+backward TFLOP/s over sequence lengths (FLOPs 4·B·H·Sq·Sk·D, halved when
 causal; the backward counts 2.5x the forward; "ours-atomic" is the deterministic=False backward),
@@ -8,6 +8,10 @@ and decode-step latency (one query over a KV cache
 of Sk keys) at batch 1 and 16. On CUDA: bf16, D in {64, 128}, S from 512 to 16k with B·S = 16k
 tokens and H·D = 2048. --toy: a few tiny fp32 shapes for the CPU (the Triton interpreter) that
 check the script runs. Writes attention.csv and one PNG per mode into the results folder.
+--gqa: grouped-query attention at Llama-3-8B's shape instead (H=32 query heads over Hkv=8 K/V heads,
+D=128, causal, bf16; S from 1k to 16k with B·S = 16k tokens, and decode steps), against SDPA with
+enable_gqa=True (backends without GQA support drop out); writes attention_gqa.csv and its PNGs.
+With --toy: H=4 over Hkv=2, tiny fp32 shapes.
 """
 import argparse
 import os
@@ -34,16 +38,17 @@ def sdpa(backend: str):
 
     def attend(q, k, v, causal):
         with sdpa_kernel(getattr(SDPBackend, which)):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[-2] > 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[-2] > 1,
+                                                  enable_gqa=k.shape[1] != q.shape[1])
     return attend
 
 
-def implementations(toy: bool) -> dict:
+def implementations(toy: bool, gqa: bool = False) -> dict:
     impls = {"ours": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal),
              # backward with atomic dQ (not bitwise deterministic); its forward is "ours"
              "ours-atomic": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=False)}
     impls.update({f"sdpa-{b}": sdpa(b) for b in SDPA_BACKENDS})
-    if not toy:  # inductor on the CPU would first build C++; on CUDA it emits Triton
+    if not toy and not gqa:  # inductor on the CPU would first build C++; on CUDA it emits Triton
         compiled = torch.compile(reference.attention, dynamic=True)
         impls["compiled-reference"] = lambda q, k, v, causal: compiled(q, k, v, causal=causal)
     return impls
@@ -69,15 +74,18 @@ def measure(fn, backward: bool, toy: bool):
             torch.cuda.empty_cache()
 
 
-def bench_training(impls, seqlens, head_dims, dtype, device, toy: bool) -> list[dict]:
+def bench_training(impls, seqlens, head_dims, dtype, device, toy: bool, heads: int | None = None, group: int = 1,
+                   causal_modes=(True, False)) -> list[dict]:
+    """heads: query heads (default H·D = 2048, 64 in toy mode); group: query heads per K/V head."""
     rows = []
     tokens = 4 * max(seqlens) if toy else 16384
     width = 64 if toy else 2048
     for d in head_dims:
-        h = width // d
+        h = heads or width // d
+        hkv = h // group
         for s in seqlens:
             b = max(1, tokens // s)
-            for causal in (True, False):
+            for causal in causal_modes:
                 for backward in (False, True):
                     flops = 4 * b * h * s * s * d / (2 if causal else 1) * (3.5 if backward else 1.0)
                     for name, attend in impls.items():
@@ -85,8 +93,8 @@ def bench_training(impls, seqlens, head_dims, dtype, device, toy: bool) -> list[
                             continue  # materialises the S x S scores: minutes and tens of GB
                         if name == "ours-atomic" and not backward:
                             continue
-                        q, k, v = (torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=True)
-                                   for _ in range(3))
+                        q, k, v = (torch.randn(b, n, s, d, device=device, dtype=dtype, requires_grad=True)
+                                   for n in (h, hkv, hkv))
 
                         def fn(q_, k_, v_, attend=attend, causal=causal):
                             return attend(q_, k_, v_, causal)
@@ -94,40 +102,46 @@ def bench_training(impls, seqlens, head_dims, dtype, device, toy: bool) -> list[
                         ms = measure(fn, backward, toy)
                         tflops = None if ms is None else flops / ms / 1e9
                         rows.append({"mode": "fwd+bwd" if backward else "fwd", "impl": name, "batch": b,
-                                     "heads": h, "seqlen": s, "cache": "", "head_dim": d, "causal": causal,
+                                     "heads": h, "kv_heads": hkv, "seqlen": s, "cache": "", "head_dim": d, "causal": causal,
                                      "dtype": str(dtype).replace("torch.", ""), "ms": ms, "tflops": tflops})
-                        print(f"{rows[-1]['mode']:8s} D={d:3d} S={s:6d} causal={causal!s:5s} {name:20s} "
+                        print(f"{rows[-1]['mode']:8s} H={h}/{hkv} D={d:3d} S={s:6d} causal={causal!s:5s} {name:20s} "
                               f"{'-' if ms is None else f'{ms:9.3f} ms {tflops:7.1f} TFLOP/s'}")
     return rows
 
 
-def bench_decode(impls, caches, batches, dtype, device, toy: bool) -> list[dict]:
+def bench_decode(impls, caches, batches, dtype, device, toy: bool, heads: int | None = None,
+                 group: int = 1) -> list[dict]:
     """One new query per sequence against a cache of Sk keys (the generation step)."""
     rows = []
     h, d = (2, 32) if toy else (16, 128)
+    h = heads or h
+    hkv = h // group
     for b in batches:
         for sk in caches:
             for name, attend in impls.items():
                 if name in ("compiled-reference", "ours-atomic"):
                     continue
                 q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
-                k, v = (torch.randn(b, h, sk, d, device=device, dtype=dtype) for _ in range(2))
+                k, v = (torch.randn(b, hkv, sk, d, device=device, dtype=dtype) for _ in range(2))
 
                 def fn(q_, k_, v_, attend=attend):
                     return attend(q_, k_, v_, True)
                 fn.inputs = (q, k, v)
                 with torch.no_grad():
                     ms = measure(fn, False, toy)
-                rows.append({"mode": "decode", "impl": name, "batch": b, "heads": h, "seqlen": 1, "cache": sk,
+                rows.append({"mode": "decode", "impl": name, "batch": b, "heads": h, "kv_heads": hkv, "seqlen": 1,
+                             "cache": sk,
                              "head_dim": d, "causal": True, "dtype": str(dtype).replace("torch.", ""), "ms": ms,
                              "tflops": None if ms is None else 4 * b * h * sk * d / ms / 1e9})
-                print(f"decode   B={b:3d} cache={sk:6d} {name:20s} {'-' if ms is None else f'{ms * 1e3:9.1f} us'}")
+                print(f"decode   B={b:3d} H={h}/{hkv} cache={sk:6d} {name:20s} {'-' if ms is None else f'{ms * 1e3:9.1f} us'}")
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--toy", action="store_true", help="tiny fp32 shapes: a CPU smoke run")
+    parser.add_argument("--gqa", action="store_true",
+                        help="grouped-query attention at Llama-3-8B's shape (H=32, Hkv=8, D=128) instead")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hw>-<date>)")
     args = parser.parse_args(argv)
     on_cuda = torch.cuda.is_available()
@@ -135,23 +149,33 @@ def main(argv=None):
         parser.error("needs a CUDA GPU, or TRITON_INTERPRET=1 with --toy")
     toy = args.toy or not on_cuda
     device, dtype = ("cuda", torch.bfloat16) if on_cuda and not toy else (("cuda" if on_cuda else "cpu"), torch.float32)
-    impls = implementations(toy)
-    if toy:
+    impls = implementations(toy, args.gqa)
+    if args.gqa and toy:
+        gqa = dict(heads=4, group=2)
+        rows = bench_training(impls, (32, 64), (32,), dtype, device, toy, causal_modes=(True,), **gqa)
+        rows += bench_decode(impls, (128, 256), (1,), dtype, device, toy, **gqa)
+    elif args.gqa:  # Llama-3-8B: 32 query heads over 8 K/V heads of 128
+        gqa = dict(heads=32, group=4)
+        rows = bench_training(impls, (1024, 2048, 4096, 8192, 16384), (128,), dtype, device, toy, causal_modes=(True,),
+                              **gqa)
+        rows += bench_decode(impls, (1024, 4096, 16384), (1, 16), dtype, device, toy, **gqa)
+    elif toy:
         rows = bench_training(impls, (32, 64), (32,), dtype, device, toy)
         rows += bench_decode(impls, (128, 256), (1, 2), dtype, device, toy)
     else:
         rows = bench_training(impls, (512, 1024, 2048, 4096, 8192, 16384), (64, 128), dtype, device, toy)
         rows += bench_decode(impls, (1024, 2048, 4096, 8192, 16384, 32768), (1, 16), dtype, device, toy)
     out = results_dir(args.out)
-    write_csv(rows, out / "attention.csv")
+    name = "attention_gqa" if args.gqa else "attention"
+    write_csv(rows, out / f"{name}.csv")
     for mode in ("fwd", "fwd+bwd"):
-        sub = [{**r, "case": f"D={r['head_dim']} {'causal' if r['causal'] else 'full'}"} for r in rows
-               if r["mode"] == mode]
-        plot_lines(sub, "seqlen", "tflops", "impl", out / f"attention_{mode.replace('+', '_')}.png",
-                   f"attention {mode} TFLOP/s ({sub[0]['dtype']})", facet="case")
-    plot_lines([r for r in rows if r["mode"] == "decode"], "cache", "ms", "impl", out / "attention_decode.png",
-               "decode step latency (ms)", facet="batch")
-    print(f"wrote {out / 'attention.csv'}")
+        sub = [{**r, "case": f"H={r['heads']}/{r['kv_heads']} D={r['head_dim']} {'causal' if r['causal'] else 'full'}"}
+               for r in rows if r["mode"] == mode]
+        plot_lines(sub, "seqlen", "tflops", "impl", out / f"{name}_{mode.replace('+', '_')}.png",
+                   f"{name} {mode} TFLOP/s ({sub[0]['dtype']})", facet="case")
+    plot_lines([r for r in rows if r["mode"] == "decode"], "cache", "ms", "impl", out / f"{name}_decode.png",
+               f"{name} decode step latency (ms)", facet="batch")
+    print(f"wrote {out / f'{name}.csv'}")
     summarize(rows)
 
 
@@ -163,10 +187,10 @@ def summarize(rows):
     for r in rows:
         if not r["impl"].startswith("ours") or r["ms"] is None:
             continue
-        key = ("mode", "batch", "seqlen", "cache", "head_dim", "causal")
+        key = ("mode", "batch", "heads", "kv_heads", "seqlen", "cache", "head_dim", "causal")
         ref = best(lambda x: all(x[c] == r[c] for c in key))
         if ref is not None:
-            print(f"{r['impl']:11s} {r['mode']:8s} D={r['head_dim']} S={r['seqlen']} cache={r['cache'] or '-'} B={r['batch']} "
+            print(f"{r['impl']:11s} {r['mode']:8s} H={r['heads']}/{r['kv_heads']} D={r['head_dim']} S={r['seqlen']} cache={r['cache'] or '-'} B={r['batch']} "
                   f"causal={r['causal']}: {ref / r['ms']:.2f}x the best SDPA backend")
 
 

@@ -3,8 +3,8 @@
     python benchmarks/targets.py DIR [--dry-run]
 
 benchmarks/gpu_suite.sh runs this last. It reads what the suite left in DIR: how each step ended
-(steps-setup.csv, steps-core.csv, steps-extended.csv), attention.csv, layernorm.csv, train.csv, generate.csv and
-the CUDA tests' JUnit report (cuda_tests.xml); it writes DIR/targets.md and prints it.
+(steps-setup.csv, steps-core.csv, steps-extended.csv), attention.csv, attention_gqa.csv, layernorm.csv, train.csv,
+generate.csv and the CUDA tests' JUnit report (cuda_tests.xml); it writes DIR/targets.md and prints it.
 
 A target over several shapes is judged by its worst shape: the lowest figure for an "at least"
 goal, the highest for an "at most" goal, over every shape the target names that the run measured;
@@ -158,17 +158,29 @@ def long_causal_d128_bf16(r: dict) -> bool:
     return r["causal"] == "True" and r["head_dim"] == "128" and r["dtype"] == "bfloat16" and int(r["seqlen"]) >= 4096
 
 
-def attention_ms(run: Run, mode: str) -> dict[tuple, dict[str, float]]:
-    rows = [r for r in run.rows("attention.csv", long_causal_d128_bf16) if r["mode"] == mode and r["ms"]]
+def attention_ms(run: Run, mode: str, csv_name: str = "attention.csv",
+                 of_shapes=long_causal_d128_bf16) -> dict[tuple, dict[str, float]]:
+    rows = [r for r in run.rows(csv_name, of_shapes) if r["mode"] == mode and r["ms"]]
     return {key: {impl: float(r["ms"]) for impl, r in impls.items()} for key, impls in by_key(rows, *ATTENTION_SHAPE).items()}
 
 
-def attention_forward_vs_sdpa(run: Run) -> dict[str, float]:
+def attention_forward_vs_sdpa(run: Run, csv_name: str = "attention.csv", of_shapes=long_causal_d128_bf16) -> dict[str, float]:
     figures = {}
-    for key, ms in attention_ms(run, "fwd").items():
+    for key, ms in attention_ms(run, "fwd", csv_name, of_shapes).items():
         if "ours" in ms and best_sdpa(ms):
             figures[attention_label(key)] = best_sdpa(ms) / ms["ours"]
     return figures
+
+
+def gqa_llama3_8b(r: dict) -> bool:
+    """Llama-3-8B's attention: 32 query heads over 8 K/V heads of 128, bf16, long sequences."""
+    return (r["heads"] == "32" and r["kv_heads"] == "8" and r["head_dim"] == "128" and r["dtype"] == "bfloat16"
+            and int(r["seqlen"]) >= 4096)
+
+
+def gqa_forward_vs_sdpa(run: Run) -> dict[str, float]:
+    """attention_gqa.csv (benchmarks/attention.py --gqa): best SDPA (enable_gqa) / ours, forward."""
+    return attention_forward_vs_sdpa(run, "attention_gqa.csv", gqa_llama3_8b)
 
 
 def attention_forward_tflops(run: Run) -> dict[str, float]:
@@ -306,7 +318,8 @@ CORE = [
 # Targets of later issues: "not measured: issue N has not landed" until that issue turns the step's
 # `not_landed` line in gpu_suite.sh into a `step` line and gives its Target a figures function.
 EXTENDED = [
-    Target("GQA forward vs the best SDPA backend (H=32, Hkv=8, D=128, bf16, S ≥ 4096)", AtLeast(1.0), ("gqa",)),
+    Target("GQA forward vs the best SDPA backend (H=32, Hkv=8, D=128, bf16, S ≥ 4096)", AtLeast(1.0), ("gqa",),
+           gqa_forward_vs_sdpa),
     Target("fused linear cross-entropy peak memory vs eager (16k tokens, V=128k, C=2048, bf16)", AtMost(0.25),
            ("fused_loss",)),
     Target("fused linear cross-entropy speed vs Liger (same shape)", AtLeast(1.0), ("fused_loss",)),

@@ -112,9 +112,6 @@ class TritonBackend(TorchBackend):
         self.kernels = kernels
 
     def attention(self, q, k, v, causal=True, kv_start=None):
-        group = q.shape[1] // k.shape[1]
-        if group > 1:  # flash_attention takes Hkv < H only from issue 16's kernel step: until then, repeat K/V
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return self.kernels.flash_attention(q, k, v, causal=causal, kv_start=kv_start)
 
     def layer_norm(self, x, weight, bias, eps):

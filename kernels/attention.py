@@ -1,6 +1,10 @@
 """Flash attention in Triton: forward, backward, and flash-decoding over a KV cache.
 
-    o = softmax(q kᵀ · sm_scale + mask) v,   q: [B, H, Sq, D], k, v: [B, H, Sk, D], Sk >= Sq
+    o = softmax(q kᵀ · sm_scale + mask) v,   q: [B, H, Sq, D], k, v: [B, Hkv, Sk, D], Sk >= Sq
+
+Grouped-query attention (GQA): Hkv divides H and query head h reads K/V head h // GROUP, GROUP =
+H / Hkv, by offsetting its K/V pointers (GROUP is a runtime argument, not a specialisation: Hkv = H
+is the group of one). K/V are never repeated in memory.
 
 FlashAttention-2 scheme. The forward streams tiles of K/V past a tile of Q and keeps an online
 softmax with fp32 statistics (running row max m and row sum l); scores are scaled by
@@ -14,7 +18,8 @@ tile) pay for masking. `kv_start` (left-padded batches) follows engine/reference
 key j is visible to query position p iff (j >= kv_start[b]) == (p >= kv_start[b]).
 
 Backward: a preprocess computes delta = rowsum(dO * O); one kernel accumulates dK and dV per
-key tile over the query tiles, a second one computes dQ per query tile over the key tiles.
+key tile over the query tiles (under GQA, one share per query head, which the launcher then sums
+over the group in a fixed order), a second one computes dQ per query tile over the key tiles.
 Every gradient element is written by exactly one program that sums in a fixed order, so the
 gradients are deterministic (bitwise equal run after run) without atomics. The price is
 recomputing Q Kᵀ and dO Vᵀ in the dQ pass (7 matmuls instead of 5); deterministic=False opts
@@ -136,23 +141,25 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, hi, SK, kv_start, q
 # Sizes are not specialised (do_not_specialize): one build serves every sequence length and head
 # count (Triton would compile other variants for values divisible by 16 or equal to 1), so the
 # first call compiles and kernels/compile.py can list every build that runs.
-@triton.jit(do_not_specialize=["ROWS", "H", "SQ", "SK"])
+@triton.jit(do_not_specialize=["ROWS", "H", "GROUP", "SQ", "SK"])
 def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-              ROWS, H, SQ, SK, SPLIT_SIZE,
+              ROWS, H, GROUP, SQ, SK, SPLIT_SIZE,
               CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE) (V has K's strides). O and LSE are
-    [splits, ROWS = B·H·SQ, (D)]: with one split they are the result, else partials for _attn_combine."""
+    [splits, ROWS = B·H·SQ, (D)]: with one split they are the result, else partials for _attn_combine.
+    Query head h reads K/V head h // GROUP (GROUP = H / Hkv query heads share one K/V head)."""
     pid_bh = tl.program_id(0)
     # last query tiles first: under a causal mask they stream the most keys (shorter tail)
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     pid_s = tl.program_id(2)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = (pid_bh % H // GROUP).to(tl.int64)  # the query head's K/V head
     Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_kb + off_h * stride_kh
+    K += off_b * stride_kb + off_hkv * stride_kh
+    V += off_b * stride_kb + off_hkv * stride_kh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -248,20 +255,24 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, 
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["H", "SQ", "SK"])
+@triton.jit(do_not_specialize=["H", "GROUP", "SQ", "SK"])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, KV_START, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_dob, stride_doh, stride_dom,
-                   H, SQ, SK,
+                   H, GROUP, SQ, SK,
                    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile's dK, dV from one query head (grid B·H × key tiles), read from K/V head h // GROUP.
+    DK, DV are [B·H, SK, D]: with GROUP = 1 the gradients themselves, else one partial per query head
+    that the launcher sums over each group (see _backward_launches)."""
     pid_bh = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
+    off_hkv = (pid_bh % H // GROUP).to(tl.int64)  # the query head's K/V head
     Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_kb + off_h * stride_kh
+    K += off_b * stride_kb + off_hkv * stride_kh
+    V += off_b * stride_kb + off_hkv * stride_kh
     DO += off_b * stride_dob + off_h * stride_doh
     LSE += pid_bh.to(tl.int64) * SQ
     DELTA += pid_bh.to(tl.int64) * SQ
@@ -316,11 +327,11 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, q_pos, lo, hi, SK, kv_star
     return dq
 
 
-@triton.jit(do_not_specialize=["H", "SQ", "SK"])
+@triton.jit(do_not_specialize=["H", "GROUP", "SQ", "SK"])
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, sm_scale,
                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                  stride_dob, stride_doh, stride_dom,
-                 H, SQ, SK,
+                 H, GROUP, SQ, SK,
                  CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(0)
@@ -329,8 +340,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, sm_scale,
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_kb + off_h * stride_kh
+    off_hkv = (pid_bh % H // GROUP).to(tl.int64)  # the query head's K/V head
+    K += off_b * stride_kb + off_hkv * stride_kh
+    V += off_b * stride_kb + off_hkv * stride_kh
     DO += off_b * stride_dob + off_h * stride_doh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
     qk_scale = sm_scale * 1.4426950408889634
@@ -373,8 +385,8 @@ _SMALL_D = (16, 32, 64)
 _CONFIGS = {
     (90, "fwd", True): {**dict.fromkeys(_SMALL_D, _C(128, 64, 4, 3)), 128: _C(128, 64, 8, 3)},
     (80, "fwd", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 8, 3), 128: _C(128, 32, 8, 3)},
-    (90, "decode", True): {**dict.fromkeys(_SMALL_D, _C(16, 64, 4, 3)), 128: _C(16, 64, 8, 3)},
-    (80, "decode", True): {**dict.fromkeys(_SMALL_D, _C(16, 64, 4, 3)), 128: _C(16, 32, 4, 3)},
+    (90, "decode", True): {16: _C(16, 64, 4, 3), 32: _C(16, 64, 4, 3), 64: _C(16, 64, 8, 3), 128: _C(16, 64, 8, 2)},
+    (80, "decode", True): {16: _C(16, 64, 8, 3), 32: _C(16, 64, 4, 3), 64: _C(16, 64, 4, 3), 128: _C(16, 32, 4, 3)},
     (90, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 128, 8, 2)},
     (80, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 64, 8, 3)},
     (90, "dq", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 8, 3), 128: _C(128, 64, 8, 2)},
@@ -383,8 +395,11 @@ _CONFIGS = {
     # the largest found with no build spilling (python -m kernels.compile); sm_80 needs smaller.
     # Every entry compiles without spills under both Triton 3.6 and 3.9 (ptxas differs: 3.6 spilled
     # 8-24 B in some fp32 builds at 64-80 registers that 3.9 compiles clean, and the other way round).
+    # The GQA head mapping (one more division per program) tipped some decode builds into 8 B spills
+    # under one version or the other: sm_90 16-bit D=64 and sm_80 16-bit D=16 now run 8 warps, sm_90
+    # 16-bit D=128 2 stages, fp32 D=64 4 warps.
     (90, "fwd", False): {16: _C(64, 32, 8, 2), 32: _C(32, 32, 8, 2), 64: _C(32, 32, 8, 2), 128: _C(16, 32, 8, 2)},
-    (90, "decode", False): dict.fromkeys(HEAD_DIMS, _C(16, 32, 8, 2)),
+    (90, "decode", False): {16: _C(16, 32, 8, 2), 32: _C(16, 32, 8, 2), 64: _C(16, 32, 4, 2), 128: _C(16, 32, 8, 2)},
     (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 16, 8, 1)), 128: _C(16, 32, 8, 2)},
     (80, "dkdv", False): {16: _C(32, 16, 8, 1), 32: _C(64, 32, 8, 2), 64: _C(32, 32, 8, 1), 128: _C(16, 16, 8, 1)},
     (90, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(16, 32, 8, 2)},
@@ -424,10 +439,13 @@ def _check_inputs(q, k, v, kv_start):
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
                          f"on {q.device}/{k.device}/{v.device}")
-    (b, h, sq, d), sk = q.shape, k.shape[2]
-    if k.shape != v.shape or k.shape[:2] != (b, h) or k.shape[3] != d:
-        raise ValueError(f"flash_attention: k and v must be [B, H, Sk, D] = [{b}, {h}, Sk, {d}], "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    (b, h, sq, d), (hkv, sk) = q.shape, k.shape[1:3]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"flash_attention: k and v must both be [B, Hkv, Sk, D] = [{b}, Hkv, Sk, {d}] "
+                         f"(q is {tuple(q.shape)}), got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if hkv < 1 or h % hkv:
+        raise ValueError(f"flash_attention: the K/V head count Hkv (k.shape[1] = {hkv}) must divide the query "
+                         f"head count H (q.shape[1] = {h}) for grouped-query attention")
     if d not in HEAD_DIMS:
         raise ValueError(f"flash_attention: head dim D must be one of {HEAD_DIMS}, got {d}")
     if not 1 <= sq <= sk:
@@ -455,7 +473,7 @@ def _kernel_layout(q, k, v):
 def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
     """The forward's launches, and its outputs o [B, H, Sq, D] (q's dtype) and lse [B·H, Sq] (fp32,
     base 2) that they will write. Reads no data: kernels/compile.py runs it on meta tensors."""
-    (b, h, sq, d), sk, dev = q.shape, k.shape[2], q.device
+    (b, h, sq, d), (hkv, sk), dev = q.shape, k.shape[1:3], q.device
     kind = "decode" if sq <= DECODE_MAX_SQ else "fwd"
     c = _CONFIGS[(arch, kind, q.dtype != torch.float32)][d]
     m_tiles = triton.cdiv(sq, c.block_m)
@@ -473,7 +491,7 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
     forward = Launch(
         _attn_fwd, checked_grid(b * h, m_tiles, splits),
         (q, k, v, o_part, lse_part, q if kv_start is None else kv_start, sm_scale,  # (q: unused pointer)
-         *q.stride()[:3], *k.stride()[:3], rows, h, sq, sk, split_size),
+         *q.stride()[:3], *k.stride()[:3], rows, h, h // hkv, sq, sk, split_size),
         dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages)
     if splits == 1:
@@ -485,13 +503,19 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
 
 def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic, arch):
     """The backward's launches, and dq, dk, dv that they will write (dq in fp32 when not
-    deterministic: the atomics' accumulator). Reads no data, like _forward_launches."""
-    (b, h, sq, d), sk, dev = q.shape, k.shape[2], q.device
+    deterministic: the atomics' accumulator; dk, dv [B, H, Sk, D], one per query head: with Hkv < H
+    partials that _backward sums over each group). Reads no data, like _forward_launches."""
+    (b, h, sq, d), (hkv, sk), dev = q.shape, k.shape[1:3], q.device
     half = q.dtype != torch.float32
     delta = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
     launches = [Launch(_attn_bwd_preprocess, checked_grid(b * h, triton.cdiv(sq, _ROWS_PER_PROGRAM)),
                        (o, do, delta, *do.stride()[:3], h, sq), dict(HEAD_DIM=d, BLOCK_M=_ROWS_PER_PROGRAM),
                        _PRE_WARPS, _SMALL_STAGES)]
+    # Grouped-query attention: the H / Hkv query heads of a group all add to their K/V head's dK, dV.
+    # Each dK/dV program handles one query head, as without groups, and writes that head's share;
+    # _backward sums the shares of each group with one torch reduction, in a fixed order: deterministic,
+    # no atomics. (One program looping over the group's query heads instead needs no buffer, but
+    # holding the loop's state across the query loop made the D=128 16-bit builds spill registers.)
     dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=dev)
     dv = torch.empty((b, h, sk, d), dtype=v.dtype, device=dev)
     if deterministic:
@@ -504,14 +528,14 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
     c = _CONFIGS[(arch, "dkdv", half)][d]
     launches.append(Launch(
         _attn_bwd_dkdv, checked_grid(b * h, triton.cdiv(sk, c.block_n)),
-        (q, k, v, do, lse, delta, dk, dv, delta if deterministic else dq, kv, sm_scale, *strides, h, sq, sk),
+        (q, k, v, do, lse, delta, dk, dv, delta if deterministic else dq, kv, sm_scale, *strides, h, h // hkv, sq, sk),
         dict(**common, ATOMIC_DQ=not deterministic, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages))
     if deterministic:
         c = _CONFIGS[(arch, "dq", half)][d]
         launches.append(Launch(
             _attn_bwd_dq, checked_grid(b * h, triton.cdiv(sq, c.block_m)),
-            (q, k, v, do, lse, delta, dq, kv, sm_scale, *strides, h, sq, sk),
+            (q, k, v, do, lse, delta, dq, kv, sm_scale, *strides, h, h // hkv, sq, sk),
             dict(**common, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c.num_warps, c.num_stages))
     return launches, dq, dk, dv
 
@@ -528,15 +552,21 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic):
                                               _target(q.device)[0])
     for launch in launches:
         launch()
+    hkv = k.shape[1]
+    if dk.shape[1] != hkv:  # per-query-head shares of grouped K/V heads: summed in fp32, group by group
+        dk, dv = (t.unflatten(1, (hkv, -1)).sum(2, dtype=torch.float32).to(t.dtype) for t in (dk, dv))
     return dq.to(q.dtype), dk, dv
 
 
 # ----------------------------------------------------------------------------- ahead-of-time builds
 
-# Shapes (B, H, Sq, Sk) on which the launchers pick every build: training / prefill; a decode step
+# Shapes (B, H, Hkv, Sq, Sk) on which the launchers pick every build: training / prefill; a decode step
 # at batch 1 over a long cache (split keys, fp32 partials, the combine); one at a large batch (one
-# split, written in place). Sizes are not specialised, so other shapes of each kind pick the same.
-_AOT_SHAPES = ((2, 12, 1024, 1024), (1, 12, 1, 4096), (64, 12, 1, 512))
+# split, written in place); training and decode again with grouped K/V heads. Sizes and the group
+# (H / Hkv) are not specialised, so other shapes of each kind pick the same builds (compile.py checks
+# that launches sharing a label compile the same source).
+_AOT_SHAPES = ((2, 12, 12, 1024, 1024), (1, 12, 12, 1, 4096), (64, 12, 12, 1, 512),
+               (2, 32, 8, 1024, 1024), (1, 32, 8, 1, 4096))
 _AOT_SMS = {80: 108, 90: 132}  # A100, H100
 _AOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -547,9 +577,10 @@ def aot_configs() -> list[dict]:
     or not, with and without kv_start, forward, decode and both backward variants. Each entry holds
     the launcher's own Launch, computed on meta tensors (16-byte aligned, like torch's allocations)."""
     out = []
-    for arch, dtype, d, causal, padded, (b, h, sq, sk) in itertools.product(
+    for arch, dtype, d, causal, padded, (b, h, hkv, sq, sk) in itertools.product(
             ARCHS, _AOT_DTYPES, HEAD_DIMS, (True, False), (False, True), _AOT_SHAPES):
-        q, k, v, do = (torch.empty(b, h, s, d, dtype=dtype, device="meta") for s in (sq, sk, sk, sq))
+        q, k, v, do = (torch.empty(b, heads, s, d, dtype=dtype, device="meta")
+                       for heads, s in ((h, sq), (hkv, sk), (hkv, sk), (h, sq)))
         kv_start = torch.zeros(b, dtype=torch.int64, device="meta") if padded else None
         launches, o, lse = _forward_launches(q, k, v, causal, 1.0, kv_start, arch, _AOT_SMS[arch])
         for deterministic in (True, False):
@@ -611,9 +642,11 @@ class FlashAttention(torch.autograd.Function):
 
 
 def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, deterministic=True):
-    """softmax(q kᵀ · sm_scale + mask) v with q: [B, H, Sq, D], k, v: [B, H, Sk, D], Sk >= Sq.
+    """softmax(q kᵀ · sm_scale + mask) v with q: [B, H, Sq, D], k, v: [B, Hkv, Sk, D], Sk >= Sq.
 
-    causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq). sm_scale defaults to
+    Grouped-query attention when Hkv < H (Hkv must divide H): query head h attends with K/V head
+    h // (H / Hkv). K/V are read in place, never repeated in memory; their gradients come back with
+    k's and v's shape [B, Hkv, Sk, D], summed over each group's query heads. causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq). sm_scale defaults to
     1/sqrt(D). kv_start: optional LongTensor[B], the first real position of each left-padded row
     (see engine/reference.py: attention_mask). D in HEAD_DIMS; fp16, bf16 or fp32; any strides.
     Differentiable in q, k, v. deterministic=True (default): bitwise-equal gradients run after

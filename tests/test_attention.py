@@ -21,7 +21,7 @@ from engine import reference
 from kernels import attention as attn
 from kernels import flash_attention
 from kernels.attention import DECODE_MAX_SQ
-from kernels.launch import MAX_GRID
+from kernels.launch import MAX_GRID, Launch
 
 ROOT = Path(__file__).resolve().parents[1]
 on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -46,8 +46,10 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
-def make_inputs(b, h, sq, sk, d, dtype, device=DEVICE):
-    q, k, v = (torch.randn(b, h, s, d, dtype=dtype, device=device) for s in (sq, sk, sk))
+def make_inputs(b, h, sq, sk, d, dtype, device=DEVICE, hkv=None):
+    """q, k, v, dO; k and v with hkv heads (default h)."""
+    hkv = h if hkv is None else hkv
+    q, k, v = (torch.randn(b, heads, s, d, dtype=dtype, device=device) for heads, s in ((h, sq), (hkv, sk), (hkv, sk)))
     return q, k, v, torch.randn(b, h, sq, d, dtype=dtype, device=device)
 
 
@@ -60,7 +62,10 @@ def run(fn, q, k, v, do, **kw):
 
 
 def torch_fp16(q, k, v, causal=True, kv_start=None):
-    """The attention formula run by PyTorch entirely in the inputs' dtype (no upcast)."""
+    """The attention formula run by PyTorch entirely in the inputs' dtype (no upcast). Grouped K/V
+    heads are repeated, so their gradients are summed by repeat_interleave's backward."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     mask = reference.attention_mask(q.shape[-2], k.shape[-2], causal, kv_start, device=q.device)
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
@@ -70,8 +75,8 @@ def max_err(x, ref):
     return (x.double() - ref).abs().max().item()
 
 
-def check(b, h, sq, sk, d, dtype, causal, kv_start=None, grads=True, deterministic=True):
-    check_inputs(*make_inputs(b, h, sq, sk, d, dtype), causal, kv_start, grads, deterministic)
+def check(b, h, sq, sk, d, dtype, causal, kv_start=None, grads=True, deterministic=True, hkv=None):
+    check_inputs(*make_inputs(b, h, sq, sk, d, dtype, hkv=hkv), causal, kv_start, grads, deterministic)
 
 
 def check_inputs(q, k, v, do, causal, kv_start=None, grads=True, deterministic=True):
@@ -127,9 +132,11 @@ def test_kv_start_matches_reference(sq, sk):
     check(len(kv_start), 2, sq, sk, 32, torch.float32, causal=True, kv_start=kv_start)
 
 
-def meta_inputs(b, h, sq, sk, d, dtype):
-    """q, k, v, dO on the meta device: shapes and strides without memory, for the launch planners."""
-    return (torch.empty(b, h, s, d, dtype=dtype, device="meta") for s in (sq, sk, sk, sq))
+def meta_inputs(b, h, sq, sk, d, dtype, hkv=None):
+    """q, k, v, dO on the meta device (k, v with hkv heads, default h): shapes and strides without
+    memory, for the launch planners."""
+    hkv = h if hkv is None else hkv
+    return (torch.empty(b, heads, s, d, dtype=dtype, device="meta") for heads, s in ((h, sq), (hkv, sk), (hkv, sk), (h, sq)))
 
 
 def test_decode_splits_keys():
@@ -144,14 +151,16 @@ def test_decode_splits_keys():
     check(1, 2, 1, 300, 64, torch.float32, causal=True, kv_start=kv_start)
 
 
-@pytest.mark.parametrize("b,h,sq,sk", [(4096, 32, 1, 4096), (2048, 64, 1000, 1000), (1, 65536, 16, 16)])
-def test_launch_grids_fit_cuda_limits_past_65535_heads(b, h, sq, sk):
+@pytest.mark.parametrize("b,h,hkv,sq,sk", [(4096, 32, 32, 1, 4096), (2048, 64, 64, 1000, 1000), (1, 65536, 65536, 16, 16),
+                                         (4096, 32, 8, 1, 4096), (2048, 64, 8, 1000, 1000)])
+def test_launch_grids_fit_cuda_limits_past_65535_heads(b, h, hkv, sq, sk):
     """B·H = 131,072 or 65,536 (a decode batch of 4,096 requests × 32 heads, training, one huge head
-    count): every kernel's grid stays within CUDA's limits, and covers every (batch, head)."""
+    count; with and without grouped K/V heads): every kernel's grid stays within CUDA's limits, and
+    covers every (batch, head)."""
     for arch, dtype, causal, kv_start, deterministic in itertools.product(
             attn.ARCHS, (torch.float16, torch.float32), (True, False), (None, torch.zeros(b, dtype=torch.long,
                                                                                          device="meta")), (True, False)):
-        q, k, v, do = meta_inputs(b, h, sq, sk, 128, dtype)
+        q, k, v, do = meta_inputs(b, h, sq, sk, 128, dtype, hkv=hkv)
         launches, o, lse = attn._forward_launches(q, k, v, causal, 1.0, kv_start, arch, 132)
         launches += attn._backward_launches(do, q, k, v, o, lse, causal, 1.0, kv_start, deterministic, arch)[0]
         for launch in launches:
@@ -205,6 +214,64 @@ def test_atomic_dq_backward(sq, sk, d, dtype, causal):
     check(2, 1, sq, sk, d, dtype, causal, kv_start=torch.tensor([0, sk // 2], device=DEVICE), deterministic=False)
 
 
+# Grouped-query attention: H = 8 query heads over Hkv = 8, 4, 2, 1 K/V heads (groups of 1 to 8).
+# Each case: (Sq, Sk, causal, dtype, D, deterministic backward, kv_start)
+GQA_KV_HEADS = (8, 4, 2, 1)
+GQA_CASES = [
+    (7, 129, True, torch.float32, 16, True, (0, 5)),
+    (129, 129, False, torch.float16, 32, False, None),
+    (1, 7, True, torch.float16, 16, True, (0, 3)),
+    (7, 129, False, torch.float32, 16, False, (2, 0)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(GQA_CASES)),
+                         ids=["{}x{}-{}-{}-D{}-{}{}".format(sq, sk, "causal" if c else "full", str(t)[6:], d,
+                                                           "separate_dq" if det else "atomic_dq", "-kv_start" * bool(ks))
+                              for sq, sk, c, t, d, det, ks in GQA_CASES])
+@pytest.mark.parametrize("hkv", GQA_KV_HEADS, ids=lambda n: f"Hkv{n}")
+def test_gqa_matches_reference(hkv, case):
+    """Output and gradients (dK, dV [B, Hkv, Sk, D], summed over each group) against float64."""
+    sq, sk, causal, dtype, d, deterministic, kv_start = GQA_CASES[case]
+    kv_start = None if kv_start is None else torch.tensor(kv_start, device=DEVICE)
+    check(2, 8, sq, sk, d, dtype, causal, kv_start=kv_start, deterministic=deterministic, hkv=hkv)
+
+
+@pytest.mark.parametrize("hkv", GQA_KV_HEADS, ids=lambda n: f"Hkv{n}")
+def test_gqa_decode_splits_keys(hkv):
+    """A decode step (Sq = 1) over a long cache with grouped K/V heads takes the split-KV path."""
+    q, k, v, _ = meta_inputs(1, 8, 1, 300, 32, torch.float16, hkv=hkv)
+    launches, _, _ = attn._forward_launches(q, k, v, True, 1.0, None, *attn._target(torch.device(DEVICE)))
+    assert [launch.kernel for launch in launches] == [attn._attn_fwd, attn._attn_combine]
+    assert launches[0].grid[2] > 1
+    check(1, 8, 1, 300, 32, (torch.float16, torch.float32)[hkv % 2], causal=True, grads=False, hkv=hkv,
+          kv_start=torch.tensor([40], device=DEVICE) if hkv < 4 else None)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["separate_dq", "atomic_dq"])
+def test_gqa_reads_k_and_v_in_place(monkeypatch, deterministic):
+    """Every launch, forward and backward, gets k's and v's own storage (Hkv heads, never repeated)."""
+    launches = []
+    real_call = Launch.__call__
+
+    def record(launch):
+        launches.append(launch)
+        real_call(launch)
+
+    monkeypatch.setattr(Launch, "__call__", record)
+    b, h, hkv, s = 2, 4, 2, 20
+    q, k, v, do = make_inputs(b, h, s, s, 16, torch.float32, hkv=hkv)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    flash_attention(q, k, v, deterministic=deterministic).backward(do)
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape
+    kernels = [launch.kernel for launch in launches]
+    assert kernels == [attn._attn_fwd, attn._attn_bwd_preprocess, attn._attn_bwd_dkdv] + [attn._attn_bwd_dq] * deterministic
+    for launch in launches:
+        if launch.kernel is not attn._attn_bwd_preprocess:
+            assert launch.args[1].data_ptr() == k.data_ptr() and launch.args[1].shape == (b, hkv, s, 16)
+            assert launch.args[2].data_ptr() == v.data_ptr() and launch.args[2].shape == (b, hkv, s, 16)
+
+
 @pytest.mark.parametrize("deterministic", [True, False], ids=["separate_dq", "atomic_dq"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("sq,sk", [(40, 40), (17, 40), (1, 40)])
@@ -227,6 +294,17 @@ def test_backward_is_deterministic():
     SMs): only then could a varying summation order show. (The interpreter runs programs one by
     one, so this test could not fail there.)"""
     q, k, v, do = make_inputs(4, 16, 1024, 1024, 64, torch.bfloat16)
+    first = run(flash_attention, q, k, v, do, causal=True)
+    for _ in range(2):
+        for a, b in zip(first, run(flash_attention, q, k, v, do, causal=True)):
+            assert torch.equal(a, b)
+
+
+@on_cuda
+@pytest.mark.cuda
+def test_gqa_backward_is_deterministic():
+    """As above with 4 query heads per K/V head: dK, dV summed over each group in a fixed order."""
+    q, k, v, do = make_inputs(4, 16, 1024, 1024, 64, torch.bfloat16, hkv=4)
     first = run(flash_attention, q, k, v, do, causal=True)
     for _ in range(2):
         for a, b in zip(first, run(flash_attention, q, k, v, do, causal=True)):
@@ -275,13 +353,22 @@ def test_offsets_past_2_31_elements(sq):
 @pytest.mark.parametrize("shapes,match", [
     (((1, 1, 4, 48), (1, 1, 4, 48)), r"\(16, 32, 64, 128\)"),
     (((1, 1, 8, 16), (1, 1, 4, 16)), "Sq <= Sk"),
-    (((1, 1, 4, 16), (1, 2, 4, 16)), r"\[B, H, Sk, D\]"),
+    (((1, 1, 4, 16), (1, 2, 4, 16)), r"Hkv \(k.shape\[1\] = 2\) must divide .* H \(q.shape\[1\] = 1\)"),
+    (((1, 6, 4, 16), (1, 4, 4, 16)), r"Hkv \(k.shape\[1\] = 4\) must divide .* H \(q.shape\[1\] = 6\)"),
+    (((2, 2, 4, 16), (1, 2, 4, 16)), r"\[B, Hkv, Sk, D\]"),
+    (((1, 2, 4, 16), (1, 2, 4, 32)), r"\[B, Hkv, Sk, D\]"),
     (((1, 4, 16), (1, 4, 16)), "4-D"),
 ])
 def test_rejects_bad_shapes(shapes, match):
     q, k = (torch.randn(s, device=DEVICE) for s in shapes)
     with pytest.raises(ValueError, match=match):
         flash_attention(q, k, k.clone())
+
+
+def test_rejects_k_and_v_of_different_shapes():
+    q, k = torch.randn(1, 4, 4, 16, device=DEVICE), torch.randn(1, 2, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k and v must both be \[B, Hkv, Sk, D\]"):
+        flash_attention(q, k, torch.randn(1, 1, 4, 16, device=DEVICE))
 
 
 def test_rejects_bad_dtype_and_kv_start():
@@ -322,6 +409,19 @@ def test_bf16_on_gpu(causal):
     """bf16 only on a GPU (the interpreter's bf16 tl.dot is wrong); same 2x rule vs PyTorch bf16."""
     for sq, sk, d in ((300, 300, 128), (1, 4096, 64), (129, 1000, 64)):
         check(2, 3, sq, sk, d, torch.bfloat16, causal)
+
+
+@on_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [True, False], ids=["separate_dq", "atomic_dq"])
+def test_gqa_bf16_on_gpu(deterministic):
+    """Grouped K/V heads in bf16 (GPU only): Llama-3-8B's group of 4 at D=128, prefill + backward and
+    a split-KV decode step, and a group of 8 with left padding; the 2x / 3x rule vs PyTorch bf16."""
+    check(2, 32, 300, 300, 128, torch.bfloat16, True, deterministic=deterministic, hkv=8)
+    check(2, 32, 129, 1000, 64, torch.bfloat16, False, deterministic=deterministic, hkv=8)
+    check(2, 32, 1, 4096, 128, torch.bfloat16, True, grads=False, hkv=8)
+    check(2, 8, 129, 300, 64, torch.bfloat16, True, kv_start=torch.tensor([0, 17], device=DEVICE),
+          deterministic=deterministic, hkv=1)
 
 
 def test_benchmark_smoke(tmp_path):
