@@ -125,6 +125,21 @@ def test_attention_targets_judge_the_worst_of_the_named_shapes(tmp_path):
     assert find(table, "decode attention") == ("1.25x (worst of 2: B=1 cache=1024)", "fail")
 
 
+TRAIN_LLAMA = """preset,backend,device,dtype,batch,seq_len,params,ms_per_step,tokens_per_s,mfu_pct,peak_mem_mb,speedup_vs_torch,first_loss
+llama-3.2-1b,triton,cuda,bf16-autocast,4,2048,1235814400,300,27000,40,30000,,11.7712
+llama-3.2-1b,hf,cuda,bf16-autocast,4,2048,1235814400,400,20000,30,33000,,11.7718
+"""
+
+
+def test_llama_train_target_needs_the_same_first_loss(tmp_path):
+    results(tmp_path, {"train_llama.csv": TRAIN_LLAMA})
+    (tmp_path / "steps-extended.csv").write_text(STEPS + 'llama_train,ok,150,""\n')
+    assert find(verdicts(tmp_path), "llama-3.2-1b-shaped") == ("1.35x (llama-3.2-1b 4x2048)", "pass")
+    (tmp_path / "train_llama.csv").write_text(TRAIN_LLAMA.replace("11.7718", "11.7812"))
+    assert find(verdicts(tmp_path), "llama-3.2-1b-shaped") == (
+        "0x (llama-3.2-1b 4x2048, first losses 0.01 apart)", "fail")
+
+
 def test_gqa_target_reads_attention_gqa_csv(tmp_path):
     """Forward at H=32 over Hkv=8, D=128, bf16, S >= 4096 only: S=2048, Hkv=32, fwd+bwd and decode rows
     are not the target's. Best SDPA / ours: 2.4 / 2.0 = 1.2x at S=4096, 7.7 / 7.0 = 1.1x at S=8192."""
@@ -222,6 +237,7 @@ def test_dry_run_runs_every_step_of_both_parts_and_ends_with_the_table(tmp_path)
         "part core": "done"}, core
     extended = steps(tmp_path / "steps-extended.csv")
     assert extended.pop("gqa") == "ok" and extended.pop("part extended") == "done"
+    assert extended.pop("llama_train") == "ok"
     assert set(extended.values()) == {"not landed"}, extended
     assert steps(tmp_path / "steps-setup.csv")["build_sampler"] == "ok"
     table = (tmp_path / "targets.md").read_text()
@@ -229,7 +245,8 @@ def test_dry_run_runs_every_step_of_both_parts_and_ends_with_the_table(tmp_path)
     assert result.stdout.rstrip().endswith(table.rstrip()), result.stdout[-2000:]
     for t in targets.TARGETS:
         assert f"| {t.name} |" in table
-    assert "| not measured: issue 16 has not landed |" in table  # the Llama-shaped training step
+    assert "| not measured: issue 18 has not landed |" in table  # the fused loss
+    assert [line for line in table.splitlines() if line.startswith("| llama-3.2-1b-shaped")][0].endswith(("| pass |", "| fail |"))
     assert [line for line in table.splitlines() if line.startswith("| GQA forward")][0].endswith(("| pass |", "| fail |"))
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "cuda_tests.xml").is_file()
     print(f"dry run of both parts: {took:.0f} s")
