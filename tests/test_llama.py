@@ -182,7 +182,7 @@ def test_rope_at_kv_cache_offsets_equals_rope_of_the_full_sequence(backend):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend, overrides, atol", [
     ("reference", dict(qk_norm=True, attn_bias=True, head_dim=24), 1e-5),
-    # under the interpreter (conftest sets TRITON_INTERPRET=1): GQA via repeated K/V heads for now
+    # under the interpreter (conftest sets TRITON_INTERPRET=1): GQA with K/V read in place by the kernels
     ("triton", {}, 1e-4),
 ])
 def test_backends_give_the_torch_backends_logits(backend, overrides, atol):
