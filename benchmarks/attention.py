@@ -74,10 +74,10 @@ def measure(fn, backward: bool, toy: bool):
             torch.cuda.empty_cache()
 
 
-def bench_training(impls, seqlens, head_dims, dtype, device, toy: bool, heads: int | None = None, group: int = 1,
-                   causal_modes=(True, False)) -> list[dict]:
-    """heads: query heads (default H·D = 2048, 64 in toy mode); group: query heads per K/V head."""
-    rows = []
+def bench_training(keep, impls, seqlens, head_dims, dtype, device, toy: bool, heads: int | None = None, group: int = 1,
+                   causal_modes=(True, False)):
+    """keep(row) takes each measurement. heads: query heads (default H·D = 2048, 64 in toy mode);
+    group: query heads per K/V head."""
     tokens = 4 * max(seqlens) if toy else 16384
     width = 64 if toy else 2048
     for d in head_dims:
@@ -101,18 +101,16 @@ def bench_training(impls, seqlens, head_dims, dtype, device, toy: bool, heads: i
                         fn.inputs = (q, k, v)
                         ms = measure(fn, backward, toy)
                         tflops = None if ms is None else flops / ms / 1e9
-                        rows.append({"mode": "fwd+bwd" if backward else "fwd", "impl": name, "batch": b,
-                                     "heads": h, "kv_heads": hkv, "seqlen": s, "cache": "", "head_dim": d, "causal": causal,
-                                     "dtype": str(dtype).replace("torch.", ""), "ms": ms, "tflops": tflops})
-                        print(f"{rows[-1]['mode']:8s} H={h}/{hkv} D={d:3d} S={s:6d} causal={causal!s:5s} {name:20s} "
+                        mode = "fwd+bwd" if backward else "fwd"
+                        keep({"mode": mode, "impl": name, "batch": b, "heads": h, "kv_heads": hkv, "seqlen": s,
+                              "cache": "", "head_dim": d, "causal": causal, "dtype": str(dtype).replace("torch.", ""),
+                              "ms": ms, "tflops": tflops})
+                        print(f"{mode:8s} H={h}/{hkv} D={d:3d} S={s:6d} causal={causal!s:5s} {name:20s} "
                               f"{'-' if ms is None else f'{ms:9.3f} ms {tflops:7.1f} TFLOP/s'}")
-    return rows
 
 
-def bench_decode(impls, caches, batches, dtype, device, toy: bool, heads: int | None = None,
-                 group: int = 1) -> list[dict]:
-    """One new query per sequence against a cache of Sk keys (the generation step)."""
-    rows = []
+def bench_decode(keep, impls, caches, batches, dtype, device, toy: bool, heads: int | None = None, group: int = 1):
+    """One new query per sequence against a cache of Sk keys (the generation step); keep(row) takes each."""
     h, d = (2, 32) if toy else (16, 128)
     h = heads or h
     hkv = h // group
@@ -129,12 +127,10 @@ def bench_decode(impls, caches, batches, dtype, device, toy: bool, heads: int | 
                 fn.inputs = (q, k, v)
                 with torch.no_grad():
                     ms = measure(fn, False, toy)
-                rows.append({"mode": "decode", "impl": name, "batch": b, "heads": h, "kv_heads": hkv, "seqlen": 1,
-                             "cache": sk,
-                             "head_dim": d, "causal": True, "dtype": str(dtype).replace("torch.", ""), "ms": ms,
-                             "tflops": None if ms is None else 4 * b * h * sk * d / ms / 1e9})
+                keep({"mode": "decode", "impl": name, "batch": b, "heads": h, "kv_heads": hkv, "seqlen": 1, "cache": sk,
+                      "head_dim": d, "causal": True, "dtype": str(dtype).replace("torch.", ""), "ms": ms,
+                      "tflops": None if ms is None else 4 * b * h * sk * d / ms / 1e9})
                 print(f"decode   B={b:3d} H={h}/{hkv} cache={sk:6d} {name:20s} {'-' if ms is None else f'{ms * 1e3:9.1f} us'}")
-    return rows
 
 
 def main(argv=None):
@@ -150,24 +146,28 @@ def main(argv=None):
     toy = args.toy or not on_cuda
     device, dtype = ("cuda", torch.bfloat16) if on_cuda and not toy else (("cuda" if on_cuda else "cpu"), torch.float32)
     impls = implementations(toy, args.gqa)
-    if args.gqa and toy:
-        gqa = dict(heads=4, group=2)
-        rows = bench_training(impls, (32, 64), (32,), dtype, device, toy, causal_modes=(True,), **gqa)
-        rows += bench_decode(impls, (128, 256), (1,), dtype, device, toy, **gqa)
-    elif args.gqa:  # Llama-3-8B: 32 query heads over 8 K/V heads of 128
-        gqa = dict(heads=32, group=4)
-        rows = bench_training(impls, (1024, 2048, 4096, 8192, 16384), (128,), dtype, device, toy, causal_modes=(True,),
-                              **gqa)
-        rows += bench_decode(impls, (1024, 4096, 16384), (1, 16), dtype, device, toy, **gqa)
-    elif toy:
-        rows = bench_training(impls, (32, 64), (32,), dtype, device, toy)
-        rows += bench_decode(impls, (128, 256), (1, 2), dtype, device, toy)
-    else:
-        rows = bench_training(impls, (512, 1024, 2048, 4096, 8192, 16384), (64, 128), dtype, device, toy)
-        rows += bench_decode(impls, (1024, 2048, 4096, 8192, 16384, 32768), (1, 16), dtype, device, toy)
     out = results_dir(args.out)
     name = "attention_gqa" if args.gqa else "attention"
-    write_csv(rows, out / f"{name}.csv")
+    rows = []
+
+    def keep(row):  # the CSV after every measurement: a run stopped by its time cap keeps what it measured
+        rows.append(row)
+        write_csv(rows, out / f"{name}.csv")
+
+    if args.gqa and toy:
+        gqa = dict(heads=4, group=2)
+        bench_training(keep, impls, (32, 64), (32,), dtype, device, toy, causal_modes=(True,), **gqa)
+        bench_decode(keep, impls, (128, 256), (1,), dtype, device, toy, **gqa)
+    elif args.gqa:  # Llama-3-8B: 32 query heads over 8 K/V heads of 128
+        gqa = dict(heads=32, group=4)
+        bench_training(keep, impls, (1024, 2048, 4096, 8192, 16384), (128,), dtype, device, toy, causal_modes=(True,), **gqa)
+        bench_decode(keep, impls, (1024, 4096, 16384), (1, 16), dtype, device, toy, **gqa)
+    elif toy:
+        bench_training(keep, impls, (32, 64), (32,), dtype, device, toy)
+        bench_decode(keep, impls, (128, 256), (1, 2), dtype, device, toy)
+    else:
+        bench_training(keep, impls, (512, 1024, 2048, 4096, 8192, 16384), (64, 128), dtype, device, toy)
+        bench_decode(keep, impls, (1024, 2048, 4096, 8192, 16384, 32768), (1, 16), dtype, device, toy)
     for mode in ("fwd", "fwd+bwd"):
         sub = [{**r, "case": f"H={r['heads']}/{r['kv_heads']} D={r['head_dim']} {'causal' if r['causal'] else 'full'}"}
                for r in rows if r["mode"] == mode]
