@@ -289,22 +289,13 @@ def test_ragged_key_tile_with_very_negative_logits(sq, sk, causal, deterministic
 
 @on_cuda
 @pytest.mark.cuda
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("hkv", [16, 4], ids=["mha", "gqa"])
+def test_backward_is_deterministic(hkv):
     """Bitwise-equal gradients over 3 runs with thousands of programs in flight (B·H·tiles ≫ 132
     SMs): only then could a varying summation order show. (The interpreter runs programs one by
-    one, so this test could not fail there.)"""
-    q, k, v, do = make_inputs(4, 16, 1024, 1024, 64, torch.bfloat16)
-    first = run(flash_attention, q, k, v, do, causal=True)
-    for _ in range(2):
-        for a, b in zip(first, run(flash_attention, q, k, v, do, causal=True)):
-            assert torch.equal(a, b)
-
-
-@on_cuda
-@pytest.mark.cuda
-def test_gqa_backward_is_deterministic():
-    """As above with 4 query heads per K/V head: dK, dV summed over each group in a fixed order."""
-    q, k, v, do = make_inputs(4, 16, 1024, 1024, 64, torch.bfloat16, hkv=4)
+    one, so this test could not fail there.) With GQA (4 query heads per K/V head) dK and dV are
+    summed over each group in a fixed order."""
+    q, k, v, do = make_inputs(4, 16, 1024, 1024, 64, torch.bfloat16, hkv=hkv)
     first = run(flash_attention, q, k, v, do, causal=True)
     for _ in range(2):
         for a, b in zip(first, run(flash_attention, q, k, v, do, causal=True)):
