@@ -1,4 +1,5 @@
 """Shared plumbing for the benchmark scripts: where results go, timing, CSV and plots."""
+import argparse
 import csv
 import datetime
 import platform
@@ -39,6 +40,20 @@ def time_ms(fn, warmup: int = 3, reps: int = 20) -> float:
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def kernel_bench_args(doc: str, argv=None, add_args=None):
+    """The memory-bound kernel benchmarks' command line (--toy, --out, and what add_args(parser)
+    adds) -> (args, on_gpu: full sizes on CUDA, device, reps for time_ms)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if add_args:
+        add_args(parser)
+    parser.add_argument("--toy", action="store_true", help="tiny sizes, for a CPU smoke run")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware>-<date>)")
+    args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available() and not args.toy
+    reps = {"warmup": 2, "reps": 10} if on_gpu else {"warmup": 1, "reps": 2}
+    return args, on_gpu, "cuda" if torch.cuda.is_available() else "cpu", reps
 
 
 def time_pass(forward, inputs, grads, mode: str, **reps) -> float:

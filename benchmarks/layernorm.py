@@ -11,7 +11,6 @@ rows, N from 768 to 16384 on a GPU; --toy is a tiny fp32 run on the CPU (Triton 
 Writes <op>.csv and <op>.png (layernorm.csv, rmsnorm.csv) under
 benchmarks/results/<hardware>-<date>/ (or --out).
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import copy_gbps, plot_lines, results_dir, sig, time_pass, write_csv  # noqa: E402
+from benchmarks.common import copy_gbps, kernel_bench_args, plot_lines, results_dir, sig, time_pass, write_csv  # noqa: E402
 from engine import reference  # noqa: E402
 from kernels import layer_norm, rms_norm  # noqa: E402
 
@@ -68,15 +67,9 @@ def timed(fn, x, params, dy, mode: str, **reps) -> float:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--op", choices=sorted(OPS), default="layernorm", help="the norm to time (default layernorm)")
-    parser.add_argument("--toy", action="store_true", help="tiny sizes, for a CPU smoke run")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware>-<date>)")
-    args = parser.parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not args.toy
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args, on_gpu, device, reps = kernel_bench_args(__doc__, argv, lambda p: p.add_argument(
+        "--op", choices=sorted(OPS), default="layernorm", help="the norm to time (default layernorm)"))
     dtype, m, sizes = (torch.bfloat16, 32768, (768, 1024, 2048, 4096, 8192, 16384)) if on_gpu else (torch.float32, 16, (16, 64))
-    reps = {"warmup": 2, "reps": 10} if on_gpu else {"warmup": 1, "reps": 2}  # 72 timings in the sweep
 
     fns = providers(on_gpu, args.op)
     rows = []

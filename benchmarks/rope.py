@@ -11,7 +11,6 @@ dq', dk' and writes dq, dk; "both" is the sum. bf16, Llama-3-8B heads (H = 32, H
 B = 4, T from 512 to 8192 on a GPU; --toy is a tiny fp32 run on the CPU (Triton interpreter).
 Writes rope.csv and rope.png under benchmarks/results/<hardware>-<date>/ (or --out).
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import copy_gbps, plot_lines, results_dir, sig, time_pass, write_csv  # noqa: E402
+from benchmarks.common import copy_gbps, kernel_bench_args, plot_lines, results_dir, sig, time_pass, write_csv  # noqa: E402
 from engine import reference  # noqa: E402
 from engine.backends import TorchBackend  # noqa: E402
 from kernels import apply_rope  # noqa: E402
@@ -45,18 +44,9 @@ def timed(fn, args, grads, mode: str, **reps) -> float:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--toy", action="store_true", help="tiny sizes, for a CPU smoke run")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware>-<date>)")
-    args = parser.parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not args.toy
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if on_gpu:
-        dtype, b, h, hkv, d, lengths = torch.bfloat16, 4, 32, 8, 128, (512, 2048, 8192)
-        reps = {"warmup": 2, "reps": 10}
-    else:
-        dtype, b, h, hkv, d, lengths = torch.float32, 2, 2, 1, 16, (4, 16)
-        reps = {"warmup": 1, "reps": 2}
+    args, on_gpu, device, reps = kernel_bench_args(__doc__, argv)
+    dtype, b, h, hkv, d, lengths = ((torch.bfloat16, 4, 32, 8, 128, (512, 2048, 8192)) if on_gpu
+                                    else (torch.float32, 2, 2, 1, 16, (4, 16)))
 
     fns = providers(on_gpu)
     cos, sin = reference.rope_tables(d, max(lengths) + 64, 500000.0, device=device)

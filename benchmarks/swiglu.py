@@ -11,7 +11,6 @@ backward reads gate, up, dy and writes dgate, dup (5); "both" is the sum. bf16, 
 N (intermediate size) from 2048 to 14336 on a GPU; --toy is a tiny fp32 run on the CPU (Triton
 interpreter). Writes swiglu.csv and swiglu.png under benchmarks/results/<hardware>-<date>/ (or --out).
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import copy_gbps, plot_lines, results_dir, sig, time_pass, write_csv  # noqa: E402
+from benchmarks.common import copy_gbps, kernel_bench_args, plot_lines, results_dir, sig, time_pass, write_csv  # noqa: E402
 from benchmarks.rope import summary  # noqa: E402
 from kernels import swiglu  # noqa: E402
 
@@ -50,14 +49,8 @@ def timed(fn, x, dy, mode: str, **reps) -> float:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--toy", action="store_true", help="tiny sizes, for a CPU smoke run")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<hardware>-<date>)")
-    args = parser.parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not args.toy
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args, on_gpu, device, reps = kernel_bench_args(__doc__, argv)
     dtype, m, sizes = (torch.bfloat16, 8192, (2048, 5632, 14336)) if on_gpu else (torch.float32, 8, (16, 100))
-    reps = {"warmup": 2, "reps": 10} if on_gpu else {"warmup": 1, "reps": 2}
 
     fns = providers(on_gpu)
     rows = []
