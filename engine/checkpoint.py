@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 
 from engine.config import GPTConfig
 from engine.errors import InputError
@@ -39,6 +39,16 @@ def is_checkpoint(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and all((path / f).is_file() for f in FILES)
 
 
+def write_weights(model: GPT, path) -> None:
+    """model.safetensors: every tensor contiguous, a tied table once (the loader restores the head).
+    Not safetensors' save_model: it cannot tell shared tensors apart among non-contiguous ones,
+    which a model gets from decode_layout."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        del state[TIED[1]]
+    save_file({name: t.contiguous() for name, t in state.items()}, str(path), metadata={"format": "pt"})
+
+
 def save_checkpoint(run_dir, step: int, model: GPT, tokenizer: Tokenizer, trainer_state: dict, run_info: dict | None = None) -> Path:
     """Write run_dir/step-NNNNNNN atomically; keep the newest KEEP checkpoints.
     run_info (what data, which world, which command) goes to run.json beside the weights."""
@@ -48,7 +58,7 @@ def save_checkpoint(run_dir, step: int, model: GPT, tokenizer: Tokenizer, traine
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model = getattr(model, "module", model)  # unwrap DDP
-    save_model(model, str(tmp / "model.safetensors"))
+    write_weights(model, tmp / "model.safetensors")
     (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     tokenizer.save(tmp / "tokenizer.json")
     tokenizer.save_config(tmp)  # a Hugging Face chat template, if the tokenizer came with one

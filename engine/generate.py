@@ -128,6 +128,8 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
     cache = KVCache(cfg, len(prompts), total, device, kv_cache_dtype(model))
     loop = DecodeLoop(params, prompts, token_bytes=token_bytes, impl=sampler)
     model.eval()
+    if device.type == "cpu":  # cuBLAS takes either weight layout at full speed; the CPU GEMM does not
+        model.decode_layout()
     autocast = autocast_for(device)
     with phase("prefill"), autocast:
         logits, _ = model(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)

@@ -24,6 +24,11 @@ from engine.backends import get_backend, resolve_name
 from engine.config import GPTConfig
 
 
+def dropout(x, p: float, training: bool):
+    """F.dropout, skipped where it does nothing (p = 0 or eval): a decode step would call it 3 times a layer."""
+    return F.dropout(x, p, training) if training and p > 0 else x
+
+
 class LayerNorm(nn.Module):
     """LayerNorm parameters (weight, optional bias) with nanoGPT's names. The model normalises
     through the backend with `add_then_norm`; `forward` is plain PyTorch, for code that calls
@@ -114,19 +119,18 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ops, cache=None, kv_start=None, rotate=None):
         """rotate: q, k -> q, k rotated to this forward's positions (RoPE), None for learned positions."""
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
-        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)  # [B, T, nh | nkv, hd]
+        qkv = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, nh + 2·nkv, T, hd]
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # [B, nh | nkv, T, hd]
         if self.q_norm is not None:
             q, _ = self.q_norm.add_then_norm(q, None, ops)
             k, _ = self.k_norm.add_then_norm(k, None, ops)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, nh | nkv, T, hd]
         if rotate is not None:
             q, k = rotate(q, k)
         if cache is not None:  # append this step's keys/values, attend over everything cached so far
             k, v = cache.update(self.layer_idx, k, v)  # [B, nkv, cache.pos + T, hd]
         y = ops.attention(q, k, v, causal=True, kv_start=kv_start)  # [B, nh, T, hd]
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return F.dropout(self.c_proj(y), self.dropout, self.training)
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -140,7 +144,7 @@ class MLP(nn.Module):
 
     def forward(self, x, ops=None):  # GELU has no backend op
         x = F.gelu(self.c_fc(x), approximate="tanh")
-        return F.dropout(self.c_proj(x), self.dropout, self.training)
+        return dropout(self.c_proj(x), self.dropout, self.training)
 
 
 class SwiGLUMLP(nn.Module):
@@ -155,7 +159,7 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x, ops):
         gate, up = self.c_fc(x).chunk(2, dim=-1)  # [B, T, I] each
-        return F.dropout(self.c_proj(ops.swiglu(gate, up)), self.dropout, self.training)
+        return dropout(self.c_proj(ops.swiglu(gate, up)), self.dropout, self.training)
 
 
 # What differs between the families, in one place.
@@ -245,6 +249,18 @@ class GPT(nn.Module):
         self.config.vocab_size = vocab_size
         return self
 
+    def decode_layout(self) -> "GPT":
+        """Store every Linear weight input-major: the same [out, in] values, shapes and state_dict,
+        as the transposed view of a contiguous [in, out] matrix. F.linear then multiplies by a
+        contiguous matrix, which PyTorch's CPU GEMM does faster at decode sizes (one thread,
+        192 wide: 1.5x for the QKV matmul at batch 1, 1.9x for a 4096-token head at batch 8).
+        Generation on the CPU calls it; training and checkpoints work in either layout."""
+        with torch.inference_mode(False), torch.no_grad():  # inference tensors could not be trained later
+            for module in self.modules():
+                if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+                    module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
     def ops_for(self, device: torch.device):
         name = resolve_name(self.backend, device)
         if name not in self._ops:
@@ -267,7 +283,7 @@ class GPT(nn.Module):
             pos = (pos - kv_start[:, None]).clamp(min=0)  # [B, T]
         ops = self.ops_for(idx.device)
         positions = self.transformer.wpe
-        stream = F.dropout(positions.embed(self.transformer.wte(idx), pos), self.config.dropout, self.training)
+        stream = dropout(positions.embed(self.transformer.wte(idx), pos), self.config.dropout, self.training)
         rotate = positions.rotation(pos, ops)
         branch = None
         for block in self.transformer.h:

@@ -125,3 +125,30 @@ def test_init_follows_gpt2():
     proj = model.transformer.h[0].attn.c_proj.weight.std().item()
     assert abs(proj - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * n_layer)
     assert model.transformer.h[0].mlp.c_fc.bias.abs().max() == 0
+
+
+def test_decode_layout_keeps_values_state_dict_and_training(tmp_path):
+    """decode_layout (called by generation on the CPU) changes only strides: same logits, the same
+    state_dict and checkpoint bytes' values, and the model still trains, with gradients equal to
+    those of the standard layout, laid out like their weights."""
+    from engine.checkpoint import model_from_weights, read_safetensors, write_weights
+
+    model = random_model(backend="torch")
+    twin = random_model(backend="torch")
+    twin.load_state_dict(model.state_dict())
+    idx, targets = torch.randint(0, 97, (2, 19)), torch.randint(0, 97, (2, 19))
+    with torch.inference_mode():  # as decode_steps calls it
+        twin.decode_layout()
+    linears = [m for m in twin.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    assert twin.lm_head.weight is twin.transformer.wte.weight  # still tied
+    torch.testing.assert_close(twin(idx)[0], model(idx)[0], atol=1e-6, rtol=0)
+    write_weights(twin, tmp_path / "m.safetensors")
+    loaded = model_from_weights(SMALL, read_safetensors(tmp_path / "m.safetensors"), "m.safetensors", "torch")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    for m in (model, twin):
+        m.train()
+        m(idx, targets)[1].backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=0, msg=name)
+        assert q.grad.stride() == q.stride(), name
