@@ -11,8 +11,7 @@ import sys
 import time
 from dataclasses import fields, replace
 
-from engine.config import PRESETS
-from engine.demo import DEMO_PRESETS
+from engine.config import DEMO_PRESETS, PRESETS
 from engine.distributed import torchrun_env
 from engine.errors import InputError
 
