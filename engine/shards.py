@@ -40,7 +40,7 @@ import multiprocessing
 import os
 import struct
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +127,16 @@ class Piece:
     size: int  # input bytes, for the progress bar
 
 
-def _is_cut(data: bytes, i: int, text: bool) -> bool:
-    """Whether a piece may start at data[i]: after a newline; for .txt also before a printable
-    ASCII character, where the byte-level pre-tokenizer splits anyway (no token spans the cut)."""
-    return data[i - 1] == 0x0A and (not text or 0x21 <= data[i] <= 0x7E)
+def _find_cut(data, start: int, text: bool, newline) -> int:
+    """The first index >= start (and >= 1) where a piece may begin, or -1: after a newline; for
+    .txt also before a printable ASCII character, where the byte-level pre-tokenizer splits
+    anyway, so no token spans the cut. data: bytes (newline b"\n") or str (newline "\n")."""
+    i = max(start, 1) - 1
+    while (i := data.find(newline, i)) != -1 and i + 1 < len(data):
+        if not text or 0x21 <= ord(data[i + 1 : i + 2]) <= 0x7E:
+            return i + 1
+        i += 1
+    return -1
 
 
 def _next_cut(f, pos: int, size: int, text: bool) -> int:
@@ -138,9 +144,8 @@ def _next_cut(f, pos: int, size: int, text: bool) -> int:
     while pos < size:
         f.seek(pos - 1)
         window = f.read(1 << 16)
-        for i in range(1, len(window)):
-            if _is_cut(window, i, text):
-                return pos - 1 + i
+        if (i := _find_cut(window, 1, text, b"\n")) != -1:
+            return pos - 1 + i
         pos += len(window) - 1
     return size
 
@@ -173,12 +178,9 @@ def plan_pieces(paths: list[Path], shard_bytes: int | None = None) -> list[Piece
 
 
 def _cuts(text: str, size: int) -> list[str]:
-    """A .txt piece's text in parts of about `size` characters, cut where _is_cut allows."""
+    """A .txt piece's text in parts of about `size` characters, cut where _find_cut allows."""
     parts, start = [], 0
-    while len(text) - start > size:
-        end = start + size
-        while end < len(text) and not (text[end - 1] == "\n" and "!" <= text[end] <= "~"):
-            end += 1
+    while len(text) - start > size and (end := _find_cut(text, start + size, True, "\n")) != -1:
         parts.append(text[start:end])
         start = end
     return parts + [text[start:]]
