@@ -19,7 +19,8 @@ a shard of tokens would depend on every piece before it.)
 A shard file, little-endian:
 
     header  64 bytes: magic b"LLMSHARD", version, bytes per token (2: uint16, 4: uint32),
-            tokens, documents, flags (1: conversations), the key of the piece it was made from
+            tokens, documents, flags (1: conversations), bad lines skipped, the key of the piece
+            and settings it was made from
     tokens  [tokens] uint16|uint32   ids; every document starts with BOS (the renderer's, for chats)
     starts  [documents] int64        where each document that starts in this shard starts
     mask    [tokens] uint8           conversations only: 1 where the loss counts (the assistant)
@@ -58,7 +59,7 @@ VAL_MAX_TOKENS = 2**24  # ...but at most 16M tokens
 CACHE_ENV = "LLM_ENGINE_CACHE"  # where pretrain and finetune keep the shards they make (default ~/.cache/llm-engine)
 
 MAGIC, VERSION = b"LLMSHARD", 1
-HEADER = struct.Struct("<8sIIQQIIQ")  # magic, version, itemsize, tokens, docs, flags, reserved, key
+HEADER = struct.Struct("<8sIIQQIIQ")  # magic, version, itemsize, tokens, docs, flags, lines skipped, key
 HEADER_BYTES = 64
 CHAT_FLAG = 1
 
@@ -363,14 +364,14 @@ def encode_piece(tokenizer, piece: Piece, chat: bool, text_field: str, skipped: 
     return arrays
 
 
-def write_shard(path: Path, arrays: dict, vocab_size: int, key: int):
+def write_shard(path: Path, arrays: dict, vocab_size: int, key: int, skipped: int = 0):
     """The shard file (written beside and renamed: an interrupted write leaves no shard)."""
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     tokens, starts = arrays["tokens"], arrays["starts"]
     flags = CHAT_FLAG if "mask" in arrays else 0
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, len(tokens), len(starts), flags, 0, key).ljust(HEADER_BYTES, b"\0"))
+        f.write(HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, len(tokens), len(starts), flags, skipped, key).ljust(HEADER_BYTES, b"\0"))
         f.write(tokens.astype(dtype).tobytes())
         f.write(starts.tobytes())
         if flags & CHAT_FLAG:
@@ -393,7 +394,7 @@ def _make_shard(job) -> tuple[int, int, int, int]:
     w = _worker
     skipped = Skipped(w["skip_bad_lines"])
     arrays = encode_piece(w["tokenizer"], piece, w["kind"] == "chat", w["text_field"], skipped)
-    write_shard(path, arrays, w["tokenizer"].vocab_size, key)
+    write_shard(path, arrays, w["tokenizer"].vocab_size, key, skipped.count)
     return i, len(arrays["tokens"]), len(arrays["starts"]), skipped.count
 
 
@@ -423,7 +424,7 @@ def tokenize(data, out, tokenizer, chat: bool = False, text_field: str = "text",
     files = [out / f"shard-{i:06d}.bin" for i in range(len(pieces))]
     for stale in set(out.glob("shard-*.bin*")) - set(files):  # of an earlier input or setting
         stale.unlink()
-    counts = {i: (h["tokens"], h["docs"], 0) for i, f in enumerate(files) if (h := peek_header(f)) and h["key"] == keys[i]}
+    counts = {i: (h["tokens"], h["docs"], h["skipped"]) for i, f in enumerate(files) if (h := peek_header(f)) and h["key"] == keys[i]}
     todo = [(i, pieces[i], files[i], keys[i]) for i in range(len(pieces)) if i not in counts]
     todo_bytes = sum(pieces[i].size for i, *_ in todo)
     workers = min(workers or min(os.cpu_count() or 1, todo_bytes // MIN_WORKER_BYTES), len(todo))
@@ -467,10 +468,11 @@ def peek_header(path: Path) -> dict | None:
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER.size)
-        magic, version, itemsize, tokens, docs, flags, _, key = HEADER.unpack(raw)
+        magic, version, itemsize, tokens, docs, flags, skipped, key = HEADER.unpack(raw)
     except (OSError, struct.error):
         return None
-    header = {"version": version, "itemsize": itemsize, "tokens": tokens, "docs": docs, "chat": bool(flags & CHAT_FLAG), "key": key}
+    header = {"version": version, "itemsize": itemsize, "tokens": tokens, "docs": docs, "chat": bool(flags & CHAT_FLAG),
+              "skipped": skipped, "key": key}
     if magic != MAGIC or version != VERSION or itemsize not in (2, 4) or path.stat().st_size != shard_bytes_of(header):
         return None
     return header
