@@ -59,6 +59,7 @@ def pretrain(data: str, out, preset: str = "tiny", cfg: TrainConfig | None = Non
     Under torchrun every rank runs this; fsdp=True shards with FSDP2 instead of DDP."""
     out = Path(out)
     cfg = cfg or TrainConfig(max_steps=200)
+    options = {"text_field": text_field, "skip_bad_lines": skip_bad_lines}
     with distributed.process_group(pick_device(device), fsdp) as (ctx, dev):
         def start():
             config = GPTConfig.from_preset(preset, **({"block_size": block_size} if block_size else {}))
@@ -67,7 +68,6 @@ def pretrain(data: str, out, preset: str = "tiny", cfg: TrainConfig | None = Non
             torch.manual_seed(cfg.seed)  # the same initial weights on every rank
             return GPT(config, backend=backend).to(dev), tokenizer, {**info, "preset": preset}
 
-        options = {"text_field": text_field, "skip_bad_lines": skip_bad_lines}
         model, run = open_run(out, resume, dev, backend, ctx, start)
         if data == "builtin":
             train_tokens = read_tokens(out / "data" / "train.bin")
