@@ -413,7 +413,9 @@ def tokenize(data, out, tokenizer, chat: bool = False, text_field: str = "text",
     sources = [_stat(p) for p in paths]
     if (out / "index.json").is_file():
         index = read_index(out)
-        if index.get("settings") == settings and index.get("sources") == sources:
+        if index["settings"] == settings and index.get("sources") == sources and all(
+                (h := peek_header(out / s["file"])) and (h["tokens"], h["docs"]) == (s["tokens"], s["documents"])
+                for s in index["shards"]):
             return ShardSet(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out / "tokenizer.json")
@@ -541,7 +543,8 @@ class ShardSet:
             raise InputError(f"{self.folder / 'index.json'}: lists no shards")
         for s in self.index["shards"]:
             if not (self.folder / s["file"]).is_file():
-                raise InputError(f"{self.folder / s['file']}: missing (index.json lists it); run llm-engine tokenize again to remake it")
+                raise InputError(f"{self.folder / s['file']}: missing (index.json lists it); run llm-engine tokenize "
+                                 "again to remake it")
 
     def __len__(self) -> int:
         return len(self.counts)

@@ -84,6 +84,9 @@ def test_an_interrupted_tokenize_redoes_only_the_missing_shards(tmp_path, tok, m
     made.clear()
     tokenize(tmp_path / "a.txt", tmp_path / "out", tok, shard_bytes=300, progress=False)  # complete: nothing to do
     assert made == []
+    files[3].write_bytes(files[3].read_bytes()[:-1])  # damaged after the index was written: remade too
+    again = tokenize(tmp_path / "a.txt", tmp_path / "out", tok, shard_bytes=300, progress=False)
+    assert made == [3] and np.array_equal(TokenStream(again)[:], want)
 
 
 def test_pretrain_and_finetune_tokenise_once_and_reuse_the_shards(tmp_path, tok, monkeypatch):
