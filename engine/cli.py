@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this many tokens on a sample of --data "
                    "(32 MB spread over the files; kept as DIR/tokenizer.json and reused when run again)")
     p.add_argument("--chat", action="store_true", help='the files hold conversations ({"messages": [...]}), for finetune')
-    p.add_argument("--workers", type=int, default=0, help="worker processes, one tokenizer thread each (default 0: one per CPU)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes, one tokenizer thread each (default 0: one per CPU, "
+                   "fewer when there is less than 4 MB of input per worker; 1: in this process)")
     p.add_argument("--shard-mb", type=int, default=16, help="input megabytes per shard (default 16, about 4M tokens of English)")
     add_data_flags(p, text_field=True)
 
