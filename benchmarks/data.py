@@ -211,7 +211,7 @@ def main(argv=None):
     rows = []
 
     def row(name, mb, m, note=""):
-        rows.append({"name": name, "mb": mb, "wall_s": m["wall_s"], "cpu_s": m["cpu_s"],
+        rows.append({"name": name, "mb": round(mb, 1), "wall_s": m["wall_s"], "cpu_s": m["cpu_s"],
                      "mb_per_s": round(mb / m["wall_s"], 2) if mb else "", "peak_rss_mb": m["peak_rss_mb"], "note": note})
         print(rows[-1], flush=True)
 
