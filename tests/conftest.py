@@ -1,5 +1,6 @@
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ import torch
 # triton (triton.jit reads it when a kernel is defined); on CUDA the real kernels run.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# pretrain and finetune cache the token shards of the files they read: the tests' go to a temporary folder
+os.environ.setdefault("LLM_ENGINE_CACHE", tempfile.mkdtemp(prefix="llm-engine-cache-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEED_ENV = "LLM_ENGINE_TEST_SEED"  # set it to replay a failed test with the seed its report printed
