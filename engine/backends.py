@@ -103,7 +103,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = h.shape[0]
         rows = chunk_rows(n, h.shape[1], weight.shape[0])
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
         scale = (w * grad)[:, None]  # [N, 1]
         for start in range(0, n, rows):
             sl = slice(start, start + rows)
@@ -112,9 +112,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             dz = dz.mul_(scale[sl]).to(h.dtype)
             if dh is not None:
                 torch.mm(dz, weight, out=dh[sl])
-            if dw is not None:
-                dw.addmm_(dz.T, h[sl])
-        return dh, dw, None, None
+            if dw is not None:  # summed in fp32 over the chunks
+                dw.addmm_(dz.T, h[sl]) if dz.dtype == torch.float32 else dw.add_(dz.T @ h[sl])
+        return dh, None if dw is None else dw.to(weight.dtype), None, None
 
 
 def chunked_linear_cross_entropy(h, weight, targets, loss_mask=None, ignore_index=-1):

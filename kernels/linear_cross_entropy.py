@@ -15,15 +15,18 @@ time; for each chunk of n rows:
                                   online max / sum-exp in fp32 gives lse_i; loss_i = w_i (lse_i − z_i[t_i]);
                                   then z is overwritten in place by dz = w_i (softmax(z_i) − onehot(t_i))
     dh_c = dz @ W,  dW += dzᵀ @ h_c   (cuBLAS, only for the inputs that need a gradient)
-and the backward only scales dh, dW by the loss's incoming gradient. Chunks hold about four times
-as many elements as h (at least 64 rows), so the extra memory is a few times h's, whatever V.
+and the backward only scales dh, dW by the loss's incoming gradient. Chunks hold about sixteen
+times as many elements as h (at least 64 rows), so the extra memory is bounded by h's size (plus an
+fp32 dW), whatever V.
 
 Why this and not recomputing the logits in the backward (as engine.backends' torch version does):
 it runs three matmuls, the minimum (eager linear + cross-entropy also runs three), where
 recomputation runs four or five, and the loss is a training loss whose backward always follows.
 The price is that dh and dW are held from the forward until the backward (the size of h and W:
-what the backward would allocate anyway), and dW of 16-bit weights is accumulated chunk by chunk in
-the weights' dtype (cuBLAS accumulates in fp32 within a chunk) as Liger does. The matmuls are
+what the backward would allocate anyway). dW is summed over the chunks in fp32 (summing in the weights' dtype,
+as Liger does, gave 3.2x eager's dW error on the CPU in bf16 over 16 chunks at N=4096, V=8192,
+C=128; fp32 rounds once, like eager's one matmul); for 16-bit weights each chunk's dzᵀ @ h_c is one extra [V, C]
+16-bit pass added into the fp32 sum, which is why chunks are large (few passes). The matmuls are
 cuBLAS's, not Triton's, so no build here contains a tl.dot (hence no wgmma to check).
 Under no_grad the matmuls for the gradients are skipped; the kernel still writes dz (one pass).
 
@@ -72,9 +75,10 @@ _MIN_ROWS = 64
 
 
 def _chunk_rows(n, c, v):
-    """Rows per chunk: the [rows, V] logits chunk holds about 4 · N · C elements (four times h), at
-    least 64 rows (so small inputs run in one or a few chunks) and at most N."""
-    return max(1, min(n, max(_MIN_ROWS, triton.next_power_of_2(triton.cdiv(4 * n * c, v)))))
+    """Rows per chunk: the [rows, V] logits chunk holds about 16 · N · C elements (sixteen times h;
+    at 16k tokens, C = 2048, V = 128k: 4 chunks of 4096 rows, 1 GB in bf16), at least 64 rows (so
+    small inputs run in one or a few chunks) and at most N. Fewer chunks, fewer passes over dW."""
+    return max(1, min(n, max(_MIN_ROWS, triton.next_power_of_2(triton.cdiv(16 * n * c, v)))))
 
 
 def _launch(z, targets, row_w, loss):
@@ -84,8 +88,10 @@ def _launch(z, targets, row_w, loss):
 
 
 def _chunk_buffer(rows, v, dtype, device):
-    """[rows, V] with rows 16-aligned: a view of [rows, round_up(V, 16)]."""
-    return torch.empty(rows, triton.cdiv(v, _ALIGN) * _ALIGN, dtype=dtype, device=device)[:, :v]
+    """[rows, V] with rows 16-aligned: a view of [rows, round_up(V, 16)]. Zeroed, padding included:
+    PyTorch's CPU bf16 matmul (torch 2.13) reads a strided operand's row padding, and whatever
+    lies there (NaN, in the tests' poisoned memory) reaches the product."""
+    return torch.zeros(rows, triton.cdiv(v, _ALIGN) * _ALIGN, dtype=dtype, device=device)[:, :v]
 
 
 def aot_configs() -> list[dict]:
@@ -121,7 +127,9 @@ def _forward(h, weight, targets, row_w, need_dh, need_dw):
     n, v = h.shape[0], weight.shape[0]
     loss_rows = torch.zeros(n, dtype=torch.float32, device=h.device)
     dh = torch.empty_like(h) if need_dh else None
-    dw = torch.zeros_like(weight) if need_dw else None
+    # dW sums over every chunk: in fp32, a 16-bit chunk's share landing in `part` first
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_dw else None
+    part = torch.empty_like(weight) if need_dw and weight.dtype != torch.float32 else None
     rows = _chunk_rows(n, h.shape[1], v)
     buf = _chunk_buffer(rows, v, h.dtype, h.device) if n else None
     for start in range(0, n, rows):
@@ -131,9 +139,11 @@ def _forward(h, weight, targets, row_w, need_dh, need_dw):
         _launch(z, targets[start:end], row_w[start:end], loss_rows[start:end])()
         if need_dh:
             torch.mm(z, weight, out=dh[start:end])
-        if need_dw:
+        if need_dw and part is None:
             dw.addmm_(z.T, h_c)
-    return loss_rows.sum(), dh, dw
+        elif need_dw:
+            dw += torch.mm(z.T, h_c, out=part)
+    return loss_rows.sum(), dh, None if dw is None else dw.to(weight.dtype)
 
 
 def _check(h, weight, targets, loss_mask, reduction):
