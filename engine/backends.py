@@ -172,9 +172,9 @@ class TorchBackend(ReferenceBackend):
 
 class TritonBackend(TorchBackend):
     """Our kernels from `kernels`: flash attention, fused (residual-add +) LayerNorm and RMSNorm,
-    RoPE (q and k rotated in one launch), fused SwiGLU and fused linear + cross-entropy. SwiGLU stays here only if
-    benchmarks/swiglu.py shows it beating the torch backend's two ops on a GPU (issue 16; not yet
-    measured)."""
+    RoPE (q and k rotated in one launch), fused SwiGLU and fused linear + cross-entropy. SwiGLU
+    stays here only if benchmarks/swiglu.py shows it beating the torch backend's two ops on a GPU
+    (issue 16; not yet measured)."""
 
     name = "triton"
 

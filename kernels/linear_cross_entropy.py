@@ -15,20 +15,21 @@ time; for each chunk of n rows:
                                   online max / sum-exp in fp32 gives lse_i; loss_i = w_i (lse_i − z_i[t_i]);
                                   then z is overwritten in place by dz = w_i (softmax(z_i) − onehot(t_i))
     dh_c = dz @ W,  dW += dzᵀ @ h_c   (cuBLAS, only for the inputs that need a gradient)
-and the backward only scales dh, dW by the loss's incoming gradient. Chunks hold about sixteen
-times as many elements as h (at least 64 rows), so the extra memory is bounded by h's size (plus an
-fp32 dW), whatever V.
+and the backward only scales dh, dW by the loss's incoming gradient. A chunk holds about sixteen
+times as many elements as h (at least 64 rows): the extra memory is a fixed multiple of h's size
+(plus an fp32 dW), whatever V.
 
 Why this and not recomputing the logits in the backward (as engine.backends' torch version does):
-it runs three matmuls, the minimum (eager linear + cross-entropy also runs three), where
-recomputation runs four or five, and the loss is a training loss whose backward always follows.
-The price is that dh and dW are held from the forward until the backward (the size of h and W:
-what the backward would allocate anyway). dW is summed over the chunks in fp32 (summing in the weights' dtype,
-as Liger does, gave 3.2x eager's dW error on the CPU in bf16 over 16 chunks at N=4096, V=8192,
-C=128; fp32 rounds once, like eager's one matmul); for 16-bit weights each chunk's dzᵀ @ h_c is one extra [V, C]
-16-bit pass added into the fp32 sum, which is why chunks are large (few passes). The matmuls are
-cuBLAS's, not Triton's, so no build here contains a tl.dot (hence no wgmma to check).
-Under no_grad the matmuls for the gradients are skipped; the kernel still writes dz (one pass).
+it runs three matmuls, the minimum (eager linear + cross-entropy runs three too), where
+recomputation runs four, and this is a training loss whose backward always follows. The price:
+dh and dW are held from the forward until the backward (the size of h and W, which the backward
+would allocate anyway). dW is summed over the chunks in fp32: summing in the weights' dtype, as
+Liger does, gave 3.2x eager's dW error on the CPU in bf16 over 16 chunks (N=4096, V=8192, C=128),
+where fp32 rounds once, like eager's one matmul. For 16-bit weights that costs one extra [V, C]
+pass per chunk (dzᵀ @ h_c added into the fp32 sum), hence the large chunks. The matmuls are
+cuBLAS's, not Triton's: no build here contains a tl.dot (so no wgmma to check).
+Under no_grad the gradient matmuls are skipped; the kernel still writes dz (one pass).
+Not supported: reduction "none" (its gradient cannot be made in the forward), a logit softcap.
 
 The rows are padded to a multiple of 16 elements in the chunk buffer, so every row starts 16-aligned
 and the kernel has one build per dtype; its launch is computed by _launch, which reads no data:
