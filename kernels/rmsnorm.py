@@ -31,13 +31,14 @@ from kernels import layernorm as _ln
 def rms_norm(x, weight=None, eps=1e-6):
     """RMSNorm over the last dimension of x (any leading shape); weight optional. fp32, fp16, bf16;
     differentiable in x and weight."""
-    return _ln._NormFunction.apply(x, None, weight, None, eps, True)
+    return _ln._norm(x, None, weight, None, float(eps), True)[0]
 
 
 def add_rms_norm(x, residual, weight=None, eps=1e-6):
     """(rms_norm(x + residual), x + residual) in one pass; differentiable in both outputs.
     residual: the residual stream; x: the branch output added to it."""
-    return _ln._NormFunction.apply(x, residual, weight, None, eps, True)
+    y, s, _, _ = _ln._norm(x, residual, weight, None, float(eps), True)
+    return y, s
 
 
 class RMSNorm(torch.nn.RMSNorm):
