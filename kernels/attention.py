@@ -34,10 +34,10 @@ and head dim; no autotuning. The launches (kernel, grid, arguments, constexprs, 
 are computed by _forward_launches / _backward_launches, which read no data: `aot_configs()` runs
 them on meta tensors, so kernels/compile.py builds exactly the kernels that run, and the custom ops
 (llm_engine::flash_attention, flash_attention_backward) run them on fake tensors as their fake
-implementations. Sizes (B·H, Sq,
-Sk) are not specialised, so the first call of each (kernel, D, dtype, causal, kv_start)
-JIT-compiles it (about 1-6 s per kernel on a 2-core CPU, fp32 the slowest; a training step
-compiles three kernels, a decode step one or two) and later calls with any sizes reuse it.
+implementations. Sizes (B·H, Sq, Sk) are not specialised, so the first call of each (kernel, D,
+dtype, causal, kv_start) JIT-compiles it (about 1-6 s per kernel on a 2-core CPU, fp32 the
+slowest; a training step compiles three kernels, a decode step one or two) and later calls with
+any sizes reuse it.
 
 Grids are (B·H, tiles, splits): B·H on axis x, where CUDA allows 2^31 - 1 programs (axes y and
 z stop at 65,535, which caps a sequence at 65,535 tiles). Offsets: batch/head bases and each
@@ -507,7 +507,7 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
 def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic, arch):
     """The backward's launches, and dq, dk, dv that they will write (dq in fp32 when not
     deterministic: the atomics' accumulator; dk, dv [B, H, Sk, D], one per query head: with Hkv < H
-    partials that _backward sums over each group). Reads no data, like _forward_launches."""
+    partials that _attention_backward sums over each group). Reads no data, like _forward_launches."""
     (b, h, sq, d), (hkv, sk), dev = q.shape, k.shape[1:3], q.device
     d = int(d)  # a config table key: under torch.compile's symbolic shapes, specialised (a guard)
     half = q.dtype != torch.float32
@@ -517,8 +517,8 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
                        _PRE_WARPS, _SMALL_STAGES)]
     # Grouped-query attention: the H / Hkv query heads of a group all add to their K/V head's dK, dV.
     # Each dK/dV program handles one query head, as without groups, and writes that head's share;
-    # _backward sums the shares of each group with one torch reduction, in a fixed order: deterministic,
-    # no atomics. (One program looping over the group's query heads instead needs no buffer, but
+    # _attention_backward sums the shares of each group with one torch reduction, in a fixed order:
+    # deterministic, no atomics. (One program looping over the group's query heads instead needs no buffer, but
     # holding the loop's state across the query loop made the D=128 16-bit builds spill registers.)
     dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=dev)
     dv = torch.empty((b, h, sk, d), dtype=v.dtype, device=dev)

@@ -18,8 +18,8 @@ computed, stored or read), there is no bias, and the backward's mean(w*dy) term 
 The launches (kernel, grid, arguments, constexprs, warps, stages) are computed by
 _forward_launches / _backward_launches, which read no data: `aot_configs()` runs them on meta
 tensors, so kernels/compile.py builds exactly the kernels that run, and the custom ops
-(llm_engine::norm, norm_backward) run them on fake tensors as their fake implementations. Grids are 1-D (axis x, up to
-2^31 - 1 programs); row offsets are 64-bit.
+(llm_engine::norm, norm_backward) run them on fake tensors as their fake implementations. Grids
+are 1-D (axis x, up to 2^31 - 1 programs); row offsets are 64-bit.
 """
 import functools
 import itertools
