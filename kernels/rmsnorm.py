@@ -19,7 +19,8 @@ compiled build.
 
 This module is the RMSNorm face: rms_norm, add_rms_norm, RMSNorm (a drop-in for torch.nn.RMSNorm)
 and aot_configs(), the RMS builds for kernels/compile.py, made by the launchers themselves on meta
-tensors like layernorm's.
+tensors like layernorm's. Its custom op is layernorm's too: llm_engine::norm with rms=True (a
+torch.library custom_op, not a triton_op: kernels/launch.py's kernel_op says why).
 """
 import math
 
