@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launch, checked_grid
+from kernels.launch import Launch, checked_grid, kernel_op
 
 
 @triton.jit(do_not_specialize=["V"])
@@ -112,19 +112,20 @@ def aot_configs() -> list[dict]:
 
 def _row_weights(targets, loss_mask, ignore_index, reduction, v):
     """w [N] fp32: what each row's loss counts for (0: not at all). Raises on a counted target
-    outside 0..V-1 (one device sync)."""
+    outside 0..V-1 (one device sync; not under torch.compile, where it would break the graph)."""
     counted = (targets != ignore_index).float()
     if loss_mask is not None:
         counted = counted * loss_mask.float()
     bad = (counted != 0) & ((targets < 0) | (targets >= v))
-    if bad.any():
+    if not torch.compiler.is_compiling() and bad.any():
         raise ValueError(f"targets must be in 0..{v - 1} (vocabulary size {v}) or ignore_index={ignore_index}, "
                          f"got {targets[bad][0].item()}")
     return counted / counted.sum().clamp(min=1.0) if reduction == "mean" else counted
 
 
-def _forward(h, weight, targets, row_w, need_dh, need_dw):
-    """(loss, dh or None, dW or None) for a loss gradient of 1; h [N, C], targets, row_w [N]."""
+def _forward(h, weight, targets, row_w, need_dh, need_dw, run):
+    """(loss, dh or None, dW or None) for a loss gradient of 1; h [N, C], targets, row_w [N]. run
+    takes the kernel's launches (kernel_op's: launched, or not when tracing on fake tensors)."""
     n, v = h.shape[0], weight.shape[0]
     loss_rows = torch.zeros(n, dtype=torch.float32, device=h.device)
     dh = torch.empty_like(h) if need_dh else None
@@ -137,7 +138,7 @@ def _forward(h, weight, targets, row_w, need_dh, need_dw):
         end = min(n, start + rows)
         h_c, z = h[start:end], buf[: end - start]
         torch.mm(h_c, weight.T, out=z)
-        _launch(z, targets[start:end], row_w[start:end], loss_rows[start:end])()
+        run([_launch(z, targets[start:end], row_w[start:end], loss_rows[start:end])])
         if need_dh:
             torch.mm(z, weight, out=dh[start:end])
         if need_dw and part is None:
@@ -164,20 +165,29 @@ def _check(h, weight, targets, loss_mask, reduction):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-class _LinearCrossEntropyFunction(torch.autograd.Function):
+# ----------------------------------------------------------------------------- registration
+# torch.library.custom_op, like every kernel here (kernels/launch.py's kernel_op says why). The op
+# returns the loss with its gradients for a loss gradient of 1, made in the forward; the backward
+# scales them.
 
-    @staticmethod
-    def forward(ctx, h, weight, targets, row_w):
-        loss, dh, dw = _forward(h, weight, targets, row_w, *ctx.needs_input_grad[:2])
-        ctx.save_for_backward(dh, dw)
-        return loss
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        dh, dw = ctx.saved_tensors
-        return (None if dh is None else dh * grad.to(dh.dtype),
-                None if dw is None else dw * grad.to(dw.dtype), None, None)
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, grad, _grad_dh, _grad_dw):
+    dh, dw = ctx.saved_tensors
+    return (None if dh is None else dh * grad.to(dh.dtype), None if dw is None else dw * grad.to(dw.dtype),
+            None, None, None, None)
+
+
+@kernel_op("linear_cross_entropy", "(Tensor h, Tensor weight, Tensor targets, Tensor row_w, bool need_dh, "
+           "bool need_dw) -> (Tensor, Tensor?, Tensor?)", _backward, _setup_context)
+def _linear_cross_entropy(h, weight, targets, row_w, need_dh, need_dw, run):
+    return _forward(h, weight, targets, row_w, need_dh, need_dw, run)
+
+
+# ----------------------------------------------------------------------------- public
 
 
 def linear_cross_entropy(h, weight, targets, loss_mask=None, ignore_index=-1, reduction="mean"):
@@ -194,6 +204,8 @@ def linear_cross_entropy(h, weight, targets, loss_mask=None, ignore_index=-1, re
     _check(h, weight, targets, loss_mask, reduction)
     t = targets.reshape(-1)
     row_w = _row_weights(t, None if loss_mask is None else loss_mask.reshape(-1), ignore_index, reduction, weight.shape[0])
+    grads = torch.is_grad_enabled()
     with torch.autocast(device, enabled=False):
-        return _LinearCrossEntropyFunction.apply(h.reshape(-1, h.shape[-1]).contiguous(), weight.contiguous(),
-                                                 t.contiguous(), row_w)
+        loss, _, _ = _linear_cross_entropy(h.reshape(-1, h.shape[-1]).contiguous(), weight.contiguous(), t.contiguous(),
+                                           row_w, grads and h.requires_grad, grads and weight.requires_grad)
+    return loss

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch._dynamo
 
-import kernels  # noqa: F401 (registers the ops)
+import kernels  # also registers the ops
 from engine import GPT, GPTConfig, reference
 from engine.devices import autocast_for, kv_cache_dtype
 from engine.generate import KVCache
@@ -56,6 +56,14 @@ def rope_case(shared_positions, sign):
     return leaf(2, 4, 6, 16), leaf(2, 2, 6, 16), cos, sin, positions, sign
 
 
+def linear_cross_entropy_case():
+    """h [37, 16], a 29-token head, every third target ignored: the row weights the public function makes."""
+    targets = torch.randint(0, 29, (37,))
+    targets[::3] = -1
+    counted = (targets != -1).float()
+    return leaf(37, 16), leaf(29, 16), targets, counted / counted.sum(), True, True
+
+
 # (op name, arguments): every op, with each optional argument given and not, both attention
 # backward variants, grouped K/V heads, decode over a cache long enough to split the keys (and
 # combine the splits), strided inputs. The forward ops' test_aot_dispatch_dynamic runs their
@@ -75,6 +83,7 @@ OPCHECK_CASES = {
     "apply_rope shared positions, inverse": ("apply_rope", lambda: rope_case(True, -1.0)),
     "swiglu halves of one projection": ("swiglu", lambda: leaf(3, 5, 80).chunk(2, dim=-1)),
     "swiglu_backward": ("swiglu_backward", lambda: (torch.randn(3, 40), torch.randn(3, 40), torch.randn(3, 40))),
+    "linear_cross_entropy ignored targets": ("linear_cross_entropy", linear_cross_entropy_case),
 }
 
 
@@ -100,7 +109,7 @@ KV_START = torch.tensor([0, 3])  # row 1 left-padded by 3 tokens
 
 
 def train_step(model, idx, targets):
-    _, loss = model(idx, targets)
+    _, loss = model(idx, targets, return_logits=False)  # as the training loop calls it: the fused loss
     loss.backward()
     return loss.detach()
 
@@ -198,3 +207,25 @@ def test_inductor_compile_matches_eager_on_cuda(arch):
     with torch.no_grad(), autocast_for("cuda"):
         close(decode_step(compiled, idx[:, -1:], prefilled(model, idx)),
               decode_step(model, idx[:, -1:], prefilled(model, idx)), "decode logits")
+
+
+def test_fused_loss_under_compile_with_ignored_tokens():
+    """kernels.linear_cross_entropy compiled (fullgraph) gives eager's loss and gradients with ignored
+    targets and a loss mask present, the case Liger's fused loss got wrong under compile (#1338)."""
+    targets = torch.randint(0, 29, (3, 7))
+    targets[0, :4] = -1
+    mask = (torch.rand(3, 7) > 0.3).float()
+
+    def loss(h, w):
+        return kernels.linear_cross_entropy(h, w, targets, mask)
+
+    h, w = leaf(3, 7, 16), leaf(29, 16)
+
+    def value_and_grads(fn):
+        value = fn(h, w)
+        return (value.detach(), *torch.autograd.grad(value, (h, w)))
+
+    eager = value_and_grads(loss)
+    compiled = value_and_grads(torch.compile(loss, fullgraph=True, backend="aot_eager"))  # the backward too
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
