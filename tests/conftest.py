@@ -32,6 +32,15 @@ def shared_file():
     return find
 
 
+@pytest.fixture
+def nan_poisoned_outputs(monkeypatch):
+    """Every torch.empty / empty_like hands out NaN-filled memory, so an output element a kernel
+    forgets to write fails the comparison. The kernel test modules use it on every test (pytestmark)."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Fresh random inputs every run (torch, random, numpy), from a seed that a failing test's

@@ -24,12 +24,7 @@ EPS = 1e-5
 LEADS = {1: (1,), 3: (3, 1, 1), 257: (1, 257)}
 
 
-@pytest.fixture(autouse=True)
-def nan_poisoned_outputs(monkeypatch):
-    """Every torch.empty / empty_like in this test hands out NaN-filled memory."""
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+pytestmark = pytest.mark.usefixtures("nan_poisoned_outputs")  # conftest.py: outputs start as NaN
 
 
 def make_inputs(lead, n, seed=0, weight=True, bias=True):

@@ -21,9 +21,10 @@ from engine import reference
 from kernels import layernorm as ln
 from kernels import rmsnorm
 from kernels.launch import MAX_GRID
-from test_layernorm import (DEVICE, assert_bitwise_equal_over_3_runs, assert_ops_change_nothing, max_err,  # noqa: F401
-                            nan_poisoned_outputs)  # (an autouse fixture)
+from test_layernorm import DEVICE, assert_bitwise_equal_over_3_runs, assert_ops_change_nothing, max_err
 from test_layernorm import run as layernorm_run
+
+pytestmark = pytest.mark.usefixtures("nan_poisoned_outputs")  # conftest.py: outputs start as NaN
 
 EPS = 1e-6
 # Leading shapes of 1 to 3 dims, holding 1, 3 and 129 rows.
