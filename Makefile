@@ -43,17 +43,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/llm-engine demo
 
-# -n auto --dist loadfile: the test files run on every core (pytest-xdist), each file in one process
-# (module fixtures such as the AOT table run once); the AOT compile table (tests/test_compile.py)
+# -n auto --dist loadgroup: the tests run on every core (pytest-xdist), each file in one process
+# (module fixtures such as the AOT table run once) except the long ones tests/conftest.py spreads; the AOT compile table (tests/test_compile.py)
 # is split between the two Triton versions, sm_80 here and sm_90 under test-compat (the GPU
 # machines' arch and Triton), which halves its cold cost; `python -m kernels.compile` builds both.
 test: $(STAMP)
-	LLM_ENGINE_AOT_ARCHS=80 $(PY) -m pytest -q -n auto --dist loadfile
+	LLM_ENGINE_AOT_ARCHS=80 $(PY) -m pytest -q -n auto --dist loadgroup
 
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_PY) -c "import numpy, torch, transformers, triton; print('test-compat: torch', torch.__version__, \
 		'triton', triton.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)"
-	LLM_ENGINE_AOT_ARCHS=90 $(COMPAT_PY) -m pytest -q -n auto --dist loadfile $(COMPAT_TESTS)
+	LLM_ENGINE_AOT_ARCHS=90 $(COMPAT_PY) -m pytest -q -n auto --dist loadgroup $(COMPAT_TESTS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_suite.py

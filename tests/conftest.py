@@ -19,6 +19,18 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEED_ENV = "LLM_ENGINE_TEST_SEED"  # set it to replay a failed test with the seed its report printed
 
 
+# `make test` runs with `--dist loadgroup` on every core: each file stays on one worker (its module
+# fixtures, such as the AOT compile table, run once), except the long kernel-parity files named here,
+# which have per-test fixtures only and spread over the workers so that none runs alone at the end.
+SPREAD_OVER_WORKERS = {"test_attention.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name not in SPREAD_OVER_WORKERS:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 @pytest.fixture
 def shared_file():
     """shared_file(name): a file of ../shared/data, or a clean skip saying why."""
