@@ -3,10 +3,12 @@
 A backend is a small object with the few ops the model needs. The model calls them and never
 looks at the backend's name, so a new backend is one class and one line in BACKENDS.
 
-    attention(q, k, v, causal, kv_start=None) -> [B, H, Sq, D]
+    attention(q, k, v, causal, kv_start=None, kv_lens=None) -> [B, H, Sq, D]
         q: [B, H, Sq, D]; k, v: [B, Hkv, Sk, D] (Hkv divides H: grouped-query attention),
         Sk >= Sq, causal mask bottom-right aligned;
-        kv_start: optional LongTensor[B], first real (non left-padding) position of each row.
+        kv_start: optional LongTensor[B], first real (non left-padding) position of each row;
+        kv_lens: optional LongTensor[B]: k, v are a whole preallocated cache whose row b holds
+        kv_lens[b] keys (static shapes for a compiled decode step; inference only).
     layer_norm(x, weight, bias, eps) -> y
     add_layer_norm(x, residual, weight, bias, eps) -> (layer_norm(x + residual), x + residual)
         residual: the residual stream; x: a sublayer's output to add to it (the model's `branch`)
@@ -34,8 +36,8 @@ class ReferenceBackend:
 
     name = "reference"
 
-    def attention(self, q, k, v, causal=True, kv_start=None):
-        return reference.attention(q, k, v, causal=causal, kv_start=kv_start)
+    def attention(self, q, k, v, causal=True, kv_start=None, kv_lens=None):
+        return reference.attention(q, k, v, causal=causal, kv_start=kv_start, kv_lens=kv_lens)
 
     def layer_norm(self, x, weight, bias, eps):
         return reference.layer_norm(x, weight, bias, eps)
@@ -136,15 +138,15 @@ class TorchBackend(ReferenceBackend):
 
     name = "torch"
 
-    def attention(self, q, k, v, causal=True, kv_start=None):
+    def attention(self, q, k, v, causal=True, kv_start=None, kv_lens=None):
         sq, sk = q.shape[-2], k.shape[-2]
         gqa = k.shape[1] < q.shape[1]
-        if kv_start is None and (not causal or sq == sk or sq == 1):
+        if kv_start is None and kv_lens is None and (not causal or sq == sk or sq == 1):
             # a single query (a decode step) is the last position: it sees every key, no mask
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal and sq > 1, enable_gqa=gqa)
         # SDPA's is_causal is top-left aligned; with a KV cache (Sq < Sk) or padding we pass
         # the bottom-right aligned mask explicitly.
-        mask = reference.attention_mask(sq, sk, causal, kv_start, device=q.device)
+        mask = reference.attention_mask(sq, sk, causal, kv_start, device=q.device, kv_lens=kv_lens)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def layer_norm(self, x, weight, bias, eps):
@@ -191,8 +193,8 @@ class TritonBackend(TorchBackend):
             raise RuntimeError(f"backend 'triton' needs the Triton kernels: {err}") from err
         self.kernels = kernels
 
-    def attention(self, q, k, v, causal=True, kv_start=None):
-        return self.kernels.flash_attention(q, k, v, causal=causal, kv_start=kv_start)
+    def attention(self, q, k, v, causal=True, kv_start=None, kv_lens=None):
+        return self.kernels.flash_attention(q, k, v, causal=causal, kv_start=kv_start, kv_lens=kv_lens)
 
     def layer_norm(self, x, weight, bias, eps):
         return self.kernels.layer_norm(x, weight, bias, eps)

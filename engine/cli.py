@@ -106,6 +106,8 @@ def add_sampling_flags(p, max_new_tokens=256, top_p=1.0):
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: fresh each run)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default {max_new_tokens})")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears (repeatable)")
+    p.add_argument("--compile", action="store_true", help="decode from a CUDA graph (static-shape steps) on a GPU; "
+                   "on the CPU the same steps run eagerly")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,7 +248,7 @@ def cmd_generate(args):
     else:
         prompt, params = args.prompt, sampling_params(args)
         print(args.prompt, end="", flush=True)
-    for piece in stream(model, tokenizer, prompt, params):
+    for piece in stream(model, tokenizer, prompt, params, compile=args.compile):
         print(piece, end="", flush=True)
     print()
 
@@ -280,7 +282,7 @@ def cmd_chat(args):
         params = replace(params, max_new_tokens=min(params.max_new_tokens, room))
         print("assistant> ", end="", flush=True)
         reply = ""
-        for piece in stream(model, tokenizer, prompt, params):
+        for piece in stream(model, tokenizer, prompt, params, compile=args.compile):
             reply += piece
             print(piece, end="", flush=True)
         print(flush=True)

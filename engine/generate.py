@@ -9,6 +9,7 @@ Sampling and stop conditions live in engine.sampling.DecodeLoop (C++ when built)
 import collections
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -20,7 +21,13 @@ from engine.sampling import DecodeLoop, SamplingParams
 
 
 class KVCache:
-    """Keys and values of every layer: [n_layer, B, nkv, max_len, hd] (nkv: key/value heads), filled up to `pos`."""
+    """Keys and values of every layer: [n_layer, B, nkv, max_len, hd] (nkv: key/value heads), filled up to `pos`.
+
+    Eager decode keeps `pos` a Python int and attention reads the filled part, k[:, :, :pos].
+    `make_static()` (compiled / CUDA-graph decode) turns `pos` into a LongTensor[1] on the device that
+    the forward advances in place, and attention reads the whole cache with per-row valid lengths
+    (kv_lens): every step then has the same shapes and nothing in it waits for the host.
+    """
 
     def __init__(self, config, batch_size: int, max_len: int, device, dtype):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
@@ -30,17 +37,38 @@ class KVCache:
         # many ops it dispatches, and indexing self.k[layer, :, :, a:b] is four of them
         self.layers = [(self.k[i], self.v[i]) for i in range(config.n_layer)]
         self.pos = 0
+        self.static = False
 
-    def update(self, layer: int, k, v):
-        """Write this step's k, v [B, nkv, T, hd] after the cached ones; return all of them."""
+    def make_static(self) -> "KVCache":
+        # attention now reads the unfilled columns too, with weight 0, and 0 · NaN (torch.empty's garbage) is NaN
+        self.k[..., self.pos :, :].zero_()
+        self.v[..., self.pos :, :].zero_()
+        self.pos = torch.tensor([self.pos], device=self.k.device)
+        self.static = True
+        return self
+
+    def positions(self, T: int):
+        """The cache columns [1, T] that T new tokens go to (their absolute positions)."""
+        if self.static:
+            return (self.pos + torch.arange(T, device=self.pos.device))[None]
+        return torch.arange(self.pos, self.pos + T, device=self.k.device)[None]
+
+    def update(self, layer: int, k, v, positions):
+        """Write this step's k, v [B, nkv, T, hd] at columns positions [1, T] (from `positions`).
+        Returns what attention reads: (keys, values, kv_lens) = the filled part and None, or, static,
+        the whole cache and every row's valid length [B]."""
         k_all, v_all = self.layers[layer]
+        if self.static:
+            k_all.index_copy_(2, positions[0], k)
+            v_all.index_copy_(2, positions[0], v)
+            return k_all, v_all, (positions[0, -1] + 1).expand(k.shape[0]).contiguous()
         T = k.shape[2]
         k_all.narrow(2, self.pos, T).copy_(k)
         v_all.narrow(2, self.pos, T).copy_(v)
-        return k_all.narrow(2, 0, self.pos + T), v_all.narrow(2, 0, self.pos + T)
+        return k_all.narrow(2, 0, self.pos + T), v_all.narrow(2, 0, self.pos + T), None
 
     def advance(self, n: int):
-        self.pos += n
+        self.pos += n  # in place when static (a captured step replays it)
 
 
 @dataclass
@@ -100,8 +128,12 @@ _NO_PHASE = contextlib.nullcontext()  # what every phase enters when no hook is 
 
 @torch.inference_mode()
 def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], token_bytes=None, sampler="auto",
-                 phase=None) -> Iterator[tuple[torch.Tensor, DecodeLoop]]:
+                 phase=None, compile=False) -> Iterator[tuple[torch.Tensor, DecodeLoop]]:
     """Yield (tokens [B], loop) after every step; tokens[b] == -1 once row b has finished.
+
+    compile=True: the decode steps run on a static cache (KVCache.make_static: the same shapes every
+    step), captured once in a CUDA graph and replayed on a GPU; on the CPU they run eagerly (a
+    warning says so once). Same tokens as compile=False.
 
     phase: an optional hook for profilers and benchmarks, entered as `with phase(name):` around
     each part of the work: "prefill" (the prompts' forward, once), then per step "sampling"
@@ -133,14 +165,61 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
     autocast = autocast_for(device)
     with phase("prefill"), autocast:
         logits, _ = model(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)
+    forward = _decode_forward(model, cache, kv_start, autocast, compile)
     while True:
         with phase("sampling"):
             tokens = loop.step(logits[:, -1])
         yield tokens, loop
         if loop.all_finished:
             return
-        with phase("forward"), autocast:
-            logits, _ = model(loop.next_input.to(device), cache=cache, kv_start=kv_start)
+        with phase("forward"):
+            logits = forward(loop.next_input)
+
+
+def _decode_forward(model, cache: KVCache, kv_start, autocast, compile: bool):
+    """forward(tokens [B, 1], on the CPU) -> logits [B, 1, V] of one decode step: eager on a growing
+    cache, or (compile) on the cache made static, replayed from a CUDA graph on a GPU."""
+    device = cache.k.device
+
+    def eager(tokens):
+        with autocast:
+            return model(tokens.to(device), cache=cache, kv_start=kv_start)[0]
+
+    if not compile:
+        return eager
+    cache.make_static()
+    if device.type != "cuda":
+        warnings.warn("compile=True: CUDA graphs need a GPU; on the CPU the static-shape decode steps run eagerly",
+                      RuntimeWarning, stacklevel=4)
+        return eager
+    return _cuda_graph_forward(model, cache, kv_start)
+
+
+def _cuda_graph_forward(model, cache: KVCache, kv_start):
+    """Capture one decode step over a static cache in a CUDA graph: forward(tokens) copies the tokens
+    into the graph's input and replays it (cache.pos advances inside the graph); forward.replays counts."""
+    tokens = torch.zeros(cache.k.shape[1], 1, dtype=torch.long, device=cache.k.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # no cast cache outlives a capture
+    start = cache.pos.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), autocast:  # warm-up: the kernels compile and cuBLAS sets up outside the capture
+        for _ in range(2):
+            model(tokens, cache=cache, kv_start=kv_start)
+    torch.cuda.current_stream().wait_stream(side)
+    cache.pos.copy_(start)  # the warm-up's cache writes lie past `start`: the real steps overwrite them
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), autocast:
+        logits, _ = model(tokens, cache=cache, kv_start=kv_start)
+
+    def forward(next_tokens):
+        tokens.copy_(next_tokens, non_blocking=True)
+        graph.replay()
+        forward.replays += 1
+        return logits
+
+    forward.replays = 0
+    return forward
 
 
 def _finish_text(tokenizer, ids: list[int], params: SamplingParams, reason: str) -> str:
@@ -154,14 +233,16 @@ def _finish_text(tokenizer, ids: list[int], params: SamplingParams, reason: str)
     return text
 
 
-def generate(model, tokenizer, prompts, params: SamplingParams | list[SamplingParams] | None = None, sampler="auto") -> list[Completion]:
-    """Complete a batch of prompts (strings or token-id lists), each with its own params."""
+def generate(model, tokenizer, prompts, params: SamplingParams | list[SamplingParams] | None = None, sampler="auto",
+             compile=False) -> list[Completion]:
+    """Complete a batch of prompts (strings or token-id lists), each with its own params.
+    compile: decode from a CUDA graph on a GPU (decode_steps)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids = [_as_ids(p, tokenizer) for p in prompts]
     params = params or SamplingParams()
     params = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
     token_bytes = tokenizer.token_bytes() if any(p.stop for p in params) else None
-    for _, loop in decode_steps(model, ids, params, token_bytes, sampler):
+    for _, loop in decode_steps(model, ids, params, token_bytes, sampler, compile=compile):
         pass
     return [
         Completion(
@@ -175,7 +256,7 @@ def generate(model, tokenizer, prompts, params: SamplingParams | list[SamplingPa
     ]
 
 
-def stream(model, tokenizer, prompt, params: SamplingParams | None = None, sampler="auto") -> Iterator[str]:
+def stream(model, tokenizer, prompt, params: SamplingParams | None = None, sampler="auto", compile=False) -> Iterator[str]:
     """Yield the reply of one prompt as text pieces, as soon as they are whole characters.
     With stop strings, text that could still become a stop string is held back."""
     params = params or SamplingParams()
@@ -183,7 +264,7 @@ def stream(model, tokenizer, prompt, params: SamplingParams | None = None, sampl
     token_bytes = tokenizer.token_bytes() if params.stop else None
     hold = max((len(s) for s in params.stop), default=1) - 1
     sent = 0
-    for _, loop in decode_steps(model, [ids], [params], token_bytes, sampler):
+    for _, loop in decode_steps(model, [ids], [params], token_bytes, sampler, compile=compile):
         if loop.all_finished:
             text = _finish_text(tokenizer, loop.generated[0], params, loop.finish_reason[0])
             if len(text) > sent:

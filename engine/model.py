@@ -116,8 +116,9 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, x, ops, cache=None, kv_start=None, rotate=None):
-        """rotate: q, k -> q, k rotated to this forward's positions (RoPE), None for learned positions."""
+    def forward(self, x, ops, cache=None, pos=None, kv_start=None, rotate=None):
+        """rotate: q, k -> q, k rotated to this forward's positions (RoPE), None for learned positions;
+        pos [1, T]: the cache columns this forward's tokens go to."""
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, nh + 2·nkv, T, hd]
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # [B, nh | nkv, T, hd]
@@ -126,9 +127,10 @@ class CausalSelfAttention(nn.Module):
             k, _ = self.k_norm.add_then_norm(k, None, ops)
         if rotate is not None:
             q, k = rotate(q, k)
+        kv_lens = None
         if cache is not None:  # append this step's keys/values, attend over everything cached so far
-            k, v = cache.update(self.layer_idx, k, v)  # [B, nkv, cache.pos + T, hd]
-        y = ops.attention(q, k, v, causal=True, kv_start=kv_start)  # [B, nh, T, hd]
+            k, v, kv_lens = cache.update(self.layer_idx, k, v, pos)  # [B, nkv, cache.pos + T or max_len, hd]
+        y = ops.attention(q, k, v, causal=True, kv_start=kv_start, kv_lens=kv_lens)  # [B, nh, T, hd]
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return dropout(self.c_proj(y), self.dropout, self.training)
 
@@ -181,12 +183,12 @@ class Block(nn.Module):
         self.ln_2 = pieces["norm"](config)
         self.mlp = pieces["mlp"](config)
 
-    def forward(self, stream, branch, ops, cache=None, kv_start=None, rotate=None):
+    def forward(self, stream, branch, ops, cache=None, pos=None, kv_start=None, rotate=None):
         """stream: the residual stream [B, T, C]; branch: the previous block's MLP output, not yet
         added to it (None in the first block); rotate: q, k -> q, k at this forward's positions, or None.
         Returns (stream, this block's MLP output)."""
         h, stream = self.ln_1.add_then_norm(stream, branch, ops)
-        branch = self.attn(h, ops, cache, kv_start, rotate)
+        branch = self.attn(h, ops, cache, pos, kv_start, rotate)
         h, stream = self.ln_2.add_then_norm(stream, branch, ops)
         return stream, self.mlp(h, ops)
 
@@ -278,19 +280,18 @@ class GPT(nn.Module):
         first real position of each left-padded row (positions count from there).
         """
         B, T = idx.shape
-        offset = cache.pos if cache is not None else 0
-        if offset + T > self.config.block_size:
-            raise ValueError(f"sequence length {offset + T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(offset, offset + T, device=idx.device)[None]  # [1, T]
-        if kv_start is not None:
-            pos = (pos - kv_start[:, None]).clamp(min=0)  # [B, T]
+        end = T if cache is None or cache.static else cache.pos + T  # (a static cache was sized to fit)
+        if end > self.config.block_size:
+            raise ValueError(f"sequence length {end} exceeds block_size {self.config.block_size}")
+        columns = torch.arange(T, device=idx.device)[None] if cache is None else cache.positions(T)  # [1, T]
+        pos = columns if kv_start is None else (columns - kv_start[:, None]).clamp(min=0)  # [1 or B, T]
         ops = self.ops_for(idx.device)
         positions = self.transformer.wpe
         stream = dropout(positions.embed(self.transformer.wte(idx), pos), self.config.dropout, self.training)
         rotate = positions.rotation(pos, ops)
         branch = None
         for block in self.transformer.h:
-            stream, branch = block(stream, branch, ops, cache, kv_start, rotate)
+            stream, branch = block(stream, branch, ops, cache, columns, kv_start, rotate)
         h, _ = self.transformer.ln_f.add_then_norm(stream, branch, ops)  # [B, T, C]
         if cache is not None:
             cache.advance(T)

@@ -8,7 +8,7 @@ import math
 import torch
 
 
-def attention_mask(sq: int, sk: int, causal: bool, kv_start=None, device=None):
+def attention_mask(sq: int, sk: int, causal: bool, kv_start=None, device=None, kv_lens=None):
     """Boolean [B or 1, 1, Sq, Sk] mask, True where query i may look at key j.
 
     Queries sit at the end of the key axis: query i is at absolute position i + (sk - sq),
@@ -16,22 +16,25 @@ def attention_mask(sq: int, sk: int, causal: bool, kv_start=None, device=None):
     kv_start (LongTensor[B], optional) marks left padding: row b's real tokens start at
     kv_start[b]. A real query never sees a padding key; a padding query sees only padding
     keys (its output is ignored, but stays finite).
+    kv_lens (LongTensor[B], optional): the keys are a whole preallocated cache of which row b
+    holds the first kv_lens[b]; its queries are the last sq of those, and later keys are unseen.
     """
-    q_pos = torch.arange(sq, device=device)[:, None] + (sk - sq)  # [Sq, 1]
-    k_pos = torch.arange(sk, device=device)[None, :]  # [1, Sk]
-    mask = (k_pos <= q_pos) if causal else torch.ones(sq, sk, dtype=torch.bool, device=device)
-    mask = mask[None, None]  # [1, 1, Sq, Sk]
+    lens = sk if kv_lens is None else kv_lens.to(device).view(-1, 1, 1, 1)  # keys each row holds
+    q_pos = torch.arange(sq, device=device).view(1, 1, sq, 1) + (lens - sq)  # [1|B, 1, Sq, 1]
+    k_pos = torch.arange(sk, device=device).view(1, 1, 1, sk)  # [1, 1, 1, Sk]
+    mask = (k_pos < lens) & (k_pos <= q_pos if causal else True)  # [1|B, 1, Sq, Sk]
     if kv_start is not None:
         start = kv_start.to(device).view(-1, 1, 1, 1)
         mask = mask & ((k_pos >= start) == (q_pos >= start))
-    return mask
+    return mask.expand(-1, 1, sq, sk)
 
 
-def attention(q, k, v, causal=True, sm_scale=None, kv_start=None):
+def attention(q, k, v, causal=True, sm_scale=None, kv_start=None, kv_lens=None):
     """softmax(Q Kᵀ · scale + mask) · V.  q: [B, H, Sq, D], k, v: [B, Hkv, Sk, D], Sk >= Sq.
 
     Grouped-query attention when Hkv < H (Hkv divides H): query head h uses key/value head
     h // (H / Hkv), so each K/V head serves a group of H / Hkv consecutive query heads.
+    kv_lens: k, v are a whole preallocated cache, row b holding kv_lens[b] keys (attention_mask).
     """
     sq, sk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if sk < sq:
@@ -43,7 +46,7 @@ def attention(q, k, v, causal=True, sm_scale=None, kv_start=None):
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
-    mask = attention_mask(sq, sk, causal, kv_start, device=q.device)
+    mask = attention_mask(sq, sk, causal, kv_start, device=q.device, kv_lens=kv_lens)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return (probs @ v.to(compute)).to(q.dtype)

@@ -144,14 +144,16 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, hi, SK, kv_start, q
 # count (Triton would compile other variants for values divisible by 16 or equal to 1), so the
 # first call compiles and kernels/compile.py can list every build that runs.
 @triton.jit(do_not_specialize=["ROWS", "H", "GROUP", "SQ", "SK"])
-def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
+def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_LENS, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               ROWS, H, GROUP, SQ, SK, SPLIT_SIZE,
-              CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE) (V has K's strides). O and LSE are
     [splits, ROWS = B·H·SQ, (D)]: with one split they are the result, else partials for _attn_combine.
-    Query head h reads K/V head h // GROUP (GROUP = H / Hkv query heads share one K/V head)."""
+    Query head h reads K/V head h // GROUP (GROUP = H / Hkv query heads share one K/V head).
+    HAS_KV_LENS: K and V are a whole preallocated cache and row b holds KV_LENS[b] keys, read from
+    memory so that a captured decode step replays at every length (splits past it see no key)."""
     pid_bh = tl.program_id(0)
     # last query tiles first: under a causal mask they stream the most keys (shorter tail)
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
@@ -163,6 +165,8 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, sm_scale,
     K += off_b * stride_kb + off_hkv * stride_kh
     V += off_b * stride_kb + off_hkv * stride_kh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
+    if HAS_KV_LENS:
+        SK = tl.load(KV_LENS + off_b).to(tl.int32)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     in_rows = offs_m < SQ
@@ -432,7 +436,7 @@ def _num_splits(programs: int, sk: int, block_n: int, num_sms: int) -> int:
 # ----------------------------------------------------------------------------- launcher
 
 
-def _check_inputs(q, k, v, kv_start):
+def _check_inputs(q, k, v, kv_start, kv_lens):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"flash_attention: {name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
@@ -452,10 +456,13 @@ def _check_inputs(q, k, v, kv_start):
         raise ValueError(f"flash_attention: head dim D must be one of {HEAD_DIMS}, got {d}")
     if not 1 <= sq <= sk:
         raise ValueError(f"flash_attention: needs 1 <= Sq <= Sk, got Sq={sq}, Sk={sk}")
-    if kv_start is not None and (kv_start.shape != (b,) or kv_start.dtype != torch.int64
-                                 or kv_start.device != q.device):
-        raise ValueError(f"flash_attention: kv_start must be a LongTensor of shape [B] = [{b}] on {q.device}, "
-                         f"got {kv_start.dtype} {tuple(kv_start.shape)} on {kv_start.device}")
+    for name, t in (("kv_start", kv_start), ("kv_lens", kv_lens)):
+        if t is not None and (t.shape != (b,) or t.dtype != torch.int64 or t.device != q.device):
+            raise ValueError(f"flash_attention: {name} must be a LongTensor of shape [B] = [{b}] on {q.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if kv_lens is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("flash_attention: kv_lens (a whole preallocated KV cache) is for inference; "
+                         "its backward is not implemented: call it under torch.no_grad()")
 
 
 def _inner_contiguous(t):
@@ -472,7 +479,7 @@ def _kernel_layout(q, k, v):
     return q, k, v
 
 
-def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
+def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms, kv_lens=None):
     """The forward's launches, and its outputs o [B, H, Sq, D] (q's dtype) and lse [B·H, Sq] (fp32,
     base 2) that they will write. Reads no data: kernels/compile.py runs it on meta tensors."""
     (b, h, sq, d), (hkv, sk), dev = q.shape, k.shape[1:3], q.device
@@ -493,9 +500,10 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
         lse_part = torch.empty((splits, rows), dtype=torch.float32, device=dev)
     forward = Launch(
         _attn_fwd, checked_grid(b * h, m_tiles, splits),
-        (q, k, v, o_part, lse_part, q if kv_start is None else kv_start, sm_scale,  # (q: unused pointer)
-         *q.stride()[:3], *k.stride()[:3], rows, h, h // hkv, sq, sk, split_size),
-        dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+        (q, k, v, o_part, lse_part, q if kv_start is None else kv_start, q if kv_lens is None else kv_lens,
+         sm_scale, *q.stride()[:3], *k.stride()[:3], rows, h, h // hkv, sq, sk, split_size),  # (q: unused pointer)
+        dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=d,
+             BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages)
     if splits == 1:
         return [forward], o, lse
@@ -560,7 +568,8 @@ _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 
 def aot_configs() -> list[dict]:
     """Every build the launchers pick, for kernels/compile.py: per arch, dtype and head dim, causal
-    or not, with and without kv_start, forward, decode and both backward variants. Each entry holds
+    or not, with and without kv_start, forward, decode (also over a whole cache: kv_lens, causal) and both
+    backward variants. Each entry holds
     the launcher's own Launch, computed on meta tensors (16-byte aligned, like torch's allocations)."""
     out = []
     for arch, dtype, d, causal, padded, (b, h, hkv, sq, sk) in itertools.product(
@@ -569,6 +578,9 @@ def aot_configs() -> list[dict]:
                        for heads, s in ((h, sq), (hkv, sk), (hkv, sk), (h, sq)))
         kv_start = torch.zeros(b, dtype=torch.int64, device="meta") if padded else None
         launches, o, lse = _forward_launches(q, k, v, causal, 1.0, kv_start, arch, _AOT_SMS[arch])
+        if causal and sq <= DECODE_MAX_SQ:  # a compiled / graph-captured decode step reads the whole cache
+            kv_lens = torch.zeros(b, dtype=torch.int64, device="meta")
+            launches += _forward_launches(q, k, v, causal, 1.0, kv_start, arch, _AOT_SMS[arch], kv_lens)[0]
         for deterministic in (True, False):
             launches += _backward_launches(do, q, k, v, o, lse, causal, 1.0, kv_start, deterministic, arch)[0]
         out += [_aot_entry(launch, arch, dtype, "decode" if sq <= DECODE_MAX_SQ else "fwd") for launch in launches]
@@ -592,7 +604,7 @@ def _aot_entry(launch, arch, dtype, forward_kind):
             _attn_bwd_dkdv: "dkdv_atomic" if c.get("ATOMIC_DQ") else "dkdv", _attn_bwd_dq: "dq"}[launch.kernel]
     words = [f"D={c['HEAD_DIM']}", _TRITON_TYPE[dtype]]
     if "CAUSAL" in c:
-        words += ["causal" if c["CAUSAL"] else "full"] + ["kv_start"] * c["HAS_KV_START"]
+        words += ["causal" if c["CAUSAL"] else "full"] + ["kv_start"] * c["HAS_KV_START"] + ["kv_lens"] * c.get("HAS_KV_LENS", 0)
     if launch.kernel is _attn_fwd and launch.args[3].dtype != dtype:
         words.append("fp32-partials")
     if "BLOCK_N" in c:
@@ -625,7 +637,7 @@ def _attention_backward(do, q, k, v, o, lse, causal, sm_scale, kv_start, determi
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, sm_scale, kv_start, deterministic = inputs
+    q, k, v, causal, sm_scale, kv_start, kv_lens, deterministic = inputs
     ctx.save_for_backward(q, k, v, *output, kv_start)
     ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
 
@@ -633,17 +645,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, dlse):
     q, k, v, o, lse, kv_start = ctx.saved_tensors
     dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, kv_start, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 @kernel_op("flash_attention",
-           "(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale, Tensor? kv_start, bool deterministic) "
-           "-> (Tensor o, Tensor lse)", _backward, _setup_context)
-def _attention(q, k, v, causal, sm_scale, kv_start, deterministic, run):
+           "(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale, Tensor? kv_start, Tensor? kv_lens, "
+           "bool deterministic) -> (Tensor o, Tensor lse)", _backward, _setup_context)
+def _attention(q, k, v, causal, sm_scale, kv_start, kv_lens, deterministic, run):
     """o [B, H, Sq, D] and the row logsumexp lse [B·H, Sq] (fp32, base 2) that the backward reads.
     deterministic is the backward's (an argument here so that the backward sees it)."""
     q, k, v = _kernel_layout(q, k, v)
-    launches, o, lse = _forward_launches(q, k, v, causal, sm_scale, kv_start, *_target(q.device))
+    launches, o, lse = _forward_launches(q, k, v, causal, sm_scale, kv_start, *_target(q.device), kv_lens)
     run(launches)
     return o, lse
 
@@ -651,18 +663,22 @@ def _attention(q, k, v, causal, sm_scale, kv_start, deterministic, run):
 # ----------------------------------------------------------------------------- public
 
 
-def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, deterministic=True):
+def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, kv_lens=None, deterministic=True):
     """softmax(q kᵀ · sm_scale + mask) v with q: [B, H, Sq, D], k, v: [B, Hkv, Sk, D], Sk >= Sq.
 
     Grouped-query attention when Hkv < H (Hkv must divide H): query head h attends with K/V head
     h // (H / Hkv). K/V are read in place, never repeated in memory; their gradients come back with
     k's and v's shape [B, Hkv, Sk, D], summed over each group's query heads. causal: bottom-right aligned (query i sees keys j <= i + Sk - Sq). sm_scale defaults to
     1/sqrt(D). kv_start: optional LongTensor[B], the first real position of each left-padded row
-    (see engine/reference.py: attention_mask). D in HEAD_DIMS; fp16, bf16 or fp32; any strides.
+    (see engine/reference.py: attention_mask). kv_lens: optional LongTensor[B] for k, v that are a
+    whole preallocated KV cache: row b holds kv_lens[b] keys (Sq <= kv_lens[b] <= Sk, not checked: it
+    stays on the device) and its queries are the last Sq of them. The shapes then stay the same at
+    every decode step (torch.compile, CUDA graphs); inference only (no backward).
+    D in HEAD_DIMS; fp16, bf16 or fp32; any strides.
     Differentiable in q, k, v. deterministic=True (default): bitwise-equal gradients run after
     run (dQ in its own pass); False: dQ accumulated with fp32 atomics in the dK/dV pass, which
     saves two of the backward's seven matmuls.
     """
-    _check_inputs(q, k, v, kv_start)
+    _check_inputs(q, k, v, kv_start, kv_lens)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    return _attention(q, k, v, bool(causal), sm_scale, kv_start, bool(deterministic))[0]
+    return _attention(q, k, v, bool(causal), sm_scale, kv_start, kv_lens, bool(deterministic))[0]

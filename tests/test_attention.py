@@ -391,13 +391,14 @@ def test_rejects_bad_dtype_and_kv_start():
 def test_aot_builds_are_every_launch_choice():
     """kernels/compile.py builds the launchers' own launches, and all of them: every _CONFIGS entry
     for each dtype of its class, causal or not, with and without kv_start (dK/dV in both backward
-    variants; decode writing in place and into fp32 partials), and no launch config outside the table."""
+    variants; decode writing in place and into fp32 partials, and over a whole cache with kv_lens when
+    causal), and no launch config outside the table."""
     built = set()
     for e in attn.aot_configs():
         launch, c = e["launch"], e["launch"].constexprs
         if "BLOCK_N" in c:
             built.add((e["arch"], e["kernel"], e["config"].split()[1], c["HEAD_DIM"], c["CAUSAL"], c["HAS_KV_START"],
-                       "fp32-partials" in e["config"],
+                       c.get("HAS_KV_LENS", False), "fp32-partials" in e["config"],
                        attn.Config(c["BLOCK_M"], c["BLOCK_N"], launch.num_warps, launch.num_stages)))
     expected = set()
     for (arch, kind, half), per_d in attn._CONFIGS.items():
@@ -405,10 +406,45 @@ def test_aot_builds_are_every_launch_choice():
         for dtype, d, causal, padded, name in itertools.product(
                 ("bf16", "fp16") if half else ("fp32",), per_d, (True, False), (True, False), names):
             for partials in ((False, True) if kind == "decode" and half else (False,)):
-                expected.add((arch, name, dtype, d, causal, padded, partials, per_d[d]))
+                for kv_lens in ((False, True) if kind == "decode" and causal else (False,)):
+                    expected.add((arch, name, dtype, d, causal, padded, kv_lens, partials, per_d[d]))
     assert built == expected
     small = {(e["arch"], e["kernel"], e["config"]) for e in attn.aot_configs() if "BLOCK_N" not in e["launch"].constexprs}
     assert len(small) == 2 * len(attn.ARCHS) * 3 * len(attn.HEAD_DIMS)  # preprocess and combine per arch, dtype, D
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("sq", [1, 5, 20])  # 1, 5: the decode (split-KV) kernel; 20: the prefill kernel
+def test_whole_cache_with_kv_lens(sq, causal, dtype):
+    """k, v a whole preallocated cache of 150 keys whose rows hold kv_lens of them (one row only its
+    queries, one the whole cache; GQA; left padding in two rows): the same as attention over each
+    row's own keys. The keys past a row's length are NaN, so reading any of them fails the test."""
+    b, h, hkv, sk, d = 4, 4, 2, 150, 32
+    q, k, v, _ = make_inputs(b, h, sq, sk, d, dtype, hkv=hkv)
+    kv_lens = torch.tensor([sq, sk, *torch.randint(sq, sk + 1, (2,)).tolist()], device=DEVICE)
+    kv_start = torch.tensor([0, 3, 0, sq + 1], device=DEVICE).minimum(kv_lens - 1)
+    for row, n in enumerate(kv_lens.tolist()):
+        k[row, :, n:], v[row, :, n:] = float("nan"), float("nan")
+    with torch.no_grad():
+        got = flash_attention(q, k, v, causal=causal, kv_start=kv_start, kv_lens=kv_lens)
+    for row, n in enumerate(kv_lens.tolist()):
+        own = [t[row : row + 1] for t in (q, k[:, :, :n], v[:, :, :n])]
+        kw = dict(causal=causal, kv_start=kv_start[row : row + 1])
+        truth = reference.attention(*(t.double() for t in own), **kw)
+        err = max_err(got[row : row + 1], truth)
+        bound = 1e-5 * max(truth.abs().max().item(), 1.0) if dtype == torch.float32 else \
+            2 * max_err(torch_fp16(*own, **kw), truth) + 1e-5
+        assert err <= bound, f"row {row} (kv_lens {n}): max error {err:.2e} > {bound:.2e}"
+
+
+def test_kv_lens_is_inference_only():
+    q = torch.randn(1, 2, 1, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="kv_lens.*inference"):
+        flash_attention(q, k, k, kv_lens=torch.tensor([4], device=DEVICE))
+    with pytest.raises(ValueError, match="kv_lens must be a LongTensor of shape \\[B\\] = \\[1\\]"):
+        flash_attention(q.detach(), k, k, kv_lens=torch.tensor([4, 4], device=DEVICE))
 
 
 @on_cuda

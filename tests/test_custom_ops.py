@@ -33,13 +33,20 @@ def leaf(*shape, device="cpu"):
 def attention_case(b, h, hkv, sq, sk, padded, deterministic):
     """flash_attention's arguments: head dim 16; padded: kv_start left-pads row 0 by 3 keys."""
     kv_start = torch.tensor([3, 0][:b]) if padded else None
-    return leaf(b, h, sq, 16), leaf(b, hkv, sk, 16), leaf(b, hkv, sk, 16), True, 0.25, kv_start, deterministic
+    return leaf(b, h, sq, 16), leaf(b, hkv, sk, 16), leaf(b, hkv, sk, 16), True, 0.25, kv_start, None, deterministic
+
+
+def static_cache_attention_case():
+    """A decode step over a whole preallocated cache of 70 keys, rows holding 9 and 66 (kv_lens),
+    row 0 left-padded: inference only, so no gradients."""
+    q, k, v, causal, scale, kv_start, _, deterministic = attention_case(2, 4, 2, 1, 70, True, True)
+    return q.detach(), k.detach(), v.detach(), causal, scale, kv_start, torch.tensor([9, 66]), deterministic
 
 
 def attention_backward_case():
     """flash_attention_backward's arguments from a forward (GQA, padded, deterministic)."""
-    q, k, v, causal, scale, kv_start, deterministic = attention_case(2, 4, 2, 5, 9, True, True)
-    o, lse = ops.flash_attention(q, k, v, causal, scale, kv_start, deterministic)
+    q, k, v, causal, scale, kv_start, kv_lens, deterministic = attention_case(2, 4, 2, 5, 9, True, True)
+    o, lse = ops.flash_attention(q, k, v, causal, scale, kv_start, kv_lens, deterministic)
     return torch.randn_like(o), *(t.detach() for t in (q, k, v, o, lse)), causal, scale, kv_start, deterministic
 
 
@@ -72,6 +79,7 @@ OPCHECK_CASES = {
     "attention prefill MHA": ("flash_attention", lambda: attention_case(1, 2, 2, 17, 17, False, True)),
     "attention GQA padded atomic-dQ": ("flash_attention", lambda: attention_case(2, 4, 2, 5, 9, True, False)),
     "attention decode GQA split-KV padded": ("flash_attention", lambda: attention_case(1, 2, 1, 1, 65, True, True)),
+    "attention decode static cache (kv_lens)": ("flash_attention", static_cache_attention_case),
     "attention backward": ("flash_attention_backward", attention_backward_case),
     "layer_norm": ("norm", lambda: (leaf(3, 5, 40), None, leaf(40), leaf(40), 1e-5, False)),
     "layer_norm no weight, bias": ("norm", lambda: (leaf(3, 5, 40), None, None, None, 1e-5, False)),

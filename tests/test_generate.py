@@ -6,7 +6,7 @@ import torch
 
 from engine import GPT, GPTConfig
 from engine.errors import InputError
-from engine.generate import PhaseTimer, decode_steps, generate, stream
+from engine.generate import KVCache, PhaseTimer, decode_steps, generate, stream
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 
@@ -113,3 +113,102 @@ def test_phase_timer_adds_up_every_phase_and_changes_no_token(model):
     assert timed.generated == plain.generated
     assert timer.calls == {"prefill": 1, "sampling": 6, "forward": 5}
     assert all(timer.seconds[name] > 0 for name in timer.calls)
+
+
+# ----------------------------------------------------------------------------- static-shape decode (compile=True)
+
+
+def small_config(arch: str, **overrides) -> GPTConfig:
+    """Two layers, 4 heads of 16 (Llama: 2 K/V heads, GQA), 97 tokens."""
+    preset = {"gpt2": "tiny", "llama": "llama-tiny"}[arch]
+    gqa = dict(n_kv_head=2) if arch == "llama" else {}
+    return GPTConfig.from_preset(preset, **{"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_embd": 64, **gqa, **overrides})
+
+
+def static_and_growing_logits(model, steps: int):
+    """Logits of a left-padded prefill and `steps` greedy decode steps, on a growing cache and on the
+    same cache made static (whole-cache attention with kv_lens, positions in a tensor)."""
+    idx = torch.randint(0, model.config.vocab_size, (3, 7))
+    kv_start = torch.tensor([0, 2, 5])
+    dtype = next(model.parameters()).dtype
+    out = []
+    for static in (False, True):
+        cache = KVCache(model.config, 3, 7 + steps, "cpu", dtype)
+        cache.k.fill_(float("nan")), cache.v.fill_(float("nan"))  # what torch.empty may hold
+        logits = [model(idx, cache=cache, kv_start=kv_start, last_only=True)[0]]
+        if static:
+            cache.make_static()
+        for _ in range(steps):
+            logits.append(model(logits[-1][:, -1].argmax(-1, keepdim=True), cache=cache, kv_start=kv_start)[0])
+        out.append(torch.cat(logits, 1))
+    return out
+
+
+@pytest.mark.parametrize("arch,backend", [("gpt2", "reference"), ("gpt2", "torch"), ("llama", "reference"),
+                                          ("llama", "torch"), ("llama", "triton")])  # (the kernel: test_attention)
+def test_static_cache_steps_equal_growing_cache_steps(arch, backend, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = small_config(arch, block_size=32)
+    model = GPT(cfg, backend=backend).eval()
+    model = model if backend == "triton" else model.double()  # the interpreter's kernels take fp32
+    with torch.no_grad():
+        growing, static = static_and_growing_logits(model, steps=3 if backend == "triton" else 6)
+    assert (growing - static).abs().max().item() < (1e-5 if backend == "triton" else 1e-12)
+
+
+def test_compile_flag_gives_the_same_tokens_and_says_it_runs_eagerly_on_the_cpu(model, tok):
+    prompts = [[5, 9, 11], [7] * 11, [3, 1, 4, 1, 5, 9, 2]]  # different lengths: left padding
+    params = [SamplingParams(temperature=0.0, max_new_tokens=15), SamplingParams(temperature=0.0, max_new_tokens=9),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_new_tokens=12, repetition_penalty=1.3)]
+    eager = [loop for _, loop in decode_steps(model, prompts, params)][-1]
+    with pytest.warns(RuntimeWarning, match="on the CPU the static-shape decode steps run eagerly"):
+        static = [loop for _, loop in decode_steps(model, prompts, params, compile=True)][-1]
+    assert static.generated == eager.generated and eager.finish_reason == ["length"] * 3
+    assert generate(model, tok, ["the cat"], params[2], compile=True)[0].token_ids == \
+        generate(model, tok, ["the cat"], params[2])[0].token_ids
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_static_decode_step_traces_whole_and_compiles_once_in_20_steps(arch):
+    """fullgraph=True: no graph break, so nothing in the step waits for the host (.item(), .tolist(), a
+    data-dependent branch); one compile for 20 steps: every step has the same shapes and guards."""
+    cfg = small_config(arch, block_size=64)
+    model = GPT(cfg, backend="torch").eval()
+    kv_start = torch.tensor([0, 2, 5])
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = torch.compile(lambda tokens, cache: model(tokens, cache=cache, kv_start=kv_start)[0],
+                         backend=counting_backend, fullgraph=True)
+    idx = torch.randint(0, cfg.vocab_size, (3, 7))
+    with torch.no_grad():
+        cache, growing = KVCache(cfg, 3, 40, "cpu", torch.float32), KVCache(cfg, 3, 40, "cpu", torch.float32)
+        logits = model(idx, cache=cache, kv_start=kv_start, last_only=True)[0]
+        model(idx, cache=growing, kv_start=kv_start, last_only=True)
+        cache.make_static()
+        for _ in range(20):
+            tokens = logits[:, -1].argmax(-1, keepdim=True)
+            logits = step(tokens, cache)
+            torch.testing.assert_close(logits, model(tokens, cache=growing, kv_start=kv_start)[0], atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 1
+    assert cache.pos.tolist() == [27] and growing.pos == 27
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cuda_graph_decode_gives_eager_tokens_and_replays_once_a_step(arch, monkeypatch):
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or real_replay(graph))
+    cfg = small_config(arch, block_size=256, vocab_size=512, n_embd=128)
+    model = GPT(cfg).cuda().eval()
+    prompts = [[5, 9, 11], [7] * 40, [3, 1, 4, 1, 5, 9, 2]]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=30)] * 2 + [SamplingParams(temperature=0.8, seed=3, max_new_tokens=30)]
+    eager = [loop for _, loop in decode_steps(model, prompts, params)][-1]
+    graphed = [loop for _, loop in decode_steps(model, prompts, params, compile=True)][-1]
+    assert graphed.generated == eager.generated
+    assert len(replays) == 29  # one per decode step after the prefill's token
