@@ -1,0 +1,118 @@
+"""kernels.sampling (the decode step's draw on the device) picks the C++ sampler's tokens.
+
+Random cases: vocabularies of odd sizes, logits with ties (rounded to a coarse grid), every
+parameter of the chain on and off, penalties from random previous tokens, logit bias, any seed and
+position. The kernel sums the top-p mass in another order than the C++ loop, and its exp and log
+may round differently by an ulp, so a case whose top-p cut or min-p test falls within 1e-9
+(relative) of its threshold is rebuilt: the two could then disagree legitimately.
+"""
+import math
+import os
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from engine.sampling import Sampler, SamplingParams, process_logits
+from kernels import sampling as device_sampling
+
+N_CASES = int(os.environ.get("LLM_ENGINE_SAMPLING_CASES", 1000))
+VOCABS = (1, 2, 7, 129, 1000, 1031)
+
+
+def near_a_boundary(row, p: SamplingParams, counts) -> bool:
+    """Whether a top-p cut or a min-p test lies within 1e-9 of its threshold (float64, ranked as the C++ code ranks)."""
+    if p.temperature == 0:
+        return False
+    x = process_logits(row, p, counts)
+    order = torch.sort(x, descending=True, stable=True).indices
+    if 0 < p.top_k < len(order):
+        order = order[: p.top_k]
+    w = torch.exp((x[order] - x.max()) / p.temperature)
+    n = len(order)
+    if p.top_p < 1:
+        cum = torch.cumsum(w, 0)
+        if ((cum - p.top_p * cum[-1]).abs() <= 1e-9 * cum[-1]).any():
+            return True
+        n = min(int((cum < p.top_p * cum[-1]).sum()) + 1, n)
+    return p.min_p > 0 and bool(((w[:n] - p.min_p).abs() <= 1e-9).any())
+
+
+def random_case(rng: random.Random):
+    V = rng.choice(VOCABS)
+    grid = rng.choice((0.0, 0.5))  # 0.5: many exact ties
+    row = torch.randn(V, generator=torch.Generator().manual_seed(rng.getrandbits(32))) * rng.choice((1.0, 4.0))
+    if grid:
+        row = (row / grid).round() * grid
+    if V > 2 and rng.random() < 0.2:
+        row[rng.sample(range(V), V // 3)] = -math.inf
+    prev = [rng.randrange(V) for _ in range(rng.choice((0, 3, 40)))]
+    params = SamplingParams(
+        temperature=rng.choice((0.0, 0.3, 1.0, 1.7)), top_k=rng.choice((0, 1, 3, max(V - 1, 1), V + 5)),
+        top_p=rng.choice((1.0, 1.0, 0.9, 0.5, 0.05)), min_p=rng.choice((0.0, 0.0, 0.02, 0.3)),
+        repetition_penalty=rng.choice((1.0, 1.3)), presence_penalty=rng.choice((0.0, 0.4)),
+        frequency_penalty=rng.choice((0.0, 0.25)),
+        logit_bias={rng.randrange(V): rng.choice((-3.0, 2.5, -math.inf))} if rng.random() < 0.3 else None,
+        seed=rng.getrandbits(64), logprobs=rng.random() < 0.3)
+    return row, params, prev, rng.randrange(1 << 20)
+
+
+def device_draw(rows, params, prevs, positions):
+    """kernels.sampling.sample on one batch of equal-V rows, its inputs built the way a decode loop would."""
+    B, V = len(rows), rows[0].numel()
+    vec = lambda f, dtype=torch.float64: torch.tensor([f(p) for p in params], dtype=dtype)  # noqa: E731
+    counts = torch.zeros(B, V, dtype=torch.int32)
+    for b, prev in enumerate(prevs):
+        for tok, n in Counter(prev).items():
+            counts[b, tok] = n
+    bias = torch.zeros(B, V, dtype=torch.float64)
+    for b, p in enumerate(params):
+        for tok, add in (p.logit_bias or {}).items():
+            bias[b, tok] = add
+    seeds = torch.tensor([p.seed - (1 << 64) if p.seed >= 1 << 63 else p.seed for p in params], dtype=torch.int64)
+    tokens, logprobs = device_sampling.sample(
+        torch.stack(rows), vec(lambda p: p.temperature), vec(lambda p: p.top_k, torch.int64), vec(lambda p: p.top_p),
+        vec(lambda p: p.min_p), seeds, torch.tensor(positions), counts=counts, repetition=vec(lambda p: p.repetition_penalty),
+        presence=vec(lambda p: p.presence_penalty), frequency=vec(lambda p: p.frequency_penalty), bias=bias, logprobs=True)
+    return tokens, logprobs, counts
+
+
+def test_same_tokens_as_the_cpp_sampler_on_random_cases():
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    cpp = Sampler("cpp")
+    cases, rebuilt = [], 0
+    while len(cases) < N_CASES:
+        row, p, prev, pos = random_case(rng)
+        x = process_logits(row, p, Counter(prev)) if True else None
+        if x.max() == -math.inf or near_a_boundary(row, p, Counter(prev)):
+            rebuilt += 1
+            continue
+        cases.append((row, p, prev, pos))
+    by_vocab = {}
+    for case in cases:
+        by_vocab.setdefault(case[0].numel(), []).append(case)
+    for V, group in by_vocab.items():
+        for i in range(0, len(group), 64):
+            rows, params, prevs, positions = map(list, zip(*group[i:i + 64]))
+            want, want_lp = cpp.sample_with_logprobs(torch.stack(rows), params, prevs, positions)
+            got, got_lp, counts = device_draw(rows, params, prevs, positions)
+            bad = (got != want).nonzero().flatten().tolist()
+            assert not bad, (f"seed {seed}: V={V}, row {bad[0]}: device {got[bad[0]]} != C++ {want[bad[0]]} "
+                             f"({params[bad[0]]})")
+            asked = torch.tensor([p.logprobs for p in params])
+            torch.testing.assert_close(got_lp[asked], want_lp[asked], rtol=1e-12, atol=1e-12)
+            for b, prev in enumerate(prevs):  # the chosen token was counted
+                assert counts[b, want[b]] == Counter(prev)[int(want[b])] + 1
+    assert rebuilt < N_CASES // 10, f"seed {seed}: {rebuilt} cases fell near a boundary"
+
+
+def test_bad_rows_are_reported_through_the_token():
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, float("inf"), 1.0], [-math.inf] * 3, [0.0, 2.0, 1.0]])
+    one = lambda v, dtype=torch.float64: torch.full((4,), v, dtype=dtype)  # noqa: E731
+    tokens = device_sampling.sample(logits, one(1.0), one(0, torch.int64), one(1.0), one(0.0), one(7, torch.int64),
+                                    one(3, torch.int64))
+    assert tokens[:3].tolist() == [device_sampling.NAN_OR_INF.value, device_sampling.NAN_OR_INF.value,
+                                   device_sampling.ALL_MASKED.value]
+    assert 0 <= tokens[3] < 3
