@@ -2,261 +2,281 @@
 
     penalties -> logit bias -> temperature -> top-k -> top-p -> min-p -> Gumbel-max draw
 
-One program per row walks the vocabulary in blocks, in float64 like engine._sampler (read
-engine/sampling.py's docstring for the definitions). Where the C++ code sorts, this kernel
-searches: the k-th best value by bisection on the bits of float64 (ordered as integers), ties
-settled by a second bisection on the token id, and the top-p cut the same way on the mass above a
-value. So a row costs O(V * 64) memory-bound passes, no sort and no scratch beyond one float64 copy
-of the processed row: fine for a decode step's few rows; the point is that the draw stays on the
-device (only B ids cross to the host, and a CUDA graph can hold it).
+A program takes ROWS rows (1 on a GPU) and walks the vocabulary in blocks, in float64 like
+engine._sampler (engine/sampling.py's docstring defines each step). Where the C++ code sorts, this
+kernel selects: the k-th best value by a radix select on the float64 bits (ordered as integers, 4
+bits a pass, 16 passes), the ties at that value settled by id with a running count, and the top-p
+cut the same way on the mass above a value. About 40 passes over a row's V values, no sort, no
+scratch beyond one float64 copy of the processed rows, and no branch on a row's parameters (every
+row runs every step; a step that is off is undone by a select): the draw stays on the device, only B
+ids cross to the host, and a CUDA graph can hold it.
 
-The draw is the counter-based Gumbel-max of engine/sampling.py: u = splitmix64(key(seed,
-position) + (token + 1) * gamma), key = -log(-log u) added to the tempered logit; the best key
-wins, ties to the lowest id. Sums (the top-p mass) run in another order than the C++ loop's, so a
-cut that falls within a rounding of the threshold can differ; the tests build their cases away
-from such boundaries.
+The draw is the counter-based Gumbel-max of engine/sampling.py: u = splitmix64(key(seed, position)
++ (token + 1) * gamma), the key -log(-log u) added to the tempered logit; the best wins, ties to the
+lowest id. The top-p mass is summed in another order than the C++ loop's, so a cut within a rounding
+of its threshold can differ; tests build their cases away from such boundaries.
 
-Rows report bad logits through the token: -1 for NaN or +inf in the row, -2 when every token is
--inf after the bias (the caller raises, as the C++ sampler does).
+A row reports bad logits through its token: NAN_OR_INF for NaN or +inf in the row, ALL_MASKED when
+every token is -inf after the bias (the caller raises, as the C++ sampler does).
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import checked_grid
+from kernels.launch import Launch, checked_grid
 
+NAN_OR_INF = -1  # the token of a row with NaN or +inf logits
+ALL_MASKED = -2  # the token of a row that is -inf everywhere after the bias
+_NAN_OR_INF, _ALL_MASKED = tl.constexpr(NAN_OR_INF), tl.constexpr(ALL_MASKED)  # what the kernel can read
+SIGN = tl.constexpr(0x8000000000000000)
+ONES = tl.constexpr(0xFFFFFFFFFFFFFFFF)  # x ^ ONES, not ~x: Triton 3.6's interpreter flips uint64 with -1
 GAMMA = tl.constexpr(0x9E3779B97F4A7C15)  # splitmix64's increment
-NAN_OR_INF = tl.constexpr(-1)  # the token of a row with NaN or +inf logits
-ALL_MASKED = tl.constexpr(-2)  # the token of a row that is -inf everywhere after the bias
 
 
 @triton.jit
 def _mix64(z):
-    """splitmix64's finaliser on uint64 (multiplications wrap)."""
+    """splitmix64's finaliser on uint64 (the multiplications wrap)."""
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     return z ^ (z >> 31)
 
 
 @triton.jit
-def _order_key(x):
-    """float64 -> int64 with the same order (negative floats: flip all but the sign bit)."""
-    bits = x.to(tl.int64, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFFFFFFFFFF)
+def _unsigned_key(x):
+    """float64 -> uint64 in the same order: negative floats flip every bit, the others the sign bit."""
+    bits = x.to(tl.uint64, bitcast=True)
+    return tl.where((bits & SIGN) != 0, bits ^ ONES, bits | SIGN)
 
 
 @triton.jit
-def _from_order_key(key):
-    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFFFFFFFFFF)
-    return bits.to(tl.float64, bitcast=True)
+def _from_unsigned_key(u):
+    return tl.where((u & SIGN) != 0, u ^ SIGN, u ^ ONES).to(tl.float64, bitcast=True)
 
 
 @triton.jit
-def _midpoint(lo, hi):
-    """ceil((lo + hi) / 2) without overflowing int64."""
-    return (lo >> 1) + (hi >> 1) + ((lo & 1) | (hi & 1))
+def _survives(x, idx, v, last_id):
+    """The cut (v, last_id): x above v, or equal to it with an id up to last_id (ties go to low ids)."""
+    return (x > v[:, None]) | ((x == v[:, None]) & (idx <= last_id[:, None]))
+
+
+@triton.jit
+def _select(x_ptr, rows_ok, xmax, t, vk, id_k, need, V, WEIGHTED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row: the largest value v such that the survivors of the cut (vk, id_k) with x >= v number
+    (WEIGHTED false) or weigh (true: exp((x - xmax) / t) each) at least `need`, and what of `need`
+    is left for the tokens equal to v once those above it are counted. Radix select from the top
+    of the order keys, 4 bits a pass; the survivors must reach `need` in all."""
+    cols = tl.arange(0, BLOCK)
+    digits = tl.arange(0, 16)
+    prefix = tl.zeros((ROWS,), tl.uint64)
+    for i in range(16):  # a loop, not unrolled: 16 copies of the body took ptxas minutes
+        shift = (60 - 4 * i).to(tl.uint64)
+        hist = tl.zeros((ROWS, 16), tl.float64)  # survivors matching the prefix, by their next digit
+        for start in range(0, V, BLOCK):
+            idx = start + cols[None, :]
+            x = tl.load(x_ptr + idx, mask=rows_ok[:, None] & (idx < V), other=float("-inf"))
+            u = _unsigned_key(x)
+            # the digits chosen so far (prefix holds nothing below them) match: no shift by 64 needed
+            keep = _survives(x, idx, vk, id_k) & (((u ^ prefix[:, None]) >> shift) < 16)
+            if WEIGHTED:
+                amount = tl.where(keep, tl.exp((x - xmax[:, None]) / t[:, None]), 0.0)
+            else:
+                amount = keep.to(tl.float64)
+            digit = ((u >> shift) & 15).to(tl.int32)
+            hist += tl.sum(tl.where(digit[:, None, :] == digits[None, :, None], amount[:, None, :], 0.0), axis=2)
+        at_or_above = tl.sum(tl.where(digits[None, None, :] >= digits[None, :, None], hist[:, None, :], 0.0), axis=2)  # [r, d]: digits >= d
+        d = tl.max(tl.where(at_or_above >= need[:, None], digits[None, :], 0), axis=1)
+        need -= tl.sum(tl.where(digits[None, :] == d[:, None], at_or_above - hist, 0.0), axis=1)  # digits above d
+        prefix |= d.to(tl.uint64) << shift
+    return _from_unsigned_key(prefix), need
+
+
+@triton.jit
+def _tie_cut(x_ptr, rows_ok, v, vk, id_k, ties, V, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Per row: the id of the ties-th survivor of the cut (vk, id_k) equal to v, counting by id
+    (the last tie a cut at v keeps); V - 1 when there are fewer."""
+    cols = tl.arange(0, BLOCK)
+    seen = tl.zeros((ROWS,), tl.float64)
+    cut = tl.zeros((ROWS,), tl.int64) + V - 1
+    for start in range(0, V, BLOCK):
+        idx = start + cols[None, :]
+        x = tl.load(x_ptr + idx, mask=rows_ok[:, None] & (idx < V), other=float("-inf"))
+        tie = (x == v[:, None]) & _survives(x, idx, vk, id_k) & (idx < V)
+        n = tl.cumsum(tie.to(tl.float64), axis=1) + seen[:, None]
+        cut = tl.minimum(cut, tl.min(tl.where(tie & (n == ties[:, None]), idx, V - 1), axis=1).to(tl.int64))
+        seen += tl.sum(tie.to(tl.float64), axis=1)
+    return cut
 
 
 @triton.jit
 def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, stride_b,
                    temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, rep_ptr, presence_ptr, frequency_ptr,
-                   seed_ptr, position_ptr, token_ptr, logprob_ptr, V,
-                   PENALTIES: tl.constexpr, BIAS: tl.constexpr, LOGPROBS: tl.constexpr, ID_BITS: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    logits_ptr += row * stride_l
-    x_ptr += row * V
-    t = tl.load(temperature_ptr + row)
+                   seed_ptr, position_ptr, token_ptr, logprob_ptr, B, V,
+                   PENALTIES: tl.constexpr, BIAS: tl.constexpr, LOGPROBS: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
     NEG_INF: tl.constexpr = float("-inf")
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rows_ok = rows < B
+    cols = tl.arange(0, BLOCK)
+    x_ptr += rows[:, None] * V  # [ROWS, 1] row starts of the processed copy
+    t = tl.load(temperature_ptr + rows, mask=rows_ok, other=0.0)
+    ts = tl.where(t > 0, t, 1.0)  # the scale of the tempered logits (1 for greedy rows: no division by 0)
 
     # Pass 1: x = the row in float64 with penalties and bias (kept in x_ptr), its maximum and the
     # first id holding it, and whether any value is NaN or +inf.
-    xmax = tl.full((), NEG_INF, tl.float64)
-    argmax = tl.full((), 0, tl.int64)
-    bad = tl.full((), 0, tl.int32)
+    xmax = tl.full((ROWS,), NEG_INF, tl.float64)
+    argmax = tl.zeros((ROWS,), tl.int64)
+    bad = tl.zeros((ROWS,), tl.int32)
     for start in range(0, V, BLOCK):
-        idx = start + cols
-        inside = idx < V
-        x = tl.load(logits_ptr + idx, mask=inside, other=NEG_INF).to(tl.float64)
-        bad |= tl.max(tl.where(inside & ~(x < float("inf")), 1, 0), axis=0)
+        idx = start + cols[None, :]
+        inside = rows_ok[:, None] & (idx < V)
+        x = tl.load(logits_ptr + rows[:, None] * stride_l + idx, mask=inside, other=NEG_INF).to(tl.float64)
+        bad |= tl.max(tl.where(inside & ~(x < float("inf")), 1, 0), axis=1)
         if PENALTIES:
-            n = tl.load(counts_ptr + row * stride_c + idx, mask=inside, other=0)
-            rep = tl.load(rep_ptr + row)
-            penalized = tl.where(x > 0, x / rep, x * rep) - (tl.load(presence_ptr + row) + tl.load(frequency_ptr + row) * n.to(tl.float64))
-            x = tl.where(n > 0, penalized, x)
+            n = tl.load(counts_ptr + rows[:, None] * stride_c + idx, mask=inside, other=0)
+            rep = tl.load(rep_ptr + rows, mask=rows_ok, other=1.0)[:, None]
+            subtract = tl.load(presence_ptr + rows, mask=rows_ok, other=0.0)[:, None] \
+                + tl.load(frequency_ptr + rows, mask=rows_ok, other=0.0)[:, None] * n.to(tl.float64)
+            x = tl.where(n > 0, tl.where(x > 0, x / rep, x * rep) - subtract, x)
         if BIAS:
-            x += tl.load(bias_ptr + row * stride_b + idx, mask=inside, other=0.0)
+            x += tl.load(bias_ptr + rows[:, None] * stride_b + idx, mask=inside, other=0.0)
         x = tl.where(inside, x, NEG_INF)
         tl.store(x_ptr + idx, x, mask=inside)
-        block_max = tl.max(x, axis=0)
-        first = tl.min(tl.where(x == block_max, idx, V), axis=0).to(tl.int64)
+        block_max = tl.max(x, axis=1)
+        first = tl.min(tl.where(x == block_max[:, None], idx, V), axis=1).to(tl.int64)
         argmax = tl.where(block_max > xmax, first, argmax)
         xmax = tl.maximum(xmax, block_max)
 
-    token = argmax
-    if t > 0:
-        # Top-k: the k-th best value vk (the largest v with #{x >= v} >= k), then, of the tokens
-        # equal to it, the lowest ids up to k in all: survivors are x > vk, or x == vk with id <= id_k.
-        k = tl.load(top_k_ptr + row)
-        vk = tl.full((), NEG_INF, tl.float64)
-        id_k = tl.full((), 0, tl.int64) + V - 1
-        if (k > 0) & (k < V):
-            vk = _last_value_with(x_ptr, 0.0, _order_key(vk), _order_key(xmax), k.to(tl.float64), 0.0, vk, id_k,
-                                  V, False, BLOCK)
-            id_k = _last_tie(x_ptr, vk, (k - _count_above(x_ptr, vk, V, BLOCK)).to(tl.float64), 1.0, 0.0, V, ID_BITS, BLOCK)
+    # Top-k: the k-th best value and, of the tokens equal to it, the lowest ids up to k in all.
+    # A row without top-k keeps everything: the cut (-inf, V - 1).
+    k = tl.load(top_k_ptr + rows, mask=rows_ok, other=0)
+    top_k_on = (k > 0) & (k < V)
+    vk = tl.full((ROWS,), NEG_INF, tl.float64)
+    id_k = tl.zeros((ROWS,), tl.int64) + V - 1
+    v, rest = _select(x_ptr, rows_ok, xmax, ts, vk, id_k, tl.where(top_k_on, k, V).to(tl.float64), V, False, ROWS, BLOCK)
+    cut = _tie_cut(x_ptr, rows_ok, v, vk, id_k, rest, V, ROWS, BLOCK)
+    vk, id_k = tl.where(top_k_on, v, vk), tl.where(top_k_on, cut, id_k)
 
-        # Top-p on the top-k survivors: w = exp((x - xmax) / t); keep the shortest ranked prefix
-        # whose mass reaches top_p * total (ranked: x descending, id ascending).
-        top_p = tl.load(top_p_ptr + row)
-        vp = vk
-        id_p = id_k
-        if top_p < 1:
-            total = tl.full((), 0.0, tl.float64)
-            for start in range(0, V, BLOCK):
-                idx = start + cols
-                x = tl.load(x_ptr + idx, mask=idx < V, other=NEG_INF)
-                keep = (x > vk) | ((x == vk) & (idx <= id_k))
-                total += tl.sum(tl.where(keep, tl.exp((x - xmax) / t), 0.0), axis=0)
-            threshold = top_p * total
-            # the largest v whose survivors at or above it weigh >= threshold
-            vp = _last_value_with(x_ptr, xmax, _order_key(vk), _order_key(xmax), threshold, t, vk, id_k, V, True, BLOCK)
-            # the tokens tied at vp weigh the same each: the fewest, lowest ids that reach the threshold
-            above = tl.full((), 0.0, tl.float64)
-            for start in range(0, V, BLOCK):
-                idx = start + cols
-                x = tl.load(x_ptr + idx, mask=idx < V, other=NEG_INF)
-                above += tl.sum(tl.where(x > vp, tl.exp((x - xmax) / t), 0.0), axis=0)
-            id_p = _last_tie(x_ptr, vp, threshold, tl.exp((vp - xmax) / t), above, V, ID_BITS, BLOCK)
-            id_p = tl.where(vp == vk, tl.minimum(id_p, id_k), id_p)
-
-        # Min-p and the Gumbel-max draw over the survivors, ties to the lowest id.
-        min_p = tl.load(min_p_ptr + row)
-        key = _mix64(_mix64(tl.load(seed_ptr + row).to(tl.uint64, bitcast=True) + GAMMA)
-                     ^ tl.load(position_ptr + row).to(tl.uint64, bitcast=True))
-        best = tl.full((), NEG_INF, tl.float64)
-        for start in range(0, V, BLOCK):
-            idx = start + cols
-            x = tl.load(x_ptr + idx, mask=idx < V, other=NEG_INF)
-            z = (x - xmax) / t
-            keep = ((x > vp) | ((x == vp) & (idx <= id_p))) & (tl.exp(z) >= min_p)
-            h = _mix64(key + (idx.to(tl.uint64) + 1) * GAMMA)
-            u = ((h >> 11).to(tl.float64) + 0.5) * 1.1102230246251565e-16  # 2^-53
-            score = tl.where(keep, z - tl.log(-tl.log(u)), NEG_INF)
-            block_best = tl.max(score, axis=0)
-            first = tl.min(tl.where(score == block_best, idx, V), axis=0).to(tl.int64)
-            token = tl.where(block_best > best, first, token)
-            best = tl.maximum(best, block_best)
-
-    if LOGPROBS:
-        scale = tl.where(t > 0, t, 1.0)
-        total = tl.full((), 0.0, tl.float64)
-        for start in range(0, V, BLOCK):
-            idx = start + cols
-            x = tl.load(x_ptr + idx, mask=idx < V, other=NEG_INF)
-            total += tl.sum(tl.exp((x - xmax) / scale), axis=0)
-        chosen = tl.load(x_ptr + token)
-        tl.store(logprob_ptr + row, (chosen - xmax) / scale - tl.log(total))
-    if PENALTIES:  # the chosen token counts from the next step on
-        tl.store(counts_ptr + row * stride_c + token, tl.load(counts_ptr + row * stride_c + token) + 1,
-                 mask=(bad == 0) & (xmax > NEG_INF))
-    token = tl.where(xmax == NEG_INF, ALL_MASKED, token)
-    tl.store(token_ptr + row, tl.where(bad != 0, NAN_OR_INF, token))
-
-
-@triton.jit
-def _count_above(x_ptr, v, V, BLOCK: tl.constexpr):
-    """#{x > v}."""
-    cols = tl.arange(0, BLOCK)
-    n = tl.full((), 0, tl.int64)
+    # Top-p on the top-k survivors, w = exp((x - xmax) / t): the shortest ranked prefix (x
+    # descending, id ascending) whose mass reaches top_p * their total.
+    top_p = tl.load(top_p_ptr + rows, mask=rows_ok, other=1.0)
+    total = tl.zeros((ROWS,), tl.float64)
     for start in range(0, V, BLOCK):
-        idx = start + cols
-        x = tl.load(x_ptr + idx, mask=idx < V, other=float("-inf"))
-        n += tl.sum((x > v).to(tl.int64), axis=0)
-    return n
+        idx = start + cols[None, :]
+        x = tl.load(x_ptr + idx, mask=rows_ok[:, None] & (idx < V), other=NEG_INF)
+        total += tl.sum(tl.where(_survives(x, idx, vk, id_k), tl.exp((x - xmax[:, None]) / ts[:, None]), 0.0), axis=1)
+    v, rest = _select(x_ptr, rows_ok, xmax, ts, vk, id_k, top_p * total, V, True, ROWS, BLOCK)
+    ties = tl.maximum(tl.ceil(rest / tl.exp((v - xmax) / ts)), 1.0)  # tied tokens weigh the same each
+    cut = _tie_cut(x_ptr, rows_ok, v, vk, id_k, ties, V, ROWS, BLOCK)
+    top_p_on = top_p < 1
+    vp, id_p = tl.where(top_p_on, v, vk), tl.where(top_p_on, cut, id_k)
 
+    # Min-p and the Gumbel-max draw over what survives, ties to the lowest id.
+    min_p = tl.load(min_p_ptr + rows, mask=rows_ok, other=0.0)
+    seed = tl.load(seed_ptr + rows, mask=rows_ok, other=0).to(tl.uint64, bitcast=True)
+    position = tl.load(position_ptr + rows, mask=rows_ok, other=0).to(tl.uint64, bitcast=True)
+    key = _mix64(_mix64(seed + GAMMA) ^ position)
+    best = tl.full((ROWS,), NEG_INF, tl.float64)
+    drawn = argmax
+    for start in range(0, V, BLOCK):
+        idx = start + cols[None, :]
+        x = tl.load(x_ptr + idx, mask=rows_ok[:, None] & (idx < V), other=NEG_INF)
+        z = (x - xmax[:, None]) / ts[:, None]
+        keep = _survives(x, idx, vp, id_p) & (tl.exp(z) >= min_p[:, None])
+        h = _mix64(key[:, None] + (idx.to(tl.uint64) + 1) * GAMMA)
+        u = ((h >> 11).to(tl.float64) + 0.5) * 1.1102230246251565e-16  # 53 bits, inside (0, 1)
+        score = tl.where(keep, z - tl.log(-tl.log(u)), NEG_INF)
+        block_best = tl.max(score, axis=1)
+        first = tl.min(tl.where(score == block_best[:, None], idx, V), axis=1).to(tl.int64)
+        drawn = tl.where(block_best > best, first, drawn)
+        best = tl.maximum(best, block_best)
+    token = tl.where(t > 0, drawn, argmax)
 
-@triton.jit
-def _last_value_with(x_ptr, xmax, lo, hi, need, t, vk, id_k, V, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr):
-    """Bisection on order keys in [lo, hi]: the largest v such that the survivors of the top-k cut
-    (vk, id_k) with x >= v number (WEIGHTED false) or weigh (true: sum of exp((x - xmax) / t))
-    at least `need`. 64 halvings cover every float64; P(lo) must hold."""
-    cols = tl.arange(0, BLOCK)
-    for _ in range(64):
-        active = lo < hi
-        mid = _midpoint(lo, hi)
-        v = _from_order_key(mid)
-        amount = tl.full((), 0.0, tl.float64)
+    if LOGPROBS:  # log-softmax at the temperature (1 for greedy rows) over the processed row
+        total = tl.zeros((ROWS,), tl.float64)
         for start in range(0, V, BLOCK):
-            idx = start + cols
-            x = tl.load(x_ptr + idx, mask=idx < V, other=float("-inf"))
-            keep = ((x > vk) | ((x == vk) & (idx <= id_k))) & (x >= v)
-            if WEIGHTED:
-                amount += tl.sum(tl.where(keep, tl.exp((x - xmax) / t), 0.0), axis=0)
-            else:
-                amount += tl.sum(keep.to(tl.float64), axis=0)
-        ok = amount >= need
-        lo = tl.where(active & ok, mid, lo)
-        hi = tl.where(active & ~ok, mid - 1, hi)
-    return _from_order_key(lo)
+            idx = start + cols[None, :]
+            x = tl.load(x_ptr + idx, mask=rows_ok[:, None] & (idx < V), other=NEG_INF)
+            total += tl.sum(tl.exp((x - xmax[:, None]) / ts[:, None]), axis=1)
+        chosen = tl.load(x_ptr + token[:, None], mask=rows_ok[:, None], other=0.0)
+        tl.store(logprob_ptr + rows, (tl.sum(chosen, axis=1) - xmax) / ts - tl.log(total), mask=rows_ok)
+    ok = rows_ok & (bad == 0) & (xmax > NEG_INF)
+    if PENALTIES:  # the chosen token counts from the next step on
+        counted = counts_ptr + rows * stride_c + token
+        tl.store(counted, tl.load(counted, mask=ok, other=0) + 1, mask=ok)
+    token = tl.where(xmax == NEG_INF, _ALL_MASKED, token)
+    tl.store(token_ptr + rows, tl.where(bad != 0, _NAN_OR_INF, token), mask=rows_ok)
 
 
-@triton.jit
-def _last_tie(x_ptr, v, need, w, base, V, ID_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """The smallest id c with base + w * #{x == v, id <= c} >= need: the last of the tokens tied
-    at v that a cut keeps (ties go to the lowest ids). Bisection on the id."""
-    cols = tl.arange(0, BLOCK)
-    lo = tl.full((), 0, tl.int64)
-    hi = tl.full((), 0, tl.int64) + V - 1
-    for _ in range(ID_BITS):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        n = tl.full((), 0, tl.int64)
-        for start in range(0, V, BLOCK):
-            idx = start + cols
-            x = tl.load(x_ptr + idx, mask=idx < V, other=float("-inf"))
-            n += tl.sum(((x == v) & (idx <= mid)).to(tl.int64), axis=0)
-        ok = base + w * n.to(tl.float64) >= need
-        hi = tl.where(active & ok, mid, hi)
-        lo = tl.where(active & ~ok, mid + 1, lo)
-    return lo
-
-
-def sample(logits, temperature, top_k, top_p, min_p, seeds, positions, counts=None, repetition=None, presence=None,
-           frequency=None, bias=None, logprobs=False):
-    """Tokens [B] int64 (and log-probs [B] float64 when logprobs) of one decode step, on logits' device.
-
-    logits: [B, V] float32/16; per-row parameters as [B] tensors on the same device: temperature,
-    top_p, min_p, repetition, presence, frequency (float64), top_k (int64; 0 = off), seeds (int64
-    holding the uint64 bits), positions (int64, the RNG counter). counts: [B, V] int32 token counts
-    (prompt + generated) for the penalties, updated in place with the chosen tokens; None = no
-    penalties in the batch. bias: [B, V] float64 logit bias, None = none. A token of -1 marks a row
-    with NaN or +inf logits, -2 a row with nothing left to sample.
-    """
+def _launch(logits, temperature, top_k, top_p, min_p, seeds, positions, counts, repetition, presence, frequency, bias,
+            logprobs, rows_per_program):
+    """The launch and the (tokens, log-probs) it will write; reads no data (kernels/compile.py runs it on meta tensors)."""
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"logits must be [B, V] with V >= 1, got {list(logits.shape)}")
     B, V = logits.shape
-    logits = logits if logits.stride(1) == 1 else logits.contiguous()
-    rows = dict(temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k, seeds=seeds, positions=positions)
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    vectors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds, positions=positions)
     if counts is not None:
-        rows.update(repetition=repetition, presence=presence, frequency=frequency)
-    for name, t in rows.items():
+        vectors.update(repetition=repetition, presence=presence, frequency=frequency)
+    for name, t in vectors.items():
         if t is None or t.shape != (B,) or t.device != logits.device:
             raise ValueError(f"{name} must be a [{B}] tensor on {logits.device}")
     for name, t in (("counts", counts), ("bias", bias)):
-        if t is not None and (t.shape != (B, V) or t.stride(1) != 1):
-            raise ValueError(f"{name} must be a row-contiguous [{B}, {V}] tensor")
+        if t is not None and (t.shape != (B, V) or t.stride(1) != 1 or t.device != logits.device):
+            raise ValueError(f"{name} must be a row-contiguous [{B}, {V}] tensor on {logits.device}")
+    rows = rows_per_program or (1 if logits.device.type == "cuda" else 64)
+    rows = min(triton.next_power_of_2(rows), triton.next_power_of_2(B))
     x = torch.empty(B, V, dtype=torch.float64, device=logits.device)  # the processed rows
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     lps = torch.full((B,), float("nan"), dtype=torch.float64, device=logits.device)
-    dummy = x  # stands in for pointers a specialisation never reads
     f64 = lambda t: t.to(torch.float64)  # noqa: E731
-    _sample_kernel[checked_grid(B)](
-        logits, logits.stride(0), x, counts if counts is not None else dummy, counts.stride(0) if counts is not None else 0,
-        bias if bias is not None else dummy, bias.stride(0) if bias is not None else 0,
-        f64(temperature), top_k.to(torch.int64), f64(top_p), f64(min_p),
-        *(f64(t) if counts is not None else dummy for t in (repetition, presence, frequency)),
-        seeds.to(torch.int64), positions.to(torch.int64), tokens, lps, V,
-        PENALTIES=counts is not None, BIAS=bias is not None, LOGPROBS=logprobs, ID_BITS=max(1, (V - 1).bit_length()),
-        BLOCK=min(1024, triton.next_power_of_2(V)))
+    penalties = (f64(repetition), f64(presence), f64(frequency)) if counts is not None else (x, x, x)  # x: never read
+    args = (logits, logits.stride(0), x, x if counts is None else counts, 0 if counts is None else counts.stride(0),
+            x if bias is None else bias, 0 if bias is None else bias.stride(0),
+            f64(temperature), top_k.to(torch.int64), f64(top_p), f64(min_p), *penalties,
+            seeds.to(torch.int64), positions.to(torch.int64), tokens, lps, B, V)
+    constexprs = dict(PENALTIES=counts is not None, BIAS=bias is not None, LOGPROBS=logprobs, ROWS=rows,
+                      BLOCK=min(128 if rows == 1 else 1024, triton.next_power_of_2(V)))  # _select holds [ROWS, 16, BLOCK]
+    return Launch(_sample_kernel, checked_grid(triton.cdiv(B, rows)), args, constexprs, 8, 1), tokens, lps
+
+
+def sample(logits, temperature, top_k, top_p, min_p, seeds, positions, counts=None, repetition=None, presence=None,
+           frequency=None, bias=None, logprobs=False, rows_per_program=None):
+    """Tokens [B] int64 (and log-probs [B] float64 when logprobs) of one decode step, on logits' device.
+
+    logits: [B, V] float32/16. Per-row parameters, [B] tensors on the same device: temperature,
+    top_p, min_p (float64), top_k (int64, 0 = off), seeds (int64 holding the uint64's bits),
+    positions (int64, the RNG counter). counts: [B, V] int32 token counts (prompt + generated) for
+    the penalties repetition, presence, frequency ([B] float64), updated in place with the chosen
+    tokens; None = no penalties in the batch. bias: [B, V] float64 logit bias or None. A token of
+    NAN_OR_INF or ALL_MASKED marks a bad row. rows_per_program: default 1 on a GPU (a row per
+    program, B programs in parallel) and 64 elsewhere (the interpreter pays per operation, not per
+    element).
+    """
+    launch, tokens, lps = _launch(logits, temperature, top_k, top_p, min_p, seeds, positions, counts, repetition,
+                                  presence, frequency, bias, logprobs, rows_per_program)
+    launch()
     return (tokens, lps) if logprobs else tokens
+
+
+def aot_configs() -> list[dict]:
+    """The GPU builds (a row per program) for kernels/compile.py: every combination of penalties,
+    bias and log-probs at Llama 3's vocabulary (V % 16 == 0), and all on at GPT-2's (odd V)."""
+    configs = []
+    for arch, (penalties, bias, logprobs), V in itertools.product((80, 90), itertools.product((False, True), repeat=3),
+                                                                 (128256, 50257)):
+        if V % 16 and not (penalties and bias and logprobs) or (penalties, bias) not in ((False, False), (True, True)):
+            continue
+        meta = dict(device="meta")
+        vec = lambda dtype=torch.float64: torch.empty(8, dtype=dtype, **meta)  # noqa: E731
+        launch, _, _ = _launch(torch.empty(8, V, **meta), vec(), vec(torch.int64), vec(), vec(), vec(torch.int64),
+                               vec(torch.int64), torch.empty(8, V, dtype=torch.int32, **meta) if penalties else None,
+                               vec(), vec(), vec(), torch.empty(8, V, dtype=torch.float64, **meta) if bias else None,
+                               logprobs, 1)
+        flags = "".join(name for name, on in (("P", penalties), ("B", bias), ("L", logprobs)) if on) or "-"
+        configs.append({"kernel": "sample", "arch": arch, "launch": launch, "wgmma": False,
+                        "wide": ("stride_l",) + ("stride_c",) * penalties + ("stride_b",) * bias,
+                        "config": f"V%16{'=0' if V % 16 == 0 else '>0'} {flags} ROWS=1 BLOCK={launch.constexprs['BLOCK']} w{launch.num_warps}"})
+    return configs
