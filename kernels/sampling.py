@@ -44,6 +44,15 @@ def _mix64(z):
 
 
 @triton.jit
+def _div(x, y, inv_y):
+    """x / y rounded as IEEE division rounds it (one Newton step from x * (1/y), 1/y made on the host),
+    without fp64 division: its slow-path subroutine needs a stack frame. -inf stays -inf."""
+    q = x * inv_y
+    exact = tl.fma(tl.fma(-q, y, x), inv_y, q)
+    return tl.where(exact == exact, exact, q)
+
+
+@triton.jit
 def _unsigned_key(x):
     """float64 -> uint64 in the same order: negative floats flip every bit, the others the sign bit."""
     bits = x.to(tl.uint64, bitcast=True)
@@ -62,7 +71,8 @@ def _survives(x, idx, v, last_id):
 
 
 @triton.jit
-def _select(x_ptr, rows_ok, xmax, t, vk, id_k, need, V, WEIGHTED: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _select(x_ptr, rows_ok, xmax, t, inv_t, vk, id_k, need, V, WEIGHTED: tl.constexpr, ROWS: tl.constexpr,
+            BLOCK: tl.constexpr):
     """Per row: the largest value v such that the survivors of the cut (vk, id_k) with x >= v number
     (WEIGHTED false) or weigh (true: exp((x - xmax) / t) each) at least `need`, and what of `need`
     is left for the tokens equal to v once those above it are counted. Radix select from the top
@@ -71,7 +81,7 @@ def _select(x_ptr, rows_ok, xmax, t, vk, id_k, need, V, WEIGHTED: tl.constexpr, 
     digits = tl.arange(0, 16)
     prefix = tl.zeros((ROWS,), tl.uint64)
     for i in range(16):  # a loop, not unrolled: 16 copies of the body took ptxas minutes
-        shift = (60 - 4 * i).to(tl.uint64)
+        shift = (60 - 4 * (i + tl.zeros((), tl.int32))).to(tl.uint64)  # a tensor under the interpreter too
         hist = tl.zeros((ROWS, 16), tl.float64)  # survivors matching the prefix, by their next digit
         for start in range(0, V, BLOCK):
             idx = start + cols[None, :]
@@ -80,7 +90,7 @@ def _select(x_ptr, rows_ok, xmax, t, vk, id_k, need, V, WEIGHTED: tl.constexpr, 
             # the digits chosen so far (prefix holds nothing below them) match: no shift by 64 needed
             keep = _survives(x, idx, vk, id_k) & (((u ^ prefix[:, None]) >> shift) < 16)
             if WEIGHTED:
-                amount = tl.where(keep, tl.exp((x - xmax[:, None]) / t[:, None]), 0.0)
+                amount = tl.where(keep, tl.exp(_div(x - xmax[:, None], t[:, None], inv_t[:, None])), 0.0)
             else:
                 amount = keep.to(tl.float64)
             digit = ((u >> shift) & 15).to(tl.int32)
@@ -111,7 +121,8 @@ def _tie_cut(x_ptr, rows_ok, v, vk, id_k, ties, V, ROWS: tl.constexpr, BLOCK: tl
 
 @triton.jit
 def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, stride_b,
-                   temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, rep_ptr, presence_ptr, frequency_ptr,
+                   temperature_ptr, inv_scale_ptr, top_k_ptr, top_p_ptr, min_p_ptr, rep_ptr, inv_rep_ptr, presence_ptr,
+                   frequency_ptr,
                    seed_ptr, position_ptr, token_ptr, logprob_ptr, B, V,
                    PENALTIES: tl.constexpr, BIAS: tl.constexpr, LOGPROBS: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -122,6 +133,7 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
     x_ptr += rows[:, None] * V  # [ROWS, 1] row starts of the processed copy
     t = tl.load(temperature_ptr + rows, mask=rows_ok, other=0.0)
     ts = tl.where(t > 0, t, 1.0)  # the scale of the tempered logits (1 for greedy rows: no division by 0)
+    inv_ts = tl.load(inv_scale_ptr + rows, mask=rows_ok, other=1.0)  # 1 / ts, made on the host
 
     # Pass 1: x = the row in float64 with penalties and bias (kept in x_ptr), its maximum and the
     # first id holding it, and whether any value is NaN or +inf.
@@ -138,7 +150,8 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
             rep = tl.load(rep_ptr + rows, mask=rows_ok, other=1.0)[:, None]
             subtract = tl.load(presence_ptr + rows, mask=rows_ok, other=0.0)[:, None] \
                 + tl.load(frequency_ptr + rows, mask=rows_ok, other=0.0)[:, None] * n.to(tl.float64)
-            x = tl.where(n > 0, tl.where(x > 0, x / rep, x * rep) - subtract, x)
+            inv_rep = tl.load(inv_rep_ptr + rows, mask=rows_ok, other=1.0)[:, None]
+            x = tl.where(n > 0, tl.where(x > 0, _div(x, rep, inv_rep), x * rep) - subtract, x)
         if BIAS:
             x += tl.load(bias_ptr + rows[:, None] * stride_b + idx, mask=inside, other=0.0)
         x = tl.where(inside, x, NEG_INF)
@@ -154,7 +167,8 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
     top_k_on = (k > 0) & (k < V)
     vk = tl.full((ROWS,), NEG_INF, tl.float64)
     id_k = tl.zeros((ROWS,), tl.int64) + V - 1
-    v, rest = _select(x_ptr, rows_ok, xmax, ts, vk, id_k, tl.where(top_k_on, k, V).to(tl.float64), V, False, ROWS, BLOCK)
+    v, rest = _select(x_ptr, rows_ok, xmax, ts, inv_ts, vk, id_k, tl.where(top_k_on, k, V).to(tl.float64), V, False,
+                      ROWS, BLOCK)
     cut = _tie_cut(x_ptr, rows_ok, v, vk, id_k, rest, V, ROWS, BLOCK)
     vk, id_k = tl.where(top_k_on, v, vk), tl.where(top_k_on, cut, id_k)
 
@@ -165,9 +179,9 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
     for start in range(0, V, BLOCK):
         idx = start + cols[None, :]
         x = tl.load(x_ptr + idx, mask=rows_ok[:, None] & (idx < V), other=NEG_INF)
-        total += tl.sum(tl.where(_survives(x, idx, vk, id_k), tl.exp((x - xmax[:, None]) / ts[:, None]), 0.0), axis=1)
-    v, rest = _select(x_ptr, rows_ok, xmax, ts, vk, id_k, top_p * total, V, True, ROWS, BLOCK)
-    ties = tl.maximum(tl.ceil(rest / tl.exp((v - xmax) / ts)), 1.0)  # tied tokens weigh the same each
+        total += tl.sum(tl.where(_survives(x, idx, vk, id_k), tl.exp(_div(x - xmax[:, None], ts[:, None], inv_ts[:, None])), 0.0), axis=1)
+    v, rest = _select(x_ptr, rows_ok, xmax, ts, inv_ts, vk, id_k, top_p * total, V, True, ROWS, BLOCK)
+    ties = tl.maximum(tl.ceil(rest * tl.exp(-_div(v - xmax, ts, inv_ts))), 1.0)  # tied tokens weigh the same each
     cut = _tie_cut(x_ptr, rows_ok, v, vk, id_k, ties, V, ROWS, BLOCK)
     top_p_on = top_p < 1
     vp, id_p = tl.where(top_p_on, v, vk), tl.where(top_p_on, cut, id_k)
@@ -182,7 +196,7 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
     for start in range(0, V, BLOCK):
         idx = start + cols[None, :]
         x = tl.load(x_ptr + idx, mask=rows_ok[:, None] & (idx < V), other=NEG_INF)
-        z = (x - xmax[:, None]) / ts[:, None]
+        z = _div(x - xmax[:, None], ts[:, None], inv_ts[:, None])
         keep = _survives(x, idx, vp, id_p) & (tl.exp(z) >= min_p[:, None])
         h = _mix64(key[:, None] + (idx.to(tl.uint64) + 1) * GAMMA)
         u = ((h >> 11).to(tl.float64) + 0.5) * 1.1102230246251565e-16  # 53 bits, inside (0, 1)
@@ -198,9 +212,9 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
         for start in range(0, V, BLOCK):
             idx = start + cols[None, :]
             x = tl.load(x_ptr + idx, mask=rows_ok[:, None] & (idx < V), other=NEG_INF)
-            total += tl.sum(tl.exp((x - xmax[:, None]) / ts[:, None]), axis=1)
+            total += tl.sum(tl.exp(_div(x - xmax[:, None], ts[:, None], inv_ts[:, None])), axis=1)
         chosen = tl.load(x_ptr + token[:, None], mask=rows_ok[:, None], other=0.0)
-        tl.store(logprob_ptr + rows, (tl.sum(chosen, axis=1) - xmax) / ts - tl.log(total), mask=rows_ok)
+        tl.store(logprob_ptr + rows, _div(tl.sum(chosen, axis=1) - xmax, ts, inv_ts) - tl.log(total), mask=rows_ok)
     ok = rows_ok & (bad == 0) & (xmax > NEG_INF)
     if PENALTIES:  # the chosen token counts from the next step on
         counted = counts_ptr + rows * stride_c + token
@@ -232,10 +246,13 @@ def _launch(logits, temperature, top_k, top_p, min_p, seeds, positions, counts, 
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     lps = torch.full((B,), float("nan"), dtype=torch.float64, device=logits.device)
     f64 = lambda t: t.to(torch.float64)  # noqa: E731
-    penalties = (f64(repetition), f64(presence), f64(frequency)) if counts is not None else (x, x, x)  # x: never read
+    # reciprocals for the kernel's divisions (see _div): of the temperature (1 for greedy rows) and the repetition penalty
+    inv_scale = 1.0 / torch.where(temperature > 0, f64(temperature), 1.0)
+    penalties = (f64(repetition), 1.0 / f64(repetition), f64(presence), f64(frequency)) if counts is not None else (x,) * 4  # x: never read
     args = (logits, logits.stride(0), x, x if counts is None else counts, 0 if counts is None else counts.stride(0),
             x if bias is None else bias, 0 if bias is None else bias.stride(0),
-            f64(temperature), top_k.to(torch.int64), f64(top_p), f64(min_p), *penalties,
+            f64(temperature), inv_scale, top_k.to(torch.int64), f64(top_p), f64(min_p), penalties[0], penalties[1],
+            penalties[2], penalties[3],
             seeds.to(torch.int64), positions.to(torch.int64), tokens, lps, B, V)
     constexprs = dict(PENALTIES=counts is not None, BIAS=bias is not None, LOGPROBS=logprobs, ROWS=rows,
                       BLOCK=min(128 if rows == 1 else 1024, triton.next_power_of_2(V)))  # _select holds [ROWS, 16, BLOCK]
