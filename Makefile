@@ -27,7 +27,7 @@ COMPAT_PINS := torch==2.13.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
 # The AOT compile table (tests/test_compile.py) runs here too: both Triton versions' ptxas must
 # compile every build without spills (they differ: kernels/attention.py's config table says how).
 COMPAT_TESTS := tests/test_attention.py tests/test_layernorm.py tests/test_rmsnorm.py tests/test_rope.py \
-	tests/test_swiglu.py tests/test_hf.py tests/test_compile.py
+	tests/test_swiglu.py tests/test_linear_cross_entropy.py tests/test_custom_ops.py tests/test_hf.py tests/test_compile.py
 
 # The pins and the project in one install: pip keeps the pins or stops with a conflict against
 # pyproject's ranges, never swaps one for another version.
@@ -43,13 +43,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/llm-engine demo
 
+# -n auto --dist loadfile: the test files run on every core (pytest-xdist), each file in one process
+# (module fixtures such as the AOT table run once); the AOT compile table (tests/test_compile.py)
+# is split between the two Triton versions, sm_80 here and sm_90 under test-compat (the GPU
+# machines' arch and Triton), which halves its cold cost; `python -m kernels.compile` builds both.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	LLM_ENGINE_AOT_ARCHS=80 $(PY) -m pytest -q -n auto --dist loadfile
 
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_PY) -c "import numpy, torch, transformers, triton; print('test-compat: torch', torch.__version__, \
 		'triton', triton.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)"
-	$(COMPAT_PY) -m pytest -q $(COMPAT_TESTS)
+	LLM_ENGINE_AOT_ARCHS=90 $(COMPAT_PY) -m pytest -q -n auto --dist loadfile $(COMPAT_TESTS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_suite.py

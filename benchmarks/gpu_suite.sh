@@ -5,8 +5,8 @@
 # --part core (the default): the CUDA tests (JUnit report), then roofline, layernorm, attention,
 #   train ("gpt2", every backend), generate ("gpt2", ours vs Hugging Face) and a short profile.
 # --part extended: the targets of later issues: GQA attention (benchmarks/attention.py --gqa), then
-#   fused loss, compiled decode, Llama-shaped training step, tuning, each of which says "not landed"
-#   until its issue lands.
+#   fused loss (benchmarks/loss.py), compiled decode, Llama-shaped training step, tuning; a step whose
+#   issue has not landed says "not landed".
 # --dry-run: every step of both parts (or of --part) at toy size on the CPU, under the Triton
 #   interpreter, into a temporary folder unless OUT_DIR is given: proves the suite itself runs.
 #
@@ -163,12 +163,14 @@ core() {
     "$PY" benchmarks/roofline.py --annotate "$OUT" > /dev/null 2>&1 || echo "roofline --annotate failed" >&2
 }
 
-# The extended part's landed caps add up to 300 s.
+# The extended part's landed caps add up to 360 s.
 extended() {
     # attention_gqa.csv: H=32 over Hkv=8, D=128 (Llama-3-8B) against SDPA with enable_gqa; the first
     # call of each of our kernels JIT-compiles it (about 30 s of the cap)
     step gqa 120 "$PY" benchmarks/attention.py "${TOY[@]}" --gqa --out "$OUT"
-    not_landed fused_loss 18
+    # loss.csv: fused linear + cross-entropy against eager, chunked torch and Liger, forward +
+    # backward, peak memory and time, 16k tokens at V=128k, C=2048 and GPT-2's head, bf16
+    step fused_loss 60 "$PY" benchmarks/loss.py "${TOY[@]}" --out "$OUT"
     not_landed compiled_decode 17
     # train_llama.csv: a llama-3.2-1b-shaped training step (16 layers, 2048 wide, GQA 32/8, V=128k),
     # ours (triton) against HF's LlamaForCausalLM with SDPA from the same weights

@@ -4,7 +4,7 @@
 
 benchmarks/gpu_suite.sh runs this last. It reads what the suite left in DIR: how each step ended
 (steps-setup.csv, steps-core.csv, steps-extended.csv), attention.csv, attention_gqa.csv, layernorm.csv, train.csv, train_llama.csv,
-generate.csv and the CUDA tests' JUnit report (cuda_tests.xml); it writes DIR/targets.md and prints it.
+loss.csv, generate.csv and the CUDA tests' JUnit report (cuda_tests.xml); it writes DIR/targets.md and prints it.
 
 A target over several shapes is judged by its worst shape: the lowest figure for an "at least"
 goal, the highest for an "at most" goal, over every shape the target names that the run measured;
@@ -233,6 +233,27 @@ def layernorm_both_vs(other: str):
     return figures
 
 
+def loss_llama3_head(r: dict) -> bool:
+    """loss.csv's target shape: 16k tokens, V=128k, C=2048, bf16."""
+    return (r["N"], r["V"], r["C"], r["dtype"]) == ("16384", "131072", "2048", "bfloat16")
+
+
+def fused_loss_memory_vs_eager(run: Run) -> dict[str, float]:
+    """loss.csv (benchmarks/loss.py): fused / eager peak memory of forward + backward."""
+    return {f"N={n} V={v} C={c}": float(p["fused"]["peak_mb"]) / float(p["eager"]["peak_mb"])
+            for (n, v, c), p in by_key(run.rows("loss.csv", loss_llama3_head), "N", "V", "C").items()
+            if "fused" in p and "eager" in p and p["fused"]["peak_mb"] and float(p["eager"]["peak_mb"] or 0) > 0}
+
+
+def fused_loss_speed_vs_liger(run: Run) -> dict[str, float]:
+    """loss.csv: Liger's / ours forward + backward time, same shape, same run."""
+    rows = run.rows("loss.csv", loss_llama3_head)
+    if rows and not any(r["provider"] == "liger" for r in rows):
+        raise NotMeasured("no liger rows in loss.csv")
+    return {f"N={n} V={v} C={c}": float(p["liger"]["ms"]) / float(p["fused"]["ms"])
+            for (n, v, c), p in by_key(rows, "N", "V", "C").items() if "fused" in p and "liger" in p}
+
+
 def gpt2_bf16(r: dict) -> bool:
     return r["preset"] == "gpt2" and r["dtype"] == "bf16-autocast"
 
@@ -341,8 +362,9 @@ EXTENDED = [
     Target("GQA forward vs the best SDPA backend (H=32, Hkv=8, D=128, bf16, S ≥ 4096)", AtLeast(1.0), ("gqa",),
            gqa_forward_vs_sdpa),
     Target("fused linear cross-entropy peak memory vs eager (16k tokens, V=128k, C=2048, bf16)", AtMost(0.25),
-           ("fused_loss",)),
-    Target("fused linear cross-entropy speed vs Liger (same shape)", AtLeast(1.0), ("fused_loss",)),
+           ("fused_loss",), fused_loss_memory_vs_eager),
+    Target("fused linear cross-entropy speed vs Liger (same shape)", AtLeast(1.0), ("fused_loss", "liger"),
+           fused_loss_speed_vs_liger),
     Target("compiled gpt2 batch-1 decode vs HF generate", AtLeast(1.5), ("compiled_decode",)),
     Target("compiled gpt2 batch-1 decode vs compiled static-cache HF", AtLeast(1.0), ("compiled_decode",)),
     Target("compiled gpt2 batch-1 decode, share of copy bandwidth", AtLeast(70, "%"), ("compiled_decode",)),

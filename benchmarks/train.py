@@ -2,9 +2,12 @@
 
     python benchmarks/train.py [--toy] [--preset NAME] [--batch-size B] [--seq-len T]
                                [--backends reference,torch,triton,hf,torch.compile] [--steps N] [--name STEM] [--out DIR]
+                               [--return-logits]
 
 One step = forward + loss, backward, fused AdamW step (what `llm-engine pretrain` does, without
-data loading or clipping), on random tokens. On CUDA: preset "gpt2" (124M) at context 1024 in
+data loading or clipping), on random tokens. The loss is the backend's fused linear + cross-entropy
+(model(..., return_logits=False), as the training loop calls it); --return-logits measures the
+path that makes the whole [B, T, V] logits first, then GPT.loss. On CUDA: preset "gpt2" (124M) at context 1024 in
 bf16 autocast over fp32 weights, like the training loop. On the CPU: preset "tiny" in float32;
 the "triton" backend there runs under TRITON_INTERPRET=1 (a correctness path: its figure is the
 interpreter's, not a kernel's).
@@ -82,9 +85,11 @@ class PeakMemory:
         return None
 
 
-def make_step(config: GPTConfig, backend: str, device: torch.device, batch: int, seq_len: int):
+def make_step(config: GPTConfig, backend: str, device: torch.device, batch: int, seq_len: int,
+              return_logits: bool = False):
     """(step function, model) for one backend; the step runs one full optimizer step and returns
-    its loss. The model returned is ours (its parameter and FLOP counts), also for "hf"."""
+    its loss. The model returned is ours (its parameter and FLOP counts), also for "hf".
+    return_logits: the loss from the whole logits (GPT.loss) instead of the fused one."""
     torch.manual_seed(0)  # the same weights for every backend
     model = GPT(config, backend="torch" if backend in ("torch.compile", "hf") else backend)
     model.to(device).train()
@@ -95,7 +100,7 @@ def make_step(config: GPTConfig, backend: str, device: torch.device, batch: int,
 
         trained = to_hf(model).train()
         trained.set_attn_implementation("sdpa")
-        forward = lambda idx, targets: (None, GPT.loss(trained(idx).logits, targets))  # noqa: E731
+        forward = lambda idx, targets, **_: (None, GPT.loss(trained(idx).logits, targets))  # noqa: E731
     optimizer = make_optimizer(trained, TrainConfig(max_steps=1))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=g).to(device)
@@ -104,7 +109,7 @@ def make_step(config: GPTConfig, backend: str, device: torch.device, batch: int,
 
     def step():
         with autocast:
-            _, loss = forward(inputs, targets)
+            _, loss = forward(inputs, targets, return_logits=return_logits)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -118,10 +123,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench_backend(preset, config, backend, device, batch, seq_len, steps, warmup, budget_s, peak_tflops) -> dict:
+def bench_backend(preset, config, backend, device, batch, seq_len, steps, warmup, budget_s, peak_tflops,
+                  return_logits=False) -> dict:
     mem = PeakMemory(device)
     mem.reset()
-    step, model = make_step(config, backend, device, batch, seq_len)
+    step, model = make_step(config, backend, device, batch, seq_len, return_logits)
     for i in range(warmup):  # compile, autotune, allocator warm-up
         t0 = time.perf_counter()
         loss = step()
@@ -198,6 +204,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--budget-s", type=float, default=10.0, help="seconds of timed steps per backend at most (default 10)")
     ap.add_argument("--name", default="train", help="file name stem of the results (default train)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<hardware>-<date>/)")
+    ap.add_argument("--return-logits", action="store_true",
+                    help="the loss from the whole logits (GPT.loss), not the fused linear + cross-entropy training uses")
     args = ap.parse_args(argv)
     backends = args.backends.split(",") if args.backends else [b for b in BACKENDS if on_gpu or b != "triton"]
     for b in backends:
@@ -220,7 +228,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for backend in backends:
         try:
-            row = bench_backend(preset, config, backend, device, batch, seq_len, steps, warmup, args.budget_s, peak["matmul_tflops"])
+            row = bench_backend(preset, config, backend, device, batch, seq_len, steps, warmup, args.budget_s,
+                                peak["matmul_tflops"], args.return_logits)
         except (RuntimeError, torch.OutOfMemoryError) as err:  # e.g. no compiler for inductor, out of memory
             print(f"{backend}: failed: {str(err).splitlines()[0][:200]}", file=sys.stderr)
             row = dict.fromkeys(COLUMNS, None) | dict(preset=preset, backend=backend, device=str(device), batch=batch,

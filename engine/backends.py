@@ -15,6 +15,10 @@ looks at the backend's name, so a new backend is one class and one line in BACKE
     apply_rope(q, k, cos, sin, positions) -> (q, k)
         rotary embedding; cos, sin: [P, D/2] tables; positions: LongTensor[B or 1, T]
     swiglu(gate, up) -> silu(gate) * up
+    linear_cross_entropy(h, weight, targets, loss_mask) -> loss
+        GPT.loss(h @ weight.T, targets, loss_mask) (mean over counted tokens, targets -1 ignored)
+        without holding the [N, V] logits whole in the torch and triton backends;
+        h: [B, T, C], weight: [V, C] (the head), targets, loss_mask: [B, T]
 """
 import os
 
@@ -53,9 +57,82 @@ class ReferenceBackend:
     def swiglu(self, gate, up):
         return reference.swiglu(gate, up)
 
+    def linear_cross_entropy(self, h, weight, targets, loss_mask=None):
+        return reference.linear_cross_entropy(h, weight, targets, loss_mask)
+
+
+def autocast_inputs(*tensors):
+    """The tensors in autocast's dtype when autocast is on for their device (as F.linear would
+    cast them), else as they are."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    return tuple(t.to(torch.get_autocast_dtype(device)) for t in tensors)
+
+
+def chunk_rows(n: int, c: int, v: int) -> int:
+    """Rows per chunk of the chunked cross-entropy: a [rows, V] chunk of about 4 · N · C elements
+    (four times h), at least 64 rows, at most N."""
+    return max(1, min(n, max(64, -(-4 * n * c // v))))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ_i w_i · (logsumexp(h_i · Wᵀ) − h_i · W_{t_i}) over chunks of rows, in fp32: the forward
+    keeps only each row's log-sum-exp; the backward recomputes each chunk's logits.
+    h: [N, C]; weight: [V, C]; targets: [N] (any id where w is 0); w: [N] fp32 row weights."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, w):
+        n, v = h.shape[0], weight.shape[0]
+        rows = chunk_rows(n, h.shape[1], v)
+        lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            logits = (h[sl] @ weight.T).float()  # [rows, V]
+            lse[sl] = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, targets[sl, None])[:, 0]
+            loss += torch.where(w[sl] != 0, w[sl] * (lse[sl] - target_logit), 0.0).sum()
+        ctx.save_for_backward(h, weight, targets, w, lse)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, weight, targets, w, lse = ctx.saved_tensors
+        n = h.shape[0]
+        rows = chunk_rows(n, h.shape[1], weight.shape[0])
+        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[1] else None
+        scale = (w * grad)[:, None]  # [N, 1]
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            dz = (h[sl] @ weight.T).float().sub_(lse[sl, None]).exp_()  # softmax, [rows, V]
+            dz.scatter_add_(1, targets[sl, None], torch.full_like(dz[:, :1], -1.0))  # − onehot(t)
+            dz = dz.mul_(scale[sl]).to(h.dtype)
+            if dh is not None:
+                torch.mm(dz, weight, out=dh[sl])
+            if dw is not None:  # summed in fp32 over the chunks
+                dw.addmm_(dz.T, h[sl]) if dz.dtype == torch.float32 else dw.add_(dz.T @ h[sl])
+        return dh, None if dw is None else dw.to(weight.dtype), None, None
+
+
+def chunked_linear_cross_entropy(h, weight, targets, loss_mask=None, ignore_index=-1):
+    """reference.linear_cross_entropy (reduction "mean") by ChunkedLinearCrossEntropy: the logits
+    exist one chunk of rows at a time, in the forward and again in the backward."""
+    h, weight = autocast_inputs(h, weight)
+    t = targets.reshape(-1)
+    counted = (t != ignore_index).float()
+    if loss_mask is not None:
+        counted = counted * loss_mask.reshape(-1).float()
+    w = counted / counted.sum().clamp(min=1.0)
+    with torch.autocast(h.device.type, enabled=False):
+        return ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, torch.where(counted != 0, t, 0), w)
+
 
 class TorchBackend(ReferenceBackend):
-    """What a user would pick instead: PyTorch's fused SDPA and LayerNorm."""
+    """What a user would pick instead: PyTorch's fused SDPA and LayerNorm, and a chunked
+    cross-entropy (so training on the CPU saves the logits' memory too)."""
 
     name = "torch"
 
@@ -89,12 +166,15 @@ class TorchBackend(ReferenceBackend):
     def swiglu(self, gate, up):
         return F.silu(gate) * up
 
+    def linear_cross_entropy(self, h, weight, targets, loss_mask=None):
+        return chunked_linear_cross_entropy(h, weight, targets, loss_mask)
+
 
 class TritonBackend(TorchBackend):
     """Our kernels from `kernels`: flash attention, fused (residual-add +) LayerNorm and RMSNorm,
-    RoPE (q and k rotated in one launch) and fused SwiGLU. SwiGLU stays here only if
-    benchmarks/swiglu.py shows it beating the torch backend's two ops on a GPU (issue 16; not yet
-    measured)."""
+    RoPE (q and k rotated in one launch), fused SwiGLU and fused linear + cross-entropy. SwiGLU
+    stays here only if benchmarks/swiglu.py shows it beating the torch backend's two ops on a GPU
+    (issue 16; not yet measured)."""
 
     name = "triton"
 
@@ -131,6 +211,9 @@ class TritonBackend(TorchBackend):
 
     def swiglu(self, gate, up):
         return self.kernels.swiglu(gate, up)
+
+    def linear_cross_entropy(self, h, weight, targets, loss_mask=None):
+        return self.kernels.linear_cross_entropy(h, weight, targets, loss_mask)
 
 
 BACKENDS = {"reference": ReferenceBackend, "torch": TorchBackend, "triton": TritonBackend}

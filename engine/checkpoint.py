@@ -40,12 +40,12 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def write_weights(model: GPT, path) -> None:
-    """model.safetensors: every tensor contiguous, a tied table once (the loader restores the head).
-    Not safetensors' save_model: it cannot tell shared tensors apart among non-contiguous ones,
-    which a model gets from decode_layout."""
+    """model.safetensors: every tensor contiguous, a tied table once, under the head's name as
+    safetensors' save_model wrote it (the loader restores the other). Not save_model itself: it
+    cannot tell shared tensors apart among non-contiguous ones, which a model gets from decode_layout."""
     state = model.state_dict()
     if model.config.tie_embeddings:
-        del state[TIED[1]]
+        del state[TIED[0]]
     save_file({name: t.contiguous() for name, t in state.items()}, str(path), metadata={"format": "pt"})
 
 

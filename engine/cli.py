@@ -1,4 +1,4 @@
-"""`llm-engine` (also `python -m engine`): pretrain, finetune, generate, chat, eval, export, demo, profile.
+"""`llm-engine` (also `python -m engine`): pretrain, finetune, tokenize, generate, chat, eval, export, demo, profile.
 
 Bad input (engine.errors.InputError) is printed as one line and exits 2; any other exception
 is a bug and keeps its traceback.
@@ -10,9 +10,9 @@ import signal
 import sys
 import time
 from dataclasses import fields, replace
+from pathlib import Path
 
-from engine.config import PRESETS
-from engine.demo import DEMO_PRESETS
+from engine.config import DEMO_PRESETS, PRESETS
 from engine.distributed import torchrun_env
 from engine.errors import InputError
 
@@ -77,6 +77,13 @@ def add_train_flags(p, defaults: dict):
                        help=TRAIN_HELP[f.name] + ("" if required else f" (default {default})"))
 
 
+def add_data_flags(p, text_field: bool):
+    if text_field:
+        p.add_argument("--text-field", default="text", metavar="NAME", help="the .jsonl field / .parquet column that holds the text (default text)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) lines that are not UTF-8, not JSON, or lack the "
+                   "field or a well-formed conversation, instead of stopping at the first with its file and line")
+
+
 def add_runtime_flags(p):
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "torch", "triton"],
                    help="ops implementation: auto = triton on CUDA, torch elsewhere (default auto)")
@@ -106,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pretrain", help="train a model from scratch on raw text", description="Train a tokenizer and a model (GPT-2 or Llama family, by --preset) from scratch on raw text.")
-    p.add_argument("--data", required=True, metavar="PATH|builtin", help="a .txt file, a folder of .txt files, or 'builtin' (the synthetic world)")
+    p.add_argument("--data", required=True, metavar="PATH|builtin", help=
+                   "text: a .txt, .jsonl or .parquet file, a folder of them or a glob (quoted); a folder `llm-engine tokenize` "
+                   "wrote; or 'builtin' (the synthetic world). Files are tokenised on first use into $LLM_ENGINE_CACHE "
+                   "(default ~/.cache/llm-engine) and reused from there")
+    add_data_flags(p, text_field=True)
     p.add_argument("--preset", default="tiny", help=f"model shape: {PRESET_HELP} (default tiny)")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, metrics.jsonl, token files")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -119,12 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune a pretrained model into an assistant", description="Fine-tune on conversations; the loss counts assistant tokens only.")
     add_model_source(p, flag="--init")
-    p.add_argument("--data", required=True, metavar="PATH.jsonl|builtin", help='a .jsonl of {"messages": [...]} or builtin (the world the --init model was pretrained on)')
+    p.add_argument("--data", required=True, metavar="PATH|builtin", help=
+                   'conversations: .jsonl (or .parquet) of {"messages": [...]}, a file, a folder or a glob (quoted); a folder '
+                   '`llm-engine tokenize --chat` wrote; or builtin (the world the --init model was pretrained on). Files are '
+                   "rendered and tokenised on first use into $LLM_ENGINE_CACHE and reused from there")
+    add_data_flags(p, text_field=False)
     p.add_argument("--out", required=True, metavar="DIR", help="run folder for the fine-tuned checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP")
     add_train_flags(p, {"lr": 1e-4, "warmup_steps": 10})
     add_runtime_flags(p)
+
+    p = sub.add_parser("tokenize", help="tokenise text or conversations into token shards", description=(
+        "Tokenise .txt/.jsonl/.parquet files of any size into fixed-size token shards (uint16/uint32 ids; for "
+        "conversations also the loss mask and the held-out split) in worker processes, each streaming its ~16 MB "
+        "piece of the input: memory stays bounded. Writes DIR/index.json, DIR/tokenizer.json and DIR/shard-*.bin. "
+        "Run again after an interruption: finished shards are kept. pretrain/finetune --data DIR read the result."))
+    p.add_argument("--data", required=True, metavar="PATH", help="a .txt, .jsonl or .parquet file, a folder of them, or a glob (quoted)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the shard folder to write (or to finish)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.json, or a folder holding one (a checkpoint, a Hugging Face folder)")
+    g.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this many tokens on a sample of --data "
+                   "(32 MB spread over the files; kept as DIR/tokenizer.json and reused when run again)")
+    p.add_argument("--chat", action="store_true", help='the files hold conversations ({"messages": [...]}), for finetune')
+    p.add_argument("--workers", type=int, default=0, help="worker processes, one tokenizer thread each (default 0: one per CPU, "
+                   "fewer when there is less than 4 MB of input per worker; 1: in this process)")
+    p.add_argument("--shard-mb", type=int, default=16, help="input megabytes per shard (default 16, about 4M tokens of English)")
+    add_data_flags(p, text_field=True)
 
     p = sub.add_parser("generate", help="continue a prompt", description="Stream a continuation of --prompt.")
     add_model_source(p)
@@ -261,6 +293,31 @@ def cmd_eval(args):
     print(json.dumps(evaluate(args.ckpt, device=args.device, backend=args.backend, hf=args.hf, data=args.data), indent=2))
 
 
+def cmd_tokenize(args):
+    from engine.checkpoint import read_tokenizer
+    from engine.shards import tokenize, train_tokenizer
+    from engine.tokenizer import Tokenizer
+
+    if args.workers < 0 or args.shard_mb < 1:
+        raise InputError(f"--workers must be >= 0 and --shard-mb >= 1, got {args.workers} and {args.shard_mb}")
+    out = Path(args.out)
+    if args.tokenizer:
+        path = Path(args.tokenizer)
+        tokenizer = read_tokenizer(path / "tokenizer.json" if path.is_dir() else path)
+    elif (out / "tokenizer.json").is_file() and Tokenizer.load(out / "tokenizer.json").vocab_size == args.vocab_size:
+        tokenizer = Tokenizer.load(out / "tokenizer.json")  # trained by an earlier, interrupted run
+        print(f"using {out / 'tokenizer.json'} ({args.vocab_size} tokens), trained by an earlier run")
+    else:
+        print(f"training a {args.vocab_size}-token BPE tokenizer on a sample of {args.data}")
+        tokenizer = train_tokenizer(args.data, args.vocab_size, args.chat, args.text_field, args.skip_bad_lines)
+    shards = tokenize(args.data, out, tokenizer, args.chat, args.text_field, args.skip_bad_lines, args.workers,
+                      args.shard_mb * 2**20)
+    index = shards.index
+    skipped = f", skipped {index['skipped_lines']} bad lines" if index["skipped_lines"] else ""
+    print(f"{out}: {index['tokens']:,} tokens, {index['documents']:,} {'conversations' if shards.chat else 'documents'} "
+          f"in {len(shards)} shard{'s' * (len(shards) != 1)}{skipped}")
+
+
 def cmd_profile(args):
     from engine.profile import profile
 
@@ -284,11 +341,15 @@ def main(argv=None) -> int:
             from engine.jobs import pretrain
 
             pretrain(args.data, args.out, args.preset, train_config(args), args.backend, args.device, args.resume,
-                     args.vocab_size, args.n_people, args.block_size, fsdp=args.fsdp)
+                     args.vocab_size, args.n_people, args.block_size, fsdp=args.fsdp, text_field=args.text_field,
+                     skip_bad_lines=args.skip_bad_lines)
         elif args.command == "finetune":
             from engine.jobs import finetune
 
-            finetune(args.ckpt, args.data, args.out, train_config(args), args.backend, args.device, args.resume, hf=args.hf, fsdp=args.fsdp)
+            finetune(args.ckpt, args.data, args.out, train_config(args), args.backend, args.device, args.resume, hf=args.hf,
+                     fsdp=args.fsdp, skip_bad_lines=args.skip_bad_lines)
+        elif args.command == "tokenize":
+            cmd_tokenize(args)
         elif args.command == "generate":
             cmd_generate(args)
         elif args.command == "chat":

@@ -145,3 +145,5 @@ PRESETS = {
     "qwen3-0.6b": dict(**LLAMA, vocab_size=151936, block_size=40960, n_layer=28, n_head=16, n_kv_head=8, n_embd=1024,
                        head_dim=128, intermediate_size=3072, rope_theta=1000000.0, rms_norm_eps=1e-6, qk_norm=True),
 }
+
+DEMO_PRESETS = ("tiny", "llama-tiny")  # CPU-sized, the GPT-2 and the Llama family's: what `llm-engine demo --preset` takes

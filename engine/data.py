@@ -1,11 +1,11 @@
-"""Training data: the built-in synthetic world, text corpora as token memmaps, conversations.
+"""Training data: the built-in synthetic world, text corpora as token memmaps, conversations,
+and the batches drawn from them (files given as --data become shards: engine/shards.py).
 
 Batches are a pure function of (seed, step, micro-batch index): resuming needs only the step,
 and a global batch is the same whatever the number of processes that share it.
 """
 import json
 import random
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from engine.errors import InputError
+from engine.shards import Skipped, is_val_conversation, list_sources, plan_pieces, read_piece
 
 # ---------------------------------------------------------------------------------------------
 # The built-in world: people with five facts each, described in many ways, asked about in chat.
@@ -289,39 +290,14 @@ def token_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int,
 # Conversations
 # ---------------------------------------------------------------------------------------------
 
-ROLES = ("system", "user", "assistant")
-
-
-def load_conversations(path) -> list[list[dict]]:
-    """A .jsonl of {"messages": [{"role", "content"}, ...]}; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--data: no such file {path}")
-    convs = []
-    for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: bad JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict) or "messages" not in obj:
-            raise InputError(f'{where}: missing "messages" (expected {{"messages": [...]}})')
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise InputError(f'{where}: "messages" must be a non-empty list')
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                role = m.get("role") if isinstance(m, dict) else m
-                raise InputError(f"{where}: message {i} has unknown role {role!r}; expected one of {list(ROLES)}")
-            if not isinstance(m.get("content"), str) or not m["content"].strip():
-                raise InputError(f"{where}: message {i} ({m['role']}) has empty content")
-        if messages[-1]["role"] != "assistant":
-            raise InputError(f"{where}: conversation does not end with an assistant turn")
-        convs.append([{"role": m["role"], "content": m["content"]} for m in messages])
+def load_conversations(data, skip_bad_lines: bool = False) -> list[list[dict]]:
+    """All the conversations of .jsonl/.parquet files of {"messages": [{"role", "content"}, ...]}
+    (a file, folder or glob), in memory; errors name the file and line. (Training streams them
+    from shards instead: engine/shards.py.)"""
+    pieces = plan_pieces(list_sources(data))
+    convs = [conv for piece in pieces for batch in read_piece(piece, True, "messages", Skipped(skip_bad_lines)) for conv in batch]
     if not convs:
-        raise InputError(f"--data: {path} holds no conversations")
+        raise InputError(f"--data: {data} holds no conversations")
     return convs
 
 
@@ -344,31 +320,29 @@ def replay_items(data: str, world: dict | None, tokenizer) -> list[tuple[list[in
 
 
 def conversation_split(convs: list[list[dict]], val_fraction: float = 0.05):
-    """Train/val by the first user message: branches of one conversation tree stay together."""
-
-    def is_val(conv):
-        return zlib.crc32(conv[0]["content"].encode()) % 1000 < val_fraction * 1000
-
-    val = [c for c in convs if is_val(c)]
-    return [c for c in convs if not is_val(c)], val or convs[-1:]
+    """Train/val by the first message (is_val_conversation): branches of one conversation tree
+    stay together. The shards of conversations hold the same split."""
+    val = [c for c in convs if is_val_conversation(c, val_fraction)]
+    return [c for c in convs if not is_val_conversation(c, val_fraction)], val or convs[-1:]
 
 
-def conversation_batch(rendered: list[tuple[list[int], list[int]]], batch_size: int, block_size: int, seed: int, step: int, micro: int):
+def conversation_batch(rendered, batch_size: int, block_size: int, seed: int, step: int, micro: int):
     """Random conversations, right-padded to the longest (cut at block_size + 1 tokens).
+    rendered: a list of (ids, loss_mask), or shards.Conversations (the same, read from shards).
 
     Returns x, y, loss_mask of [B, T]: y is x shifted by one; the mask is the render's mask of
     each target token, 0 on padding. Right padding is invisible to the real tokens (causal).
     """
     g = batch_generator(seed, step, micro)
     picks = torch.randint(len(rendered), (batch_size,), generator=g).tolist()
-    rows = [(rendered[i][0][: block_size + 1], rendered[i][1][: block_size + 1]) for i in picks]
+    rows = [(ids[: block_size + 1], mask[: block_size + 1]) for ids, mask in (rendered[i] for i in picks)]
     T = max(len(ids) for ids, _ in rows) - 1
     x = torch.zeros(batch_size, T, dtype=torch.long)
     y = torch.full((batch_size, T), -1, dtype=torch.long)
     mask = torch.zeros(batch_size, T, dtype=torch.long)
     for b, (ids, m) in enumerate(rows):
         n = len(ids) - 1
-        x[b, :n] = torch.tensor(ids[:-1])
-        y[b, :n] = torch.tensor(ids[1:])
-        mask[b, :n] = torch.tensor(m[1:])
+        x[b, :n] = torch.as_tensor(ids[:-1])
+        y[b, :n] = torch.as_tensor(ids[1:])
+        mask[b, :n] = torch.as_tensor(m[1:])
     return x, y, mask

@@ -33,9 +33,6 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-DEMO_PRESETS = ("tiny", "llama-tiny")  # CPU-sized: the GPT-2 family's and the Llama family's
-
-
 def run_demo(out="runs/demo", pretrain_steps: int = 600, finetune_steps: int = 400, backend="auto", device="auto",
              n_people: int = 100, preset: str = "tiny"):
     out = Path(out)

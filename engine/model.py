@@ -267,10 +267,13 @@ class GPT(nn.Module):
             self._ops[name] = get_backend(name, device)
         return self._ops[name]
 
-    def forward(self, idx, targets=None, loss_mask=None, cache=None, kv_start=None, last_only=False):
+    def forward(self, idx, targets=None, loss_mask=None, cache=None, kv_start=None, last_only=False,
+                return_logits=True):
         """idx: [B, T] token ids. Returns (logits [B, T, V] (or [B, 1, V] with last_only), loss).
 
         targets: [B, T] next-token ids (-1 = ignore); loss_mask: [B, T], 1 where a target counts.
+        return_logits=False (with targets): (None, loss), the loss from the backend's fused linear +
+        cross-entropy, so the [B, T, V] logits never exist (training's memory peak).
         cache: a KV cache (engine.generate.KVCache) to append to; kv_start: LongTensor[B], the
         first real position of each left-padded row (positions count from there).
         """
@@ -293,6 +296,8 @@ class GPT(nn.Module):
             cache.advance(T)
         if targets is None:
             return self.lm_head(h[:, -1:] if last_only else h), None
+        if not return_logits:
+            return None, ops.linear_cross_entropy(h, self.lm_head.weight, targets, loss_mask)
         logits = self.lm_head(h)  # [B, T, V]
         return logits, self.loss(logits, targets, loss_mask)
 

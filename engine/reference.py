@@ -128,3 +128,19 @@ def swiglu(gate, up):
     compute = torch.float64 if gate.dtype == torch.float64 else torch.float32
     g = gate.to(compute)
     return (g * torch.sigmoid(g) * up.to(compute)).to(gate.dtype)
+
+
+def linear_cross_entropy(h, weight, targets, loss_mask=None, ignore_index=-1, reduction="mean"):
+    """Cross-entropy of the logits h @ weightᵀ: −log softmax(h_i · Wᵀ)[t_i], weighted by
+    counted_i = (t_i != ignore_index) · loss_mask_i, then summed ("sum") or divided by Σ counted_i
+    ("mean"; 0 when nothing counts). h: [..., C]; weight: [V, C]; targets, loss_mask: [...]."""
+    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    logits = h.to(compute).reshape(-1, h.shape[-1]) @ weight.to(compute).T  # [N, V]
+    t = targets.reshape(-1)
+    counted = (t != ignore_index).to(compute)
+    if loss_mask is not None:
+        counted = counted * loss_mask.reshape(-1).to(compute)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    per_token = -log_probs.gather(1, torch.where(counted != 0, t, 0)[:, None])[:, 0]  # [N]
+    total = torch.where(counted != 0, per_token * counted, 0.0).sum()
+    return total / counted.sum().clamp(min=1.0) if reduction == "mean" else total

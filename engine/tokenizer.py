@@ -56,6 +56,9 @@ class Tokenizer:
         self._token_bytes = None
         self._stop_ids = None
 
+    def __reduce__(self):  # pickled as its JSON (tokenize's worker processes get it so)
+        return Tokenizer, (self.hf, self.chat_template, self.special_tokens)
+
     # ---- building, saving, loading ----
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> "Tokenizer":
@@ -229,6 +232,25 @@ class Tokenizer:
             ids += [self.special_ids[ROLE_TOKENS[role]]] + body
             mask += [0] + [train] * len(body)
         return ids, mask
+
+    def render_conversations(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+        """render_conversation of each, the built-in template's message contents encoded in one
+        encode_batch call (one call per message is most of the time of rendering many)."""
+        if self.template is not None:
+            return [self.render_conversation(c) for c in conversations]
+        self._check_chat()
+        bodies = iter(self.encode_batch([m["content"] for c in conversations for m in c]))
+        out = []
+        for conv in conversations:
+            ids, mask = [self.bos_id], [0]
+            for m in conv:
+                if m["role"] not in ROLE_TOKENS:
+                    raise InputError(f"unknown role {m['role']!r}; expected one of {list(ROLE_TOKENS)}")
+                body = next(bodies) + [self.end_id]
+                ids += [self.special_ids[ROLE_TOKENS[m["role"]]]] + body
+                mask += [0] + [int(m["role"] == "assistant")] * len(body)
+            out.append((ids, mask))
+        return out
 
     def render_prompt(self, messages: list[dict]) -> list[int]:
         """The conversation so far, then <|assistant|>: the model writes the reply and its <|end|>

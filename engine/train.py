@@ -182,7 +182,7 @@ def optimizer_step(model, optimizer, batches: Batches, step: int, micros: range,
         mask = mask.to(device) if mask is not None else None
         with distributed.grad_sync(model, last=n == len(micros) - 1):
             with autocast:
-                _, loss = model(x, y, loss_mask=mask)
+                _, loss = model(x, y, loss_mask=mask, return_logits=False)  # the logits never exist
             (loss / len(micros)).backward()  # DDP / FSDP2 then average over the ranks
         loss_sum += loss.item()
         tokens += x.numel()

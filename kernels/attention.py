@@ -32,10 +32,12 @@ output and logsumexp, and a small kernel combines them.
 Launch configs come from one table (_CONFIGS) per arch (sm_80 / sm_90+), kind, 16-bit or fp32,
 and head dim; no autotuning. The launches (kernel, grid, arguments, constexprs, warps, stages)
 are computed by _forward_launches / _backward_launches, which read no data: `aot_configs()` runs
-them on meta tensors, so kernels/compile.py builds exactly the kernels that run. Sizes (B·H, Sq,
-Sk) are not specialised, so the first call of each (kernel, D, dtype, causal, kv_start)
-JIT-compiles it (about 1-6 s per kernel on a 2-core CPU, fp32 the slowest; a training step
-compiles three kernels, a decode step one or two) and later calls with any sizes reuse it.
+them on meta tensors, so kernels/compile.py builds exactly the kernels that run, and the custom ops
+(llm_engine::flash_attention, flash_attention_backward) run them on fake tensors as their fake
+implementations. Sizes (B·H, Sq, Sk) are not specialised, so the first call of each (kernel, D,
+dtype, causal, kv_start) JIT-compiles it (about 1-6 s per kernel on a 2-core CPU, fp32 the
+slowest; a training step compiles three kernels, a decode step one or two) and later calls with
+any sizes reuse it.
 
 Grids are (B·H, tiles, splits): B·H on axis x, where CUDA allows 2^31 - 1 programs (axes y and
 z stop at 65,535, which caps a sequence at 65,535 tiles). Offsets: batch/head bases and each
@@ -54,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launch, checked_grid
+from kernels.launch import Launch, checked_grid, kernel_op
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -474,6 +476,7 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
     """The forward's launches, and its outputs o [B, H, Sq, D] (q's dtype) and lse [B·H, Sq] (fp32,
     base 2) that they will write. Reads no data: kernels/compile.py runs it on meta tensors."""
     (b, h, sq, d), (hkv, sk), dev = q.shape, k.shape[1:3], q.device
+    d = int(d)  # a config table key: under torch.compile's symbolic shapes, specialised (a guard)
     kind = "decode" if sq <= DECODE_MAX_SQ else "fwd"
     c = _CONFIGS[(arch, kind, q.dtype != torch.float32)][d]
     m_tiles = triton.cdiv(sq, c.block_m)
@@ -504,8 +507,9 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms):
 def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic, arch):
     """The backward's launches, and dq, dk, dv that they will write (dq in fp32 when not
     deterministic: the atomics' accumulator; dk, dv [B, H, Sk, D], one per query head: with Hkv < H
-    partials that _backward sums over each group). Reads no data, like _forward_launches."""
+    partials that _attention_backward sums over each group). Reads no data, like _forward_launches."""
     (b, h, sq, d), (hkv, sk), dev = q.shape, k.shape[1:3], q.device
+    d = int(d)  # a config table key: under torch.compile's symbolic shapes, specialised (a guard)
     half = q.dtype != torch.float32
     delta = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
     launches = [Launch(_attn_bwd_preprocess, checked_grid(b * h, triton.cdiv(sq, _ROWS_PER_PROGRAM)),
@@ -513,8 +517,8 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
                        _PRE_WARPS, _SMALL_STAGES)]
     # Grouped-query attention: the H / Hkv query heads of a group all add to their K/V head's dK, dV.
     # Each dK/dV program handles one query head, as without groups, and writes that head's share;
-    # _backward sums the shares of each group with one torch reduction, in a fixed order: deterministic,
-    # no atomics. (One program looping over the group's query heads instead needs no buffer, but
+    # _attention_backward sums the shares of each group with one torch reduction, in a fixed order:
+    # deterministic, no atomics. (One program looping over the group's query heads instead needs no buffer, but
     # holding the loop's state across the query loop made the D=128 16-bit builds spill registers.)
     dk = torch.empty((b, h, sk, d), dtype=k.dtype, device=dev)
     dv = torch.empty((b, h, sk, d), dtype=v.dtype, device=dev)
@@ -538,24 +542,6 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
             (q, k, v, do, lse, delta, dq, kv, sm_scale, *strides, h, h // hkv, sq, sk),
             dict(**common, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c.num_warps, c.num_stages))
     return launches, dq, dk, dv
-
-
-def _forward(q, k, v, causal, sm_scale, kv_start):
-    launches, o, lse = _forward_launches(q, k, v, causal, sm_scale, kv_start, *_target(q.device))
-    for launch in launches:
-        launch()
-    return o, lse
-
-
-def _backward(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic):
-    launches, dq, dk, dv = _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic,
-                                              _target(q.device)[0])
-    for launch in launches:
-        launch()
-    hkv = k.shape[1]
-    if dk.shape[1] != hkv:  # per-query-head shares of grouped K/V heads: summed in fp32, group by group
-        dk, dv = (t.unflatten(1, (hkv, -1)).sum(2, dtype=torch.float32).to(t.dtype) for t in (dk, dv))
-    return dq.to(q.dtype), dk, dv
 
 
 # ----------------------------------------------------------------------------- ahead-of-time builds
@@ -618,24 +604,48 @@ def _aot_entry(launch, arch, dtype, forward_kind):
             "wgmma": arch >= 90 and dtype != torch.float32 and name in ("fwd", "dkdv", "dkdv_atomic", "dq")}
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- registration
+# torch.library.custom_op (kernels/launch.py: kernel_op says why not triton_op). The forward op
+# serves prefill, training and decode alike (its launcher picks the split-KV path for Sq <= 16); the
+# backward op both variants (deterministic, atomic dQ) and grouped K/V heads.
 
 
-class FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, kv_start, deterministic):
-        q, k, v = _kernel_layout(q, k, v)
-        o, lse = _forward(q, k, v, causal, sm_scale, kv_start)
-        ctx.save_for_backward(q, k, v, o, lse, kv_start)
-        ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
-        return o
+@kernel_op("flash_attention_backward",
+           "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, bool causal, float sm_scale, "
+           "Tensor? kv_start, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)")
+def _attention_backward(do, q, k, v, o, lse, causal, sm_scale, kv_start, deterministic, run):
+    q, k, v = _kernel_layout(q, k, v)  # as the forward read them (copied again if it had to copy)
+    launches, dq, dk, dv = _backward_launches(_inner_contiguous(do), q, k, v, o, lse, causal, sm_scale, kv_start,
+                                              deterministic, _target(q.device)[0])
+    run(launches)
+    hkv = k.shape[1]
+    if dk.shape[1] != hkv:  # per-query-head shares of grouped K/V heads: summed in fp32, group by group
+        dk, dv = (t.unflatten(1, (hkv, -1)).sum(2, dtype=torch.float32).to(t.dtype) for t in (dk, dv))
+    return dq.to(q.dtype), dk, dv
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, kv_start = ctx.saved_tensors
-        dq, dk, dv = _backward(_inner_contiguous(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale, kv_start,
-                               ctx.deterministic)
-        return dq, dk, dv, None, None, None, None
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, sm_scale, kv_start, deterministic = inputs
+    ctx.save_for_backward(q, k, v, *output, kv_start)
+    ctx.causal, ctx.sm_scale, ctx.deterministic = causal, sm_scale, deterministic
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, kv_start = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, kv_start, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None
+
+
+@kernel_op("flash_attention",
+           "(Tensor q, Tensor k, Tensor v, bool causal, float sm_scale, Tensor? kv_start, bool deterministic) "
+           "-> (Tensor o, Tensor lse)", _backward, _setup_context)
+def _attention(q, k, v, causal, sm_scale, kv_start, deterministic, run):
+    """o [B, H, Sq, D] and the row logsumexp lse [B·H, Sq] (fp32, base 2) that the backward reads.
+    deterministic is the backward's (an argument here so that the backward sees it)."""
+    q, k, v = _kernel_layout(q, k, v)
+    launches, o, lse = _forward_launches(q, k, v, causal, sm_scale, kv_start, *_target(q.device))
+    run(launches)
+    return o, lse
 
 
 # ----------------------------------------------------------------------------- public
@@ -655,4 +665,4 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, determin
     """
     _check_inputs(q, k, v, kv_start)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    return FlashAttention.apply(q, k, v, bool(causal), sm_scale, kv_start, bool(deterministic))
+    return _attention(q, k, v, bool(causal), sm_scale, kv_start, bool(deterministic))[0]

@@ -39,7 +39,8 @@ from triton.runtime.jit import native_specialize_impl
 
 from kernels.launch import Launch
 
-MODULES = ("kernels.attention", "kernels.layernorm", "kernels.rmsnorm", "kernels.rope", "kernels.swiglu", "kernels.sampling")
+MODULES = ("kernels.attention", "kernels.layernorm", "kernels.rmsnorm", "kernels.rope", "kernels.swiglu",
+           "kernels.linear_cross_entropy", "kernels.sampling")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100/H200)
 COLUMNS = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "seconds", "status")
 

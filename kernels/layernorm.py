@@ -17,8 +17,9 @@ computed, stored or read), there is no bias, and the backward's mean(w*dy) term 
 
 The launches (kernel, grid, arguments, constexprs, warps, stages) are computed by
 _forward_launches / _backward_launches, which read no data: `aot_configs()` runs them on meta
-tensors, so kernels/compile.py builds exactly the kernels that run. Grids are 1-D (axis x, up to
-2^31 - 1 programs); row offsets are 64-bit.
+tensors, so kernels/compile.py builds exactly the kernels that run, and the custom ops
+(llm_engine::norm, norm_backward) run them on fake tensors as their fake implementations. Grids
+are 1-D (axis x, up to 2^31 - 1 programs); row offsets are 64-bit.
 """
 import functools
 import itertools
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launch, checked_grid
+from kernels.launch import Launch, checked_grid, kernel_op
 
 MAX_N = 65536  # largest feature size; the chunked path is written for it
 
@@ -322,48 +323,60 @@ def _check(x, residual, weight, bias):
             raise ValueError(f"{name} must have shape ({x.shape[-1]},) on {x.device}, got {tuple(p.shape)} on {p.device}")
 
 
+def _contiguous(p):
+    return p.contiguous() if p is not None else None
+
+
 def _forward_launches(x, residual, weight, bias, eps, rms=False):
-    """The forward's launches, and y, s (the [M, N] tensor that is normalised) and the fp32 mean
-    and rstd that they will write. rms: RMSNorm (no bias; the mean is None, as no kernel makes
-    one). Reads no data: kernels/compile.py runs it on meta tensors."""
+    """The forward's launches, and y, s (the tensor that is normalised: x + residual, or x itself
+    without a residual), both x's shape, and the fp32 mean and rstd [M] that they will write. rms:
+    RMSNorm (no bias; the mean is None, as no kernel makes one). Reads no data: kernels/compile.py
+    runs it on meta tensors, the custom op on fake ones."""
     if rms and bias is not None:
         raise ValueError("RMSNorm has no bias")
     _check(x, residual, weight, bias)
+    weight, bias = _contiguous(weight), _contiguous(bias)
     n = x.shape[-1]
     x2 = _as_rows(x, n)
     m = x2.shape[0]
     if residual is None:
-        r2, s2 = x2, x2
+        r2, s, s2 = x2, x, x2
     else:
         r2 = _as_rows(residual, n)
-        s2 = torch.empty((m, n), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
-    y = torch.empty((m, n), dtype=s2.dtype, device=x.device)
+        s = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+        s2 = s.view(m, n)
+    y = torch.empty(x.shape, dtype=s.dtype, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     mean = None if rms else torch.empty(m, dtype=torch.float32, device=x.device)
     if not m:
-        return [], y, s2, mean, rstd
+        return [], y, s, mean, rstd
     block_n, rows, warps, chunked = _pick(_FWD_CONFIGS, n)
     w = weight if weight is not None else x2  # any pointer; never read
     b = bias if bias is not None else x2
+    y2 = y.view(m, n)
     launch = Launch(
         _ln_fwd_kernel, checked_grid(triton.cdiv(m, rows)),
-        (x2, r2, s2, y, w, b, rstd if rms else mean, rstd, x2.stride(0), r2.stride(0), s2.stride(0), y.stride(0),
+        (x2, r2, s2, y2, w, b, rstd if rms else mean, rstd, x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0),
          m, n, eps),
         dict(HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
              ROWS=rows, BLOCK_N=block_n, CHUNKED=chunked, RMS=rms),
         warps, _NUM_STAGES)
-    return [launch], y, s2, mean, rstd
+    return [launch], y, s, mean, rstd
 
 
-def _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms):
-    """The backward's launches, and dx (the gradient of s, ds included) as [M, N], dweight and
+def _backward_launches(dy, ds, s, weight, bias, mean, rstd, num_sms):
+    """The backward's launches, and dx (the gradient of s, ds included; s's shape), dweight and
     dbias that they will write; mean None: RMSNorm's. Reads no data, like _forward_launches."""
     rms = mean is None
     mean = rstd if rms else mean  # RMS: any pointer, never read
-    m, n = s2.shape
+    weight, bias = _contiguous(weight), _contiguous(bias)
+    n = s.shape[-1]
+    s2 = _as_rows(s, n)
+    m = s2.shape[0]
     dy2 = _as_rows(dy, n)
     ds2 = _as_rows(ds, n) if ds is not None else dy2
-    dx = torch.empty((m, n), dtype=s2.dtype, device=s2.device)
+    dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    dx2 = dx.view(m, n)
     block_n, rows, warps, chunked = _pick(_BWD_CONFIGS, n)
     # Enough programs to fill the GPU (about 32 warps per SM); each walks several row blocks.
     progs = max(1, min(triton.cdiv(m, rows), num_sms * max(1, 32 // warps)))
@@ -373,8 +386,8 @@ def _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms):
     # Launched even for zero rows: it then writes the zero partial sums.
     launches = [Launch(
         _ln_bwd_dx_chunked_kernel if chunked else _ln_bwd_dx_kernel, checked_grid(progs),
-        (s2, weight if weight is not None else s2, dy2, ds2, dx, mean, rstd, dw_part, db_part,
-         s2.stride(0), dy2.stride(0), ds2.stride(0), dx.stride(0), m, n),
+        (s2, weight if weight is not None else s2, dy2, ds2, dx2, mean, rstd, dw_part, db_part,
+         s2.stride(0), dy2.stride(0), ds2.stride(0), dx2.stride(0), m, n),
         dict(HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
              ROWS=rows, BLOCK_N=block_n, RMS=rms),
         warps, _NUM_STAGES)]
@@ -387,20 +400,6 @@ def _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms):
                                    (partial, grads[-1], progs, n), dict(BLOCK_P=block_p, BLOCK_C=block_c),
                                    reduce_warps, _NUM_STAGES))
     return launches, dx, *grads
-
-
-def _forward(x, residual, weight, bias, eps, rms):
-    launches, *outputs = _forward_launches(x, residual, weight, bias, eps, rms)
-    for launch in launches:
-        launch()
-    return outputs
-
-
-def _backward(dy, ds, s2, weight, bias, mean, rstd):
-    launches, *grads = _backward_launches(dy, ds, s2, weight, bias, mean, rstd, _num_sms(s2.device))
-    for launch in launches:
-        launch()
-    return grads
 
 
 # Feature sizes on which the launchers pick every build (kernels/compile.py): each table entry's
@@ -446,41 +445,57 @@ def aot_configs(rms=False) -> list[dict]:
     return configs
 
 
-class _NormFunction(torch.autograd.Function):
-    """layer_norm(x) -> y, or with a residual: (layer_norm(x + residual), x + residual); rms:
-    rms_norm instead (kernels/rmsnorm.py)."""
+# ----------------------------------------------------------------------------- registration
+# torch.library.custom_op (kernels/launch.py: kernel_op says why not triton_op). One op pair serves
+# layer_norm, add_layer_norm, rms_norm and add_rms_norm, as one set of kernels does.
 
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, rms):
-        weight = weight.contiguous() if weight is not None else None
-        bias = bias.contiguous() if bias is not None else None
-        y, s2, mean, rstd = _forward(x, residual, weight, bias, eps, rms)
-        ctx.save_for_backward(s2, weight, bias, mean, rstd)
-        ctx.input_dtypes = (x.dtype, residual.dtype if residual is not None else None)
-        if residual is None:
-            return y.view(x.shape)
-        return y.view(x.shape), s2.view(x.shape)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, ds=None):
-        s2, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _backward(dy, ds, s2, weight, bias, mean, rstd)
-        dx = dx.view(dy.shape)
-        x_dtype, r_dtype = ctx.input_dtypes
-        # s = x + residual: both inputs get the same gradient (in their own dtypes).
-        dres = dx.to(r_dtype) if r_dtype is not None else None
-        return dx.to(x_dtype), dres, dweight, dbias, None, None
+@kernel_op("norm_backward", "(Tensor dy, Tensor? ds, Tensor s, Tensor? weight, Tensor? bias, Tensor? mean, "
+                            "Tensor rstd) -> (Tensor dx, Tensor? dweight, Tensor? dbias)")
+def _norm_backward(dy, ds, s, weight, bias, mean, rstd, run):
+    """The gradients of s (ds added), weight and bias; mean None: RMSNorm's."""
+    launches, dx, dweight, dbias = _backward_launches(dy, ds, s, weight, bias, mean, rstd, _num_sms(s.device))
+    run(launches)
+    return dx, dweight, dbias
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, rms = inputs
+    y, s, mean, rstd = output
+    ctx.save_for_backward(x if s is None else s, weight, bias, mean, rstd)
+    ctx.input_dtypes = (x.dtype, residual.dtype if residual is not None else None)
+
+
+def _backward(ctx, dy, ds, dmean, drstd):
+    dx, dweight, dbias = _norm_backward(dy, ds, *ctx.saved_tensors)
+    x_dtype, r_dtype = ctx.input_dtypes
+    # s = x + residual: both inputs get the same gradient (in their own dtypes).
+    dres = dx.to(r_dtype) if r_dtype is not None else None
+    return dx.to(x_dtype), dres, dweight, dbias, None, None
+
+
+@kernel_op("norm", "(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms) "
+                   "-> (Tensor y, Tensor? s, Tensor? mean, Tensor rstd)", _backward, _setup_context)
+def _norm(x, residual, weight, bias, eps, rms, run):
+    """layer_norm(s), s = x + residual, and the fp32 statistics; rms: rms_norm (no bias) instead.
+    s is None without a residual (it is x: an op may not return its input), mean None for RMSNorm."""
+    launches, y, s, mean, rstd = _forward_launches(x, residual, weight, bias, eps, rms)
+    run(launches)
+    return y, s if residual is not None else None, mean, rstd
+
+
+# ----------------------------------------------------------------------------- public
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last dimension of x (any leading shape); weight and bias optional."""
-    return _NormFunction.apply(x, None, weight, bias, eps, False)
+    return _norm(x, None, weight, bias, float(eps), False)[0]
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5):
     """(layer_norm(x + residual), x + residual) in one pass; differentiable in both outputs."""
-    return _NormFunction.apply(x, residual, weight, bias, eps, False)
+    y, s, _, _ = _norm(x, residual, weight, bias, float(eps), False)
+    return y, s
 
 
 class LayerNorm(torch.nn.LayerNorm):

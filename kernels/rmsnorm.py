@@ -19,7 +19,8 @@ compiled build.
 
 This module is the RMSNorm face: rms_norm, add_rms_norm, RMSNorm (a drop-in for torch.nn.RMSNorm)
 and aot_configs(), the RMS builds for kernels/compile.py, made by the launchers themselves on meta
-tensors like layernorm's.
+tensors like layernorm's. Its custom op is layernorm's too: llm_engine::norm with rms=True (a
+torch.library custom_op, not a triton_op: kernels/launch.py's kernel_op says why).
 """
 import math
 
@@ -31,13 +32,14 @@ from kernels import layernorm as _ln
 def rms_norm(x, weight=None, eps=1e-6):
     """RMSNorm over the last dimension of x (any leading shape); weight optional. fp32, fp16, bf16;
     differentiable in x and weight."""
-    return _ln._NormFunction.apply(x, None, weight, None, eps, True)
+    return _ln._norm(x, None, weight, None, float(eps), True)[0]
 
 
 def add_rms_norm(x, residual, weight=None, eps=1e-6):
     """(rms_norm(x + residual), x + residual) in one pass; differentiable in both outputs.
     residual: the residual stream; x: the branch output added to it."""
-    return _ln._NormFunction.apply(x, residual, weight, None, eps, True)
+    y, s, _, _ = _ln._norm(x, residual, weight, None, float(eps), True)
+    return y, s
 
 
 class RMSNorm(torch.nn.RMSNorm):

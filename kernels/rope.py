@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launch, checked_grid
+from kernels.launch import Launch, checked_grid, kernel_op
 
 MAX_D = 512  # largest head dimension (the launch table's widest block holds 256 pairs)
 
@@ -152,7 +152,7 @@ def _check(q, k, cos, sin, positions):
 
 def _launches(q, k, cos, sin, positions, sign=1.0):
     """The launch rotating q and k by sign·angle, and the outputs it will write. Reads no data:
-    kernels/compile.py runs it on meta tensors."""
+    kernels/compile.py runs it on meta tensors, the custom op on fake ones."""
     _check(q, k, cos, sin, positions)
     q, k, cos, sin = (_unit_last(t) for t in (q, k, cos, sin))
     positions = positions.contiguous()
@@ -171,13 +171,6 @@ def _launches(q, k, cos, sin, positions, sign=1.0):
          t, h, h + hkv, group, d // 2, float(sign)),
         dict(BLOCK_T=block_t, BLOCK_H=block_h), warps, _NUM_STAGES)
     return [launch], qo, ko
-
-
-def _rope(q, k, cos, sin, positions, sign):
-    launches, qo, ko = _launches(q, k, cos, sin, positions, sign)
-    for launch in launches:
-        launch()
-    return qo, ko
 
 
 # Head dimensions on which the launcher picks every build (kernels/compile.py): each table entry's
@@ -211,22 +204,33 @@ def aot_configs() -> list[dict]:
     return configs
 
 
-class _RopeFunction(torch.autograd.Function):
-    """(q, k) -> (q, k) rotated by sign · angle(position)."""
+# ----------------------------------------------------------------------------- registration
+# torch.library.custom_op (kernels/launch.py: kernel_op says why not triton_op).
 
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, positions, sign):
-        ctx.save_for_backward(cos, sin, positions)
-        ctx.sign = sign
-        ctx.dtypes = (q.dtype, k.dtype)
-        return _rope(q, k, cos, sin, positions, sign)
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin, positions = ctx.saved_tensors
-        # The rotation's transpose is the rotation by the opposite angle (differentiable in turn).
-        dq, dk = _RopeFunction.apply(dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), cos, sin, positions, -ctx.sign)
-        return dq, dk, None, None, None, None
+def _setup_context(ctx, inputs, output):
+    q, k, cos, sin, positions, sign = inputs
+    ctx.save_for_backward(cos, sin, positions)
+    ctx.sign = sign
+
+
+def _backward(ctx, dq, dk):
+    cos, sin, positions = ctx.saved_tensors
+    # The rotation's transpose is the rotation by the opposite angle (differentiable in turn).
+    dq, dk = _rope(dq, dk, cos, sin, positions, -ctx.sign)
+    return dq, dk, None, None, None, None
+
+
+@kernel_op("apply_rope", "(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor positions, float sign) -> (Tensor, Tensor)",
+           _backward, _setup_context)
+def _rope(q, k, cos, sin, positions, sign, run):
+    """(q, k) rotated by sign · angle(position)."""
+    launches, qo, ko = _launches(q, k, cos, sin, positions, sign)
+    run(launches)
+    return qo, ko
+
+
+# ----------------------------------------------------------------------------- public
 
 
 def apply_rope(q, k, cos, sin, positions):
@@ -235,4 +239,4 @@ def apply_rope(q, k, cos, sin, positions):
     cos, sin: [P, D/2] tables of angle position · frequency_i; positions: integer tensor [B or 1, T]
     (a row per sequence, or one row for the whole batch), each in [0, P). Differentiable in q and k.
     """
-    return _RopeFunction.apply(q, k, cos, sin, positions, 1.0)
+    return _rope(q, k, cos, sin, positions, 1.0)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launch, checked_grid
+from kernels.launch import Launch, checked_grid, kernel_op
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -98,37 +98,33 @@ def _grid(m, n):
 
 
 def _forward_launches(gate, up):
-    """The forward's launch and y [M, N] that it will write. Reads no data: kernels/compile.py runs
-    it on meta tensors."""
+    """The forward's launch and y (gate's shape) that it will write. Reads no data:
+    kernels/compile.py runs it on meta tensors, the custom op on fake ones."""
     _check(gate, up)
     n = gate.shape[-1]
     g2, u2 = _as_rows(gate, n), _as_rows(up, n)
     m = g2.shape[0]
-    y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if not m * n:
         return [], y
     grid, constexprs, warps = _grid(m, n)
-    return [Launch(_swiglu_fwd_kernel, grid, (g2, u2, y, _row_stride(g2), _row_stride(u2), _row_stride(y), m, n),
+    y2 = y.view(m, n)
+    return [Launch(_swiglu_fwd_kernel, grid, (g2, u2, y2, _row_stride(g2), _row_stride(u2), _row_stride(y2), m, n),
                    constexprs, warps, _NUM_STAGES)], y
 
 
 def _backward_launches(dy, gate, up):
-    """The backward's launch and dgate, dup [M, N] that it will write. Reads no data."""
+    """The backward's launch and dgate, dup (gate's shape) that it will write. Reads no data."""
     n = gate.shape[-1]
     g2, u2, dy2 = _as_rows(gate, n), _as_rows(up, n), _as_rows(dy.to(gate.dtype), n)
     m = g2.shape[0]
-    dg, du = (torch.empty((m, n), dtype=gate.dtype, device=gate.device) for _ in range(2))
+    dg, du = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) for _ in range(2))
     if not m * n:
         return [], dg, du
     grid, constexprs, warps = _grid(m, n)
-    args = (g2, u2, dy2, dg, du, *(_row_stride(t) for t in (g2, u2, dy2, dg, du)), m, n)
+    dg2, du2 = dg.view(m, n), du.view(m, n)
+    args = (g2, u2, dy2, dg2, du2, *(_row_stride(t) for t in (g2, u2, dy2, dg2, du2)), m, n)
     return [Launch(_swiglu_bwd_kernel, grid, args, constexprs, warps, _NUM_STAGES)], dg, du
-
-
-def _run(launches, *outputs):
-    for launch in launches:
-        launch()
-    return outputs
 
 
 # Sizes on which the launchers pick every build (kernels/compile.py): each table entry's widest N
@@ -161,22 +157,35 @@ def aot_configs() -> list[dict]:
     return configs
 
 
-class _SwiGLUFunction(torch.autograd.Function):
+# ----------------------------------------------------------------------------- registration
+# torch.library.custom_op (kernels/launch.py: kernel_op says why not triton_op).
 
-    @staticmethod
-    def forward(ctx, gate, up):
-        (y,) = _run(*_forward_launches(gate, up))
-        ctx.save_for_backward(gate, up)
-        return y.view(gate.shape)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
-        dg, du = _run(*_backward_launches(dy, gate, up))
-        return dg.view(gate.shape), du.view(gate.shape)
+@kernel_op("swiglu_backward", "(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)")
+def _swiglu_backward(dy, gate, up, run):
+    launches, dg, du = _backward_launches(dy, gate, up)
+    run(launches)
+    return dg, du
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    return _swiglu_backward(dy, *ctx.saved_tensors)
+
+
+@kernel_op("swiglu", "(Tensor gate, Tensor up) -> Tensor", _backward, _setup_context)
+def _swiglu(gate, up, run):
+    launches, y = _forward_launches(gate, up)
+    run(launches)
+    return y
+
+
+# ----------------------------------------------------------------------------- public
 
 
 def swiglu(gate, up):
     """silu(gate) · up, fused (one read of each input, one write); differentiable in both."""
-    return _SwiGLUFunction.apply(gate, up)
+    return _swiglu(gate, up)

@@ -1,5 +1,6 @@
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ import torch
 # triton (triton.jit reads it when a kernel is defined); on CUDA the real kernels run.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# pretrain and finetune cache the token shards of the files they read: the tests' go to a temporary folder
+os.environ.setdefault("LLM_ENGINE_CACHE", tempfile.mkdtemp(prefix="llm-engine-cache-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEED_ENV = "LLM_ENGINE_TEST_SEED"  # set it to replay a failed test with the seed its report printed
@@ -26,6 +30,15 @@ def shared_file():
         return path
 
     return find
+
+
+@pytest.fixture
+def nan_poisoned_outputs(monkeypatch):
+    """Every torch.empty / empty_like hands out NaN-filled memory, so an output element a kernel
+    forgets to write fails the comparison. The kernel test modules use it on every test (pytestmark)."""
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import pytest
 
 from engine.cli import build_parser
 
-COMMANDS = ["pretrain", "finetune", "generate", "chat", "eval", "export", "demo", "profile"]
+COMMANDS = ["pretrain", "finetune", "tokenize", "generate", "chat", "eval", "export", "demo", "profile"]
 
 
 def run(*args):

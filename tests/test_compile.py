@@ -3,7 +3,7 @@ no register spills, shared memory within the arch's limit, wgmma in the Hopper m
 64-bit offsets where the modules ask for them.
 
 The compile runs in a subprocess without TRITON_INTERPRET (other test modules set it, and the
-interpreter replaces @triton.jit functions). Cold, its 1,168 builds take 12 CPU-minutes (717 s
+interpreter replaces @triton.jit functions). Cold, its 1,174 builds take 12 CPU-minutes (717 s
 measured under Triton 3.9; about 6 minutes on 2 idle cores); with Triton's cache (~/.triton/cache)
 warm, under two minutes.
 """
@@ -20,22 +20,27 @@ from kernels import compile as aot
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Which archs to compile for: both by default; the Makefile's CI targets split them between the
+# two Triton versions (sm_80 under the newest, sm_90 under the GPU machines' 3.6) to halve the cold cost.
+ARCHS = sorted(int(a) for a in os.environ.get("LLM_ENGINE_AOT_ARCHS", "80,90").split(","))
+
+
 @pytest.fixture(scope="module")
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-m", "kernels.compile", "--json"], env=env, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "kernels.compile", "--json", "--arch", *map(str, ARCHS)], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=3600)
     assert out.stdout.strip(), out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
-def test_every_config_builds_for_both_archs(rows):
+def test_every_config_builds_for_each_arch(rows):
     configs = aot.collect_configs()
-    expected = sorted((c["kernel"], f"sm_{c['arch']}", c["config"]) for c in configs)
+    expected = sorted((c["kernel"], f"sm_{c['arch']}", c["config"]) for c in configs if c["arch"] in ARCHS)
     assert sorted((r["kernel"], r["arch"], r["config"]) for r in rows) == expected
-    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    assert {r["arch"] for r in rows} == {f"sm_{a}" for a in ARCHS}
     assert {c["kernel"].split("_")[0] for c in configs} >= {"attn", "ln"}  # both kernel modules listed
 
 

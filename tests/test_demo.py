@@ -3,9 +3,9 @@ themselves are measured by `make demo`, not here)."""
 import pytest
 
 from engine.checkpoint import load_checkpoint
-from engine.config import GPTConfig
+from engine.config import DEMO_PRESETS, GPTConfig
 from engine.data import ATTRIBUTES
-from engine.demo import DEMO_PRESETS, results_table, run_demo
+from engine.demo import results_table, run_demo
 
 
 def test_the_table_has_a_row_per_question_type_and_turn_and_a_column_per_half():

@@ -151,6 +151,34 @@ def test_gqa_target_reads_attention_gqa_csv(tmp_path):
     assert find(verdicts(tmp_path), "GQA forward") == ("not measured: gqa step timed out after 120 s", "not measured")
 
 
+LOSS = """N,V,C,dtype,provider,ms,peak_mb,mem_vs_eager,time_vs_eager
+16384,131072,2048,bfloat16,eager,100,24000,1.0,1.0
+16384,131072,2048,bfloat16,torch-chunked,150,3000,0.125,1.5
+16384,131072,2048,bfloat16,fused,80,4000,0.1667,0.8
+16384,131072,2048,bfloat16,liger,88,3500,0.1458,0.88
+8192,50257,768,bfloat16,eager,10,9000,1.0,1.0
+8192,50257,768,bfloat16,fused,20,8000,0.89,2.0
+8192,50257,768,bfloat16,liger,5,1000,0.11,0.5
+"""
+
+
+def test_fused_loss_targets_read_loss_csv(tmp_path):
+    """Only the 16k x 128k x 2048 bf16 rows count (GPT-2's head rows would fail both): memory
+    4000 / 24000 = 0.167 of eager, speed 88 / 80 = 1.1x Liger's."""
+    results(tmp_path, {"loss.csv": LOSS})
+    (tmp_path / "steps-setup.csv").write_text(STEPS + 'build_sampler,ok,20,""\nliger,ok,5,""\n')
+    (tmp_path / "steps-extended.csv").write_text(STEPS + 'fused_loss,ok,40,""\n')
+    table = verdicts(tmp_path)
+    assert find(table, "fused linear cross-entropy peak memory") == ("0.167x (N=16384 V=131072 C=2048)", "pass")
+    assert find(table, "fused linear cross-entropy speed vs Liger") == ("1.1x (N=16384 V=131072 C=2048)", "pass")
+    (tmp_path / "loss.csv").write_text("\n".join(line for line in LOSS.splitlines() if ",liger," not in line) + "\n")
+    assert find(verdicts(tmp_path), "fused linear cross-entropy speed vs Liger") == (
+        "not measured: no liger rows in loss.csv", "not measured")
+    (tmp_path / "steps-setup.csv").write_text(STEPS + 'build_sampler,ok,20,""\nliger,not installed,0,"no wheel"\n')
+    assert find(verdicts(tmp_path), "fused linear cross-entropy speed vs Liger") == (
+        "not measured: liger not installed (no wheel)", "not measured")
+
+
 def test_layernorm_training_and_decode_targets(tmp_path):
     table = verdicts(full_results(tmp_path))
     assert find(table, "LayerNorm forward, share") == ("91% (worst of 2: N=4096)", "pass")
@@ -237,7 +265,7 @@ def test_dry_run_runs_every_step_of_both_parts_and_ends_with_the_table(tmp_path)
         "part core": "done"}, core
     extended = steps(tmp_path / "steps-extended.csv")
     assert extended.pop("gqa") == "ok" and extended.pop("part extended") == "done"
-    assert extended.pop("llama_train") == "ok"
+    assert extended.pop("llama_train") == "ok" and extended.pop("fused_loss") == "ok"
     assert set(extended.values()) == {"not landed"}, extended
     assert steps(tmp_path / "steps-setup.csv")["build_sampler"] == "ok"
     table = (tmp_path / "targets.md").read_text()
@@ -245,7 +273,9 @@ def test_dry_run_runs_every_step_of_both_parts_and_ends_with_the_table(tmp_path)
     assert result.stdout.rstrip().endswith(table.rstrip()), result.stdout[-2000:]
     for t in targets.TARGETS:
         assert f"| {t.name} |" in table
-    assert "| not measured: issue 18 has not landed |" in table  # the fused loss
+    assert "| not measured: issue 17 has not landed |" in table  # compiled decode
+    assert [line for line in table.splitlines() if line.startswith("| fused linear cross-entropy peak memory")][0].endswith(
+        ("| pass |", "| fail |"))
     assert [line for line in table.splitlines() if line.startswith("| llama-3.2-1b-shaped")][0].endswith(("| pass |", "| fail |"))
     assert [line for line in table.splitlines() if line.startswith("| GQA forward")][0].endswith(("| pass |", "| fail |"))
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "cuda_tests.xml").is_file()

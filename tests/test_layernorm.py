@@ -24,12 +24,7 @@ EPS = 1e-5
 LEADS = {1: (1,), 3: (3, 1, 1), 257: (1, 257)}
 
 
-@pytest.fixture(autouse=True)
-def nan_poisoned_outputs(monkeypatch):
-    """Every torch.empty / empty_like in this test hands out NaN-filled memory."""
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+pytestmark = pytest.mark.usefixtures("nan_poisoned_outputs")  # conftest.py: outputs start as NaN
 
 
 def make_inputs(lead, n, seed=0, weight=True, bias=True):
@@ -42,17 +37,18 @@ def make_inputs(lead, n, seed=0, weight=True, bias=True):
     }
 
 
-def run(fn, inp, dtype, add):
-    """Outputs and input gradients of fn (kernel or reference) on inp cast to dtype, as float64."""
-    leaves = {k: inp[k].to(DEVICE, dtype, copy=True).requires_grad_() for k in ("x", "residual", "weight", "bias") if inp[k] is not None}
-    w, b = leaves.get("weight"), leaves.get("bias")
+def run(fn, inp, dtype, add, params=("weight", "bias"), eps=EPS):
+    """Outputs and input gradients of fn (kernel, reference or torch) on inp cast to dtype, as
+    float64. fn takes (x, [residual,] *params, eps); test_rmsnorm passes params=("weight",)."""
+    leaves = {k: inp[k].to(DEVICE, dtype, copy=True).requires_grad_() for k in ("x", "residual", *params) if inp[k] is not None}
+    weights = [leaves.get(k) for k in params]
     if add:
-        y, s = fn(leaves["x"], leaves["residual"], w, b, EPS)
+        y, s = fn(leaves["x"], leaves["residual"], *weights, eps)
         loss = (y * inp["dy"].to(DEVICE, dtype)).sum() + (s * inp["ds"].to(DEVICE, dtype)).sum()
         outs = {"y": y, "s": s}
     else:
         leaves.pop("residual")
-        y = fn(leaves["x"], w, b, EPS)
+        y = fn(leaves["x"], *weights, eps)
         loss = (y * inp["dy"].to(DEVICE, dtype)).sum()
         outs = {"y": y}
     loss.backward()

@@ -21,8 +21,10 @@ from engine import reference
 from kernels import layernorm as ln
 from kernels import rmsnorm
 from kernels.launch import MAX_GRID
-from test_layernorm import (DEVICE, assert_bitwise_equal_over_3_runs, assert_ops_change_nothing, max_err,  # noqa: F401
-                            nan_poisoned_outputs)  # (an autouse fixture)
+from test_layernorm import DEVICE, assert_bitwise_equal_over_3_runs, assert_ops_change_nothing, max_err
+from test_layernorm import run as layernorm_run
+
+pytestmark = pytest.mark.usefixtures("nan_poisoned_outputs")  # conftest.py: outputs start as NaN
 
 EPS = 1e-6
 # Leading shapes of 1 to 3 dims, holding 1, 3 and 129 rows.
@@ -38,24 +40,7 @@ def make_inputs(lead, n, seed=0, weight=True):
 
 
 def run(fn, inp, dtype, add):
-    """Outputs and input gradients of fn (kernel, reference or torch) on inp cast to dtype, as float64."""
-    leaves = {k: inp[k].to(DEVICE, dtype, copy=True).requires_grad_() for k in ("x", "residual", "weight")
-              if inp[k] is not None}
-    w = leaves.get("weight")
-    if add:
-        y, s = fn(leaves["x"], leaves["residual"], w, EPS)
-        loss = (y * inp["dy"].to(DEVICE, dtype)).sum() + (s * inp["ds"].to(DEVICE, dtype)).sum()
-        outs = {"y": y, "s": s}
-    else:
-        leaves.pop("residual")
-        y = fn(leaves["x"], w, EPS)
-        loss = (y * inp["dy"].to(DEVICE, dtype)).sum()
-        outs = {"y": y}
-    loss.backward()
-    outs.update({f"d{k}": t.grad for k, t in leaves.items()})
-    for name, t in outs.items():
-        assert t.dtype == dtype, name
-    return {k: t.detach().double().cpu() for k, t in outs.items()}
+    return layernorm_run(fn, inp, dtype, add, params=("weight",), eps=EPS)
 
 
 def torch_rms_norm(x, weight, eps):

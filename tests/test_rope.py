@@ -23,12 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 P = 1024  # rows of the tables
 
 
-@pytest.fixture(autouse=True)
-def nan_poisoned_outputs(monkeypatch):
-    """Every torch.empty / empty_like in this test hands out NaN-filled memory."""
-    empty, empty_like = torch.empty, torch.empty_like
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+pytestmark = pytest.mark.usefixtures("nan_poisoned_outputs")  # conftest.py: outputs start as NaN
 
 
 def make_inputs(b, h, hkv, t, d, positions="offset", seed=0):

@@ -42,7 +42,7 @@ def test_loss_falls_on_shakespeare(tmp_path, shared_file):
     small_pretrain(str(tmp_path / "shakespeare.txt"), tmp_path / "run", 30)
     curve = losses(tmp_path / "run")
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5  # nats
-    header = json.loads((tmp_path / "run" / "data" / "train.json").read_text())
+    header = json.loads((tmp_path / "run" / "data" / "val.json").read_text())
     assert header["dtype"] == "uint16"
 
 
