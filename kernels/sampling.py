@@ -20,6 +20,7 @@ A row reports bad logits through its token: NAN_OR_INF for NaN or +inf in the ro
 every token is -inf after the bias (the caller raises, as the C++ sampler does).
 """
 import itertools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,6 +34,7 @@ _NAN_OR_INF, _ALL_MASKED = tl.constexpr(NAN_OR_INF), tl.constexpr(ALL_MASKED)  #
 SIGN = tl.constexpr(0x8000000000000000)
 ONES = tl.constexpr(0xFFFFFFFFFFFFFFFF)  # x ^ ONES, not ~x: Triton 3.6's interpreter flips uint64 with -1
 GAMMA = tl.constexpr(0x9E3779B97F4A7C15)  # splitmix64's increment
+MAXNREG = 255  # the most registers a thread may have (see _launch); occupancy follows what ptxas uses
 
 
 @triton.jit
@@ -121,9 +123,8 @@ def _tie_cut(x_ptr, rows_ok, v, vk, id_k, ties, V, ROWS: tl.constexpr, BLOCK: tl
 
 @triton.jit
 def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, stride_b,
-                   temperature_ptr, inv_scale_ptr, top_k_ptr, top_p_ptr, min_p_ptr, rep_ptr, inv_rep_ptr, presence_ptr,
-                   frequency_ptr,
-                   seed_ptr, position_ptr, token_ptr, logprob_ptr, B, V,
+                   scale_ptr, inv_scale_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr,  # RowParams' order
+                   rep_ptr, inv_rep_ptr, presence_ptr, frequency_ptr, position_ptr, token_ptr, logprob_ptr, B, V,
                    PENALTIES: tl.constexpr, BIAS: tl.constexpr, LOGPROBS: tl.constexpr,
                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
     NEG_INF: tl.constexpr = float("-inf")
@@ -131,14 +132,12 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
     rows_ok = rows < B
     cols = tl.arange(0, BLOCK)
     x_ptr += rows[:, None] * V  # [ROWS, 1] row starts of the processed copy
-    t = tl.load(temperature_ptr + rows, mask=rows_ok, other=0.0)
-    ts = tl.where(t > 0, t, 1.0)  # the scale of the tempered logits (1 for greedy rows: no division by 0)
+    ts = tl.load(scale_ptr + rows, mask=rows_ok, other=1.0)  # the temperature, 1 for greedy rows
     inv_ts = tl.load(inv_scale_ptr + rows, mask=rows_ok, other=1.0)  # 1 / ts, made on the host
 
-    # Pass 1: x = the row in float64 with penalties and bias (kept in x_ptr), its maximum and the
-    # first id holding it, and whether any value is NaN or +inf.
+    # Pass 1: x = the row in float64 with penalties and bias (kept in x_ptr), its maximum, and
+    # whether any value is NaN or +inf.
     xmax = tl.full((ROWS,), NEG_INF, tl.float64)
-    argmax = tl.zeros((ROWS,), tl.int64)
     bad = tl.zeros((ROWS,), tl.int32)
     for start in range(0, V, BLOCK):
         idx = start + cols[None, :]
@@ -156,21 +155,16 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
             x += tl.load(bias_ptr + rows[:, None] * stride_b + idx, mask=inside, other=0.0)
         x = tl.where(inside, x, NEG_INF)
         tl.store(x_ptr + idx, x, mask=inside)
-        block_max = tl.max(x, axis=1)
-        first = tl.min(tl.where(x == block_max[:, None], idx, V), axis=1).to(tl.int64)
-        argmax = tl.where(block_max > xmax, first, argmax)
-        xmax = tl.maximum(xmax, block_max)
+        xmax = tl.maximum(xmax, tl.max(x, axis=1))
 
     # Top-k: the k-th best value and, of the tokens equal to it, the lowest ids up to k in all.
-    # A row without top-k keeps everything: the cut (-inf, V - 1).
-    k = tl.load(top_k_ptr + rows, mask=rows_ok, other=0)
-    top_k_on = (k > 0) & (k < V)
-    vk = tl.full((ROWS,), NEG_INF, tl.float64)
-    id_k = tl.zeros((ROWS,), tl.int64) + V - 1
-    v, rest = _select(x_ptr, rows_ok, xmax, ts, inv_ts, vk, id_k, tl.where(top_k_on, k, V).to(tl.float64), V, False,
-                      ROWS, BLOCK)
-    cut = _tie_cut(x_ptr, rows_ok, v, vk, id_k, rest, V, ROWS, BLOCK)
-    vk, id_k = tl.where(top_k_on, v, vk), tl.where(top_k_on, cut, id_k)
+    # k comes in 1..V (row_params): V for a row without top-k (the cut keeps everything), 1 for a
+    # greedy row (the argmax, ties to the lowest id, is then all that survives, so the draw picks
+    # it: greedy rows need no path of their own).
+    k = tl.load(top_k_ptr + rows, mask=rows_ok, other=1).to(tl.float64)
+    v_all, id_all = tl.full((ROWS,), NEG_INF, tl.float64), tl.zeros((ROWS,), tl.int64) + V - 1  # the cut keeping all
+    vk, rest = _select(x_ptr, rows_ok, xmax, ts, inv_ts, v_all, id_all, k, V, False, ROWS, BLOCK)
+    id_k = _tie_cut(x_ptr, rows_ok, vk, v_all, id_all, rest, V, ROWS, BLOCK)
 
     # Top-p on the top-k survivors, w = exp((x - xmax) / t): the shortest ranked prefix (x
     # descending, id ascending) whose mass reaches top_p * their total.
@@ -192,7 +186,7 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
     position = tl.load(position_ptr + rows, mask=rows_ok, other=0).to(tl.uint64, bitcast=True)
     key = _mix64(_mix64(seed + GAMMA) ^ position)
     best = tl.full((ROWS,), NEG_INF, tl.float64)
-    drawn = argmax
+    token = tl.zeros((ROWS,), tl.int64)  # the top token always survives with a finite score
     for start in range(0, V, BLOCK):
         idx = start + cols[None, :]
         x = tl.load(x_ptr + idx, mask=rows_ok[:, None] & (idx < V), other=NEG_INF)
@@ -203,9 +197,8 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
         score = tl.where(keep, z - tl.log(-tl.log(u)), NEG_INF)
         block_best = tl.max(score, axis=1)
         first = tl.min(tl.where(score == block_best[:, None], idx, V), axis=1).to(tl.int64)
-        drawn = tl.where(block_best > best, first, drawn)
+        token = tl.where(block_best > best, first, token)
         best = tl.maximum(best, block_best)
-    token = tl.where(t > 0, drawn, argmax)
 
     if LOGPROBS:  # log-softmax at the temperature (1 for greedy rows) over the processed row
         total = tl.zeros((ROWS,), tl.float64)
@@ -223,20 +216,49 @@ def _sample_kernel(logits_ptr, stride_l, x_ptr, counts_ptr, stride_c, bias_ptr, 
     tl.store(token_ptr + rows, tl.where(bad != 0, _NAN_OR_INF, token), mask=rows_ok)
 
 
-def _launch(logits, temperature, top_k, top_p, min_p, seeds, positions, counts, repetition, presence, frequency, bias,
-            logprobs, rows_per_program):
+class RowParams(NamedTuple):
+    """Per-row parameters as the kernel reads them: [B] tensors on the logits' device, made once
+    per batch by row_params (a decode loop makes them once and reuses them every step)."""
+    scale: torch.Tensor  # float64: the temperature, 1 for greedy rows
+    inv_scale: torch.Tensor  # float64: 1 / scale, for the kernel's divisions (see _div)
+    top_k: torch.Tensor  # int64 in 1..V: 1 for greedy rows (the argmax), V where top-k is off
+    top_p: torch.Tensor  # float64
+    min_p: torch.Tensor  # float64
+    seeds: torch.Tensor  # int64 holding the uint64 seed's bits
+    repetition: torch.Tensor | None  # float64, None when no row has penalties (then counts are not needed)
+    inv_repetition: torch.Tensor | None
+    presence: torch.Tensor | None
+    frequency: torch.Tensor | None
+
+
+def row_params(V, temperature, top_k, top_p, min_p, seeds, repetition=None, presence=None, frequency=None) -> RowParams:
+    """RowParams from [B] tensors on one device: temperature, top_p, min_p (float), top_k (int, 0 =
+    off), seeds (int64 holding the uint64's bits); repetition, presence, frequency (float) all or
+    none. V: the vocabulary size the top-k is clamped to."""
+    f64 = lambda t: t.to(torch.float64)  # noqa: E731
+    greedy = temperature <= 0
+    scale = torch.where(greedy, 1.0, f64(temperature))
+    k = torch.where(greedy, 1, torch.where((top_k > 0) & (top_k < V), top_k.to(torch.int64), V))
+    penalties = (repetition, presence, frequency)
+    if any(t is None for t in penalties) and any(t is not None for t in penalties):
+        raise ValueError("repetition, presence and frequency must be given all together or not at all")
+    pen = (f64(repetition), 1.0 / f64(repetition), f64(presence), f64(frequency)) if repetition is not None else (None,) * 4
+    return RowParams(scale, 1.0 / scale, k, f64(top_p), f64(min_p), seeds.to(torch.int64), *pen)
+
+
+def _launch(logits, params: RowParams, positions, counts, bias, logprobs, rows_per_program):
     """The launch and the (tokens, log-probs) it will write; reads no data (kernels/compile.py runs it on meta tensors)."""
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"logits must be [B, V] with V >= 1, got {list(logits.shape)}")
     B, V = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    vectors = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds, positions=positions)
-    if counts is not None:
-        vectors.update(repetition=repetition, presence=presence, frequency=frequency)
+    vectors = {**params._asdict(), "positions": positions}
+    if counts is None:
+        vectors = {name: t for name, t in vectors.items() if name not in ("repetition", "inv_repetition", "presence", "frequency")}
     for name, t in vectors.items():
         if t is None or t.shape != (B,) or t.device != logits.device:
-            raise ValueError(f"{name} must be a [{B}] tensor on {logits.device}")
+            raise ValueError(f"{name} must be a [{B}] tensor on {logits.device}" + (" (counts need penalties)" * (t is None)))
     for name, t in (("counts", counts), ("bias", bias)):
         if t is not None and (t.shape != (B, V) or t.stride(1) != 1 or t.device != logits.device):
             raise ValueError(f"{name} must be a row-contiguous [{B}, {V}] tensor on {logits.device}")
@@ -245,35 +267,33 @@ def _launch(logits, temperature, top_k, top_p, min_p, seeds, positions, counts, 
     x = torch.empty(B, V, dtype=torch.float64, device=logits.device)  # the processed rows
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
     lps = torch.full((B,), float("nan"), dtype=torch.float64, device=logits.device)
-    f64 = lambda t: t.to(torch.float64)  # noqa: E731
-    # reciprocals for the kernel's divisions (see _div): of the temperature (1 for greedy rows) and the repetition penalty
-    inv_scale = 1.0 / torch.where(temperature > 0, f64(temperature), 1.0)
-    penalties = (f64(repetition), 1.0 / f64(repetition), f64(presence), f64(frequency)) if counts is not None else (x,) * 4  # x: never read
+    penalties = params[6:] if counts is not None else (x,) * 4  # x: never read
     args = (logits, logits.stride(0), x, x if counts is None else counts, 0 if counts is None else counts.stride(0),
-            x if bias is None else bias, 0 if bias is None else bias.stride(0),
-            f64(temperature), inv_scale, top_k.to(torch.int64), f64(top_p), f64(min_p), penalties[0], penalties[1],
-            penalties[2], penalties[3],
-            seeds.to(torch.int64), positions.to(torch.int64), tokens, lps, B, V)
+            x if bias is None else bias, 0 if bias is None else bias.stride(0), *params[:6], *penalties,
+            positions, tokens, lps, B, V)
+    # _select holds [ROWS, 16, BLOCK]: at most 2^20 elements (Triton's limit on a tensor)
     constexprs = dict(PENALTIES=counts is not None, BIAS=bias is not None, LOGPROBS=logprobs, ROWS=rows,
-                      BLOCK=min(128 if rows == 1 else 1024, triton.next_power_of_2(V)))  # _select holds [ROWS, 16, BLOCK]
-    return Launch(_sample_kernel, checked_grid(triton.cdiv(B, rows)), args, constexprs, 8, 1), tokens, lps
+                      BLOCK=min(128 if rows == 1 else 2**16 // rows, 1024, triton.next_power_of_2(V)))
+    # maxnreg: without a budget, ptxas aims Triton 3.9's build of this kernel (ptxas 12.9 for
+    # sm_80, 13.4 for sm_90) at 40-64 registers and spills a few long-lived values, saved
+    # predicates among them, to the stack, though 256 threads may hold 255 registers each; given
+    # the budget it allocates 88-96 and spills nothing (Triton 3.6's builds: 119-127 either way).
+    launch = Launch(_sample_kernel, checked_grid(triton.cdiv(B, rows)), args, constexprs, 8, 1, maxnreg=MAXNREG)
+    return launch, tokens, lps
 
 
-def sample(logits, temperature, top_k, top_p, min_p, seeds, positions, counts=None, repetition=None, presence=None,
-           frequency=None, bias=None, logprobs=False, rows_per_program=None):
+def sample(logits, params: RowParams, positions, counts=None, bias=None, logprobs=False, rows_per_program=None):
     """Tokens [B] int64 (and log-probs [B] float64 when logprobs) of one decode step, on logits' device.
 
-    logits: [B, V] float32/16. Per-row parameters, [B] tensors on the same device: temperature,
-    top_p, min_p (float64), top_k (int64, 0 = off), seeds (int64 holding the uint64's bits),
-    positions (int64, the RNG counter). counts: [B, V] int32 token counts (prompt + generated) for
-    the penalties repetition, presence, frequency ([B] float64), updated in place with the chosen
-    tokens; None = no penalties in the batch. bias: [B, V] float64 logit bias or None. A token of
-    NAN_OR_INF or ALL_MASKED marks a bad row. rows_per_program: default 1 on a GPU (a row per
-    program, B programs in parallel) and 64 elsewhere (the interpreter pays per operation, not per
-    element).
+    logits: [B, V] float32/16. params: row_params(...) of the batch. positions: [B] int64, the RNG
+    counter (the sequence position of the token being drawn). counts: [B, V] int32 token counts
+    (prompt + generated) for the penalties, updated in place with the chosen tokens; None = no
+    penalties in the batch (params may then have none). bias: [B, V] float64 logit bias or None.
+    A token of NAN_OR_INF or ALL_MASKED marks a bad row. rows_per_program: default 1 on a GPU (a
+    row per program, B programs in parallel) and 64 elsewhere (the interpreter pays per operation,
+    not per element).
     """
-    launch, tokens, lps = _launch(logits, temperature, top_k, top_p, min_p, seeds, positions, counts, repetition,
-                                  presence, frequency, bias, logprobs, rows_per_program)
+    launch, tokens, lps = _launch(logits, params, positions, counts, bias, logprobs, rows_per_program)
     launch()
     return (tokens, lps) if logprobs else tokens
 
@@ -288,10 +308,11 @@ def aot_configs() -> list[dict]:
             continue
         meta = dict(device="meta")
         vec = lambda dtype=torch.float64: torch.empty(8, dtype=dtype, **meta)  # noqa: E731
-        launch, _, _ = _launch(torch.empty(8, V, **meta), vec(), vec(torch.int64), vec(), vec(), vec(torch.int64),
-                               vec(torch.int64), torch.empty(8, V, dtype=torch.int32, **meta) if penalties else None,
-                               vec(), vec(), vec(), torch.empty(8, V, dtype=torch.float64, **meta) if bias else None,
-                               logprobs, 1)
+        params = row_params(V, vec(), vec(torch.int64), vec(), vec(), vec(torch.int64),
+                            *((vec(), vec(), vec()) if penalties else ()))
+        launch, _, _ = _launch(torch.empty(8, V, **meta), params, vec(torch.int64),
+                               torch.empty(8, V, dtype=torch.int32, **meta) if penalties else None,
+                               torch.empty(8, V, dtype=torch.float64, **meta) if bias else None, logprobs, 1)
         flags = "".join(name for name, on in (("P", penalties), ("B", bias), ("L", logprobs)) if on) or "-"
         configs.append({"kernel": "sample", "arch": arch, "launch": launch, "wgmma": False,
                         "wide": ("stride_l",) + ("stride_c",) * penalties + ("stride_b",) * bias,

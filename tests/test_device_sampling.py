@@ -80,10 +80,12 @@ def device_draw(rows, params, prevs, positions):
         for tok, add in (p.logit_bias or {}).items():
             bias[b, tok] = add
     seeds = torch.tensor([p.seed - (1 << 64) if p.seed >= 1 << 63 else p.seed for p in params], dtype=torch.int64)
-    tokens, logprobs = device_sampling.sample(
-        torch.stack(rows), vec(lambda p: p.temperature), vec(lambda p: p.top_k, torch.int64), vec(lambda p: p.top_p),
-        vec(lambda p: p.min_p), seeds, torch.tensor(positions), counts=counts, repetition=vec(lambda p: p.repetition_penalty),
-        presence=vec(lambda p: p.presence_penalty), frequency=vec(lambda p: p.frequency_penalty), bias=bias, logprobs=True)
+    rp = device_sampling.row_params(
+        V, vec(lambda p: p.temperature), vec(lambda p: p.top_k, torch.int64), vec(lambda p: p.top_p),
+        vec(lambda p: p.min_p), seeds, repetition=vec(lambda p: p.repetition_penalty),
+        presence=vec(lambda p: p.presence_penalty), frequency=vec(lambda p: p.frequency_penalty))
+    tokens, logprobs = device_sampling.sample(torch.stack(rows), rp, torch.tensor(positions), counts=counts, bias=bias,
+                                              logprobs=True)
     return tokens, logprobs, counts
 
 
@@ -119,8 +121,8 @@ def test_same_tokens_as_the_cpp_sampler_on_random_cases():
 def test_bad_rows_are_reported_through_the_token():
     logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, float("inf"), 1.0], [-math.inf] * 3, [0.0, 2.0, 1.0]])
     one = lambda v, dtype=torch.float64: torch.full((4,), v, dtype=dtype)  # noqa: E731
-    tokens = device_sampling.sample(logits, one(1.0), one(0, torch.int64), one(1.0), one(0.0), one(7, torch.int64),
-                                    one(3, torch.int64))
+    rp = device_sampling.row_params(3, one(1.0), one(0, torch.int64), one(1.0), one(0.0), one(7, torch.int64))
+    tokens = device_sampling.sample(logits, rp, one(3, torch.int64))
     assert tokens[:3].tolist() == [device_sampling.NAN_OR_INF, device_sampling.NAN_OR_INF,
                                    device_sampling.ALL_MASKED]
     assert 0 <= tokens[3] < 3
