@@ -14,7 +14,9 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampling import Sampler, SamplingParams, process_logits
+from engine.device_sampling import DeviceSampler
+from engine.errors import InputError
+from engine.sampling import DecodeLoop, Sampler, SamplingParams, process_logits
 from kernels import sampling as device_sampling
 
 N_CASES = int(os.environ.get("LLM_ENGINE_SAMPLING_CASES", 1000))
@@ -126,3 +128,70 @@ def test_bad_rows_are_reported_through_the_token():
     assert tokens[:3].tolist() == [device_sampling.NAN_OR_INF, device_sampling.NAN_OR_INF,
                                    device_sampling.ALL_MASKED]
     assert 0 <= tokens[3] < 3
+
+
+def test_device_sampler_steps_like_the_cpp_decode_loop():
+    """engine.device_sampling.DeviceSampler driven as a decode loop: each step's logits depend on the
+    token chosen before (a random bigram table), penalties on (the counts evolve with the tokens),
+    rows finishing at different steps; same tokens and log-probs as the C++ DecodeLoop."""
+    seed = int(torch.randint(0, 1 << 30, ()))
+    rng = random.Random(seed)
+    B, V, steps = 5, 37, 7
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(V, V, generator=g) * 2
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, repetition_penalty=r, presence_penalty=pr,
+                             frequency_penalty=f, logit_bias=bias, seed=rng.getrandbits(64), max_new_tokens=n, logprobs=lp)
+              for t, k, p, m, r, pr, f, bias, n, lp in (
+                  (1.0, 0, 0.9, 0.0, 1.3, 0.5, 0.3, None, steps + 1, True),
+                  (0.7, 5, 1.0, 0.05, 1.0, 0.0, 0.0, {3: -math.inf, 4: 2.0}, steps, False),  # no penalties: not counted
+                  (0.0, 0, 1.0, 0.0, 1.5, 0.5, 1.0, None, 3, True),  # greedy, penalised
+                  (1.3, 8, 0.6, 0.0, 0.8, -0.5, -0.2, None, steps, False),
+                  (1.0, 0, 1.0, 0.0, 1.0, 0.5, 0.0, None, 2, True))]  # presence penalty only
+    prompts = [[rng.randrange(V) for _ in range(n)] for n in (1, 4, 6, 2, 3)]
+    cpp = DecodeLoop(params, prompts, impl="cpp")
+    device = DeviceSampler(params, prompts, cpp.seeds, V, "cpu")
+    history = [list(p) for p in prompts]  # prompt + the device's tokens, finished rows included
+    last = torch.tensor([p[-1] for p in prompts])
+    for step in range(steps):
+        logits = table[last] + 0.3 * torch.randn(B, V, generator=g)
+        for b in range(B):  # away from top-p / min-p boundaries, as the C++ loop's counts see the row
+            while near_a_boundary(logits[b], params[b], Counter(history[b])):
+                logits[b] = torch.randn(V, generator=g) * 2
+        running = [b for b in range(B) if not cpp.finished[b]]
+        want = cpp.step(logits)
+        got, got_lp = device.step(logits)
+        assert got[running].tolist() == want[running].tolist(), f"seed {seed}: step {step}"
+        for b in running:
+            if params[b].logprobs:
+                assert got_lp[b].item() == pytest.approx(cpp.logprobs[b][-1], rel=1e-12, abs=1e-12), f"seed {seed}"
+            else:
+                assert math.isnan(got_lp[b])
+        device.check(got.tolist(), running)  # no bad row
+        for b in range(B):
+            history[b].append(int(got[b]))
+        last = got
+    assert cpp.finished == [False, True, True, True, True]
+    for b in (0, 2, 3, 4):  # rows with penalties: prompt + every drawn token (row 1's counts are never read)
+        torch.testing.assert_close(device.counts[b], torch.bincount(torch.tensor(history[b]), minlength=V).to(torch.int32))
+    assert device.positions.tolist() == [len(p) + steps for p in prompts]
+
+
+def test_device_sampler_rejects_bad_input():
+    p = SamplingParams(logit_bias={9: 1.0})
+    with pytest.raises(InputError, match="V=5"):
+        DeviceSampler([p], [[0]], [1], 5, "cpu")
+    with pytest.raises(InputError, match="V=5"):
+        DeviceSampler([SamplingParams()], [[0, 5]], [1], 5, "cpu")
+    with pytest.raises(InputError, match="same length"):
+        DeviceSampler([SamplingParams()], [[0], [1]], [1], 5, "cpu")
+    with pytest.raises(InputError, match="vocab_size"):
+        DeviceSampler([SamplingParams()], [[0]], [1], 0, "cpu")
+    sampler = DeviceSampler([SamplingParams(), SamplingParams()], [[0], [1]], [1, 2], 5, "cpu")
+    with pytest.raises(InputError, match=r"\[B=2, V=5\]"):
+        sampler.step(torch.zeros(2, 6))
+    tokens, _ = sampler.step(torch.tensor([[0.0, float("nan"), 1, 2, 3], [-math.inf] * 5]))
+    with pytest.raises(ValueError, match="row 0 contains NaN"):
+        sampler.check(tokens.tolist(), [0, 1])
+    with pytest.raises(ValueError, match="row 1 is -inf everywhere"):
+        sampler.check(tokens.tolist(), [1])
+    sampler.check(tokens.tolist(), [])  # finished rows are not checked
