@@ -5,11 +5,12 @@
 A program takes ROWS rows (1 on a GPU) and walks the vocabulary in blocks, in float64 like
 engine._sampler (engine/sampling.py's docstring defines each step). Where the C++ code sorts, this
 kernel selects: the k-th best value by a radix select on the float64 bits (ordered as integers, 4
-bits a pass, 16 passes), the ties at that value settled by id with a running count, and the top-p
-cut the same way on the mass above a value. About 40 passes over a row's V values, no sort, no
-scratch beyond one float64 copy of the processed rows, and no branch on a row's parameters (every
-row runs every step; a step that is off is undone by a select): the draw stays on the device, only B
-ids cross to the host, and a CUDA graph can hold it.
+bits a pass, at most 16 passes, fewer once the value is pinned down), the ties at that value
+settled by id with a running count, and the top-p cut the same way on the mass above a value. At
+most 40 passes over a row's V values, no sort, no scratch beyond one float64 copy of the processed
+rows, and no branch on a row's parameters (a greedy row is a top-k of 1, a step that is off keeps
+every token): the draw stays on the device, only B ids cross to the host, and a CUDA graph can
+hold it.
 
 The draw is the counter-based Gumbel-max of engine/sampling.py: u = splitmix64(key(seed, position)
 + (token + 1) * gamma), the key -log(-log u) added to the tempered logit; the best wins, ties to the
@@ -78,29 +79,40 @@ def _select(x_ptr, rows_ok, xmax, t, inv_t, vk, id_k, need, V, WEIGHTED: tl.cons
     """Per row: the largest value v such that the survivors of the cut (vk, id_k) with x >= v number
     (WEIGHTED false) or weigh (true: exp((x - xmax) / t) each) at least `need`, and what of `need`
     is left for the tokens equal to v once those above it are counted. Radix select from the top
-    of the order keys, 4 bits a pass; the survivors must reach `need` in all."""
+    of the order keys, 4 bits a pass; the survivors must reach `need` in all. A row is settled as
+    soon as the candidates left (the survivors matching its prefix) share one key: that key is v,
+    and nothing within the prefix lies above it. The passes stop when every row is settled, after
+    a few digits below the exponent for distinct values rather than all 16."""
     cols = tl.arange(0, BLOCK)
     digits = tl.arange(0, 16)
     prefix = tl.zeros((ROWS,), tl.uint64)
-    for i in range(16):  # a loop, not unrolled: 16 copies of the body took ptxas minutes
-        shift = (60 - 4 * (i + tl.zeros((), tl.int32))).to(tl.uint64)  # a tensor under the interpreter too
-        hist = tl.zeros((ROWS, 16), tl.float64)  # survivors matching the prefix, by their next digit
+    shift = 60 + tl.zeros((), tl.int32)  # a tensor under the interpreter too
+    unsettled = ROWS + tl.zeros((), tl.int32)
+    while (shift >= 0) & (unsettled > 0):  # a loop, not unrolled: 16 copies of the body took ptxas minutes
+        hist = tl.zeros((ROWS, 16), tl.float64)  # the candidates, by their next digit
+        lo = tl.full((ROWS,), ONES, tl.uint64)  # the least and the largest key among the candidates
+        hi = tl.zeros((ROWS,), tl.uint64)
         for start in range(0, V, BLOCK):
             idx = start + cols[None, :]
             x = tl.load(x_ptr + idx, mask=rows_ok[:, None] & (idx < V), other=float("-inf"))
             u = _unsigned_key(x)
-            # the digits chosen so far (prefix holds nothing below them) match: no shift by 64 needed
-            keep = _survives(x, idx, vk, id_k) & (((u ^ prefix[:, None]) >> shift) < 16)
+            # the digits above this one match (those a settled row holds below them do not matter)
+            keep = _survives(x, idx, vk, id_k) & (((u ^ prefix[:, None]) >> shift.to(tl.uint64)) < 16)
             if WEIGHTED:
                 amount = tl.where(keep, tl.exp(_div(x - xmax[:, None], t[:, None], inv_t[:, None])), 0.0)
             else:
                 amount = keep.to(tl.float64)
-            digit = ((u >> shift) & 15).to(tl.int32)
+            digit = ((u >> shift.to(tl.uint64)) & 15).to(tl.int32)
             hist += tl.sum(tl.where(digit[:, None, :] == digits[None, :, None], amount[:, None, :], 0.0), axis=2)
+            lo = tl.minimum(lo, tl.min(tl.where(keep, u, ONES), axis=1))
+            hi = tl.maximum(hi, tl.max(tl.where(keep, u, 0), axis=1))
         at_or_above = tl.sum(tl.where(digits[None, None, :] >= digits[None, :, None], hist[:, None, :], 0.0), axis=2)  # [r, d]: digits >= d
         d = tl.max(tl.where(at_or_above >= need[:, None], digits[None, :], 0), axis=1)
-        need -= tl.sum(tl.where(digits[None, :] == d[:, None], at_or_above - hist, 0.0), axis=1)  # digits above d
-        prefix |= d.to(tl.uint64) << shift
+        settled = lo == hi
+        need -= tl.where(settled, 0.0, tl.sum(tl.where(digits[None, :] == d[:, None], at_or_above - hist, 0.0), axis=1))  # digits above d
+        prefix = tl.where(settled, lo, prefix | (d.to(tl.uint64) << shift.to(tl.uint64)))
+        unsettled = tl.sum((~settled).to(tl.int32))
+        shift -= 4
     return _from_unsigned_key(prefix), need
 
 
@@ -262,7 +274,7 @@ def _launch(logits, params: RowParams, positions, counts, bias, logprobs, rows_p
     for name, t in (("counts", counts), ("bias", bias)):
         if t is not None and (t.shape != (B, V) or t.stride(1) != 1 or t.device != logits.device):
             raise ValueError(f"{name} must be a row-contiguous [{B}, {V}] tensor on {logits.device}")
-    rows = rows_per_program or (1 if logits.device.type == "cuda" else 64)
+    rows = rows_per_program or (1 if logits.device.type == "cuda" else 128)
     rows = min(triton.next_power_of_2(rows), triton.next_power_of_2(B))
     x = torch.empty(B, V, dtype=torch.float64, device=logits.device)  # the processed rows
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
@@ -290,7 +302,7 @@ def sample(logits, params: RowParams, positions, counts=None, bias=None, logprob
     (prompt + generated) for the penalties, updated in place with the chosen tokens; None = no
     penalties in the batch (params may then have none). bias: [B, V] float64 logit bias or None.
     A token of NAN_OR_INF or ALL_MASKED marks a bad row. rows_per_program: default 1 on a GPU (a
-    row per program, B programs in parallel) and 64 elsewhere (the interpreter pays per operation,
+    row per program, B programs in parallel) and 128 elsewhere (the interpreter pays per operation,
     not per element).
     """
     launch, tokens, lps = _launch(logits, params, positions, counts, bias, logprobs, rows_per_program)

@@ -20,7 +20,7 @@ from engine.sampling import DecodeLoop, Sampler, SamplingParams, process_logits
 from kernels import sampling as device_sampling
 
 N_CASES = int(os.environ.get("LLM_ENGINE_SAMPLING_CASES", 1000))
-VOCABS = (1, 2, 7, 129, 1000, 1031)
+VOCABS = (1, 2, 7, 129, 513, 1000)  # in the interpreter the kernel walks V in blocks of 512: 1 to 2 blocks
 
 
 def near_a_boundary(row, p: SamplingParams, counts) -> bool:
@@ -106,8 +106,8 @@ def test_same_tokens_as_the_cpp_sampler_on_random_cases():
     for case in cases:
         by_vocab.setdefault(case[0].numel(), []).append(case)
     for V, group in by_vocab.items():
-        for i in range(0, len(group), 64):
-            rows, params, prevs, positions = map(list, zip(*group[i:i + 64]))
+        for i in range(0, len(group), 128):
+            rows, params, prevs, positions = map(list, zip(*group[i:i + 128]))
             want, want_lp = cpp.sample_with_logprobs(torch.stack(rows), params, prevs, positions)
             got, got_lp, counts = device_draw(rows, params, prevs, positions)
             bad = (got != want).nonzero().flatten().tolist()
