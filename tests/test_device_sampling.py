@@ -1,4 +1,5 @@
-"""kernels.sampling (the decode step's draw on the device) picks the C++ sampler's tokens.
+"""kernels.sampling (the decode step's draw on the device) picks the C++ sampler's tokens, and
+engine.device_sampling.DeviceSampler, driven step by step, the C++ DecodeLoop's.
 
 Random cases: vocabularies of odd sizes, logits with ties (rounded to a coarse grid), every
 parameter of the chain on and off, penalties from random previous tokens, logit bias, any seed and
@@ -128,6 +129,13 @@ def test_bad_rows_are_reported_through_the_token():
     assert tokens[:3].tolist() == [device_sampling.NAN_OR_INF, device_sampling.NAN_OR_INF,
                                    device_sampling.ALL_MASKED]
     assert 0 <= tokens[3] < 3
+    with pytest.raises(ValueError, match="all together"):
+        device_sampling.row_params(3, one(1.0), one(0, torch.int64), one(1.0), one(0.0), one(7, torch.int64),
+                                   repetition=one(1.2))
+    with pytest.raises(ValueError, match="counts need penalties"):
+        device_sampling.sample(logits, rp, one(3, torch.int64), counts=torch.zeros(4, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"positions must be a \[4\] tensor"):
+        device_sampling.sample(logits, rp, one(3, torch.int64)[:2])
 
 
 def test_device_sampler_steps_like_the_cpp_decode_loop():
@@ -159,7 +167,7 @@ def test_device_sampler_steps_like_the_cpp_decode_loop():
                 logits[b] = torch.randn(V, generator=g) * 2
         running = [b for b in range(B) if not cpp.finished[b]]
         want = cpp.step(logits)
-        got, got_lp = device.step(logits)
+        got, got_lp = device.step(torch.stack([torch.zeros_like(logits), logits], 1)[:, -1])  # as decode_steps slices them
         assert got[running].tolist() == want[running].tolist(), f"seed {seed}: step {step}"
         for b in running:
             if params[b].logprobs:
