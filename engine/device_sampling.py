@@ -13,7 +13,9 @@ the device.
 Every row is drawn at every step, finished or not: decode_steps keeps all B rows in the batch
 (a finished row reads a valid id and its result is dropped), so the shapes never change, and the
 state of a finished row is never read again. Same tokens and log-probs as DecodeLoop for the rows
-still running (tests/test_device_sampling.py drives both over the same logits).
+still running, away from the top-p / min-p rounding boundaries kernels/sampling.py describes
+(tests/test_device_sampling.py drives both over the same logits, and replays the step from a CUDA
+graph on a GPU).
 """
 import torch
 

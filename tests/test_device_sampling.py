@@ -21,6 +21,7 @@ from engine.sampling import DecodeLoop, Sampler, SamplingParams, process_logits
 from kernels import sampling as device_sampling
 
 N_CASES = int(os.environ.get("LLM_ENGINE_SAMPLING_CASES", 1000))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter without a GPU (conftest.py)
 VOCABS = (1, 2, 7, 129, 513, 1000)  # in the interpreter the kernel walks V in blocks of 512: 1 to 2 blocks
 
 
@@ -87,9 +88,11 @@ def device_draw(rows, params, prevs, positions):
         V, vec(lambda p: p.temperature), vec(lambda p: p.top_k, torch.int64), vec(lambda p: p.top_p),
         vec(lambda p: p.min_p), seeds, repetition=vec(lambda p: p.repetition_penalty),
         presence=vec(lambda p: p.presence_penalty), frequency=vec(lambda p: p.frequency_penalty))
-    tokens, logprobs = device_sampling.sample(torch.stack(rows), rp, torch.tensor(positions), counts=counts, bias=bias,
-                                              logprobs=True)
-    return tokens, logprobs, counts
+    rp = device_sampling.RowParams(*(t.to(DEVICE) for t in rp))
+    counts = counts.to(DEVICE)
+    tokens, logprobs = device_sampling.sample(torch.stack(rows).to(DEVICE), rp, torch.tensor(positions, device=DEVICE),
+                                              counts=counts, bias=bias.to(DEVICE), logprobs=True)
+    return tokens.cpu(), logprobs.cpu(), counts.cpu()
 
 
 def test_same_tokens_as_the_cpp_sampler_on_random_cases():
@@ -122,8 +125,9 @@ def test_same_tokens_as_the_cpp_sampler_on_random_cases():
 
 
 def test_bad_rows_are_reported_through_the_token():
-    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, float("inf"), 1.0], [-math.inf] * 3, [0.0, 2.0, 1.0]])
-    one = lambda v, dtype=torch.float64: torch.full((4,), v, dtype=dtype)  # noqa: E731
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, float("inf"), 1.0], [-math.inf] * 3, [0.0, 2.0, 1.0]],
+                          device=DEVICE)
+    one = lambda v, dtype=torch.float64: torch.full((4,), v, dtype=dtype, device=DEVICE)  # noqa: E731
     rp = device_sampling.row_params(3, one(1.0), one(0, torch.int64), one(1.0), one(0.0), one(7, torch.int64))
     tokens = device_sampling.sample(logits, rp, one(3, torch.int64))
     assert tokens[:3].tolist() == [device_sampling.NAN_OR_INF, device_sampling.NAN_OR_INF,
@@ -133,7 +137,7 @@ def test_bad_rows_are_reported_through_the_token():
         device_sampling.row_params(3, one(1.0), one(0, torch.int64), one(1.0), one(0.0), one(7, torch.int64),
                                    repetition=one(1.2))
     with pytest.raises(ValueError, match="counts need penalties"):
-        device_sampling.sample(logits, rp, one(3, torch.int64), counts=torch.zeros(4, 3, dtype=torch.int32))
+        device_sampling.sample(logits, rp, one(3, torch.int64), counts=torch.zeros(4, 3, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match=r"positions must be a \[4\] tensor"):
         device_sampling.sample(logits, rp, one(3, torch.int64)[:2])
 
@@ -157,7 +161,7 @@ def test_device_sampler_steps_like_the_cpp_decode_loop():
                   (1.0, 0, 1.0, 0.0, 1.0, 0.5, 0.0, None, 2, True))]  # presence penalty only
     prompts = [[rng.randrange(V) for _ in range(n)] for n in (1, 4, 6, 2, 3)]
     cpp = DecodeLoop(params, prompts, impl="cpp")
-    device = DeviceSampler(params, prompts, cpp.seeds, V, "cpu")
+    device = DeviceSampler(params, prompts, cpp.seeds, V, DEVICE)
     history = [list(p) for p in prompts]  # prompt + the device's tokens, finished rows included
     last = torch.tensor([p[-1] for p in prompts])
     for step in range(steps):
@@ -167,7 +171,8 @@ def test_device_sampler_steps_like_the_cpp_decode_loop():
                 logits[b] = torch.randn(V, generator=g) * 2
         running = [b for b in range(B) if not cpp.finished[b]]
         want = cpp.step(logits)
-        got, got_lp = device.step(torch.stack([torch.zeros_like(logits), logits], 1)[:, -1])  # as decode_steps slices them
+        got, got_lp = device.step(torch.stack([torch.zeros_like(logits), logits], 1).to(DEVICE)[:, -1])  # as decode_steps slices them
+        got, got_lp = got.cpu(), got_lp.cpu()
         assert got[running].tolist() == want[running].tolist(), f"seed {seed}: step {step}"
         for b in running:
             if params[b].logprobs:
@@ -180,7 +185,7 @@ def test_device_sampler_steps_like_the_cpp_decode_loop():
         last = got
     assert cpp.finished == [False, True, True, True, True]
     for b in (0, 2, 3, 4):  # rows with penalties: prompt + every drawn token (row 1's counts are never read)
-        torch.testing.assert_close(device.counts[b], torch.bincount(torch.tensor(history[b]), minlength=V).to(torch.int32))
+        torch.testing.assert_close(device.counts[b].cpu(), torch.bincount(torch.tensor(history[b]), minlength=V).to(torch.int32))
     assert device.positions.tolist() == [len(p) + steps for p in prompts]
 
 
@@ -203,3 +208,43 @@ def test_device_sampler_rejects_bad_input():
     with pytest.raises(ValueError, match="row 1 is -inf everywhere"):
         sampler.check(tokens.tolist(), [1])
     sampler.check(tokens.tolist(), [])  # finished rows are not checked
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_sampler_step_replayed_from_a_cuda_graph():
+    """DeviceSampler.step captured once in a CUDA graph and replayed every step, at GPT-2's
+    vocabulary: the C++ DecodeLoop's tokens and log-probs, the counts and positions advancing on
+    the device."""
+    seed = int(torch.randint(0, 1 << 30, ()))
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    B, V, steps = 4, 50257, 6
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, repetition_penalty=1.2, frequency_penalty=0.1,
+                             seed=rng.getrandbits(64), max_new_tokens=steps, logprobs=True)
+              for t, k, p in ((0.8, 50, 0.9), (0.0, 0, 1.0), (1.0, 0, 0.95), (1.3, 1000, 1.0))]
+    prompts = [[rng.randrange(V) for _ in range(n)] for n in (3, 1, 7, 2)]
+    cpp = DecodeLoop(params, prompts, impl="cpp")
+    logits = torch.zeros(B, V, device="cuda")
+    DeviceSampler(params, prompts, cpp.seeds, V, "cuda").step(logits)  # compiles the kernel before the capture
+    sampler = DeviceSampler(params, prompts, cpp.seeds, V, "cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens, logprobs = sampler.step(logits)
+    history = [list(p) for p in prompts]
+    for step in range(steps):
+        x = torch.randn(B, V, generator=g) * 3
+        for b in range(B):
+            while near_a_boundary(x[b], params[b], Counter(history[b])):
+                x[b] = torch.randn(V, generator=g) * 3
+        logits.copy_(x)
+        graph.replay()
+        want = cpp.step(x)
+        assert tokens.tolist() == want.tolist(), f"seed {seed}: step {step}"
+        torch.testing.assert_close(logprobs.cpu(), torch.tensor([lp[-1] for lp in cpp.logprobs], dtype=torch.float64),
+                                   rtol=1e-12, atol=1e-12)
+        for b in range(B):
+            history[b].append(int(want[b]))
+    for b in range(B):
+        torch.testing.assert_close(sampler.counts[b].cpu(), torch.bincount(torch.tensor(history[b]), minlength=V).to(torch.int32))
+    assert sampler.positions.tolist() == [len(p) + steps for p in prompts]
