@@ -271,6 +271,8 @@ def _launch(logits, params: RowParams, positions, counts, bias, logprobs, rows_p
     for name, t in vectors.items():
         if t is None or t.shape != (B,) or t.device != logits.device:
             raise ValueError(f"{name} must be a [{B}] tensor on {logits.device}" + (" (counts need penalties)" * (t is None)))
+    if positions.dtype != torch.int64:
+        raise ValueError(f"positions must be int64, got {positions.dtype}")
     for name, t in (("counts", counts), ("bias", bias)):
         if t is not None and (t.shape != (B, V) or t.stride(1) != 1 or t.device != logits.device):
             raise ValueError(f"{name} must be a row-contiguous [{B}, {V}] tensor on {logits.device}")
@@ -289,7 +291,7 @@ def _launch(logits, params: RowParams, positions, counts, bias, logprobs, rows_p
     # maxnreg: without a budget, ptxas aims Triton 3.9's build of this kernel (ptxas 12.9 for
     # sm_80, 13.4 for sm_90) at 40-64 registers and spills a few long-lived values, saved
     # predicates among them, to the stack, though 256 threads may hold 255 registers each; given
-    # the budget it allocates 88-96 and spills nothing (Triton 3.6's builds: 119-127 either way).
+    # the budget it allocates 96-108 and spills nothing (Triton 3.6's builds: 122-134).
     launch = Launch(_sample_kernel, checked_grid(triton.cdiv(B, rows)), args, constexprs, 8, 1, maxnreg=MAXNREG)
     return launch, tokens, lps
 

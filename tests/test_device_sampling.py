@@ -140,6 +140,8 @@ def test_bad_rows_are_reported_through_the_token():
         device_sampling.sample(logits, rp, one(3, torch.int64), counts=torch.zeros(4, 3, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match=r"positions must be a \[4\] tensor"):
         device_sampling.sample(logits, rp, one(3, torch.int64)[:2])
+    with pytest.raises(ValueError, match="positions must be int64"):
+        device_sampling.sample(logits, rp, one(3, torch.int32))
 
 
 def test_device_sampler_steps_like_the_cpp_decode_loop():
