@@ -27,7 +27,8 @@ COMPAT_PINS := torch==2.13.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
 # The AOT compile table (tests/test_compile.py) runs here too: both Triton versions' ptxas must
 # compile every build without spills (they differ: kernels/attention.py's config table says how).
 COMPAT_TESTS := tests/test_attention.py tests/test_layernorm.py tests/test_rmsnorm.py tests/test_rope.py \
-	tests/test_swiglu.py tests/test_linear_cross_entropy.py tests/test_custom_ops.py tests/test_hf.py tests/test_compile.py
+	tests/test_swiglu.py tests/test_linear_cross_entropy.py tests/test_custom_ops.py tests/test_hf.py tests/test_compile.py \
+	tests/test_device_sampling.py
 
 # The pins and the project in one install: pip keeps the pins or stops with a conflict against
 # pyproject's ranges, never swaps one for another version.

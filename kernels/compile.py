@@ -40,7 +40,7 @@ from triton.runtime.jit import native_specialize_impl
 from kernels.launch import Launch
 
 MODULES = ("kernels.attention", "kernels.layernorm", "kernels.rmsnorm", "kernels.rope", "kernels.swiglu",
-           "kernels.linear_cross_entropy")
+           "kernels.linear_cross_entropy", "kernels.sampling")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100/H200)
 COLUMNS = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "seconds", "status")
 
@@ -119,12 +119,11 @@ def compile_one(cfg: dict) -> dict:
     try:
         # one label, one build: the launches sharing a label must not differ in what is compiled
         sources = [jit_source(launch, arch) for launch in cfg["launches"]]
-        builds = {(src.hash(), launch.num_warps, launch.num_stages) for src, launch in zip(sources, cfg["launches"])}
+        builds = {(src.hash(), *launch.options().items()) for src, launch in zip(sources, cfg["launches"])}
         if len(builds) > 1:
             raise ValueError(f"{len(builds)} different builds share this label")
         launch = cfg["launches"][0]
-        kernel = triton.compile(sources[0], target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+        kernel = triton.compile(sources[0], target=GPUTarget("cuda", arch, 32), options=launch.options())
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
             f.flush()

@@ -1,7 +1,7 @@
 """One kernel launch as a value: what a launcher runs and what kernels/compile.py builds.
 
 Each launcher computes its launches (kernel, grid, arguments, constexprs, num_warps,
-num_stages) in one function that touches no data, so the same function can run on "meta"
+num_stages, optionally maxnreg) in one function that touches no data, so the same function can run on "meta"
 tensors to list, ahead of time, exactly the builds the launcher picks, and on fake tensors as the
 fake implementation of the kernel's custom op (kernel_op, below).
 """
@@ -20,9 +20,17 @@ class Launch(NamedTuple):
     constexprs: dict
     num_warps: int
     num_stages: int
+    # ptxas's register budget per thread (Triton's maxnreg option); None leaves it to ptxas, which
+    # may then aim at a low count and spill (kernels/sampling.py says when)
+    maxnreg: int | None = None
+
+    def options(self) -> dict:
+        """The compile options of this launch, as triton.compile and a kernel launch take them."""
+        extra = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages, **extra}
 
     def __call__(self):
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options())
 
 
 def checked_grid(*dims: int) -> tuple[int, ...]:
