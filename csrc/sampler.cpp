@@ -528,19 +528,22 @@ class DecodeLoop {
             const Row& r = rows_[b];
             return sample_row(data + b * V, V, r.p, r.counts, r.position, r.seed, b, s);
         }, draws_, errors_);
-        std::fill(tokens_.begin(), tokens_.end(), -1);
-        std::fill(logprobs_.begin(), logprobs_.end(), kNaN);
-        std::fill(codes_.begin(), codes_.end(), kRunning);
-        int finished = 0;
-        for (int64_t b : running_) {
-            tokens_[b] = next_input_[b] = draws_[b].token, logprobs_[b] = draws_[b].logprob;
-            codes_[b] = append(rows_[b], draws_[b].token);
-            finished += codes_[b] != kRunning;
-        }
-        if (finished)
-            running_.erase(std::remove_if(running_.begin(), running_.end(), [this](int64_t b) { return codes_[b] != kRunning; }),
-                           running_.end());
-        return finished;
+        return commit();
+    }
+
+    // A step whose tokens were drawn elsewhere (engine.device_sampling, on the GPU, from the same
+    // per-row state): tokens[b], logprobs[b] of every row, of which the running rows' are appended
+    // as step() appends its own draws. Same results and return value as step().
+    int append_drawn(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& tokens,
+                     const py::array_t<double, py::array::c_style | py::array::forcecast>& logprobs) {
+        const auto B = static_cast<py::ssize_t>(rows_.size());
+        if (tokens.ndim() != 1 || tokens.shape(0) != B || logprobs.ndim() != 1 || logprobs.shape(0) != B)
+            throw InputError("tokens and logprobs must both be [B] = [" + std::to_string(B) + "]");
+        for (int64_t b : running_)
+            if (tokens.data()[b] < 0)
+                throw InputError("tokens[" + std::to_string(b) + "] = " + std::to_string(tokens.data()[b]) + " is not a token id");
+        for (int64_t b : running_) draws_[b] = {tokens.data()[b], logprobs.data()[b]};
+        return commit();
     }
 
     // The result buffers as numpy arrays that share this loop's memory (and keep it alive).
@@ -572,6 +575,23 @@ class DecodeLoop {
     template <class T>
     static py::array view(py::object self, std::vector<T>& buffer) {  // the vectors never grow after construction
         return py::array_t<T>(static_cast<py::ssize_t>(buffer.size()), buffer.data(), self);
+    }
+
+    // The running rows' draws_ into the result buffers and their state; returns how many finished.
+    int commit() {
+        std::fill(tokens_.begin(), tokens_.end(), -1);
+        std::fill(logprobs_.begin(), logprobs_.end(), kNaN);
+        std::fill(codes_.begin(), codes_.end(), kRunning);
+        int finished = 0;
+        for (int64_t b : running_) {
+            tokens_[b] = next_input_[b] = draws_[b].token, logprobs_[b] = draws_[b].logprob;
+            codes_[b] = append(rows_[b], draws_[b].token);
+            finished += codes_[b] != kRunning;
+        }
+        if (finished)
+            running_.erase(std::remove_if(running_.begin(), running_.end(), [this](int64_t b) { return codes_[b] != kRunning; }),
+                           running_.end());
+        return finished;
     }
 
     int32_t append(Row& r, int64_t tok) {
@@ -643,6 +663,8 @@ PYBIND11_MODULE(_sampler, m) {
              py::arg("params"), py::arg("prompts"), py::arg("token_bytes"), py::arg("seeds"), py::arg("threads"))
         .def("step", &DecodeLoop::step, py::arg("logits"),
              "Sample one token per running row into tokens / logprobs / codes; returns how many rows finished.")
+        .def("append_drawn", &DecodeLoop::append_drawn, py::arg("tokens"), py::arg("logprobs"),
+             "step() with the tokens (and log-probs) drawn elsewhere, e.g. on the GPU: int64 [B], float64 [B].")
         .def_property_readonly("tokens", &DecodeLoop::tokens, "int64 [B]: the last step's tokens (-1: finished before it)")
         .def_property_readonly("logprobs", &DecodeLoop::logprobs, "float64 [B]: their log-probabilities (NaN: not requested)")
         .def_property_readonly("codes", &DecodeLoop::codes, "int32 [B]: Finish code per row after the last step")

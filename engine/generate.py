@@ -132,8 +132,9 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
     """Yield (tokens [B], loop) after every step; tokens[b] == -1 once row b has finished.
 
     compile=True: the decode steps run on a static cache (KVCache.make_static: the same shapes every
-    step), captured once in a CUDA graph and replayed on a GPU; on the CPU they run eagerly (a
-    warning says so once). Same tokens as compile=False.
+    step). On a GPU the draw runs there too (engine.device_sampling) and each step, forward and draw,
+    is one replay of a CUDA graph (_graphed_decode); on the CPU the steps run eagerly (a warning
+    says so once). Same tokens as compile=False.
 
     phase: an optional hook for profilers and benchmarks, entered as `with phase(name):` around
     each part of the work: "prefill" (the prompts' forward, once), then per step "sampling"
@@ -165,45 +166,66 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
     autocast = autocast_for(device)
     with phase("prefill"), autocast:
         logits, _ = model(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)
-    forward = _decode_forward(model, cache, kv_start, autocast, compile)
+    if compile and device.type == "cuda":
+        yield from _graphed_decode(model, cache, kv_start, loop, logits, params, prompts, phase)
+        return
+    if compile:
+        cache.make_static()
+        warnings.warn("compile=True: CUDA graphs need a GPU; on the CPU the static-shape decode steps run eagerly",
+                      RuntimeWarning, stacklevel=2)
     while True:
         with phase("sampling"):
             tokens = loop.step(logits[:, -1])
         yield tokens, loop
         if loop.all_finished:
             return
+        with phase("forward"), autocast:
+            logits, _ = model(loop.next_input.to(device), cache=cache, kv_start=kv_start)
+
+
+def _graphed_decode(model, cache: KVCache, kv_start, loop: DecodeLoop, logits, params, prompts, phase):
+    """decode_steps' steps with compile=True on a GPU: the draw runs on the device (DeviceSampler, same
+    tokens as the loop's own sampler) and each decode step, forward and draw, is one replay of a CUDA
+    graph over the static cache; only the B chosen ids (and log-probs) come to the host, where the
+    loop appends them (stops, streaming). Phases: "sampling" is the draw's trip to the host and the
+    loop's bookkeeping; "forward" the replay."""
+    from engine.device_sampling import DeviceSampler
+
+    draw = DeviceSampler(params, prompts, loop.seeds, logits.shape[-1], logits.device)
+
+    def append(ids, logprobs):
+        host = ids.cpu()  # the step's one synchronisation
+        draw.check(host.tolist(), loop.running)
+        return loop.append(host, None if logprobs is None else logprobs.cpu())
+
+    with phase("sampling"):
+        ids, logprobs = draw.step(logits[:, -1])  # (the first draw also compiles the sampling kernel)
+        tokens = append(ids, logprobs)
+    yield tokens, loop
+    if loop.all_finished:
+        return
+    replay = _capture_decode_step(model, cache, kv_start, draw, ids)
+    while True:
         with phase("forward"):
-            logits = forward(loop.next_input)
+            ids, logprobs = replay()
+        with phase("sampling"):
+            tokens = append(ids, logprobs)
+        yield tokens, loop
+        if loop.all_finished:
+            return
 
 
-def _decode_forward(model, cache: KVCache, kv_start, autocast, compile: bool):
-    """forward(tokens [B, 1], on the CPU) -> logits [B, 1, V] of one decode step: eager on a growing
-    cache, or (compile) on the cache made static, replayed from a CUDA graph on a GPU."""
-    device = cache.k.device
-
-    def eager(tokens):
-        with autocast:
-            return model(tokens.to(device), cache=cache, kv_start=kv_start)[0]
-
-    if not compile:
-        return eager
-    cache.make_static()
-    if device.type != "cuda":
-        warnings.warn("compile=True: CUDA graphs need a GPU; on the CPU the static-shape decode steps run eagerly",
-                      RuntimeWarning, stacklevel=4)
-        return eager
-    return _cuda_graph_forward(model, cache, kv_start)
-
-
-def _cuda_graph_forward(model, cache: KVCache, kv_start):
-    """Capture one decode step over a static cache in a CUDA graph: forward(tokens) copies the tokens
-    into the graph's input and replays it (cache.pos advances inside the graph); forward.replays counts."""
-    tokens = torch.zeros(cache.k.shape[1], 1, dtype=torch.long, device=cache.k.device)
+def _capture_decode_step(model, cache: KVCache, kv_start, draw, first_ids):
+    """One decode step, forward and draw, captured in a CUDA graph that reads its tokens from the
+    draw before it: replay() -> (ids [B], logprobs [B] or None), on the device. cache.pos and the
+    draw's state advance inside the graph."""
+    tokens = first_ids.view(-1, 1).clone()  # the graph's input, rewritten by every replay
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # no cast cache outlives a capture
+    cache.make_static()
     start = cache.pos.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), autocast:  # warm-up: the kernels compile and cuBLAS sets up outside the capture
+    with torch.cuda.stream(side), autocast:  # warm-up: kernels compile and cuBLAS sets up outside the capture
         for _ in range(2):
             model(tokens, cache=cache, kv_start=kv_start)
     torch.cuda.current_stream().wait_stream(side)
@@ -211,15 +233,14 @@ def _cuda_graph_forward(model, cache: KVCache, kv_start):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), autocast:
         logits, _ = model(tokens, cache=cache, kv_start=kv_start)
+        ids, logprobs = draw.step(logits[:, -1])
+        tokens.copy_(ids.view(-1, 1))
 
-    def forward(next_tokens):
-        tokens.copy_(next_tokens, non_blocking=True)
+    def replay():
         graph.replay()
-        forward.replays += 1
-        return logits
+        return ids, logprobs
 
-    forward.replays = 0
-    return forward
+    return replay
 
 
 def _finish_text(tokenizer, ids: list[int], params: SamplingParams, reason: str) -> str:

@@ -395,7 +395,18 @@ class _ReferenceCore:
         self.next_input = np.zeros(B, dtype=np.int64)
 
     def step(self, x: torch.Tensor) -> int:
-        out = {b: _sample_row(x[b], self.params[b], self.counts[b], self.positions[b], self.seeds[b], b) for b in self.running}
+        return self._commit({b: _sample_row(x[b], self.params[b], self.counts[b], self.positions[b], self.seeds[b], b)
+                             for b in self.running})
+
+    def append_drawn(self, tokens: np.ndarray, logprobs: np.ndarray) -> int:
+        if tokens.shape != (len(self.params),) or logprobs.shape != tokens.shape:
+            raise InputError(f"tokens and logprobs must both be [B] = [{len(self.params)}]")
+        for b in self.running:
+            if tokens[b] < 0:
+                raise InputError(f"tokens[{b}] = {tokens[b]} is not a token id")
+        return self._commit({b: (int(tokens[b]), float(logprobs[b])) for b in self.running})
+
+    def _commit(self, out: dict) -> int:
         self.tokens[:], self.logprobs[:], self.codes[:] = -1, math.nan, Finish.RUNNING
         for b, (tok, logprob) in out.items():  # commit only once every row sampled without error
             p = self.params[b]
@@ -487,7 +498,22 @@ class DecodeLoop:
         x = _cpu_float32(logits, self._buf)
         if x is not logits:
             self._buf = x
-        n_finished = self._core.step(x.numpy() if self.impl == "cpp" else x)
+        return self._record(self._core.step(x.numpy() if self.impl == "cpp" else x))
+
+    def append(self, tokens: torch.Tensor, logprobs: torch.Tensor | None = None) -> torch.LongTensor:
+        """step() with the tokens drawn elsewhere (engine.device_sampling.DeviceSampler on the GPU, from
+        this loop's seeds): tokens [B] and logprobs [B] (None: none asked for) on the CPU; the
+        running rows' are appended (stops, lengths, penalty counts) and returned as step() returns them."""
+        tokens = tokens.to(torch.int64).numpy()
+        logprobs = np.full(len(tokens), math.nan) if logprobs is None else logprobs.to(torch.float64).numpy()
+        return self._record(self._core.append_drawn(tokens, logprobs))
+
+    @property
+    def running(self) -> list[int]:
+        """The rows not finished yet (ascending)."""
+        return self._running
+
+    def _record(self, n_finished: int) -> torch.LongTensor:
         tokens = self._tokens_np.tolist()
         for b in self._running:
             self.generated[b].append(tokens[b])

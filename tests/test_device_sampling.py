@@ -147,7 +147,8 @@ def test_bad_rows_are_reported_through_the_token():
 def test_device_sampler_steps_like_the_cpp_decode_loop():
     """engine.device_sampling.DeviceSampler driven as a decode loop: each step's logits depend on the
     token chosen before (a random bigram table), penalties on (the counts evolve with the tokens),
-    rows finishing at different steps; same tokens and log-probs as the C++ DecodeLoop."""
+    rows finishing at different steps; same tokens and log-probs as the C++ DecodeLoop. DecodeLoops fed
+    the device's tokens (DecodeLoop.append, C++ and reference cores) end where the sampling one does."""
     seed = int(torch.randint(0, 1 << 30, ()))
     rng = random.Random(seed)
     B, V, steps = 5, 37, 7
@@ -164,6 +165,7 @@ def test_device_sampler_steps_like_the_cpp_decode_loop():
     prompts = [[rng.randrange(V) for _ in range(n)] for n in (1, 4, 6, 2, 3)]
     cpp = DecodeLoop(params, prompts, impl="cpp")
     device = DeviceSampler(params, prompts, cpp.seeds, V, DEVICE)
+    fed = [DecodeLoop(params, prompts, impl=impl) for impl in ("cpp", "reference")]
     history = [list(p) for p in prompts]  # prompt + the device's tokens, finished rows included
     last = torch.tensor([p[-1] for p in prompts])
     for step in range(steps):
@@ -182,13 +184,29 @@ def test_device_sampler_steps_like_the_cpp_decode_loop():
             else:
                 assert math.isnan(got_lp[b])
         device.check(got.tolist(), running)  # no bad row
+        for loop in fed:
+            assert loop.append(got, got_lp).tolist() == want.tolist()
         for b in range(B):
             history[b].append(int(got[b]))
         last = got
     assert cpp.finished == [False, True, True, True, True]
+    for loop in fed:
+        assert (loop.generated, loop.finish_reason, loop.finished) == (cpp.generated, cpp.finish_reason, cpp.finished)
+        assert [[pytest.approx(x, rel=1e-12) for x in row] for row in loop.logprobs] == cpp.logprobs
     for b in (0, 2, 3, 4):  # rows with penalties: prompt + every drawn token (row 1's counts are never read)
         torch.testing.assert_close(device.counts[b].cpu(), torch.bincount(torch.tensor(history[b]), minlength=V).to(torch.int32))
     assert device.positions.tolist() == [len(p) + steps for p in prompts]
+
+
+@pytest.mark.parametrize("impl", ["cpp", "reference"])
+def test_decode_loop_append_rejects_what_is_not_a_drawn_step(impl):
+    loop = DecodeLoop([SamplingParams(max_new_tokens=3)] * 2, [[0], [1]], impl=impl)
+    with pytest.raises(InputError, match=r"must both be \[B\] = \[2\]"):
+        loop.append(torch.tensor([1, 2, 3]))
+    with pytest.raises(InputError, match=r"tokens\[1\] = -2 is not a token id"):
+        loop.append(torch.tensor([1, -2]))
+    assert loop.generated == [[], []]  # nothing recorded by a refused step
+    assert loop.append(torch.tensor([4, 5])).tolist() == [4, 5] and loop.generated == [[4], [5]]
 
 
 def test_device_sampler_rejects_bad_input():

@@ -212,3 +212,21 @@ def test_cuda_graph_decode_gives_eager_tokens_and_replays_once_a_step(arch, monk
     graphed = [loop for _, loop in decode_steps(model, prompts, params, compile=True)][-1]
     assert graphed.generated == eager.generated
     assert len(replays) == 29  # one per decode step after the prefill's token
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_static_decode_step_never_waits_for_the_host_on_a_gpu():
+    model = GPT(small_config("llama", block_size=64)).cuda().eval()
+    cache = KVCache(model.config, 3, 40, "cuda", torch.bfloat16)
+    kv_start = torch.tensor([0, 2, 5], device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 97, (3, 7), device="cuda"), cache=cache, kv_start=kv_start, last_only=True)[0]
+        cache.make_static()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5):
+                logits = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache, kv_start=kv_start)[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert cache.pos.item() == 12
