@@ -2,14 +2,19 @@
 
     python benchmarks/generate.py [--toy] [--preset NAME] [--config n_layer=6,...] [--batches 1,8,64]
                                   [--prompt-len P] [--new-tokens N] [--modes greedy,sample]
-                                  [--threads 1,0] [--reps R] [--name STEM] [--out DIR]
+                                  [--threads 1,0] [--reps R] [--compile] [--name STEM] [--out DIR]
 
 Both sides get the same model (`engine.hf.to_hf` copies our weights into a GPT2LMHeadModel),
 the same random prompts (equal lengths, no padding), exactly N new tokens (no stop tokens) and
 the same sampling parameters: greedy, and temperature 0.8 / top-k 50 / top-p 0.9 ("sample").
 On CUDA both run under bf16 autocast (our default on CUDA; backend "auto" = triton), on the CPU
 in float32 (backend "torch"). --threads 1,0 runs every case with one torch thread and then with
-torch's default, side by side (the C++ sampler uses as many threads as torch). Per batch size,
+torch's default, side by side (the C++ sampler uses as many threads as torch). --compile adds two
+rows per case: ours with generate's compile=True ("ours-graph": the draw on the device and each
+decode step replayed from a CUDA graph; on the CPU the same static-shape steps run eagerly) and a
+gpt-fast-style baseline ("hf-static-compiled": the HF model with a static KV cache and its forward
+under torch.compile(mode="reduce-overhead", fullgraph=True), as transformers' own guide sets it up;
+its compile is paid in the warm-up repetition). Per batch size,
 mode and thread count, medians over R repetitions:
     prefill_ms      one forward over the prompts that fills the KV cache
     ttft_ms         time to first token: prefill + the first sampling step
@@ -19,6 +24,7 @@ mode and thread count, medians over R repetitions:
                     decode_steps' phase hook (PhaseTimer, which synchronizes the device at every
                     phase's ends); what they leave is Python between the steps
     match           greedy only: fraction of our tokens equal to HF's
+    speedup_vs_hf   decode tok/s over HF `generate`'s (the "hf" row)
     pct_of_copy_bw  the least a decode step reads (weights at the compute dtype + KV cache) x
                     steps/s, as a share of roofline.py's measured copy bandwidth
 Writes <name>.csv, <name>.md and <name>.png (name: --name, default "generate") into the results folder.
@@ -69,14 +75,14 @@ def ours_prefill_ms(model, prompts: torch.Tensor) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def ours_run(model, prompts: list[list[int]], params: SamplingParams, device) -> dict:
+def ours_run(model, prompts: list[list[int]], params: SamplingParams, device, compile=False) -> dict:
     """Time to first token, total time, seconds in the forward and in the sampler after the
     first token (decode_steps' phase hook), tokens of one generation."""
     timer = PhaseTimer(sync=torch.cuda.synchronize if device.type == "cuda" else None)
     sync(device)
     t0 = time.perf_counter()
     ttft = None
-    for tokens, loop in decode_steps(model, prompts, [params] * len(prompts), phase=timer):
+    for tokens, loop in decode_steps(model, prompts, [params] * len(prompts), phase=timer, compile=compile):
         if ttft is None:
             ttft, at_first_token = time.perf_counter() - t0, timer.seconds.copy()
     sync(device)
@@ -125,37 +131,55 @@ def bytes_per_step(model, batch: int, context: float) -> float:
     return size * (model.num_params(non_embedding=False) + 2 * cfg.n_layer * batch * context * cfg.n_embd)
 
 
-def bench(model, hf, batch: int, prompt_len: int, n: int, mode: str, reps: int, device, copy_gbps: float) -> list[dict]:
+def static_compiled(hf):
+    """The gpt-fast-style HF baseline (transformers' guide to optimizing inference): generate with a
+    static KV cache, the forward compiled with mode="reduce-overhead" (CUDA graphs on a GPU)."""
+    hf.generation_config.cache_implementation = "static"
+    hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    return hf
+
+
+def bench(model, hfs: dict, batch: int, prompt_len: int, n: int, mode: str, reps: int, device, copy_gbps: float,
+          compile=False) -> list[dict]:
+    """One row per implementation: ours (and ours-graph with compile) and every HF model in hfs
+    ({"hf": eager, optionally "hf-static-compiled": ...}); medians of reps after one warm-up."""
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g)
     on_device = prompts.to(device)
     params = SamplingParams(**MODES[mode], seed=0, max_new_tokens=n)
-    ours, theirs = [], []
-    for rep in range(reps + 1):  # the first repetition warms up (allocator, autotuning, HF's setup)
-        run = ours_run(model, prompts.tolist(), params, device)
-        run["prefill"] = ours_prefill_ms(model, on_device) / 1e3
-        t1, _ = hf_generate(hf, on_device, 1, mode, rep)
-        tn, hf_tokens = hf_generate(hf, on_device, n, mode, rep)
-        if rep:
-            ours.append(run)
-            theirs.append(dict(ttft=t1, total=tn, prefill=hf_prefill_ms(hf, on_device) / 1e3))
-    med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+    ours_modes = {"ours": False, **({"ours-graph": True} if compile else {})}
+    runs = {impl: [] for impl in (*ours_modes, *hfs)}
+    hf_tokens = None
+    for rep in range(reps + 1):  # the first repetition warms up (allocator, autotuning, compiles, HF's setup)
+        for impl, graph in ours_modes.items():
+            run = ours_run(model, prompts.tolist(), params, device, compile=graph)
+            run["prefill"] = ours_prefill_ms(model, on_device) / 1e3
+            runs[impl].append(run)
+        for impl, hf in hfs.items():
+            t1, _ = hf_generate(hf, on_device, 1, mode, rep)
+            tn, tokens = hf_generate(hf, on_device, n, mode, rep)
+            hf_tokens = tokens if impl == "hf" else hf_tokens
+            runs[impl].append(dict(ttft=t1, total=tn, prefill=hf_prefill_ms(hf, on_device) / 1e3))
+    med = lambda timed, key: statistics.median(r[key] for r in timed)  # noqa: E731
     rows = []
-    for impl, runs in (("ours", ours), ("hf", theirs)):
-        ttft, total = med(runs, "ttft"), med(runs, "total")
+    for impl, timed in runs.items():
+        timed = timed[1:]
+        ttft, total = med(timed, "ttft"), med(timed, "total")
+        ours = impl in ours_modes
         rows.append(dict(impl=impl, mode=mode, batch=batch, prompt_len=prompt_len, new_tokens=n,
-                         prefill_ms=round(med(runs, "prefill") * 1e3, 3), ttft_ms=round(ttft * 1e3, 3),
+                         prefill_ms=round(med(timed, "prefill") * 1e3, 3), ttft_ms=round(ttft * 1e3, 3),
                          decode_tok_s=round(batch * (n - 1) / max(total - ttft, 1e-9), 1),
-                         forward_pct=round(100 * med(runs, "forward") / max(total - ttft, 1e-9), 1) if impl == "ours" else None,
-                         sample_pct=round(100 * med(runs, "sample") / max(total - ttft, 1e-9), 1) if impl == "ours" else None,
-                         match=None, speedup_vs_hf=None))
+                         forward_pct=round(100 * med(timed, "forward") / max(total - ttft, 1e-9), 1) if ours else None,
+                         sample_pct=round(100 * med(timed, "sample") / max(total - ttft, 1e-9), 1) if ours else None,
+                         match=None))
+        if ours and mode == "greedy":
+            same = torch.tensor(timed[-1]["tokens"]) == hf_tokens.cpu()
+            rows[-1]["match"] = round(same.float().mean().item(), 3)
         gbps = bytes_per_step(model, batch, prompt_len + n / 2) * rows[-1]["decode_tok_s"] / batch / 1e9
         rows[-1]["pct_of_copy_bw"] = round(100 * gbps / copy_gbps, 2)
-    if mode == "greedy":
-        same = torch.tensor(ours[-1]["tokens"]) == hf_tokens.cpu()
-        rows[0]["match"] = round(same.float().mean().item(), 3)
-    rows[0]["speedup_vs_hf"] = round(rows[0]["decode_tok_s"] / rows[1]["decode_tok_s"], 2)
-    rows[1]["speedup_vs_hf"] = 1.0
+    hf_rate = next(r["decode_tok_s"] for r in rows if r["impl"] == "hf")
+    for r in rows:
+        r["speedup_vs_hf"] = round(r["decode_tok_s"] / hf_rate, 2)
     return rows
 
 
@@ -164,20 +188,19 @@ def markdown(rows: list[dict], model_name: str, device, backend: str) -> str:
         f"## Generation: {model_name} ({device.type}, ours = backend {backend}), ours vs Hugging Face `generate`",
         "",
         f"Random prompts of {rows[0]['prompt_len']} tokens, {rows[0]['new_tokens']} new tokens, medians. "
-        "decode tok/s counts every row of the batch; forward % and sampler % are the shares of our decode time spent in "
-        "the model and in DecodeLoop.step (the rest is Python between steps); % of copy BW: weights + KV cache read per "
-        "step x steps/s over the measured copy bandwidth (roofline.csv).",
+        "decode tok/s counts every row of the batch; vs hf: over HF `generate`'s decode tok/s; forward % and sampler % "
+        "are the shares of our decode time spent in the model and in the sampler (the rest is Python between steps); "
+        "% of copy BW: weights + KV cache read per step x steps/s over the measured copy bandwidth (roofline.csv).",
         "",
-        "| threads | mode | batch | prefill ms ours / hf | TTFT ms ours / hf | decode tok/s ours | decode tok/s hf | ours vs hf "
-        "| forward % | sampler % | greedy match | % of copy BW ours / hf |",
+        "| threads | mode | batch | impl | prefill ms | TTFT ms | decode tok/s | vs hf | forward % | sampler % "
+        "| greedy match | % of copy BW |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for i in range(0, len(rows), 2):
-        o, h = rows[i], rows[i + 1]
-        lines.append(f"| {o['threads']} | {o['mode']} | {o['batch']} | {o['prefill_ms']:.2f} / {h['prefill_ms']:.2f} | "
-                     f"{o['ttft_ms']:.2f} / {h['ttft_ms']:.2f} | {o['decode_tok_s']:.0f} | {h['decode_tok_s']:.0f} | "
-                     f"{o['speedup_vs_hf']:.2f}x | {o['forward_pct']:.1f} | {o['sample_pct']:.1f} | "
-                     f"{'' if o['match'] is None else o['match']} | {o['pct_of_copy_bw']:.1f} / {h['pct_of_copy_bw']:.1f} |")
+    blank = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['threads']} | {r['mode']} | {r['batch']} | {r['impl']} | {r['prefill_ms']:.2f} | {r['ttft_ms']:.2f} | "
+                     f"{r['decode_tok_s']:.0f} | {r['speedup_vs_hf']:.2f}x | {blank(r['forward_pct'], '.1f')} | "
+                     f"{blank(r['sample_pct'], '.1f')} | {blank(r['match'], '')} | {r['pct_of_copy_bw']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +228,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--threads", default="0", help="comma-separated torch thread counts to run each case with, side by side; "
                     "0 = torch's default (default 0)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (default 3)")
+    ap.add_argument("--compile", action="store_true", help="add ours with compile=True (CUDA-graph decode) and HF with a "
+                    "static cache under torch.compile(mode='reduce-overhead') (gpt-fast style)")
     ap.add_argument("--name", default="generate", help="file name stem of the results (default generate)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<hardware>-<date>/)")
     args = ap.parse_args(argv)
@@ -223,7 +248,7 @@ def main(argv=None) -> list[dict]:
     model_name = f"preset {args.preset}" + "".join(f", {k}={v}" for k, v in overrides.items())
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(args.preset, **overrides)).to(device).eval()
-    hf = to_hf(model)
+    hfs = {"hf": to_hf(model), **({"hf-static-compiled": static_compiled(to_hf(model))} if args.compile else {})}
     backend = model.ops_for(device).name
     out = results_dir(args.out)
     peak = peaks(out, toy=args.toy)
@@ -232,9 +257,9 @@ def main(argv=None) -> list[dict]:
         for b in batches:
             for t in threads:  # side by side: the machine's load changes less between them
                 torch.set_num_threads(t)
-                case = bench(model, hf, b, prompt_len, n, mode, reps, device, peak["copy_gbps"])
+                case = bench(model, hfs, b, prompt_len, n, mode, reps, device, peak["copy_gbps"], args.compile)
                 rows += [{"threads": t, **r} for r in case]
-                for r in rows[-2:]:
+                for r in rows[-len(case):]:
                     print(", ".join(f"{k}={r[k]}" for k in COLUMNS), flush=True)
             write_csv(rows, out / f"{args.name}.csv")  # after every case: a run stopped by a time cap keeps what it measured
             text = markdown(rows, model_name, device, backend)
