@@ -131,11 +131,14 @@ def bytes_per_step(model, batch: int, context: float) -> float:
     return size * (model.num_params(non_embedding=False) + 2 * cfg.n_layer * batch * context * cfg.n_embd)
 
 
-def static_compiled(hf):
+def static_compiled(hf, toy=False):
     """The gpt-fast-style HF baseline (transformers' guide to optimizing inference): generate with a
-    static KV cache, the forward compiled with mode="reduce-overhead" (CUDA graphs on a GPU)."""
+    static KV cache, the forward compiled with mode="reduce-overhead" (CUDA graphs on a GPU). toy:
+    compiled with the "eager" backend instead (Dynamo's trace without inductor's minutes of C++
+    builds on a CPU): a smoke test of the plumbing, not a figure."""
     hf.generation_config.cache_implementation = "static"
-    hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    kw = dict(backend="eager") if toy else dict(mode="reduce-overhead")
+    hf.forward = torch.compile(hf.forward, fullgraph=True, **kw)
     return hf
 
 
@@ -248,7 +251,7 @@ def main(argv=None) -> list[dict]:
     model_name = f"preset {args.preset}" + "".join(f", {k}={v}" for k, v in overrides.items())
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(args.preset, **overrides)).to(device).eval()
-    hfs = {"hf": to_hf(model), **({"hf-static-compiled": static_compiled(to_hf(model))} if args.compile else {})}
+    hfs = {"hf": to_hf(model), **({"hf-static-compiled": static_compiled(to_hf(model), args.toy)} if args.compile else {})}
     backend = model.ops_for(device).name
     out = results_dir(args.out)
     peak = peaks(out, toy=args.toy)

@@ -266,6 +266,7 @@ def test_dry_run_runs_every_step_of_both_parts_and_ends_with_the_table(tmp_path)
     extended = steps(tmp_path / "steps-extended.csv")
     assert extended.pop("gqa") == "ok" and extended.pop("part extended") == "done"
     assert extended.pop("llama_train") == "ok" and extended.pop("fused_loss") == "ok"
+    assert extended.pop("compiled_decode") == "ok"
     assert set(extended.values()) == {"not landed"}, extended
     assert steps(tmp_path / "steps-setup.csv")["build_sampler"] == "ok"
     table = (tmp_path / "targets.md").read_text()
@@ -273,7 +274,9 @@ def test_dry_run_runs_every_step_of_both_parts_and_ends_with_the_table(tmp_path)
     assert result.stdout.rstrip().endswith(table.rstrip()), result.stdout[-2000:]
     for t in targets.TARGETS:
         assert f"| {t.name} |" in table
-    assert "| not measured: issue 17 has not landed |" in table  # compiled decode
+    assert "| not measured: issue 19 has not landed |" in table  # tuning
+    assert [line for line in table.splitlines() if line.startswith("| compiled gpt2 batch-1 decode vs HF")][0].endswith(
+        ("| pass |", "| fail |"))
     assert [line for line in table.splitlines() if line.startswith("| fused linear cross-entropy peak memory")][0].endswith(
         ("| pass |", "| fail |"))
     assert [line for line in table.splitlines() if line.startswith("| llama-3.2-1b-shaped")][0].endswith(("| pass |", "| fail |"))
