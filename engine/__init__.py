@@ -1,10 +1,20 @@
-"""llm-engine: an LLM's whole life in one readable package.
+"""llm-engine: an LLM's whole life in one small package you can read.
 
-    from engine import GPT, GPTConfig, SamplingParams, generate, stream
+    from engine import GPT, GPTConfig, SamplingParams
+    from engine.generate import generate, stream
+
+The names are imported on first use: `import engine.shards` (tokenize's worker processes) and
+`llm-engine tokenize` never import torch. generate and stream are not names of the package
+itself: the submodule engine.generate would take the name `generate` as soon as it is imported.
 """
-from engine.config import GPTConfig
-from engine.model import GPT
-from engine.sampling import SamplingParams
-from engine.generate import generate, stream  # noqa: E402  (after SamplingParams: generate imports it)
+import importlib
 
-__all__ = ["GPTConfig", "GPT", "SamplingParams", "generate", "stream"]
+_HOMES = {"GPTConfig": "engine.config", "GPT": "engine.model", "SamplingParams": "engine.sampling"}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -3,8 +3,10 @@ tokenising; exact training resume across shard boundaries; conversations as the 
 makes them; every bad input named through the CLI."""
 import json
 import random
-
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from engine.distributed import micro_batches
 from engine.errors import InputError
 from engine.shards import Conversations, ShardSet, TokenStream, tokenize
 from engine.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def texts(n, seed):
@@ -65,6 +69,14 @@ def test_a_glob_and_parquet_shards_and_two_worker_processes(tmp_path, tok):
     (tmp_path / "part2.txt").write_text(docs[0])
     got = tokenize(str(tmp_path / "part*.parquet"), tmp_path / "out", tok, workers=2, shard_bytes=200, progress=False)
     assert len(got) > 4 and np.array_equal(TokenStream(got)[:], token_stream(docs, tok))
+
+
+def test_tokenize_workers_do_not_import_torch():
+    """What a worker process imports (the CLI, as the llm-engine script's spawned copies import
+    it; the shards; the tokenizer it is sent) leaves torch out: ~3 s and 220 MB a process."""
+    code = "import sys, engine.cli, engine.shards, engine.tokenizer; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
 
 
 def test_an_interrupted_tokenize_redoes_only_the_missing_shards(tmp_path, tok, monkeypatch):
