@@ -1,11 +1,11 @@
-"""llm-engine: an LLM's whole life in one small package you can read.
+"""llm-engine: an LLM's whole life in one readable package.
 
     from engine import GPT, GPTConfig, SamplingParams
     from engine.generate import generate, stream
 
-The names are imported on first use: `import engine.shards` (tokenize's worker processes) and
-`llm-engine tokenize` never import torch. generate and stream are not names of the package
-itself: the submodule engine.generate would take the name `generate` as soon as it is imported.
+The names are imported on first use, so that what tokenize's worker processes import (engine.cli,
+engine.shards, engine.tokenizer) leaves torch out. generate and stream are not names of the
+package itself: the submodule engine.generate takes the name `generate` as soon as it is imported.
 """
 import importlib
 

@@ -61,7 +61,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse; under torchrun a bad command line is one line from rank 0 (report_bad_input)."""
 
     def error(self, message):
-        from engine.distributed import torchrun_env  # here: the CLI's import stays free of torch (tokenize's workers import it)
+        from engine.distributed import torchrun_env  # here: importing the CLI (tokenize's workers do) needs no torch
 
         if torchrun_env()[1] == 1:
             super().error(message)  # usage, then the error; exits 2

@@ -151,7 +151,7 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """[encode(t) for t in texts], faster: the tokenizers library's encode_batch (on all cores),
         or, for a byte-level BPE tokenizer such as Tokenizer.train makes, _encode_ascii on the
-        ASCII texts (~6x faster than the library on one core: how tokenize's workers encode)."""
+        ASCII texts (~5x the library's speed on one core: how tokenize's workers encode)."""
         if self._words is None:
             self._words = {} if self._has_ascii_fast_path() else False
         if self._words is False:
