@@ -10,12 +10,13 @@ tokenize's sample. Each measurement runs in its own process: wall time, CPU time
 and all its children (getrusage), and peak RSS of the process tree summed over its processes
 (sampled every 50 ms from /proc):
 
-    startup            `python -c "import engine.shards"`: what every row's process (and tokenize's every worker) pays first
+    startup            `python -c "import engine.shards"`: what tokenize's every worker process pays first (no torch)
     tokenize_default   `llm-engine tokenize` with its defaults (one worker process per CPU), all --mb
     tokenize_1w        one worker with one tokenizer thread (RAYON_NUM_THREADS=1), the first --scaling-mb MB
     tokenize_2w        two workers, one tokenizer thread each, the same text
     tokenize_default_s the defaults on that same text
-    encode_batch       a plain Tokenizer.encode_batch loop (1 MB batches, the library's own threads), same text
+    encode_batch       a plain loop of the tokenizers library's encode_batch (1 MB batches, its own threads on
+                       every core; not Tokenizer.encode_batch, whose ASCII fast path runs on one), same text
     chats_first        conversations ready for the first step: finetune's prepare (render + shards into an
                        empty cache), the train/val views, one batch
     chats_second       the same again (the cache now holds the shards)
@@ -147,8 +148,8 @@ batch, size, n = [], 0, 0
 for line in open(sys.argv[1]):
     batch.append(json.loads(line)["text"]); size += len(line)
     if size >= 2**20:
-        n += sum(map(len, tok.encode_batch(batch))); batch, size = [], 0
-n += sum(map(len, tok.encode_batch(batch)))
+        n += sum(len(e.ids) for e in tok.hf.encode_batch(batch, add_special_tokens=False)); batch, size = [], 0
+n += sum(len(e.ids) for e in tok.hf.encode_batch(batch, add_special_tokens=False))
 print(n)
 """
 
@@ -234,14 +235,13 @@ def main(argv=None):
         row(name, data_mb, m, note or m["stdout"].strip().splitlines()[-1].split(": ", 1)[-1])
         return out
 
-    row("startup", 0, measured([py, "-c", "import engine.shards"]), "python -c 'import engine.shards' (torch): in every row below, "
-        "and in each worker process")
+    row("startup", 0, measured([py, "-c", "import engine.shards"]), "python -c 'import engine.shards': in each worker process")
     one = {"RAYON_NUM_THREADS": "1"}
     tokenize("tokenize_1w", small, small_mb, 1, one, "1 worker, 1 tokenizer thread")
     tokenize("tokenize_2w", small, small_mb, 2, one, "2 workers, 1 tokenizer thread each")
     tokenize("tokenize_default_s", small, small_mb, 0, note="defaults")
     m = measured([py, "-c", ENCODE_LOOP, str(small), str(tok)])
-    row("encode_batch", small_mb, m, f"{int(m['stdout'])} tokens; the library's own threads")
+    row("encode_batch", small_mb, m, f"{int(m['stdout'])} tokens; the tokenizers library's encode_batch, its own threads")
     full = tokenize("tokenize_default", text, mb, 0)
 
     chats = work / "chats.jsonl"

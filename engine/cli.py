@@ -13,7 +13,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from engine.config import DEMO_PRESETS, PRESETS
-from engine.distributed import torchrun_env
 from engine.errors import InputError
 
 # The presets by family, for --preset's help: "tiny, small, gpt2, ... (GPT-2); llama-tiny, ... (Llama family)"
@@ -48,6 +47,8 @@ def report_bad_input(line: str):
     (which it does once rank 0 has exited) and then exit 2: had one exited first, torchrun would
     stop rank 0, perhaps before it had printed. A rank not stopped within TORCHRUN_GRACE_S met
     the error alone, and prints it itself."""
+    from engine.distributed import torchrun_env
+
     rank, _, _ = torchrun_env()
     if rank != 0:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
@@ -60,6 +61,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse; under torchrun a bad command line is one line from rank 0 (report_bad_input)."""
 
     def error(self, message):
+        from engine.distributed import torchrun_env  # here: importing the CLI (tokenize's workers do) needs no torch
+
         if torchrun_env()[1] == 1:
             super().error(message)  # usage, then the error; exits 2
         report_bad_input(f"{self.prog}: error: {message}")

@@ -54,7 +54,7 @@ SHARD_BYTES = 16 * 2**20  # input bytes per shard: ~4M tokens of English text
 BATCH_BYTES = 2**20  # text a worker encodes per call: bounds its memory
 MIN_WORKER_BYTES = 4 * 2**20  # by default, a worker process (~1 s to start) per this much input at least
 TOKENIZER_SAMPLE_BYTES = 32 * 2**20  # what a tokenizer is trained on: this much, spread over the files
-VAL_FRACTION = 0.1  # pretraining's validation tokens: the last 10% of the stream...
+VAL_FRACTION = 0.1  # pretraining's validation tokens: the last 10% of the stream, in whole documents...
 VAL_MAX_TOKENS = 2**24  # ...but at most 16M tokens
 CACHE_ENV = "LLM_ENGINE_CACHE"  # where pretrain and finetune keep the shards they make (default ~/.cache/llm-engine)
 
@@ -588,12 +588,22 @@ class TokenStream:
         return np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
 
     def split(self, val_fraction: float = VAL_FRACTION, max_val: int = VAL_MAX_TOKENS) -> tuple["TokenStream", "TokenStream"]:
-        """(train, val): val is the stream's tail, val_fraction of it but at most max_val tokens
-        (for a small corpus, the same split as one in-memory stream; for a big one, the last shards)."""
+        """(train, val): val is the stream's tail, about val_fraction of it but at most max_val
+        tokens, in whole documents: it begins at the document start nearest that many tokens from
+        the end (no document is both trained on and validated on); failing one within half to
+        twice that size, at the nearest shard boundary (a long .txt file's pieces); failing that
+        too (one document in one shard), at the token. A function of the shard set alone: every
+        process, and every resumed run, gets the same split."""
         n_val = max(min(int(len(self) * val_fraction), max_val), 2)
         if len(self) - n_val < 2:
             raise InputError(f"--data {self.shards.folder}: only {len(self)} tokens, too few to train on")
-        cut = self.stop - n_val
+        cut, lo, hi = self.stop - n_val, max(self.stop - 2 * n_val, self.start + 2), self.stop - max(n_val // 2, 2)
+        first, last = (int(np.searchsorted(self.offsets, x, side="right")) - 1 for x in (lo, hi))
+        for bounds in ([self.offsets[i] + self.shards.shard(i).starts for i in range(first, last + 1)], [self.offsets]):
+            bounds = np.concatenate(bounds)
+            if len(bounds := bounds[(bounds >= lo) & (bounds <= hi)]):
+                cut = int(bounds[np.argmin(np.abs(bounds - cut))])
+                break
         return TokenStream(self.shards, self.start, cut), TokenStream(self.shards, cut, self.stop)
 
 

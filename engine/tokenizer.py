@@ -14,7 +14,9 @@ learns to answer and to stop, never to imitate the user.
 Text inside messages is always encoded as plain text, so a user who types "<|end|>" gets
 the characters, not the control token.
 """
+import itertools
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -27,6 +29,13 @@ BOS = "<|endoftext|>"  # starts every document and conversation (GPT-2's only sp
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"  # ends every turn
 SPECIAL_TOKENS = [BOS, *ROLE_TOKENS.values(), END]
+
+# GPT-2's pre-tokenizer regex (what ByteLevel(use_regex=True) splits text with before BPE) for
+# ASCII text, where its classes are ASCII ones: \p{L} [A-Za-z], \p{N} [0-9], \s [\t\n\v\f\r ].
+# The stdlib re runs it; encode_batch's fast path (Tokenizer._encode_ascii) is built on it.
+_WS = r"\t\n\x0b\x0c\r "
+ASCII_PRETOKENS = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+")
+WORD_CACHE_SIZE = 2**18  # pre-tokens whose ids encode_batch remembers (~40 MB at most); emptied when full
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -42,6 +51,9 @@ def _byte_level_alphabet() -> dict[str, int]:
     return chars
 
 
+_ASCII_BYTE_LEVEL = str.maketrans({b: c for c, b in _byte_level_alphabet().items() if b < 128})  # byte -> its BPE character
+
+
 class Tokenizer:
     def __init__(self, hf: HFTokenizer, chat_template: str | None = None, special_tokens: dict | None = None):
         """chat_template: a Hugging Face Jinja chat template (None: the built-in one);
@@ -55,6 +67,7 @@ class Tokenizer:
         self.template = ChatTemplate(chat_template, self.special_tokens) if chat_template is not None else None
         self._token_bytes = None
         self._stop_ids = None
+        self._words = None  # encode_batch's fast path: pre-token -> ids (False: this tokenizer has none)
 
     def __reduce__(self):  # pickled as its JSON (tokenize's worker processes get it so)
         return Tokenizer, (self.hf, self.chat_template, self.special_tokens)
@@ -136,7 +149,42 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        """[encode(t) for t in texts], faster: the tokenizers library's encode_batch (on all cores),
+        or, for a byte-level BPE tokenizer such as Tokenizer.train makes, _encode_ascii on the
+        ASCII texts (~5x the library's speed on one core: how tokenize's workers encode)."""
+        if self._words is None:
+            self._words = {} if self._has_ascii_fast_path() else False
+        if self._words is False:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        out = [self._encode_ascii(t) if t.isascii() else None for t in texts]
+        others = [t for t, ids in zip(texts, out) if ids is None]
+        if others:
+            others = iter(e.ids for e in self.hf.encode_batch(others, add_special_tokens=False))
+            out = [next(others) if ids is None else ids for ids in out]
+        return out
+
+    def _has_ascii_fast_path(self) -> bool:
+        """Whether _encode_ascii gives encode's ids: no normalizer, GPT-2's ByteLevel pre-tokenizer
+        with its regex and no prefix space, a BPE model without dropout (same ids every time), and
+        no added token that is not special (those would be split out of the text)."""
+        config = json.loads(self.hf.to_str())
+        pre, model = config.get("pre_tokenizer") or {}, config.get("model") or {}
+        return (config.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex")
+                and not pre.get("add_prefix_space") and model.get("type") == "BPE" and model.get("dropout") is None
+                and all(t.get("special") for t in config.get("added_tokens", [])))
+
+    def _encode_ascii(self, text: str) -> list[int]:
+        """encode(text) of an ASCII text: split by ASCII_PRETOKENS, as the library's pre-tokenizer
+        splits it, each pre-token's ids from the word cache, or from the BPE model itself (on its
+        byte-level characters) the first time."""
+        words, cache = ASCII_PRETOKENS.findall(text), self._words
+        if missing := set(words).difference(cache):
+            if len(cache) + len(missing) > WORD_CACHE_SIZE:
+                cache.clear()
+                missing = set(words)
+            for word in missing:
+                cache[word] = [t.id for t in self.hf.model.tokenize(word.translate(_ASCII_BYTE_LEVEL))]
+        return list(itertools.chain.from_iterable(map(cache.__getitem__, words)))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -3,8 +3,10 @@ tokenising; exact training resume across shard boundaries; conversations as the 
 makes them; every bad input named through the CLI."""
 import json
 import random
-
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from engine.distributed import micro_batches
 from engine.errors import InputError
 from engine.shards import Conversations, ShardSet, TokenStream, tokenize
 from engine.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def texts(n, seed):
@@ -52,7 +56,34 @@ def test_text_shards_hold_the_ids_of_tokenising_in_memory(tmp_path, tok, shard_b
     for a, b in [(0, 5), (len(want) - 3, len(want)), (17, 17 + 211)]:  # slices across shard boundaries
         assert np.array_equal(stream[a:b], want[a:b])
     train, val = stream.split(0.1)
-    assert np.array_equal(val[:], want[-int(len(want) * 0.1):]) and len(train) + len(val) == len(want)
+    assert np.array_equal(np.concatenate([train[:], val[:]]), want)  # how it is cut: the next test
+
+
+def split_of(tmp_path, tok, files: dict, shard_bytes: int, fraction: float = 0.1):
+    """-> (whole stream, train, val, shard boundaries) of tokenize over files {name: text}."""
+    folder = tmp_path / f"in-{len(list(tmp_path.iterdir()))}"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    got = tokenize(str(folder), folder / "out", tok, shard_bytes=shard_bytes, progress=False)
+    stream = TokenStream(got)
+    train, val = stream.split(fraction)
+    assert np.array_equal(np.concatenate([train[:], val[:]]), stream[:])
+    return stream[:], train, val, np.cumsum([t for t, _ in got.counts])
+
+
+def test_the_validation_split_is_by_document_else_by_shard(tmp_path, tok):
+    """val is the tail in whole documents, about the fraction asked; a single long document is
+    cut at a shard boundary; a document in a single shard, at the token (nothing else to cut at)."""
+    docs = texts(60, 7)
+    whole, train, val, _ = split_of(tmp_path, tok, {"d.jsonl": "".join(json.dumps({"text": d}) + "\n" for d in docs)}, 700, 0.2)
+    starts = np.flatnonzero(whole == tok.bos_id)
+    assert len(train) in starts and 0.1 <= len(val) / len(whole) <= 0.4
+    assert np.array_equal(val[:], token_stream(docs[-(len(starts) - np.searchsorted(starts, len(train))):], tok))
+    whole, train, val, ends = split_of(tmp_path, tok, {"a.txt": "\n".join(docs)}, 300, 0.2)  # one document, many shards
+    assert len(ends) > 5 and len(train) in ends and 0.1 <= len(val) / len(whole) <= 0.4
+    whole, train, val, ends = split_of(tmp_path, tok, {"a.txt": "\n".join(docs[:5])}, 10**6)  # one document, one shard
+    assert len(ends) == 1 and len(val) == int(0.1 * len(whole))
 
 
 def test_a_glob_and_parquet_shards_and_two_worker_processes(tmp_path, tok):
@@ -65,6 +96,14 @@ def test_a_glob_and_parquet_shards_and_two_worker_processes(tmp_path, tok):
     (tmp_path / "part2.txt").write_text(docs[0])
     got = tokenize(str(tmp_path / "part*.parquet"), tmp_path / "out", tok, workers=2, shard_bytes=200, progress=False)
     assert len(got) > 4 and np.array_equal(TokenStream(got)[:], token_stream(docs, tok))
+
+
+def test_tokenize_workers_do_not_import_torch():
+    """What a worker process imports (the CLI, as the llm-engine script's spawned copies import
+    it; the shards; the tokenizer it is sent) leaves torch out: ~3 s and 220 MB a process."""
+    code = "import sys, engine.cli, engine.shards, engine.tokenizer; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
 
 
 def test_an_interrupted_tokenize_redoes_only_the_missing_shards(tmp_path, tok, monkeypatch):

@@ -1,4 +1,6 @@
 """Byte-level BPE: exact round trips, and the chat template's loss mask."""
+import random
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -97,3 +99,29 @@ def test_bad_arguments_raise_input_error(tok):
         Tokenizer.train(CORPUS, vocab_size=100)
     with pytest.raises(InputError, match="unknown role 'robot'"):
         tok.render_conversation([{"role": "robot", "content": "beep"}])
+
+
+ASCII_PIECES = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'", " ", "   ", "\t", "\n", "\r\n", "\x0b", "\x0c",
+                "\x1c", "\x1f", "\x00", "\x7f", "a", "Zq", "7", "123", "!?", "_", " x", "<|end|>", "<|endoftext|>"]
+
+
+def test_encode_batch_fast_path_gives_encodes_ids(tok):
+    """encode_batch's ASCII fast path (GPT-2's regex on ASCII classes + a word cache) against the
+    library's encode, one text at a time: hostile ASCII (control characters, contractions, runs
+    of whitespace, special-token text), and non-ASCII texts in the same batch (the library's path)."""
+    rng = random.Random(random.getrandbits(32))
+    for _ in range(300):
+        texts = ["".join(rng.choice(ASCII_PIECES) if rng.random() < 0.7 else chr(rng.randrange(128))
+                         for _ in range(rng.randrange(30))) for _ in range(8)]
+        texts[rng.randrange(8)] += rng.choice(["é", "🙂", "\u00a0", "\u2028", "²"])
+        assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert len(tok._words) > 100  # the fast path ran
+
+
+def test_encode_batch_has_no_fast_path_for_another_pipeline(tok):
+    from tokenizers import normalizers
+
+    lower = Tokenizer.train(CORPUS, vocab_size=300)
+    lower.hf.normalizer = normalizers.Lowercase()  # the regex would split "Ab" otherwise than the library
+    assert lower.encode_batch(["Ab CD's", "x"]) == [lower.encode("Ab CD's"), lower.encode("x")]
+    assert lower._words is False
