@@ -8,7 +8,9 @@ Sampling and stop conditions live in engine.sampling.DecodeLoop (C++ when built)
 """
 import collections
 import contextlib
+import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -298,3 +300,13 @@ def stream(model, tokenizer, prompt, params: SamplingParams | None = None, sampl
         if ready > sent:
             yield text[sent:ready]
             sent = ready
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as its `generate`: DESIGN.md's `engine.generate(...)` (engine/__init__.py says why)."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -230,3 +230,12 @@ def test_static_decode_step_never_waits_for_the_host_on_a_gpu():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert cache.pos.item() == 12
+
+
+def test_the_package_names_of_design_md_are_the_functions(model, tok):
+    """DESIGN.md: engine.generate(...) / engine.stream(...), whether or not engine.generate was imported as a module."""
+    import engine
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=5)
+    assert engine.generate(model, tok, ["the cat"], params)[0].token_ids == generate(model, tok, ["the cat"], params)[0].token_ids
+    assert "".join(engine.stream(model, tok, "the cat", params)) == generate(model, tok, "the cat", params)[0].text
