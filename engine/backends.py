@@ -114,8 +114,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             dz = dz.mul_(scale[sl]).to(h.dtype)
             if dh is not None:
                 torch.mm(dz, weight, out=dh[sl])
-            if dw is not None:  # summed in fp32 over the chunks
-                dw.addmm_(dz.T, h[sl]) if dz.dtype == torch.float32 else dw.add_(dz.T @ h[sl])
+            if dw is not None and dz.dtype == torch.float32:  # summed in fp32 over the chunks
+                dw.addmm_(dz.T, h[sl])
+            elif dw is not None:
+                dw.add_(dz.T @ h[sl])
         return dh, None if dw is None else dw.to(weight.dtype), None, None
 
 
@@ -124,9 +126,7 @@ def chunked_linear_cross_entropy(h, weight, targets, loss_mask=None, ignore_inde
     exist one chunk of rows at a time, in the forward and again in the backward."""
     h, weight = autocast_inputs(h, weight)
     t = targets.reshape(-1)
-    counted = (t != ignore_index).float()
-    if loss_mask is not None:
-        counted = counted * loss_mask.reshape(-1).float()
+    counted = reference.loss_weights(targets, loss_mask, ignore_index)
     w = counted / counted.sum().clamp(min=1.0)
     with torch.autocast(h.device.type, enabled=False):
         return ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, torch.where(counted != 0, t, 0), w)

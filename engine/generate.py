@@ -142,6 +142,9 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
     each part of the work: "prefill" (the prompts' forward, once), then per step "sampling"
     (DecodeLoop.step, with the logits' copy to the CPU) and "forward" (one token's forward).
     PhaseTimer adds up their seconds; engine.profile names them in a trace.
+
+    On the CPU the model's Linear weights are left input-major (GPT.decode_layout: the same values,
+    shapes and state_dict; once, later calls find them so): the CPU GEMM multiplies them faster.
     """
     if len(params) != len(prompts):
         raise InputError(f"params has {len(params)} entries for {len(prompts)} prompts")

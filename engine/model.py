@@ -306,9 +306,7 @@ class GPT(nn.Module):
     def loss(logits, targets, loss_mask=None):
         """Mean next-token cross-entropy over the counted positions (float32 math)."""
         per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none")
-        counted = (targets.flatten() != -1).float()
-        if loss_mask is not None:
-            counted = counted * loss_mask.flatten().float()
+        counted = reference.loss_weights(targets, loss_mask)
         return (per_token * counted).sum() / counted.sum().clamp(min=1.0)
 
     def num_params(self, non_embedding: bool = True) -> int:

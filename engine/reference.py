@@ -133,6 +133,12 @@ def swiglu(gate, up):
     return (g * torch.sigmoid(g) * up.to(compute)).to(gate.dtype)
 
 
+def loss_weights(targets, loss_mask=None, ignore_index=-1, dtype=torch.float32):
+    """What each token's loss counts for, over the flattened targets [N]: (t_i != ignore_index) · loss_mask_i."""
+    counted = (targets.reshape(-1) != ignore_index).to(dtype)
+    return counted if loss_mask is None else counted * loss_mask.reshape(-1).to(dtype)
+
+
 def linear_cross_entropy(h, weight, targets, loss_mask=None, ignore_index=-1, reduction="mean"):
     """Cross-entropy of the logits h @ weightᵀ: −log softmax(h_i · Wᵀ)[t_i], weighted by
     counted_i = (t_i != ignore_index) · loss_mask_i, then summed ("sum") or divided by Σ counted_i
@@ -140,9 +146,7 @@ def linear_cross_entropy(h, weight, targets, loss_mask=None, ignore_index=-1, re
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     logits = h.to(compute).reshape(-1, h.shape[-1]) @ weight.to(compute).T  # [N, V]
     t = targets.reshape(-1)
-    counted = (t != ignore_index).to(compute)
-    if loss_mask is not None:
-        counted = counted * loss_mask.reshape(-1).to(compute)
+    counted = loss_weights(targets, loss_mask, ignore_index, compute)
     log_probs = torch.log_softmax(logits, dim=-1)
     per_token = -log_probs.gather(1, torch.where(counted != 0, t, 0)[:, None])[:, 0]  # [N]
     total = torch.where(counted != 0, per_token * counted, 0.0).sum()
