@@ -174,7 +174,7 @@ def bench(model, hfs: dict, batch: int, prompt_len: int, n: int, mode: str, reps
                          decode_tok_s=round(batch * (n - 1) / max(total - ttft, 1e-9), 1),
                          forward_pct=round(100 * med(timed, "forward") / max(total - ttft, 1e-9), 1) if ours else None,
                          sample_pct=round(100 * med(timed, "sample") / max(total - ttft, 1e-9), 1) if ours else None,
-                         match=None))
+                         match=None, speedup_vs_hf=None))
         if ours and mode == "greedy":
             same = torch.tensor(timed[-1]["tokens"]) == hf_tokens.cpu()
             rows[-1]["match"] = round(same.float().mean().item(), 3)
