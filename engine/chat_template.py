@@ -208,7 +208,7 @@ def read_hf_chat_template(folder):
     "default" is taken), and its bos_token, eos_token, ... (strings or {"content": ...})."""
     from pathlib import Path
 
-    from engine.checkpoint import read_json
+    from engine.files import read_json
 
     folder = Path(folder)
     config_path = folder / "tokenizer_config.json"

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.config import GPTConfig
 from engine.errors import InputError
+from engine.files import read_json, read_tokenizer, reason, require_file
 from engine.model import GPT
 from engine.tokenizer import Tokenizer
 
@@ -138,30 +139,6 @@ def load_source(ckpt=None, hf=None, device="cpu", backend="auto"):
 # ---------------------------------------------------------------------------------------------
 # Readers of files we did not write (ours or a Hugging Face folder): InputError naming the file.
 # ---------------------------------------------------------------------------------------------
-def _reason(err: Exception) -> str:
-    """The gist of a library's error about a bad file, on one line."""
-    text = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _require_file(path: Path):
-    if not path.is_file():
-        raise InputError(f"{path}: missing")
-
-
-def read_json(path) -> dict:
-    """A JSON object from a file."""
-    path = Path(path)
-    _require_file(path)
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
-        raise InputError(f"{path}: not valid JSON ({_reason(err)})") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def read_config(path) -> GPTConfig:
     """Our own config.json."""
     fields = read_json(path)
@@ -174,17 +151,17 @@ def read_config(path) -> GPTConfig:
 def read_safetensors(path) -> dict:
     """name -> tensor, on the CPU."""
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     try:
         return load_file(path)
     except (OSError, SafetensorError) as err:
-        raise InputError(f"{path}: not a readable safetensors file, or truncated ({_reason(err)})") from None
+        raise InputError(f"{path}: not a readable safetensors file, or truncated ({reason(err)})") from None
 
 
 def read_pickle(path):
     """torch.load of tensors and plain containers only: anything that would run code is refused."""
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. about the pickle protocol: what is wrong with the file is raised
@@ -193,26 +170,9 @@ def read_pickle(path):
         if "weights_only" in str(err):  # PyTorch's message advises weights_only=False: the one unsafe thing to do
             raise InputError(f"{path}: holds objects other than tensors and plain containers; refused, since "
                              "unpickling them could run code") from None
-        raise InputError(f"{path}: not a readable PyTorch file ({_reason(err)})") from None
+        raise InputError(f"{path}: not a readable PyTorch file ({reason(err)})") from None
     except Exception as err:  # a corrupt or truncated file fails as RuntimeError, EOFError, KeyError, ...
-        raise InputError(f"{path}: not a readable PyTorch file, or truncated ({_reason(err)})") from None
-
-
-def read_tokenizer(path) -> Tokenizer:
-    """tokenizer.json, with the chat template and special tokens of a tokenizer_config.json (or
-    chat_template.jinja) beside it, as a Hugging Face folder or a checkpoint fine-tuned from one holds them."""
-    from engine.chat_template import read_hf_chat_template
-
-    path = Path(path)
-    _require_file(path)
-    try:
-        tokenizer = Tokenizer.load(path)
-    except Exception as err:  # the tokenizers library raises a plain Exception for a bad file
-        raise InputError(f"{path}: not a tokenizer the tokenizers library reads ({_reason(err)})") from None
-    template, special = read_hf_chat_template(path.parent)
-    if template is None and not special:
-        return tokenizer
-    return Tokenizer(tokenizer.hf, template, special)
+        raise InputError(f"{path}: not a readable PyTorch file, or truncated ({reason(err)})") from None
 
 
 def check_vocab(model: GPT, tokenizer: Tokenizer, path):

@@ -13,7 +13,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from engine.config import DEMO_PRESETS, PRESETS
-from engine.errors import InputError
+from engine.errors import InputError, Interrupted
 
 # The presets by family, for --preset's help: "tiny, small, gpt2, ... (GPT-2); llama-tiny, ... (Llama family)"
 PRESET_HELP = "; ".join(f"{', '.join(n for n, p in PRESETS.items() if p.get('arch', 'gpt2') == arch)} ({family})"
@@ -299,7 +299,7 @@ def cmd_eval(args):
 
 
 def cmd_tokenize(args):
-    from engine.checkpoint import read_tokenizer
+    from engine.files import read_tokenizer
     from engine.shards import tokenize, train_tokenizer
     from engine.tokenizer import Tokenizer
 
@@ -339,8 +339,6 @@ def cmd_profile(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.train import Interrupted
-
     try:
         if args.command == "pretrain":
             from engine.jobs import pretrain

@@ -553,7 +553,7 @@ class ShardSet:
         return self._open(str(self.folder / self.index["shards"][i]["file"]), *self.counts[i], self.chat)
 
     def tokenizer(self):
-        from engine.checkpoint import read_tokenizer
+        from engine.files import read_tokenizer
 
         return read_tokenizer(self.folder / "tokenizer.json")
 

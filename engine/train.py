@@ -24,7 +24,7 @@ from tqdm import tqdm
 from engine import distributed
 from engine.checkpoint import save_checkpoint
 from engine.devices import autocast_for
-from engine.errors import InputError
+from engine.errors import InputError, Interrupted
 from engine.model import GPT
 
 
@@ -75,10 +75,6 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     ]
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-
-
-class Interrupted(Exception):
-    """Raised after Ctrl-C once the checkpoint is safely written."""
 
 
 @contextlib.contextmanager
