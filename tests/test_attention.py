@@ -158,15 +158,17 @@ def meta_inputs(b, h, sq, sk, d, dtype, hkv=None):
 
 
 def test_decode_splits_keys():
-    """The decode shape (Sq=1, long cache) takes the split-KV path and its combine."""
-    q, k, v, _ = meta_inputs(1, 2, 1, 700, 64, torch.float16)
-    launches, _, _ = attn._forward_launches(q, k, v, True, 1.0, None, *attn._target(torch.device(DEVICE)))
-    assert [launch.kernel for launch in launches] == [attn._attn_fwd, attn._attn_combine]
-    assert launches[0].grid[2] > 1  # the splits
-    check(1, 2, 1, 700, 64, torch.float16, causal=True, grads=False)
-    check(1, 2, 16, 700, 64, torch.float32, causal=False)
-    kv_start = torch.tensor([300], device=DEVICE)  # the first split sees no key
-    check(1, 2, 1, 700, 64, torch.float32, causal=True, kv_start=kv_start)
+    """The decode shape (Sq=1, long cache) takes the split-KV path and its combine: 16-bit over 600
+    keys (> 4 tiles of 128, sm_90's widest), fp32 over 300 (> 4 tiles of 32)."""
+    for dtype, sk in ((torch.float16, 600), (torch.float32, 300)):
+        q, k, v, _ = meta_inputs(1, 2, 1, sk, 64, dtype)
+        launches, _, _ = attn._forward_launches(q, k, v, True, 1.0, None, *attn._target(torch.device(DEVICE)))
+        assert [launch.kernel for launch in launches] == [attn._attn_fwd, attn._attn_combine]
+        assert launches[0].grid[2] > 1  # the splits
+    check(1, 2, 1, 600, 64, torch.float16, causal=True, grads=False)
+    check(1, 2, 16, 300, 64, torch.float32, causal=False)
+    kv_start = torch.tensor([130], device=DEVICE)  # the first splits see no key
+    check(1, 2, 1, 300, 64, torch.float32, causal=True, kv_start=kv_start)
 
 
 @pytest.mark.parametrize("arch", attn.ARCHS)
@@ -271,11 +273,11 @@ def test_gqa_matches_reference(hkv, case):
 @pytest.mark.parametrize("hkv", GQA_KV_HEADS, ids=lambda n: f"Hkv{n}")
 def test_gqa_decode_splits_keys(hkv):
     """A decode step (Sq = 1) over a long cache with grouped K/V heads takes the split-KV path."""
-    q, k, v, _ = meta_inputs(1, 8, 1, 700, 32, torch.float16, hkv=hkv)
+    q, k, v, _ = meta_inputs(1, 8, 1, 600, 32, torch.float16, hkv=hkv)
     launches, _, _ = attn._forward_launches(q, k, v, True, 1.0, None, *attn._target(torch.device(DEVICE)))
     assert [launch.kernel for launch in launches] == [attn._attn_fwd, attn._attn_combine]
     assert launches[0].grid[2] > 1
-    check(1, 8, 1, 700, 32, (torch.float16, torch.float32)[hkv % 2], causal=True, grads=False, hkv=hkv,
+    check(1, 8, 1, 600, 32, (torch.float16, torch.float32)[hkv % 2], causal=True, grads=False, hkv=hkv,
           kv_start=torch.tensor([300], device=DEVICE) if hkv < 4 else None)
 
 
