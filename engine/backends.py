@@ -179,6 +179,8 @@ class TritonBackend(TorchBackend):
     (issue 16; not yet measured)."""
 
     name = "triton"
+    # the attention backward: separate dQ pass (bitwise repeatable) or atomic dQ; TrainConfig sets it
+    deterministic = True
 
     def __init__(self):
         if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -194,7 +196,8 @@ class TritonBackend(TorchBackend):
         self.kernels = kernels
 
     def attention(self, q, k, v, causal=True, kv_start=None, kv_lens=None):
-        return self.kernels.flash_attention(q, k, v, causal=causal, kv_start=kv_start, kv_lens=kv_lens)
+        return self.kernels.flash_attention(q, k, v, causal=causal, kv_start=kv_start, kv_lens=kv_lens,
+                                            deterministic=self.deterministic)
 
     def layer_norm(self, x, weight, bias, eps):
         return self.kernels.layer_norm(x, weight, bias, eps)

@@ -35,6 +35,8 @@ TRAIN_HELP = {
     "eval_batches": "batches per validation",
     "save_every": "steps between checkpoints (one is also written at the end and on Ctrl-C)",
     "seed": "seed of the data order and of the weights' initialisation",
+    "deterministic": "triton backend: bitwise-repeatable attention gradients (a separate dQ pass); "
+                     "--no-deterministic adds dQ with atomics instead (two fewer matmuls)",
 }
 
 
@@ -74,6 +76,10 @@ def add_train_flags(p, defaults: dict):
 
     for f in fields(TrainConfig):
         default = defaults.get(f.name, f.default)
+        if isinstance(f.default, bool):  # --flag / --no-flag
+            p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default,
+                           help=TRAIN_HELP[f.name] + f" (default {'on' if default else 'off'})")
+            continue
         required = f.name == "max_steps" and default is f.default
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.name != "max_steps" else int,
                        default=None if required else default, required=required,

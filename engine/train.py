@@ -44,6 +44,10 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 100
     seed: int = 0
+    # the triton backend's attention backward: True, bitwise-equal gradients run to run (a separate dQ
+    # pass); False, dQ by atomics in the dK/dV pass (two fewer matmuls). True stays the default
+    # until a GPU has measured both (issue 19).
+    deterministic: bool = True
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "eval_every", "eval_batches", "save_every"):
@@ -128,6 +132,7 @@ def train(model: GPT, cfg: TrainConfig, batches: Batches, run: Run, ctx: distrib
     cfg = replace(cfg, grad_accum=cfg.grad_accum or ctx.world_size)  # what the checkpoint records too
     micros = distributed.micro_batches(cfg.grad_accum, ctx.rank, ctx.world_size)
     device = next(model.parameters()).device
+    model.ops_for(device).deterministic = cfg.deterministic
     model = distributed.wrap(model, ctx)
     optimizer = make_optimizer(model, cfg)
     torch.manual_seed(cfg.seed)

@@ -23,14 +23,17 @@ over the group in a fixed order), a second one computes dQ per query tile over t
 Every gradient element is written by exactly one program that sums in a fixed order, so the
 gradients are deterministic (bitwise equal run after run) without atomics. The price is
 recomputing Q Kᵀ and dO Vᵀ in the dQ pass (7 matmuls instead of 5); deterministic=False opts
-into FlashAttention-2's scheme instead: the dK/dV kernel adds dQ with fp32 atomics.
+into FlashAttention-2's scheme instead: the dK/dV kernel adds dQ with fp32 atomics (relaxed: no
+fences, since only the next launch reads the sums).
 
 Decode (Sq <= 16): one query tile per head would use B·H programs, too few to fill a GPU at
 batch 1. The keys are split across programs (flash-decoding); each writes its normalised partial
-output and logsumexp, and a small kernel combines them.
+output and logsumexp, and a small kernel combines them. A program that would see 4 key tiles or
+fewer is not split (one launch, as FlashAttention-3 decides).
 
 Launch configs come from one table (_CONFIGS) per arch (sm_80 / sm_90+), kind, 16-bit or fp32,
-and head dim; no autotuning. The launches (kernel, grid, arguments, constexprs, warps, stages)
+and head dim; no autotuning. The interpreter runs the sm_80 table, or the sm_90 one under
+LLM_ENGINE_ATTN_ARCH=90 (its tiles' parity tests). The launches (kernel, grid, arguments, constexprs, warps, stages)
 are computed by _forward_launches / _backward_launches, which read no data: `aot_configs()` runs
 them on meta tensors, so kernels/compile.py builds exactly the kernels that run, and the custom ops
 (llm_engine::flash_attention, flash_attention_backward) run them on fake tensors as their fake
@@ -50,6 +53,7 @@ fp32 means fp32 accuracy here. fp16 / bf16 use tensor cores with fp32 accumulati
 """
 import itertools
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -62,6 +66,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DECODE_MAX_SQ = 16  # queries per step at or below which the decode (split-KV) path is taken
 _MIN_TILES_PER_SPLIT = 2  # a split streams at least this many key tiles
+_MAX_UNSPLIT_TILES = 4  # a program that sees at most this many key tiles is not split (FlashAttention-3's rule)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -257,7 +262,10 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, 
         dk = tl.dot(ds_t, q, dk, input_precision="ieee")
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(ds_t), k, input_precision="ieee") * sm_scale
-            tl.atomic_add(_tile_ptrs(DQ_ACC, start_m, HEAD_DIM, BLOCK_M, HEAD_DIM), dq, mask=in_rows[:, None])
+            # relaxed: nothing in the kernel reads DQ_ACC, and the kernel's end orders the sums
+            # before the launcher reads them (acq_rel, the default, fences every add for nothing)
+            tl.atomic_add(_tile_ptrs(DQ_ACC, start_m, HEAD_DIM, BLOCK_M, HEAD_DIM), dq, mask=in_rows[:, None],
+                          sem="relaxed")
     return dk, dv
 
 
@@ -384,16 +392,24 @@ class Config(NamedTuple):
 
 ARCHS = (80, 90)
 # (arch, kind, 16-bit dtype?) -> head_dim -> Config. "fwd": training/prefill forward,
-# "decode": forward for Sq <= DECODE_MAX_SQ (split-KV), "dkdv" / "dq": the backward.
+# "decode": forward for Sq <= DECODE_MAX_SQ (split-KV), "dkdv" / "dq": the deterministic backward,
+# "dkdv_atomic": the dK/dV kernel that also adds dQ (deterministic=False).
 # fp32 runs exact (ieee) dots on CUDA cores, so its tiles are smaller.
 _C = Config
 _SMALL_D = (16, 32, 64)
 _CONFIGS = {
     (90, "fwd", True): {**dict.fromkeys(_SMALL_D, _C(128, 64, 4, 3)), 128: _C(128, 64, 8, 3)},
     (80, "fwd", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 8, 3), 128: _C(128, 32, 8, 3)},
-    (90, "decode", True): {16: _C(16, 64, 4, 3), 32: _C(16, 64, 4, 3), 64: _C(16, 64, 8, 3), 128: _C(16, 64, 8, 2)},
+    # sm_90 decode: 128-wide key tiles. Triton 3.6's ptxas spilled 8 B with 4 warps at D = 16, 32 and
+    # with 8 warps at D = 128 (full, kv_start), hence 8 / 4 warps. sm_80's stay 64 / 32 wide (not tried).
+    (90, "decode", True): {16: _C(16, 128, 8, 3), 32: _C(16, 128, 8, 3), 64: _C(16, 128, 8, 3), 128: _C(16, 128, 4, 2)},
     (80, "decode", True): {16: _C(16, 64, 8, 3), 32: _C(16, 64, 4, 3), 64: _C(16, 64, 4, 3), 128: _C(16, 32, 4, 3)},
-    (90, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 128, 8, 2)},
+    # sm_90 dK/dV: BLOCK_M 64, so the score products k qᵀ and v dOᵀ are m64n64 wgmma (BLOCK_M 32 gave
+    # m64n32). At D = 128, BM 64 x BN 128 spills (80 B; 200 B with the atomic dQ; FA3 holds these
+    # tiles with two 240-register warpgroups and a producer) and so does the atomic kernel at 64 x 64
+    # (64 B): the deterministic pass runs 64 x 64, the atomic one keeps 32 x 128.
+    (90, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(64, 128, 8, 3)), 128: _C(64, 64, 8, 2)},
+    (90, "dkdv_atomic", True): {**dict.fromkeys(_SMALL_D, _C(64, 128, 8, 3)), 128: _C(32, 128, 8, 2)},
     (80, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 64, 8, 3)},
     (90, "dq", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 8, 3), 128: _C(128, 64, 8, 2)},
     (80, "dq", True): {**dict.fromkeys(_SMALL_D, _C(128, 32, 4, 3)), 128: _C(128, 32, 8, 2)},
@@ -415,24 +431,45 @@ _CONFIGS = {
 }
 _CONFIGS[(80, "fwd", False)] = _CONFIGS[(90, "fwd", False)]
 _CONFIGS[(80, "decode", False)] = {**_CONFIGS[(90, "decode", False)], 64: _C(16, 32, 4, 2)}
+for _arch, _half in itertools.product(ARCHS, (True, False)):  # the atomic dQ's dK/dV: the same tiles elsewhere
+    _CONFIGS.setdefault((_arch, "dkdv_atomic", _half), _CONFIGS[(_arch, "dkdv", _half)])
 _ROWS_PER_PROGRAM = 64  # preprocess tile height
 # warps of the preprocess and the combine; both run Triton's default stages (no loop worth pipelining)
 _PRE_WARPS, _COMBINE_WARPS, _SMALL_STAGES = 4, 1, 3
 
 
+# Which config table the interpreter (a CPU device) runs: sm_80's unless this variable names another
+# arch, so that the sm_90 tiles get parity tests too (tests/test_attention.py). GPUs ignore it.
+ARCH_ENV = "LLM_ENGINE_ATTN_ARCH"
+
+
 def _target(device: torch.device) -> tuple[int, int]:
     """(config table arch, SM count): arch 90 for Hopper and newer, else 80; the interpreter counts
-    as arch 80 with an H100's 132 SMs."""
+    as arch 80 (or $LLM_ENGINE_ATTN_ARCH) with an H100's 132 SMs."""
     if device.type == "cuda":
         return (90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80,
                 torch.cuda.get_device_properties(device).multi_processor_count)
-    return 80, 132
+    arch = os.environ.get(ARCH_ENV, "80")
+    if arch not in map(str, ARCHS):
+        raise ValueError(f"{ARCH_ENV} must be one of {', '.join(map(str, ARCHS))} (the config tables), got {arch!r}")
+    return int(arch), 132
+
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b). Not triton.cdiv: called from Python that one goes through Triton's constexpr
+    machinery, and its seven calls were half of a decode step's launch planning."""
+    return -(-a // b)
 
 
 def _num_splits(programs: int, sk: int, block_n: int, num_sms: int) -> int:
-    """Enough key splits for about two programs per SM, each streaming >= _MIN_TILES_PER_SPLIT tiles."""
-    want = triton.cdiv(2 * num_sms, programs)
-    return max(1, min(want, triton.cdiv(sk, block_n * _MIN_TILES_PER_SPLIT)))
+    """Enough key splits for about two programs per SM, each streaming >= _MIN_TILES_PER_SPLIT tiles;
+    none when a program sees <= _MAX_UNSPLIT_TILES key tiles: there the combine's second launch and
+    the fp32 partials' round trip cost more than the idle SMs (FlashAttention-3, hopper/heuristics.h)."""
+    tiles = _cdiv(sk, block_n)
+    if tiles <= _MAX_UNSPLIT_TILES:
+        return 1
+    want = _cdiv(2 * num_sms, programs)
+    return max(1, min(want, _cdiv(tiles, _MIN_TILES_PER_SPLIT)))
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -488,18 +525,18 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms, kv_len
     d = int(d)  # a config table key: under torch.compile's symbolic shapes, specialised (a guard)
     kind = "decode" if sq <= DECODE_MAX_SQ else "fwd"
     c = _CONFIGS[(arch, kind, q.dtype != torch.float32)][d]
-    m_tiles = triton.cdiv(sq, c.block_m)
+    m_tiles = _cdiv(sq, c.block_m)
     splits = _num_splits(b * h * m_tiles, sk, c.block_n, num_sms) if kind == "decode" else 1
-    split_size = triton.cdiv(triton.cdiv(sk, splits), c.block_n) * c.block_n
-    splits = triton.cdiv(sk, split_size)
+    split_size = _cdiv(_cdiv(sk, splits), c.block_n) * c.block_n
+    splits = _cdiv(sk, split_size)
     rows = b * h * sq
     o = torch.empty((b, h, sq, d), dtype=q.dtype, device=dev)
     lse = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
     if splits == 1:
         o_part, lse_part = o, lse
-    else:  # fp32 partials for the combine
-        o_part = torch.empty((splits, rows, d), dtype=torch.float32, device=dev)
-        lse_part = torch.empty((splits, rows), dtype=torch.float32, device=dev)
+    else:  # fp32 partials for the combine, in one allocation
+        part = torch.empty(splits * rows * (d + 1), dtype=torch.float32, device=dev)
+        o_part, lse_part = part[: splits * rows * d].view(splits, rows, d), part[splits * rows * d:].view(splits, rows)
     forward = Launch(
         _attn_fwd, checked_grid(b * h, m_tiles, splits),
         (q, k, v, o_part, lse_part, q if kv_start is None else kv_start, q if kv_lens is None else kv_lens,
@@ -522,7 +559,7 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
     d = int(d)  # a config table key: under torch.compile's symbolic shapes, specialised (a guard)
     half = q.dtype != torch.float32
     delta = torch.empty((b * h, sq), dtype=torch.float32, device=dev)
-    launches = [Launch(_attn_bwd_preprocess, checked_grid(b * h, triton.cdiv(sq, _ROWS_PER_PROGRAM)),
+    launches = [Launch(_attn_bwd_preprocess, checked_grid(b * h, _cdiv(sq, _ROWS_PER_PROGRAM)),
                        (o, do, delta, *do.stride()[:3], h, sq), dict(HEAD_DIM=d, BLOCK_M=_ROWS_PER_PROGRAM),
                        _PRE_WARPS, _SMALL_STAGES)]
     # Grouped-query attention: the H / Hkv query heads of a group all add to their K/V head's dK, dV.
@@ -539,16 +576,16 @@ def _backward_launches(do, q, k, v, o, lse, causal, sm_scale, kv_start, determin
     common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=d)
     strides = (*q.stride()[:3], *k.stride()[:3], *do.stride()[:3])
     kv = q if kv_start is None else kv_start  # unused pointers get any tensor
-    c = _CONFIGS[(arch, "dkdv", half)][d]
+    c = _CONFIGS[(arch, "dkdv" if deterministic else "dkdv_atomic", half)][d]
     launches.append(Launch(
-        _attn_bwd_dkdv, checked_grid(b * h, triton.cdiv(sk, c.block_n)),
+        _attn_bwd_dkdv, checked_grid(b * h, _cdiv(sk, c.block_n)),
         (q, k, v, do, lse, delta, dk, dv, delta if deterministic else dq, kv, sm_scale, *strides, h, h // hkv, sq, sk),
         dict(**common, ATOMIC_DQ=not deterministic, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages))
     if deterministic:
         c = _CONFIGS[(arch, "dq", half)][d]
         launches.append(Launch(
-            _attn_bwd_dq, checked_grid(b * h, triton.cdiv(sq, c.block_m)),
+            _attn_bwd_dq, checked_grid(b * h, _cdiv(sq, c.block_m)),
             (q, k, v, do, lse, delta, dq, kv, sm_scale, *strides, h, h // hkv, sq, sk),
             dict(**common, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c.num_warps, c.num_stages))
     return launches, dq, dk, dv
@@ -616,6 +653,31 @@ def _aot_entry(launch, arch, dtype, forward_kind):
             "wide": _WIDE_OFFSETS[launch.kernel],
             # Hopper tensor cores for the 16-bit matmul kernels; decode tiles are 16 rows
             "wgmma": arch >= 90 and dtype != torch.float32 and name in ("fwd", "dkdv", "dkdv_atomic", "dq")}
+
+
+# The anchors each kernel is measured against, beside one build of ours (kernels/compile.py prints
+# them under its table; "ours": the words of our build's label). Read from their sources:
+# FlashAttention-3 hopper/tile_size.h, hopper/flash_bwd_launch_template.h, hopper/heuristics.h; the
+# Triton tutorial 06-fused-attention.py.
+AOT_ANCHORS = (
+    {"kernel": "attn_fwd", "arch": 90, "ours": "D=128 bf16 causal",
+     "anchor": "FA3 sm90 D=128: 128x128 causal (128x176 full), TMA for Q/K/V, 2 stages, 2 consumer warpgroups "
+               "+ 1 producer (12 warps), P@V from registers, softmax overlapped with the next QK^T (IntraWGOverlap); "
+               "tutorial 06: autotuned BM 64/128 x BN 32/64/128, w4/8, s2-4, tensor descriptors on sm_90"},
+    {"kernel": "attn_fwd", "arch": 80, "ours": "D=128 bf16 causal",
+     "anchor": "FA3's sm8x path D=128 (tile_size_fwd_sm8x): 128x64, 4 warps, 1 stage (8 warps, 128x128 on sm86/89)"},
+    {"kernel": "attn_decode", "arch": 90, "ours": "D=128 bf16 causal fp32-partials",
+     "anchor": "FA3 num_splits_heuristic: no split when the unsplit grid fills >= 80% of the SMs or a program "
+               "sees <= 4 key blocks; else the split count with the best wave efficiency"},
+    {"kernel": "attn_dkdv", "arch": 90, "ours": "D=128 bf16 causal",
+     "anchor": "FA3 sm90 bwd D=128: BM 64 x BN 128 causal (80x128 full), 2 MMA warpgroups + producer, 2 stages, "
+               "dQ by fp32 atomics (no separate pass); tutorial 06: BLOCK_M1 32 x BLOCK_N1 128, w4 s5"},
+    {"kernel": "attn_dkdv_atomic", "arch": 90, "ours": "D=128 bf16 causal",
+     "anchor": "FA3 sm90 bwd D=128: BM 64 x BN 128 causal, fp32 dQ accumulated with atomic adds, then scaled "
+               "and converted by a small kernel"},
+    {"kernel": "attn_dq", "arch": 90, "ours": "D=128 bf16 causal",
+     "anchor": "tutorial 06 dQ pass: BLOCK_M2 128 x BLOCK_N2 32, w4 s5; FA3 has no separate dQ pass"},
+)
 
 
 # ----------------------------------------------------------------------------- registration

@@ -10,7 +10,12 @@ types, 16-divisibility and constants specialised by Triton's own rule, see `jit_
 compiled with Triton's bundled toolchain (`triton.compile(ASTSource(...), target=GPUTarget("cuda",
 arch, 32))`, which runs ptxas); its cubin is read with `cuobjdump -res-usage`. The table shows
 registers per thread, stack bytes (register spills), shared memory bytes (Triton's dynamic
-allocation plus static) and the number of wgmma instructions in the PTX. The exit status is
+allocation plus static), the number of wgmma instructions and of TMA copies (`cp.async.bulk.tensor`)
+in the PTX, and how many CTAs of the build fit on one SM at once (registers × threads and shared
+memory against the arch's per-SM limits, as CUDA's occupancy calculator counts them). Below the
+table, one line per kernel puts a representative build of ours beside the configuration of the
+anchor it is measured against (the modules' AOT_ANCHORS: FlashAttention-3, Triton's tutorial,
+Liger). The exit status is
 non-zero when a build fails to compile, spills, overflows shared memory, lacks wgmma where its
 module requires it, or computes in 32 bits an offset its module says must be 64-bit ("wide").
 
@@ -42,7 +47,12 @@ from kernels.launch import Launch
 MODULES = ("kernels.attention", "kernels.layernorm", "kernels.rmsnorm", "kernels.rope", "kernels.swiglu",
            "kernels.linear_cross_entropy", "kernels.sampling")
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100/H200)
-COLUMNS = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "seconds", "status")
+# Per SM, both archs (CUDA programming guide, compute capability 8.0 and 9.0): 64K 32-bit registers in
+# 4 partitions, allocated per warp in units of 256; at most 64 warps and 32 CTAs; shared memory 164 KB
+# (sm_80) / 228 KB (sm_90), of which the system reserves 1 KB per CTA.
+SM_REGS, SM_WARPS, SM_CTAS = 65536, 64, 32
+SM_SMEM = {80: 164 * 1024, 90: 228 * 1024}
+COLUMNS = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "tma", "ctas", "seconds", "status")
 
 
 @functools.cache
@@ -111,6 +121,16 @@ def widened_params(ptx: str) -> set[int]:
     return widened
 
 
+def ctas_per_sm(arch: int, regs: int, num_warps: int, smem: int) -> int:
+    """How many CTAs of a build one SM holds at once: the least of what its registers (per warp,
+    rounded up to 256, within each of the 4 register-file partitions), its warps, its shared memory
+    (plus the 1 KB reserved per CTA, in 128-byte units) and the 32-CTA cap allow."""
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (SM_REGS // 4 // regs_per_warp) * 4 // num_warps
+    by_smem = SM_SMEM[arch] // (-(-smem // 128) * 128 + 1024)
+    return min(by_regs, SM_WARPS // num_warps, by_smem, SM_CTAS)
+
+
 def compile_one(cfg: dict) -> dict:
     """Compile one build for its arch; returns a row of the table."""
     arch = cfg["arch"]
@@ -132,7 +152,9 @@ def compile_one(cfg: dict) -> dict:
         res = dict(re.findall(r"\b(REG|STACK|SHARED):(\d+)", usage))
         row.update(regs=int(res["REG"]), spill=int(res["STACK"]),
                    smem=kernel.metadata.shared + int(res["SHARED"]),
-                   wgmma=len(re.findall(r"wgmma\.mma_async", kernel.asm["ptx"])))
+                   wgmma=len(re.findall(r"wgmma\.mma_async", kernel.asm["ptx"])),
+                   tma=len(re.findall(r"cp\.async\.bulk\.tensor", kernel.asm["ptx"])))
+        row["ctas"] = ctas_per_sm(arch, row["regs"], launch.num_warps, row["smem"])
         # PTX numbers the runtime parameters in order, constexprs left out
         runtime = [name for name, ty in sources[0].signature.items() if ty != "constexpr"]
         narrow = [name for name in cfg["wide"] if runtime.index(name) not in widened_params(kernel.asm["ptx"])]
@@ -145,7 +167,7 @@ def compile_one(cfg: dict) -> dict:
             problems.append("no wgmma")
         row["status"] = ", ".join(problems) or "ok"
     except Exception as err:  # a failed compile is a row of the report, not the end of it
-        row.update(regs=None, spill=None, smem=None, wgmma=None,
+        row.update(regs=None, spill=None, smem=None, wgmma=None, tma=None, ctas=None,
                    status=f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}")
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
@@ -175,6 +197,30 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def anchors(modules: tuple[str, ...] = MODULES) -> list[dict]:
+    """The modules' AOT_ANCHORS: kernel, arch, "ours" (words of one of our builds' labels) and
+    "anchor" (the configuration of the implementation that kernel is measured against)."""
+    return [a for name in modules for a in getattr(importlib.import_module(name), "AOT_ANCHORS", ())]
+
+
+def ours_for(anchor: dict, rows: list[dict]) -> dict | None:
+    """The first row of the anchor's kernel and arch whose label holds every word of its "ours"."""
+    words = set(anchor["ours"].split())
+    return next((r for r in rows if r["kernel"] == anchor["kernel"] and r["arch"] == f"sm_{anchor['arch']}"
+                 and words <= set(r["config"].split())), None)
+
+
+def format_anchors(rows: list[dict], modules: tuple[str, ...] = MODULES) -> str:
+    """One line per anchored kernel built in rows: our build's resources beside the anchor's configuration."""
+    lines = []
+    for a in anchors(modules):
+        r = ours_for(a, rows)
+        if r is not None:
+            lines.append(f"{a['kernel']} sm_{a['arch']}  ours: {r['config']} ({r['regs']} regs, {r['smem']} B smem, "
+                         f"{r['ctas']} CTA/SM, {r['wgmma']} wgmma, {r['tma']} TMA)  |  {a['anchor']}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
@@ -195,6 +241,8 @@ def main(argv=None) -> int:
         print(json.dumps(rows))
     else:
         print(format_table(rows))
+        if text := format_anchors(rows, tuple(args.modules)):
+            print("\nours beside the anchors\n" + text)
         print(f"\n{len(rows)} builds in {elapsed:.1f} s; {len(bad)} failing")
     return 1 if bad else 0
 

@@ -445,6 +445,18 @@ def aot_configs(rms=False) -> list[dict]:
     return configs
 
 
+# The anchor, beside one build of ours (kernels/compile.py prints them under its table): Liger's
+# src/liger_kernel/ops/layer_norm.py with utils.calculate_settings, at N = 4096.
+AOT_ANCHORS = (
+    {"kernel": "ln_fwd", "arch": 90, "ours": "bf16 N%16=0 BLOCK_N=4096",
+     "anchor": "Liger: one row per program, BLOCK_SIZE next_pow2(N) = 4096, 8 warps (4 below 2048, 16 from 8192, "
+               "32 from 32768), single pass up to N = 65536"},
+    {"kernel": "ln_bwd_dx", "arch": 90, "ours": "bf16 N%16=0 BLOCK_N=4096",
+     "anchor": "Liger: one program per SM, ceil(rows / SMs) rows each, one row at a time, BLOCK_SIZE next_pow2(N), "
+               "default 4 warps; dW, dB partials [SMs, N] summed by torch"},
+)
+
+
 # ----------------------------------------------------------------------------- registration
 # torch.library.custom_op (kernels/launch.py: kernel_op says why not triton_op). One op pair serves
 # layer_norm, add_layer_norm, rms_norm and add_rms_norm, as one set of kernels does.

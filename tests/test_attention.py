@@ -158,15 +158,30 @@ def meta_inputs(b, h, sq, sk, d, dtype, hkv=None):
 
 
 def test_decode_splits_keys():
-    """The decode shape (Sq=1, long cache) takes the split-KV path and its combine."""
-    q, k, v, _ = meta_inputs(1, 2, 1, 300, 64, torch.float16)
-    launches, _, _ = attn._forward_launches(q, k, v, True, 1.0, None, *attn._target(torch.device(DEVICE)))
-    assert [launch.kernel for launch in launches] == [attn._attn_fwd, attn._attn_combine]
-    assert launches[0].grid[2] > 1  # the splits
-    check(1, 2, 1, 300, 64, torch.float16, causal=True, grads=False)
+    """The decode shape (Sq=1, long cache) takes the split-KV path and its combine: 16-bit over 600
+    keys (> 4 tiles of 128, sm_90's widest), fp32 over 300 (> 4 tiles of 32)."""
+    for dtype, sk in ((torch.float16, 600), (torch.float32, 300)):
+        q, k, v, _ = meta_inputs(1, 2, 1, sk, 64, dtype)
+        launches, _, _ = attn._forward_launches(q, k, v, True, 1.0, None, *attn._target(torch.device(DEVICE)))
+        assert [launch.kernel for launch in launches] == [attn._attn_fwd, attn._attn_combine]
+        assert launches[0].grid[2] > 1  # the splits
+    check(1, 2, 1, 600, 64, torch.float16, causal=True, grads=False)
     check(1, 2, 16, 300, 64, torch.float32, causal=False)
-    kv_start = torch.tensor([40], device=DEVICE)  # the first splits of the padding query see no key
+    kv_start = torch.tensor([130], device=DEVICE)  # the first splits see no key
     check(1, 2, 1, 300, 64, torch.float32, causal=True, kv_start=kv_start)
+
+
+@pytest.mark.parametrize("arch", attn.ARCHS)
+def test_decode_does_not_split_four_key_tiles_or_fewer(arch):
+    """A decode program that would see <= 4 key tiles runs unsplit, one launch writing o in place,
+    however few programs there are (FlashAttention-3's rule); 5 tiles split."""
+    for dtype, d in itertools.product((torch.float16, torch.float32), attn.HEAD_DIMS):
+        block_n = attn._CONFIGS[(arch, "decode", dtype != torch.float32)][d].block_n
+        for sk, splits in ((1, 1), (4 * block_n, 1), (4 * block_n + 1, 3)):
+            q, k, v, _ = meta_inputs(1, 1, 1, sk, d, dtype)
+            launches, o, _ = attn._forward_launches(q, k, v, True, 1.0, None, arch, 132)
+            assert launches[0].grid == (1, 1, splits) and len(launches) == 1 + (splits > 1)
+            assert (launches[0].args[3] is o) == (splits == 1)
 
 
 @pytest.mark.parametrize("b,h,hkv,sq,sk", [(4096, 32, 32, 1, 4096), (2048, 64, 64, 1000, 1000), (1, 65536, 65536, 16, 16),
@@ -258,12 +273,12 @@ def test_gqa_matches_reference(hkv, case):
 @pytest.mark.parametrize("hkv", GQA_KV_HEADS, ids=lambda n: f"Hkv{n}")
 def test_gqa_decode_splits_keys(hkv):
     """A decode step (Sq = 1) over a long cache with grouped K/V heads takes the split-KV path."""
-    q, k, v, _ = meta_inputs(1, 8, 1, 300, 32, torch.float16, hkv=hkv)
+    q, k, v, _ = meta_inputs(1, 8, 1, 600, 32, torch.float16, hkv=hkv)
     launches, _, _ = attn._forward_launches(q, k, v, True, 1.0, None, *attn._target(torch.device(DEVICE)))
     assert [launch.kernel for launch in launches] == [attn._attn_fwd, attn._attn_combine]
     assert launches[0].grid[2] > 1
-    check(1, 8, 1, 300, 32, (torch.float16, torch.float32)[hkv % 2], causal=True, grads=False, hkv=hkv,
-          kv_start=torch.tensor([40], device=DEVICE) if hkv < 4 else None)
+    check(1, 8, 1, 600, 32, (torch.float16, torch.float32)[hkv % 2], causal=True, grads=False, hkv=hkv,
+          kv_start=torch.tensor([300], device=DEVICE) if hkv < 4 else None)
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["separate_dq", "atomic_dq"])
@@ -391,8 +406,8 @@ def test_rejects_bad_dtype_and_kv_start():
 def test_aot_builds_are_every_launch_choice():
     """kernels/compile.py builds the launchers' own launches, and all of them: every _CONFIGS entry
     for each dtype of its class, causal or not, with and without kv_start (dK/dV in both backward
-    variants; decode writing in place and into fp32 partials, and over a whole cache with kv_lens when
-    causal), and no launch config outside the table."""
+    variants, each from its own table; decode writing in place and into fp32 partials, and over a whole
+    cache with kv_lens when causal), and no launch config outside the table."""
     built = set()
     for e in attn.aot_configs():
         launch, c = e["launch"], e["launch"].constexprs
@@ -402,12 +417,11 @@ def test_aot_builds_are_every_launch_choice():
                        attn.Config(c["BLOCK_M"], c["BLOCK_N"], launch.num_warps, launch.num_stages)))
     expected = set()
     for (arch, kind, half), per_d in attn._CONFIGS.items():
-        names = {"dkdv": ("attn_dkdv", "attn_dkdv_atomic")}.get(kind, (f"attn_{kind}",))
-        for dtype, d, causal, padded, name in itertools.product(
-                ("bf16", "fp16") if half else ("fp32",), per_d, (True, False), (True, False), names):
+        for dtype, d, causal, padded in itertools.product(("bf16", "fp16") if half else ("fp32",), per_d,
+                                                          (True, False), (True, False)):
             for partials in ((False, True) if kind == "decode" and half else (False,)):
                 for kv_lens in ((False, True) if kind == "decode" and causal else (False,)):
-                    expected.add((arch, name, dtype, d, causal, padded, kv_lens, partials, per_d[d]))
+                    expected.add((arch, f"attn_{kind}", dtype, d, causal, padded, kv_lens, partials, per_d[d]))
     assert built == expected
     small = {(e["arch"], e["kernel"], e["config"]) for e in attn.aot_configs() if "BLOCK_N" not in e["launch"].constexprs}
     assert len(small) == 2 * len(attn.ARCHS) * 3 * len(attn.HEAD_DIMS)  # preprocess and combine per arch, dtype, D
@@ -445,6 +459,49 @@ def test_kv_lens_is_inference_only():
         flash_attention(q, k, k, kv_lens=torch.tensor([4], device=DEVICE))
     with pytest.raises(ValueError, match="kv_lens must be a LongTensor of shape \\[B\\] = \\[1\\]"):
         flash_attention(q.detach(), k, k, kv_lens=torch.tensor([4, 4], device=DEVICE))
+
+# The sm_90 config table under the interpreter (LLM_ENGINE_ATTN_ARCH=90; a GPU runs its own arch's):
+# its tiles differ from sm_80's in every kind. Each case: (H, Hkv, Sq, Sk, D, dtype, causal,
+# deterministic backward; None: forward only). Sizes leave partial tiles at both ends.
+SM90_CASES = [
+    (2, 2, 129, 300, 128, torch.float16, True, True),  # fwd, dK/dV, dQ at D = 128
+    (2, 1, 70, 200, 64, torch.float16, False, False),  # atomic dQ, a group of 2
+    (1, 1, 33, 77, 128, torch.float32, True, True),  # fp32 tiles
+    (4, 2, 1, 700, 128, torch.float16, True, None),  # decode (split keys)
+]
+
+
+@pytest.mark.parametrize("case", SM90_CASES, ids=lambda c: f"{c[2]}x{c[3]}-D{c[4]}-{str(c[5])[6:]}-"
+                         + ("causal" if c[6] else "full") + {True: "-separate_dq", False: "-atomic_dq", None: ""}[c[7]])
+def test_sm90_config_table_matches_reference(monkeypatch, case):
+    """LLM_ENGINE_ATTN_ARCH=90: the launches take the sm_90 table's tiles, and match float64."""
+    h, hkv, sq, sk, d, dtype, causal, deterministic = case
+    monkeypatch.setenv(attn.ARCH_ENV, "90")
+    launches = []
+    real_call = Launch.__call__
+
+    def record(launch):
+        launches.append(launch)
+        real_call(launch)
+
+    monkeypatch.setattr(Launch, "__call__", record)
+    check(1, h, sq, sk, d, dtype, causal, grads=deterministic is not None, deterministic=bool(deterministic), hkv=hkv)
+    if DEVICE == "cpu":
+        kind = {attn._attn_fwd: "decode" if sq <= DECODE_MAX_SQ else "fwd", attn._attn_bwd_dkdv: "dkdv" if deterministic else "dkdv_atomic",
+                attn._attn_bwd_dq: "dq"}
+        tiled = [launch for launch in launches if launch.kernel in kind]
+        assert len(tiled) == {True: 3, False: 2, None: 1}[deterministic]
+        for launch in tiled:
+            c = attn._CONFIGS[(90, kind[launch.kernel], dtype != torch.float32)][d]
+            assert (launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"]) == (c.block_m, c.block_n)
+
+
+def test_arch_variable_names_a_config_table(monkeypatch):
+    monkeypatch.setenv(attn.ARCH_ENV, "86")
+    with pytest.raises(ValueError, match=r"LLM_ENGINE_ATTN_ARCH must be one of 80, 90 .* got '86'"):
+        attn._target(torch.device("cpu"))
+    monkeypatch.delenv(attn.ARCH_ENV)
+    assert attn._target(torch.device("cpu")) == (80, 132)
 
 
 @on_cuda

@@ -61,9 +61,37 @@ def test_no_spills_smem_fits_wgmma_and_wide_offsets(rows):
 
 def test_table_formatting():
     row = {"kernel": "k", "arch": "sm_90", "config": "c", "regs": 32, "spill": 0, "smem": 0, "wgmma": None,
-           "seconds": 0.1, "status": "ok"}
+           "tma": 2, "ctas": 16, "seconds": 0.1, "status": "ok"}
     lines = aot.format_table([row]).splitlines()
-    assert lines[0].split() == list(aot.COLUMNS) and lines[2].split()[:6] == ["k", "sm_90", "c", "32", "0", "0"]
+    assert lines[0].split() == list(aot.COLUMNS)
+    assert lines[2].split()[:9] == ["k", "sm_90", "c", "32", "0", "0", "-", "2", "16"]
+
+
+@pytest.mark.parametrize("arch,regs,warps,smem,ctas", [
+    (90, 76, 16, 0, 1),  # LayerNorm backward at 74-76 registers x 512 threads: one CTA (issue 19)
+    (90, 64, 16, 9216, 2),  # 64 registers: 2048 per warp, 32 warps per SM
+    (90, 186, 8, 132096, 1),  # 186 -> 6144 per warp, 2 warps per partition: 8 warps
+    (90, 128, 4, 100 * 1024, 2),  # shared memory: 2 x (100 KB + 1 KB) <= 228 KB
+    (80, 128, 4, 100 * 1024, 1),  # ... > 164 KB
+    (80, 40, 4, 128, 12),  # 1280 -> 12 warps per partition, 48 per SM
+    (90, 16, 1, 0, 32),  # the 32-CTA cap
+])
+def test_ctas_per_sm(arch, regs, warps, smem, ctas):
+    assert aot.ctas_per_sm(arch, regs, warps, smem) == ctas
+
+
+def test_every_anchor_names_a_build():
+    """Each anchor line of the table sits beside a build that the launchers pick, and prints it."""
+    configs = aot.collect_configs()
+    anchors = aot.anchors()
+    assert {a["kernel"] for a in anchors} >= {"attn_fwd", "attn_decode", "attn_dkdv", "attn_dq", "ln_fwd", "ln_bwd_dx"}
+    rows = [{**{c: 0 for c in aot.COLUMNS}, "kernel": c["kernel"], "arch": f"sm_{c['arch']}", "config": c["config"]}
+            for c in configs]
+    for a in anchors:
+        assert aot.ours_for(a, rows) is not None, a
+    text = aot.format_anchors(rows)
+    assert len(text.splitlines()) == len(anchors) and "FA3" in text and "Liger" in text
+    assert aot.format_anchors([row for row in rows if row["arch"] == "sm_80"]).count("\n") < len(anchors) - 1
 
 
 def test_widened_params_reads_ptx():

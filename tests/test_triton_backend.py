@@ -153,3 +153,27 @@ def test_bf16_training_and_generation_on_cuda():
         for _, loop in decode_steps(tri.eval(), prompts, params):
             pass
         assert greedy_is_argmax(tri, prompts, loop.generated, slack=2**-6)
+
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-deterministic"]], ids=["default", "no-deterministic"])
+def test_deterministic_flag_reaches_the_attention_backward(tmp_path, monkeypatch, flags):
+    """`pretrain ... [--no-deterministic]` (TrainConfig.deterministic, on by default): every attention
+    call of the training loop asks flash_attention for that backward."""
+    import kernels
+    import engine.train
+    from engine.cli import build_parser, train_config
+
+    args = build_parser().parse_args(["pretrain", "--data", "builtin", "--max-steps", "1", "--out", str(tmp_path), *flags])
+    cfg = train_config(args)
+    assert cfg.deterministic is not flags
+    asked = []
+    real = kernels.flash_attention
+    monkeypatch.setattr(kernels, "flash_attention", lambda *a, deterministic, **kw: (
+        asked.append(deterministic), real(*a, deterministic=deterministic, **kw))[1])
+    monkeypatch.setattr(engine.train, "save", lambda *a: None)  # no checkpoint: the loop is what is tested
+    model = GPT(GPTConfig(vocab_size=17, block_size=8, n_layer=1, n_head=2, n_embd=32), backend="triton")
+    x = torch.randint(0, 17, (1, 8))
+    batches = engine.train.Batches(micro=lambda step, i: (x, x, None), val_loss=lambda m: 0.0)
+    engine.train.train(model, cfg, batches, engine.train.Run(tmp_path, None), progress=False)
+    assert asked and set(asked) == {not flags}
