@@ -12,7 +12,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from engine.config import DEMO_PRESETS, PRESETS
+from engine.config import DEMO_PRESETS, PRESETS, TrainConfig
 from engine.errors import InputError, Interrupted
 
 # The presets by family, for --preset's help: "tiny, small, gpt2, ... (GPT-2); llama-tiny, ... (Llama family)"
@@ -72,8 +72,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_train_flags(p, defaults: dict):
-    from engine.train import TrainConfig
-
     for f in fields(TrainConfig):
         default = defaults.get(f.name, f.default)
         if isinstance(f.default, bool):  # --flag / --no-flag
@@ -223,8 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_config(args):
-    from engine.train import TrainConfig
-
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 

@@ -147,3 +147,37 @@ PRESETS = {
 }
 
 DEMO_PRESETS = ("tiny", "llama-tiny")  # CPU-sized, the GPT-2 and the Llama family's: what `llm-engine demo --preset` takes
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains (engine.train.train): the CLI's training flags, with their defaults."""
+    max_steps: int
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 0  # micro-batches per optimizer step for the whole job; 0 = one per process
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    seed: int = 0
+    # the triton backend's attention backward: True, bitwise-equal gradients run to run (a separate dQ
+    # pass); False, dQ by atomics in the dK/dV pass (two fewer matmuls). True stays the default
+    # until a GPU has measured both (issue 19).
+    deterministic: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "eval_every", "eval_batches", "save_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.grad_accum < 0:
+            raise InputError(f"--grad-accum must be >= 0 (0 = one micro-batch per process), got {self.grad_accum}")
+        if self.lr <= 0:
+            raise InputError(f"--lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise InputError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")

@@ -106,6 +106,16 @@ def test_tokenize_workers_do_not_import_torch():
     assert out.strip() == "[]"
 
 
+def test_the_tokenize_command_does_not_import_torch(tmp_path):
+    """Nor does `llm-engine tokenize` itself (its parser, the tokenizer's training and reading, the CLI's error handling)."""
+    (tmp_path / "a.txt").write_text("\n".join(texts(20, 3)))
+    code = ("import sys; from engine import cli; cli.main(['tokenize', '--data', sys.argv[1], '--out', sys.argv[2], "
+            "'--vocab-size', '300', '--workers', '0']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.txt"), str(tmp_path / "out")], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout
+    assert out.strip().endswith("False"), out[-500:]
+
+
 def test_an_interrupted_tokenize_redoes_only_the_missing_shards(tmp_path, tok, monkeypatch):
     (tmp_path / "a.txt").write_text("\n".join(texts(60, 3)))
     first = tokenize(tmp_path / "a.txt", tmp_path / "out", tok, shard_bytes=300, progress=False)
