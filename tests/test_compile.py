@@ -3,9 +3,10 @@ no register spills, shared memory within the arch's limit, wgmma in the Hopper m
 64-bit offsets where the modules ask for them.
 
 The compile runs in a subprocess without TRITON_INTERPRET (other test modules set it, and the
-interpreter replaces @triton.jit functions). Cold, its 1,174 builds take 12 CPU-minutes (717 s
-measured under Triton 3.9; about 6 minutes on 2 idle cores); with Triton's cache (~/.triton/cache)
-warm, under two minutes.
+interpreter replaces @triton.jit functions). Cold, its 1,264 builds take about 13 CPU-minutes (the
+1,174 of an earlier table took 717 s under Triton 3.9; about 6 minutes on 2 idle cores); with
+Triton's cache (~/.triton/cache) warm, under two minutes. make test and make test-compat compile
+one arch each (LLM_ENGINE_AOT_ARCHS).
 """
 import json
 import os
