@@ -46,6 +46,20 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", empty)
 
 
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    """The kernel launches (Launch objects) the test runs, in order; each still runs."""
+    launches = []
+    real_call = Launch.__call__
+
+    def record(launch):
+        launches.append(launch)
+        real_call(launch)
+
+    monkeypatch.setattr(Launch, "__call__", record)
+    return launches
+
+
 def make_inputs(b, h, sq, sk, d, dtype, device=DEVICE, hkv=None):
     """q, k, v, dO; k and v with hkv heads (default h)."""
     hkv = h if hkv is None else hkv
@@ -282,16 +296,9 @@ def test_gqa_decode_splits_keys(hkv):
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["separate_dq", "atomic_dq"])
-def test_gqa_reads_k_and_v_in_place(monkeypatch, deterministic):
+def test_gqa_reads_k_and_v_in_place(recorded_launches, deterministic):
     """Every launch, forward and backward, gets k's and v's own storage (Hkv heads, never repeated)."""
-    launches = []
-    real_call = Launch.__call__
-
-    def record(launch):
-        launches.append(launch)
-        real_call(launch)
-
-    monkeypatch.setattr(Launch, "__call__", record)
+    launches = recorded_launches
     b, h, hkv, s = 2, 4, 2, 20
     q, k, v, do = make_inputs(b, h, s, s, 16, torch.float32, hkv=hkv)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -473,18 +480,11 @@ SM90_CASES = [
 
 @pytest.mark.parametrize("case", SM90_CASES, ids=lambda c: f"{c[2]}x{c[3]}-D{c[4]}-{str(c[5])[6:]}-"
                          + ("causal" if c[6] else "full") + {True: "-separate_dq", False: "-atomic_dq", None: ""}[c[7]])
-def test_sm90_config_table_matches_reference(monkeypatch, case):
+def test_sm90_config_table_matches_reference(monkeypatch, recorded_launches, case):
     """LLM_ENGINE_ATTN_ARCH=90: the launches take the sm_90 table's tiles, and match float64."""
     h, hkv, sq, sk, d, dtype, causal, deterministic = case
     monkeypatch.setenv(attn.ARCH_ENV, "90")
-    launches = []
-    real_call = Launch.__call__
-
-    def record(launch):
-        launches.append(launch)
-        real_call(launch)
-
-    monkeypatch.setattr(Launch, "__call__", record)
+    launches = recorded_launches
     check(1, h, sq, sk, d, dtype, causal, grads=deterministic is not None, deterministic=bool(deterministic), hkv=hkv)
     if DEVICE == "cpu":
         kind = {attn._attn_fwd: "decode" if sq <= DECODE_MAX_SQ else "fwd", attn._attn_bwd_dkdv: "dkdv" if deterministic else "dkdv_atomic",
