@@ -49,12 +49,12 @@ demo: $(STAMP)
 # is split between the two Triton versions, sm_80 here and sm_90 under test-compat (the GPU
 # machines' arch and Triton), which halves its cold cost; `python -m kernels.compile` builds both.
 test: $(STAMP)
-	LLM_ENGINE_AOT_ARCHS=80 $(PY) -m pytest -q -n auto --dist loadgroup
+	LLM_ENGINE_AOT_ARCHS=80 $(PY) -m pytest -q -n auto --dist loadgroup --durations=25
 
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_PY) -c "import numpy, torch, transformers, triton; print('test-compat: torch', torch.__version__, \
 		'triton', triton.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)"
-	LLM_ENGINE_AOT_ARCHS=90 $(COMPAT_PY) -m pytest -q -n auto --dist loadgroup $(COMPAT_TESTS)
+	LLM_ENGINE_AOT_ARCHS=90 $(COMPAT_PY) -m pytest -q -n auto --dist loadgroup --durations=15 $(COMPAT_TESTS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu_suite.py

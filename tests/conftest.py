@@ -12,6 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist every worker would run torch on every core: 2 workers x 2 threads on 2 cores
+# leave each op's threads waiting for one another (a float64 decode test took 28 s that way and 1.2 s
+# with one thread each). Each worker gets its share of the cores, and so do the processes it starts.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # pretrain and finetune cache the token shards of the files they read: the tests' go to a temporary folder
 os.environ.setdefault("LLM_ENGINE_CACHE", tempfile.mkdtemp(prefix="llm-engine-cache-"))
 

@@ -125,15 +125,15 @@ def small_config(arch: str, **overrides) -> GPTConfig:
     return GPTConfig.from_preset(preset, **{"vocab_size": 97, "n_layer": 2, "n_head": 4, "n_embd": 64, **gqa, **overrides})
 
 
-def static_and_growing_logits(model, steps: int):
+def static_and_growing_logits(model, steps: int, prompt_len: int = 7):
     """Logits of a left-padded prefill and `steps` greedy decode steps, on a growing cache and on the
     same cache made static (whole-cache attention with kv_lens, positions in a tensor)."""
-    idx = torch.randint(0, model.config.vocab_size, (3, 7))
-    kv_start = torch.tensor([0, 2, 5])
+    idx = torch.randint(0, model.config.vocab_size, (3, prompt_len))
+    kv_start = torch.tensor([0, prompt_len // 3, prompt_len - 2])
     dtype = next(model.parameters()).dtype
     out = []
     for static in (False, True):
-        cache = KVCache(model.config, 3, 7 + steps, "cpu", dtype)
+        cache = KVCache(model.config, 3, prompt_len + steps, "cpu", dtype)
         cache.k.fill_(float("nan")), cache.v.fill_(float("nan"))  # what torch.empty may hold
         logits = [model(idx, cache=cache, kv_start=kv_start, last_only=True)[0]]
         if static:
@@ -154,6 +154,16 @@ def test_static_cache_steps_equal_growing_cache_steps(arch, backend, monkeypatch
     with torch.no_grad():
         growing, static = static_and_growing_logits(model, steps=3 if backend == "triton" else 6)
     assert (growing - static).abs().max().item() < (1e-5 if backend == "triton" else 1e-12)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_static_cache_at_the_presets_own_size(preset):
+    """The same at a size users run: the preset's whole vocabulary and width, a 200-token prompt, 40 steps."""
+    model = GPT(GPTConfig.from_preset(preset), backend="torch").eval().double()
+    with torch.no_grad():
+        growing, static = static_and_growing_logits(model, steps=40, prompt_len=200)
+    assert growing.shape[-1] == model.config.vocab_size >= 2048
+    assert (growing - static).abs().max().item() < 1e-12
 
 
 def test_compile_flag_gives_the_same_tokens_and_says_it_runs_eagerly_on_the_cpu(model, tok):
