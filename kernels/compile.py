@@ -1,6 +1,7 @@
 """Ahead-of-time compile of every kernel build the launchers pick, for sm_80 and sm_90, no GPU needed.
 
     python -m kernels.compile [--arch 80 90] [--module kernels.rmsnorm ...] [--jobs N] [--fresh] [--json]
+                              [--record [FILE] [--update-record]] [--sample]
 
 Each kernel module lists in `aot_configs()` the launches its launchers make (kernels/launch.py:
 kernel, grid, arguments, constexprs, num_warps, num_stages), computed by the launchers' own code
@@ -19,12 +20,23 @@ Liger). The exit status is
 non-zero when a build fails to compile, spills, overflows shared memory, lacks wgmma where its
 module requires it, or computes in 32 bits an offset its module says must be 64-bit ("wide").
 
+The record (kernels/aot_record.json, --record) keeps each build's row under a key that changes
+whenever what Triton would compile changes (the hash Triton gives the specialised source: the
+kernel, the jit functions it calls, argument types, constants; plus the launch options, the arch
+and Triton's version, which fixes the bundled ptxas). With --record, builds found there are not
+compiled again: a clean checkout (CI) compiles only the builds that changed since the record was
+written, instead of about 13 CPU-minutes for the whole table. --update-record compiles what is
+missing and rewrites the record for this Triton version and these archs. --sample compiles, without
+the record, the first build of every kernel and arch: tests/test_compile.py checks the recorded rows
+against it, so a record that does not match what this toolchain produces fails the tests.
+
 Compiled kernels land in Triton's own cache (TRITON_CACHE_DIR, default ~/.triton/cache), never
 in the repository; --fresh compiles into a temporary cache to time a cold build.
 """
 import argparse
 import concurrent.futures
 import functools
+import hashlib
 import importlib
 import json
 import multiprocessing
@@ -52,6 +64,8 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block 
 # (sm_80) / 228 KB (sm_90), of which the system reserves 1 KB per CTA.
 SM_REGS, SM_WARPS, SM_CTAS = 65536, 64, 32
 SM_SMEM = {80: 164 * 1024, 90: 228 * 1024}
+RECORD = Path(__file__).with_name("aot_record.json")
+RECORDED = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "tma", "ctas", "status")  # a row less its seconds
 COLUMNS = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "tma", "ctas", "seconds", "status")
 
 
@@ -173,20 +187,68 @@ def compile_one(cfg: dict) -> dict:
     return row
 
 
+def build_key(cfg: dict) -> str:
+    """The record's key for a build: changes whenever what Triton compiles for it would (see the
+    module's docstring)."""
+    launch = cfg["launches"][0]
+    text = (f"{jit_source(launch, cfg['arch']).hash()} {sorted(launch.options().items())} "
+            f"sm_{cfg['arch']} triton {triton.__version__}")
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def read_record(path: Path) -> dict:
+    """key -> recorded row; an absent file is an empty record."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def write_record(path: Path, record: dict):
+    """One build per line, sorted: a kernel change shows in the diff as the lines of its builds."""
+    lines = [f"{json.dumps(k)}: {json.dumps(record[k])}" for k in sorted(record)]
+    path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
 def _compile_index(modules, index):
     return compile_one(collect_configs(modules)[index])
 
 
-def compile_all(archs=(80, 90), jobs: int | None = None, modules: tuple[str, ...] = MODULES) -> list[dict]:
-    """Compile every build of `modules` for each of `archs`, on `jobs` processes."""
-    work = [i for i, cfg in enumerate(collect_configs(modules)) if cfg["arch"] in archs]
-    jobs = jobs or os.cpu_count() or 1
+def compile_all(archs=(80, 90), jobs: int | None = None, modules: tuple[str, ...] = MODULES,
+                record: dict | None = None, sample: bool = False) -> list[dict]:
+    """Compile every build of `modules` for each of `archs`, on `jobs` processes, except those whose
+    key is in `record` (their recorded row is returned, with "seconds" None). sample: only the first
+    build of each kernel and arch."""
+    builds = collect_configs(modules)
+    work = [i for i, cfg in enumerate(builds) if cfg["arch"] in archs]
+    if sample:
+        firsts = {}
+        for i in work:
+            firsts.setdefault((builds[i]["kernel"], builds[i]["arch"]), i)
+        work = sorted(firsts.values())
+    record = record or {}
+    keys = {i: build_key(builds[i]) for i in work} if record else {}
+    todo = [i for i in work if keys.get(i) not in record]
+    jobs = min(jobs or os.cpu_count() or 1, max(len(todo), 1))
     if jobs == 1:
-        return [_compile_index(modules, i) for i in work]
-    # fork: the workers inherit the imported kernels and the collected builds; each compile is
-    # independent and CPU-bound
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(functools.partial(_compile_index, modules), work))
+        compiled = [_compile_index(modules, i) for i in todo]
+    else:
+        # fork: the workers inherit the imported kernels and the collected builds; each compile is
+        # independent and CPU-bound
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            compiled = list(pool.map(functools.partial(_compile_index, modules), todo))
+    rows = dict(zip(todo, compiled))
+    return [rows[i] if i in rows else {**record[keys[i]], "seconds": None} for i in work]
+
+
+def updated_record(record: dict, rows: list[dict], archs, modules: tuple[str, ...] = MODULES) -> dict:
+    """The record with this Triton version's entries for `archs` and `modules` replaced by `rows`
+    (the other versions' and archs' entries kept as they are)."""
+    kernels = {cfg["kernel"] for cfg in collect_configs(modules)}
+    mine = lambda row: row["triton"] == triton.__version__ and int(row["arch"][3:]) in archs and row["kernel"] in kernels  # noqa: E731
+    kept = {k: row for k, row in record.items() if not mine(row)}
+    builds = {(cfg["kernel"], f"sm_{cfg['arch']}", cfg["config"]): cfg for cfg in collect_configs(modules)}
+    for row in rows:
+        kept[build_key(builds[row["kernel"], row["arch"], row["config"]])] = {
+            **{c: row[c] for c in RECORDED}, "triton": triton.__version__}
+    return kept
 
 
 def format_table(rows: list[dict]) -> str:
@@ -229,13 +291,25 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     parser.add_argument("--fresh", action="store_true", help="compile into an empty temporary cache")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--record", nargs="?", const=RECORD, type=Path, default=None, metavar="FILE",
+                        help="take the rows of unchanged builds from this record instead of compiling them "
+                             "(default file: kernels/aot_record.json)")
+    parser.add_argument("--update-record", action="store_true",
+                        help="with --record: compile what the record lacks and rewrite it for this Triton version and --arch")
+    parser.add_argument("--sample", action="store_true",
+                        help="only the first build of each kernel and arch, compiled (the record's spot check)")
     args = parser.parse_args(argv)
+    if args.update_record and (args.record is None or args.sample):
+        parser.error("--update-record needs --record and the whole table (no --sample)")
+    record = read_record(args.record) if args.record else None
     with tempfile.TemporaryDirectory() as cache:
         if args.fresh:
             os.environ["TRITON_CACHE_DIR"] = cache
         t0 = time.perf_counter()
-        rows = compile_all(tuple(args.arch), args.jobs, tuple(args.modules))
+        rows = compile_all(tuple(args.arch), args.jobs, tuple(args.modules), None if args.sample else record, args.sample)
         elapsed = time.perf_counter() - t0
+    if args.update_record:
+        write_record(args.record, updated_record(record, rows, args.arch, tuple(args.modules)))
     bad = [r for r in rows if r["status"] != "ok"]
     if args.json:
         print(json.dumps(rows))
@@ -243,7 +317,9 @@ def main(argv=None) -> int:
         print(format_table(rows))
         if text := format_anchors(rows, tuple(args.modules)):
             print("\nours beside the anchors\n" + text)
-        print(f"\n{len(rows)} builds in {elapsed:.1f} s; {len(bad)} failing")
+        fresh = sum(r["seconds"] is not None for r in rows)
+        print(f"\n{len(rows)} builds ({fresh} compiled, {len(rows) - fresh} from the record) in {elapsed:.1f} s; "
+              f"{len(bad)} failing")
     return 1 if bad else 0
 
 

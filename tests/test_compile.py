@@ -4,9 +4,13 @@ no register spills, shared memory within the arch's limit, wgmma in the Hopper m
 
 The compile runs in a subprocess without TRITON_INTERPRET (other test modules set it, and the
 interpreter replaces @triton.jit functions). Cold, its 1,264 builds take about 13 CPU-minutes (the
-1,174 of an earlier table took 717 s under Triton 3.9; about 6 minutes on 2 idle cores); with
-Triton's cache (~/.triton/cache) warm, under two minutes. make test and make test-compat compile
-one arch each (LLM_ENGINE_AOT_ARCHS).
+1,174 of an earlier table took 717 s under Triton 3.9; about 6 minutes on 2 idle cores), so the
+table reads the builds that did not change from the committed record (kernels/aot_record.json,
+keyed by what Triton compiles) and compiles the rest; a sample of the recorded builds (the first of
+each kernel) is compiled every time and must match its record. After changing a kernel, refresh
+the record under both Triton versions:
+    python -m kernels.compile --record --update-record      (and .venv-compat/bin/python -m ...)
+make test and make test-compat check one arch each (LLM_ENGINE_AOT_ARCHS).
 """
 import json
 import os
@@ -26,14 +30,33 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = sorted(int(a) for a in os.environ.get("LLM_ENGINE_AOT_ARCHS", "80,90").split(","))
 
 
-@pytest.fixture(scope="module")
-def rows():
+def compile_table(*flags):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-m", "kernels.compile", "--json", "--arch", *map(str, ARCHS)], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=3600)
+    out = subprocess.run([sys.executable, "-m", "kernels.compile", "--json", "--arch", *map(str, ARCHS), *flags], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert out.stdout.strip(), out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """The whole table: unchanged builds from the record, the others compiled."""
+    table = compile_table("--record")
+    print(f"{sum(r['seconds'] is not None for r in table)} of {len(table)} builds compiled, the rest recorded")
+    return table
+
+
+@pytest.mark.slow
+def test_record_matches_a_fresh_compile(rows):
+    """The first build of every kernel and arch, compiled now without the record, gives the row the
+    table holds for it: a record written by another toolchain, or by hand, fails here."""
+    sample = compile_table("--sample")
+    assert len(sample) >= 10 * len(ARCHS)
+    table = {(r["kernel"], r["arch"], r["config"]): r for r in rows}
+    for fresh in sample:
+        held = table[fresh["kernel"], fresh["arch"], fresh["config"]]
+        assert {c: held[c] for c in aot.RECORDED} == {c: fresh[c] for c in aot.RECORDED}, fresh
 
 
 @pytest.mark.slow
@@ -132,3 +155,50 @@ def test_module_filter_lists_only_that_modules_builds():
     assert {(c["kernel"], c["arch"], c["config"]) for c in rms} <= every
     with pytest.raises(SystemExit):
         aot.main(["--module", "kernels.nope"])
+
+
+KEY_CHECK = """
+from kernels import compile as aot
+builds = [c for c in aot.collect_configs(("kernels.swiglu",)) if c["arch"] == 80]
+keys = {aot.build_key(c) for c in builds}
+launch = builds[0]["launches"][0]
+wider = {**builds[0], "launches": [launch._replace(num_warps=2 * launch.num_warps)]}
+other_arch = {**builds[0], "arch": 90}
+print(len(builds), len(keys), aot.build_key(wider) in keys, aot.build_key(other_arch) in keys, aot.build_key(builds[0]) in keys)
+"""
+
+
+def test_build_key_tells_builds_apart():
+    """Every build has its own key, and a change of launch options or arch changes it (compiled
+    kernels, not the interpreter's: hence a process without TRITON_INTERPRET)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", KEY_CHECK], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    n, distinct, wider_known, arch_known, same_known = out.stdout.split()
+    assert int(n) >= 2 and distinct == n, out.stdout
+    assert (wider_known, arch_known, same_known) == ("False", "False", "True")
+
+
+def test_record_serves_unchanged_builds_and_compiles_changed_ones(tmp_path, monkeypatch):
+    """Builds whose key the record holds are not compiled, the others are; updating the record keeps
+    other Triton versions' entries and replaces this one's."""
+    modules = ("kernels.swiglu",)
+    builds = [c for c in aot.collect_configs(modules) if c["arch"] == 80]
+    assert len(builds) >= 2
+    monkeypatch.setattr(aot, "build_key", lambda c: f"{c['kernel']} {c['arch']} {c['config']}")
+    fake = lambda c: {"kernel": c["kernel"], "arch": f"sm_{c['arch']}", "config": c["config"], "regs": 1, "spill": 0,  # noqa: E731
+                      "smem": 0, "wgmma": 0, "tma": 0, "ctas": 1, "status": "ok", "triton": "0.0"}
+    record = {aot.build_key(c): fake(c) for c in builds[1:]}  # the first build is not recorded
+    compiled = []
+    monkeypatch.setattr(aot, "compile_one", lambda cfg: compiled.append(cfg["config"]) or {**fake(cfg), "regs": 2, "seconds": 0.5})
+    rows = aot.compile_all((80,), jobs=1, modules=modules, record=record)
+    assert compiled == [builds[0]["config"]]
+    assert [r["regs"] for r in rows] == [2] + [1] * (len(builds) - 1)
+    assert rows[0]["seconds"] == 0.5 and all(r["seconds"] is None for r in rows[1:])
+    old = {"key of 1.0": {**fake(builds[0]), "triton": "1.0"}, "stale": {**fake(builds[0]), "triton": aot.triton.__version__}}
+    new = aot.updated_record(old, rows, [80], modules)
+    assert new["key of 1.0"] == old["key of 1.0"] and "stale" not in new
+    assert {k for k in new if k != "key of 1.0"} == {aot.build_key(c) for c in builds}
+    assert all(v["triton"] == aot.triton.__version__ and "seconds" not in v for k, v in new.items() if k != "key of 1.0")
+    path = tmp_path / "record.json"
+    aot.write_record(path, new)
+    assert aot.read_record(path) == new and aot.read_record(tmp_path / "none.json") == {}
