@@ -50,8 +50,11 @@ class KVCache:
         return self
 
     def positions(self, T: int):
-        """The cache columns [1, T] that T new tokens go to (their absolute positions)."""
+        """The cache columns [1, T] that T new tokens go to (their absolute positions). The model
+        asks once per forward; a static cache also works out then what every layer's attention reads,
+        each row's valid length after this forward (kv_lens [B])."""
         if self.static:
+            self.kv_lens = (self.pos + T).expand(self.k.shape[1]).contiguous()
             return (self.pos + torch.arange(T, device=self.pos.device))[None]
         return torch.arange(self.pos, self.pos + T, device=self.k.device)[None]
 
@@ -63,7 +66,7 @@ class KVCache:
         if self.static:
             k_all.index_copy_(2, positions[0], k)
             v_all.index_copy_(2, positions[0], v)
-            return k_all, v_all, (positions[0, -1] + 1).expand(k.shape[0]).contiguous()
+            return k_all, v_all, self.kv_lens
         T = k.shape[2]
         k_all.narrow(2, self.pos, T).copy_(k)
         v_all.narrow(2, self.pos, T).copy_(v)
