@@ -192,7 +192,7 @@ def build_key(cfg: dict) -> str:
     module's docstring)."""
     launch = cfg["launches"][0]
     text = (f"{jit_source(launch, cfg['arch']).hash()} {sorted(launch.options().items())} "
-            f"sm_{cfg['arch']} triton {triton.__version__}")
+            f"sm_{cfg['arch']} triton {triton.__version__} {cfg['kernel']} {cfg['config']}")  # (two labels can share a build)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
