@@ -22,9 +22,10 @@ dkdv_atomic the atomic one (the other kernels of the op keep the table's configs
 --space (offline, CPU): the tuning space of each tuned entry (16-bit, D = 64 and 128: the head dims of
 GPT-2 and Llama) is the entry's config, the anchors' configs of its kind (FlashAttention-3, Triton's
 tutorial: kernels/attention.py, AOT_ANCHORS) and its one-step neighbours; each is compiled for the
-entry's arch (kernels/compile.py's machinery, one representative build: bf16, causal, kv_start; decode
-also over a whole cache into fp32 partials) and kept when it compiles without spills, fits shared memory
-and uses wgmma where required. --intersect keeps only candidates already in the table that also compile
+entry's arch (kernels/compile.py's machinery, two representative builds: bf16, kv_start, causal and
+not; decode into fp32 partials, the causal one over a whole cache) and kept when both compile without
+spills, fit shared memory and use wgmma where required. The other variants (fp16, no kv_start) are
+compiled by python -m kernels.compile once a candidate is in use: run it after a retune. --intersect keeps only candidates already in the table that also compile
 here: run --space under one Triton version and --space --intersect under the other.
 
 --toy: the CPU path under TRITON_INTERPRET=1 (gpu_suite.sh --dry-run): fwd and dkdv at D=64, the first
@@ -69,7 +70,8 @@ ANCHORS = {
 CHECK = {"train": (2, 3, 777, None), "decode": (1, 3, 3001, 1)}
 TIME = {"train": (4, None, 4096, None), "decode": (1, None, 8192, 1)}
 TOY = {"train": (1, 2, 40, None), "decode": (1, 2, 300, 1)}
-TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # max |err| / max |reference|
+# max |err| / max |reference|: rounding gives ~1e-2 in bf16 (dQ, dK the most), a wrong tile or mask ~1
+TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 CSV_FIELDS = ("arch", "kind", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages", "shipped",
               "correct", "max_err", "ms", "winner", "note")
 
@@ -151,9 +153,14 @@ _KERNEL = {"fwd": attn._attn_fwd, "decode": attn._attn_fwd, "dkdv": attn._attn_b
            "dkdv_atomic": attn._attn_bwd_dkdv, "dq": attn._attn_bwd_dq}
 
 
-def representative_build(e: dict, c: list[int]) -> dict:
-    """kernels/compile.py's build of entry e with config c: bf16 (fp32), causal, kv_start; decode at batch
-    1 over a whole cache (kv_lens) into fp32 partials: the variants with the most live state."""
+def representative_builds(e: dict, c: list[int]) -> list[dict]:
+    """kernels/compile.py's builds of entry e with config c that hold the most live state: bf16 (or fp32)
+    with kv_start, causal and not; decode at batch 1 into fp32 partials, the causal one over a whole
+    cache (kv_lens)."""
+    return [_build(e, c, causal) for causal in (True, False)]
+
+
+def _build(e: dict, c: list[int], causal: bool) -> dict:
     arch, kind, half, d = e["arch"], e["kind"], attn.DTYPE_CLASSES[e["dtype"]], e["head_dim"]
     dtype = torch.bfloat16 if half else torch.float32
     b, h, sq, sk = (1, 12, 1, 4096) if kind == "decode" else (2, 12, 1024, 1024)
@@ -162,11 +169,12 @@ def representative_build(e: dict, c: list[int]) -> dict:
     kv_start = torch.zeros(b, dtype=torch.int64, device="meta")
     with trying(arch, kind, half, d, c):
         if kind in ("fwd", "decode"):
-            kv_lens = kv_start if kind == "decode" else None
-            launches = attn._forward_launches(q, k, v, True, 1.0, kv_start, arch, attn._AOT_SMS[arch], kv_lens)[0]
+            kv_lens = kv_start if kind == "decode" and causal else None
+            launches = attn._forward_launches(q, k, v, causal, 1.0, kv_start, arch, attn._AOT_SMS[arch], kv_lens)[0]
         else:
             o, lse = q, torch.empty(b * h, sq, dtype=torch.float32, device="meta")
-            launches = attn._backward_launches(do, q, k, v, o, lse, True, 1.0, kv_start, kind != "dkdv_atomic", arch)[0]
+            launches = attn._backward_launches(do, q, k, v, o, lse, causal, 1.0, kv_start, kind != "dkdv_atomic",
+                                               arch)[0]
     (launch,) = [x for x in launches if x.kernel is _KERNEL[kind]]
     return {**attn._aot_entry(launch, arch, dtype, "decode" if kind == "decode" else "fwd"), "launches": [launch]}
 
@@ -188,14 +196,18 @@ def filter_space(doc: dict, archs, intersect: bool, jobs: int) -> tuple[dict, li
     for e in doc["entries"]:
         if e["arch"] in archs:
             tried = [c for c in space(e) if c in e.get("candidates", [])] if intersect else space(e)
-            todo += [(e, c) for c in tried if c != config(e)]
+            todo += [(e, c, build) for c in tried if c != config(e) for build in representative_builds(e, c)]
             e["candidates"] = [config(e)]
-    _BUILDS[:] = [representative_build(e, c) for e, c in todo]
+    _BUILDS[:] = [build for _, _, build in todo]
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         rows = list(pool.map(_compile, range(len(todo))))
-    for (e, c), row in zip(todo, rows):
+    failed = set()
+    for (e, c, _), row in zip(todo, rows):
         row["entry"], row["candidate"] = key(e), c
-        if row["status"] == "ok":
+        if row["status"] != "ok":
+            failed.add((key(e), tuple(c)))
+    for e, c, _ in todo:
+        if (key(e), tuple(c)) not in failed and c not in e["candidates"]:
             e["candidates"].append(c)
     return doc, rows
 
@@ -203,35 +215,36 @@ def filter_space(doc: dict, archs, intersect: bool, jobs: int) -> tuple[dict, li
 # ----------------------------------------------------------------------------- measuring, on a GPU
 
 
-def _inputs(kind, shape, d, dtype, device, gen):
+def _inputs(shape, d, dtype, device, gen):
+    """q, k, v, dO of shape (B, H or H·D = 2048, keys, queries or as many as keys)."""
     b, h, s, sq = shape
-    h = h or 2048 // d  # H·D = 2048
-    q = torch.randn(b, h, sq or s, d, generator=gen, dtype=torch.float32).to(device, dtype)
-    k, v = (torch.randn(b, h, s, d, generator=gen, dtype=torch.float32).to(device, dtype) for _ in range(2))
-    do = torch.randn_like(q)
-    return q, k, v, do
+    h = h or 2048 // d
+    return [torch.randn(b, h, n, d, generator=gen).to(device, dtype) for n in (sq or s, s, s, sq or s)]
 
 
-def _run(kind, q, k, v, do):
-    """The op that runs `kind`'s kernel: the forward (causal) or one backward variant; returns its outputs."""
+def _op(kind, q, k, v, do):
+    """A callable that runs `kind`'s kernel and returns the op's outputs: the forward (causal), or the
+    backward variant of one forward run here (so only the backward is timed)."""
     if kind in ("fwd", "decode"):
-        return (attn.flash_attention(q, k, v, causal=True),)
+        return lambda: (attn.flash_attention(q, k, v, causal=True),)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     o = attn.flash_attention(q, k, v, causal=True, deterministic=kind != "dkdv_atomic")
-    return torch.autograd.grad(o, (q, k, v), do)
+    return lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+
+
+def _reference(kind, q, k, v, do):
+    """What _op's callable returns, from engine/reference.py in fp32."""
+    q, k, v, do = (t.float() for t in (q, k, v, do))
+    if kind in ("fwd", "decode"):
+        return (reference.attention(q, k, v, causal=True),)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    return torch.autograd.grad(reference.attention(q, k, v, causal=True), (q, k, v), do)
 
 
 def max_error(kind, q, k, v, do, outputs) -> float:
-    """max |ours - reference| / max |reference| over the outputs (fp32 reference)."""
-    ref = _run_reference(kind, *(t.float() for t in (q, k, v, do)))
+    """max |ours - reference| / max |reference|, the worst of the outputs."""
+    ref = _reference(kind, q, k, v, do)
     return max(((a.float() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for a, r in zip(outputs, ref))
-
-
-def _run_reference(kind, q, k, v, do):
-    if kind in ("fwd", "decode"):
-        return (reference.attention(q, k, v, causal=True),)
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    return torch.autograd.grad(reference.attention(q, k, v, causal=True), (q, k, v), do)
 
 
 def measure(e: dict, c: list[int], device, dtype, shapes, timer) -> dict:
@@ -242,12 +255,12 @@ def measure(e: dict, c: list[int], device, dtype, shapes, timer) -> dict:
     row = {"candidate": c, "correct": False, "max_err": None, "ms": None, "note": ""}
     with trying(arch, kind, half, d, c):
         try:
-            check = _inputs(kind, shapes["check"][group], d, dtype, device, gen)
-            row["max_err"] = max_error(kind, *check, _run(kind, *check))
+            check = _inputs(shapes["check"][group], d, dtype, device, gen)
+            row["max_err"] = max_error(kind, *check, _op(kind, *check)())
             row["correct"] = row["max_err"] <= TOLERANCE[dtype]  # NaN fails too
             if row["correct"]:
-                timed = _inputs(kind, shapes["time"][group], d, dtype, device, gen)
-                row["ms"] = timer(lambda: _run(kind, *timed))
+                timed = _inputs(shapes["time"][group], d, dtype, device, gen)
+                row["ms"] = timer(_op(kind, *timed))
             else:
                 row["note"] = f"max error {row['max_err']:.3g} > {TOLERANCE[dtype]}"
         except Exception as err:  # a candidate that fails to compile or launch is a row, not the end
@@ -296,10 +309,11 @@ def main(argv=None) -> int:
     if args.space:
         doc, rows = filter_space(doc, args.arch, args.intersect, args.jobs)
         for r in rows:
-            print(f"sm_{r['entry'][0]} {' '.join(map(str, r['entry'][1:]))} {r['candidate']}: {r['status']} "
+            print(f"{r['arch']} {r['kernel']} {r['config']}: {r['status']} "
                   f"({r['regs']} regs, {r['spill']} B spilled, {r['smem']} B smem, {r['seconds']} s)")
         args.table.write_text(dumps_table(doc))
-        print(f"{len(rows)} candidate builds, {sum(r['status'] == 'ok' for r in rows)} clean; wrote {args.table}")
+        print(f"{len(rows)} candidate builds, {sum(r['status'] == 'ok' for r in rows)} clean; "
+              f"{sum(len(e['candidates']) - 1 for e in doc['entries'])} candidates kept; wrote {args.table}")
         return 0
 
     if args.toy:

@@ -142,14 +142,16 @@ def test_a_wrong_candidate_is_never_timed_nor_chosen(monkeypatch):
     arch = attn._target(torch.device(device))[0]
     e = {**E, "arch": arch, "head_dim": 16}
     shapes = {"check": {"train": (1, 2, 20, None)}, "time": {"train": (1, 2, 20, None)}}
-    real_run = tune._run
+    real_op = tune._op
     bad = [128, 32, 4, 3]
 
-    def run(kind, q, k, v, do):  # the "bad" config's kernel returns garbage
-        out = real_run(kind, q, k, v, do)
-        return tuple(o + 1 for o in out) if attn._CONFIGS[(arch, "fwd", True)][16] == attn.Config(*bad) else out
+    def op(kind, q, k, v, do):  # the "bad" config's kernel returns garbage
+        run = real_op(kind, q, k, v, do)
+        if attn._CONFIGS[(arch, "fwd", True)][16] == attn.Config(*bad):
+            return lambda: tuple(o + 1 for o in run())
+        return run
 
-    monkeypatch.setattr(tune, "_run", run)
+    monkeypatch.setattr(tune, "_op", op)
     times = iter([5.0, 1.0])
     rows = [tune.measure(e, c, device, torch.float16, shapes, lambda fn: (fn(), next(times))[1])
             for c in ([128, 64, 4, 3], bad, [64, 32, 4, 3])]
@@ -196,7 +198,7 @@ def test_tuning_target_reads_shipped_over_winner(tmp_path):
     (tmp_path / "attention_tuning.csv").write_text(f"""{head}
 90,fwd,16-bit,128,128,64,8,3,True,True,0.01,2.0,False,
 90,fwd,16-bit,128,128,128,8,2,False,True,0.01,1.6,True,
-90,fwd,16-bit,128,64,64,4,3,False,False,0.9,,False,max error 0.9 > 0.03
+90,fwd,16-bit,128,64,64,4,3,False,False,0.9,,False,max error 0.9 > 0.05
 90,dq,16-bit,64,128,64,8,3,True,True,0.01,1.0,True,
 """)
     (tmp_path / "steps-tune.csv").write_text('step,outcome,seconds,note\ntuning,ok,300,""\n')
