@@ -107,14 +107,15 @@ def winner(rows: list[dict]) -> list[int] | None:
 
 
 def rewrite(doc: dict, winners: dict, source: str) -> dict:
-    """A copy of doc with each entry whose key is in winners set to its winner (and source); the
-    winner must be one of the entry's candidates."""
+    """A copy of doc with each entry whose key is in winners set to its winner (and source), the
+    winner moved to the front of its candidates; the winner must be one of them."""
     doc = copy.deepcopy(doc)
     for e in doc["entries"]:
         if (w := winners.get(key(e))) is not None:
             if w not in e.get("candidates", [config(e)]):
                 raise ValueError(f"winner {w} of {key(e)} is not one of its candidates {e.get('candidates')}")
             e.update(zip(attn._CONFIG_FIELDS, w), source=source)
+            e["candidates"] = [w] + [c for c in e["candidates"] if c != w]
     return doc
 
 

@@ -91,11 +91,14 @@ def test_winner_is_the_fastest_correct_candidate():
 def test_rewrite_sets_the_winners_only():
     d = doc()
     i = next(i for i, e in enumerate(d["entries"]) if tune.key(e) == tuple(E.values()))
-    d["entries"][i]["candidates"] += [[64, 64, 4, 3]]
-    new = tune.rewrite(d, {tuple(E.values()): [64, 64, 4, 3], (90, "dq", "16-bit", 64): None}, "measured here")
+    old = d["entries"][i]
+    new_candidate = [64, 32, 4, 2]
+    assert new_candidate not in old["candidates"]
+    old["candidates"].append(new_candidate)
+    new = tune.rewrite(d, {tuple(E.values()): new_candidate, (90, "dq", "16-bit", 64): None}, "measured here")
     changed = [(a, b) for a, b in zip(d["entries"], new["entries"]) if a != b]
-    assert changed == [(d["entries"][i], {**d["entries"][i], "block_m": 64, "block_n": 64, "num_warps": 4,
-                                          "num_stages": 3, "source": "measured here"})]
+    assert changed == [(old, {**old, "block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2,
+                              "source": "measured here", "candidates": [new_candidate, *old["candidates"][:-1]]})]
     with pytest.raises(ValueError, match="not one of its candidates"):
         tune.rewrite(d, {tuple(E.values()): [32, 32, 4, 3]}, "x")
 
