@@ -212,3 +212,29 @@ def test_tuning_target_reads_shipped_over_winner(tmp_path):
     (tmp_path / "attention_tuning.csv").unlink()
     assert targets.evaluate(t, targets.Run(tmp_path)) == (
         "not measured: tuning step not run (gpu_suite.sh --tune)", "not measured")
+
+
+def fake_compile(i: int) -> dict:
+    """kernels/compile.py's row for build i of the space, without compiling: 128-wide key tiles spill in
+    the full (non-causal) build only."""
+    label = tune._BUILDS[i]["config"]
+    return {"kernel": tune._BUILDS[i]["kernel"], "arch": f"sm_{tune._BUILDS[i]['arch']}", "config": label,
+            "status": "spills" if "full" in label and "BN=128" in label else "ok"}
+
+
+def test_space_filter_drops_a_candidate_when_any_of_its_builds_fails(monkeypatch):
+    monkeypatch.setattr(tune, "_compile", fake_compile)
+    d = doc()
+    entry = next(e for e in d["entries"] if tune.key(e) == tuple(E.values()))
+    new, rows = tune.filter_space(d, [90], intersect=False, jobs=1)
+    kept = next(e for e in new["entries"] if tune.key(e) == tuple(E.values()))["candidates"]
+    space = tune.space(entry)
+    assert kept == [c for c in space if c[1] != 128] and kept[0] == tune.config(entry)
+    assert {r["candidate"][1] for r in rows if r["entry"] == tune.key(entry) and r["status"] != "ok"} == {128}
+    assert {len([r for r in rows if r["entry"] == tune.key(entry) and r["candidate"] == c]) for c in space[1:]} == {2}
+    assert all(e["candidates"] == o["candidates"] for e, o in zip(new["entries"], d["entries"]) if e["arch"] == 80)
+    # --intersect: only what the table already lists is tried again
+    entry["candidates"] = entry["candidates"][:2]
+    new, _ = tune.filter_space(d, [90], intersect=True, jobs=1)
+    kept = next(e for e in new["entries"] if tune.key(e) == tuple(E.values()))["candidates"]
+    assert kept == [c for c in entry["candidates"] if c[1] != 128]
