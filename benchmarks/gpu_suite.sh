@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU target measured from a bare checkout, each part one call of under 8 minutes on one H100/H200:
-#   bash benchmarks/gpu_suite.sh [--part core|extended|all] [--dry-run] [OUT_DIR]
+#   bash benchmarks/gpu_suite.sh [--part core|extended|all | --tune] [--dry-run] [OUT_DIR]
 #
 # --part core (the default): the CUDA tests (JUnit report), then roofline, layernorm, attention,
 #   train ("gpt2", every backend), generate ("gpt2", ours vs Hugging Face) and a short profile.
 # --part extended: the targets of later issues: GQA attention (benchmarks/attention.py --gqa), then
-#   fused loss (benchmarks/loss.py), compiled decode, Llama-shaped training step, tuning; a step whose
-#   issue has not landed says "not landed".
+#   fused loss (benchmarks/loss.py), compiled decode, Llama-shaped training step; a step whose issue has
+#   not landed says "not landed". Its tuning step runs only with --tune (or in a dry run).
+# --tune: the extended part's tuning step alone, a call of its own (steps-tune.csv): every candidate of
+#   the attention launch-config table's tuning space (kernels/attention_configs.json) for this GPU's arch
+#   checked and timed (benchmarks/tune_attention.py), the table rewritten with the fastest correct ones.
+#   Commit the rewritten table after `python -m kernels.compile` shows its builds clean.
 # --dry-run: every step of both parts (or of --part) at toy size on the CPU, under the Triton
 #   interpreter, into a temporary folder unless OUT_DIR is given: proves the suite itself runs.
 #
@@ -23,18 +27,22 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-PART="" DRY_RUN=0 OUT=""
+PART="" DRY_RUN=0 OUT="" TUNE=0
 while [ $# -gt 0 ]; do
     case $1 in
         --part) PART=${2:-none}; shift $(($# > 1 ? 2 : 1)) ;;
         --dry-run) DRY_RUN=1; shift ;;
+        --tune) TUNE=1; shift ;;
         -h|--help) sed -n '2,/^set -uo/{/^set -uo/d; s/^# \{0,1\}//; p}' "$0"; exit 0 ;;
         -*) echo "gpu_suite: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) OUT=$1; shift ;;
     esac
 done
+if [ $TUNE = 1 ] && [ -n "$PART" ]; then
+    echo "gpu_suite: --tune runs the tuning step alone (a part of its own): drop --part $PART" >&2; exit 2
+elif [ $TUNE = 1 ]; then PART=tune; fi
 if [ -z "$PART" ]; then PART=$([ $DRY_RUN = 1 ] && echo all || echo core); fi
-case $PART in core|extended|all) ;; *) echo "gpu_suite: --part takes core, extended or all, not '$PART'" >&2; exit 2 ;; esac
+case $PART in core|extended|all|tune) ;; *) echo "gpu_suite: --part takes core, extended or all, not '$PART'" >&2; exit 2 ;; esac
 
 # ----------------------------------------------------------------------------- Python, sampler, Liger
 
@@ -181,11 +189,22 @@ extended() {
     # train_llama.csv: a llama-3.2-1b-shaped training step (16 layers, 2048 wide, GQA 32/8, V=128k),
     # ours (triton) against HF's LlamaForCausalLM with SDPA from the same weights
     step llama_train 180 "$PY" benchmarks/train.py --preset llama-3.2-1b "${LLAMA_TRAIN[@]}" --name train_llama --out "$OUT"
-    not_landed tuning 19
+    if [ $DRY_RUN = 1 ]; then tune; else record tuning "not run" 0 "a call of its own: gpu_suite.sh --tune"; fi
 }
 
-for part in core extended; do
-    if [ $PART = $part ] || [ $PART = all ]; then
+# attention_tuning.csv (each candidate: correct or not, ms) and attention_configs.json (the table with the
+# winners) in OUT; on a GPU also kernels/attention_configs.json rewritten. Entries are started within
+# --budget-s; the ones left keep their configs (sm_90: 44 candidates in 10 entries, 16-bit D=64 and 128).
+tune() {
+    if [ $DRY_RUN = 1 ]; then
+        step tuning 300 "$PY" benchmarks/tune_attention.py --toy --out "$OUT"
+    else
+        step tuning 420 "$PY" benchmarks/tune_attention.py --write --budget-s 330 --out "$OUT"
+    fi
+}
+
+for part in core extended tune; do
+    if [ $PART = $part ] || { [ $PART = all ] && [ $part != tune ]; }; then
         begin_part $part
         part_start=$SECONDS
         $part

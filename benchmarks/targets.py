@@ -3,7 +3,7 @@
     python benchmarks/targets.py DIR [--dry-run]
 
 benchmarks/gpu_suite.sh runs this last. It reads what the suite left in DIR: how each step ended
-(steps-setup.csv, steps-core.csv, steps-extended.csv), attention.csv, attention_gqa.csv, layernorm.csv, train.csv, train_llama.csv,
+(steps-setup.csv, steps-core.csv, steps-extended.csv, steps-tune.csv), attention.csv, attention_tuning.csv, attention_gqa.csv, layernorm.csv, train.csv, train_llama.csv,
 loss.csv, generate.csv and the CUDA tests' JUnit report (cuda_tests.xml); it writes DIR/targets.md and prints it.
 
 A target over several shapes is judged by its worst shape: the lowest figure for an "at least"
@@ -35,7 +35,7 @@ class Step:
     """One line of steps-<part>.csv: how a step of the suite ended."""
 
     name: str
-    outcome: str  # ok | failed | timed out | not landed | not installed
+    outcome: str  # ok | failed | timed out | not landed | not installed | not run
     seconds: str
     note: str
 
@@ -47,6 +47,7 @@ class Step:
         return {"failed": f"{self.name} step failed ({self.note})",
                 "timed out": f"{self.name} step timed out after {self.seconds} s",
                 "not landed": f"{self.note} has not landed",
+                "not run": f"{self.name} step not run ({self.note})",
                 "not installed": f"{self.name} not installed ({self.note})"}.get(self.outcome, f"{self.name}: {self.outcome}")
 
 
@@ -56,7 +57,7 @@ class Run:
     def __init__(self, folder: Path, dry_run: bool = False):
         self.folder, self.dry_run = Path(folder), dry_run
         self.steps = {}
-        for part in ("setup", "core", "extended"):
+        for part in ("setup", "core", "extended", "tune"):
             path = self.folder / f"steps-{part}.csv"
             for row in read_csv(path) if path.is_file() else []:
                 self.steps[row["step"]] = Step(row["step"], row["outcome"], row["seconds"], row["note"])
@@ -315,6 +316,22 @@ def compiled_decode(run: Run, impl: str, baseline: str | None) -> dict[str, floa
     return {"B=1 greedy": float(by_impl[impl]["decode_tok_s"]) / float(by_impl[baseline]["decode_tok_s"])}
 
 
+def tuned_vs_shipped(run: Run) -> dict[str, float]:
+    """attention_tuning.csv (benchmarks/tune_attention.py, gpu_suite.sh --tune): per tuned entry, the
+    shipped config's ms over the winner's (the shipped config is a candidate: below 1 only when it failed
+    its check, and then the entry has no figure)."""
+    entries = {}
+    for r in run.rows("attention_tuning.csv"):
+        entries.setdefault(f"sm_{r['arch']} {r['kind']} {r['dtype']} D={r['head_dim']}", []).append(r)
+    figures = {}
+    for entry, rows in entries.items():
+        shipped = [float(r["ms"]) for r in rows if r["shipped"] == "True" and r["ms"]]
+        won = [float(r["ms"]) for r in rows if r["winner"] == "True" and r["ms"]]
+        if shipped and won:
+            figures[entry] = shipped[0] / won[0]
+    return figures
+
+
 def cuda_tests(run: Run, *words: str, about: tuple[str, ...] = ()) -> dict[str, bool]:
     """{test id: passed?} of the cuda tests that ran whose name holds one of `words` and whose
     id holds one of `about` (all tests when none are given)."""
@@ -385,7 +402,7 @@ EXTENDED = [
            lambda run: compiled_decode(run, "ours-graph", None)),
     Target("llama-3.2-1b-shaped bf16 training step vs HF (SDPA) tokens/s, same first loss to 1e-3", AtLeast(1.2),
            ("llama_train",), llama_train_vs_hf),
-    Target("tuned kernel configurations vs the shipped ones", AtLeast(1.0), ("tuning",)),
+    Target("tuned kernel configurations vs the shipped ones", AtLeast(1.0), ("tuning",), tuned_vs_shipped),
 ]
 TARGETS = CORE + EXTENDED
 

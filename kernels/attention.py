@@ -31,8 +31,9 @@ batch 1. The keys are split across programs (flash-decoding); each writes its no
 output and logsumexp, and a small kernel combines them. A program that would see 4 key tiles or
 fewer is not split (one launch, as FlashAttention-3 decides).
 
-Launch configs come from one table (_CONFIGS) per arch (sm_80 / sm_90+), kind, 16-bit or fp32,
-and head dim; no autotuning. The interpreter runs the sm_80 table, or the sm_90 one under
+Launch configs come from one table, kernels/attention_configs.json (loaded into _CONFIGS), per
+arch (sm_80 / sm_90+), kind, 16-bit or fp32, and head dim; no autotuning at run time: the table is
+tuned offline (benchmarks/tune_attention.py). The interpreter runs the sm_80 table, or the sm_90 one under
 LLM_ENGINE_ATTN_ARCH=90 (its tiles' parity tests). The launches (kernel, grid, arguments, constexprs, warps, stages)
 are computed by _forward_launches / _backward_launches, which read no data: `aot_configs()` runs
 them on meta tensors, so kernels/compile.py builds exactly the kernels that run, and the custom ops
@@ -52,8 +53,10 @@ fp32 inputs use exact fp32 dots (input_precision="ieee", CUDA cores), not TF32: 
 fp32 means fp32 accuracy here. fp16 / bf16 use tensor cores with fp32 accumulation.
 """
 import itertools
+import json
 import math
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -391,48 +394,72 @@ class Config(NamedTuple):
 
 
 ARCHS = (80, 90)
-# (arch, kind, 16-bit dtype?) -> head_dim -> Config. "fwd": training/prefill forward,
-# "decode": forward for Sq <= DECODE_MAX_SQ (split-KV), "dkdv" / "dq": the deterministic backward,
-# "dkdv_atomic": the dK/dV kernel that also adds dQ (deterministic=False).
-# fp32 runs exact (ieee) dots on CUDA cores, so its tiles are smaller.
-_C = Config
-_SMALL_D = (16, 32, 64)
-_CONFIGS = {
-    (90, "fwd", True): {**dict.fromkeys(_SMALL_D, _C(128, 64, 4, 3)), 128: _C(128, 64, 8, 3)},
-    (80, "fwd", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 8, 3), 128: _C(128, 32, 8, 3)},
-    # sm_90 decode: 128-wide key tiles. Triton 3.6's ptxas spilled 8 B with 4 warps at D = 16, 32 and
-    # with 8 warps at D = 128 (full, kv_start), hence 8 / 4 warps. sm_80's stay 64 / 32 wide (not tried).
-    (90, "decode", True): {16: _C(16, 128, 8, 3), 32: _C(16, 128, 8, 3), 64: _C(16, 128, 8, 3), 128: _C(16, 128, 4, 2)},
-    (80, "decode", True): {16: _C(16, 64, 8, 3), 32: _C(16, 64, 4, 3), 64: _C(16, 64, 4, 3), 128: _C(16, 32, 4, 3)},
-    # sm_90 dK/dV: BLOCK_M 64, so the score products k qᵀ and v dOᵀ are m64n64 wgmma (BLOCK_M 32 gave
-    # m64n32). At D = 128, BM 64 x BN 128 spills (80 B; 200 B with the atomic dQ; FA3 holds these
-    # tiles with two 240-register warpgroups and a producer) and so does the atomic kernel at 64 x 64
-    # (64 B): the deterministic pass runs 64 x 64, the atomic one keeps 32 x 128.
-    (90, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(64, 128, 8, 3)), 128: _C(64, 64, 8, 2)},
-    (90, "dkdv_atomic", True): {**dict.fromkeys(_SMALL_D, _C(64, 128, 8, 3)), 128: _C(32, 128, 8, 2)},
-    (80, "dkdv", True): {**dict.fromkeys(_SMALL_D, _C(32, 128, 8, 3)), 128: _C(32, 64, 8, 3)},
-    (90, "dq", True): {16: _C(128, 64, 4, 3), 32: _C(128, 64, 4, 3), 64: _C(128, 64, 8, 3), 128: _C(128, 64, 8, 2)},
-    (80, "dq", True): {**dict.fromkeys(_SMALL_D, _C(128, 32, 4, 3)), 128: _C(128, 32, 8, 2)},
-    # fp32: ieee dots on CUDA cores hold whole tiles in registers; tiles, warps and stages are
-    # the largest found with no build spilling (python -m kernels.compile); sm_80 needs smaller.
-    # Every entry compiles without spills under both Triton 3.6 and 3.9 (ptxas differs: 3.6 spilled
-    # 8-24 B in some fp32 builds at 64-80 registers that 3.9 compiles clean, and the other way round).
-    # The GQA head mapping (one more division per program) tipped some decode builds into 8 B spills
-    # under one version or the other: sm_90 16-bit D=64 and sm_80 16-bit D=16 now run 8 warps, sm_90
-    # 16-bit D=128 2 stages, fp32 D=64 4 warps.
-    (90, "fwd", False): {16: _C(64, 32, 8, 2), 32: _C(32, 32, 8, 2), 64: _C(32, 32, 8, 2), 128: _C(16, 32, 8, 2)},
-    # sm_90 fp32 D=64 decode: 1 stage (Triton 3.6 spilled 8 B in the kv_lens + kv_start build at 2, at
-    # 168 registers; a 128-register cap spills more); sm_80 keeps 2 (3.9 spills 8 B there at 1 stage)
-    (90, "decode", False): {16: _C(16, 32, 8, 2), 32: _C(16, 32, 8, 2), 64: _C(16, 32, 4, 1), 128: _C(16, 32, 8, 2)},
-    (90, "dkdv", False): {**dict.fromkeys(_SMALL_D, _C(32, 16, 8, 1)), 128: _C(16, 32, 8, 2)},
-    (80, "dkdv", False): {16: _C(32, 16, 8, 1), 32: _C(64, 32, 8, 2), 64: _C(32, 32, 8, 1), 128: _C(16, 16, 8, 1)},
-    (90, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 4, 2)), 128: _C(16, 32, 8, 2)},
-    (80, "dq", False): {**dict.fromkeys(_SMALL_D, _C(32, 32, 8, 2)), 128: _C(16, 16, 8, 2)},
-}
-_CONFIGS[(80, "fwd", False)] = _CONFIGS[(90, "fwd", False)]
-_CONFIGS[(80, "decode", False)] = {**_CONFIGS[(90, "decode", False)], 64: _C(16, 32, 4, 2)}
-for _arch, _half in itertools.product(ARCHS, (True, False)):  # the atomic dQ's dK/dV: the same tiles elsewhere
-    _CONFIGS.setdefault((_arch, "dkdv_atomic", _half), _CONFIGS[(_arch, "dkdv", _half)])
+# "fwd": training/prefill forward, "decode": forward for Sq <= DECODE_MAX_SQ (split-KV), "dkdv" / "dq":
+# the deterministic backward, "dkdv_atomic": the dK/dV kernel that also adds dQ (deterministic=False).
+KINDS = ("fwd", "decode", "dkdv", "dkdv_atomic", "dq")
+DTYPE_CLASSES = {"16-bit": True, "fp32": False}  # the table's names for "runs 16-bit tensor-core dots"
+# The launch configs, one entry per (arch, kind, dtype class, head dim), with each entry's tuning space
+# ("candidates": [BLOCK_M, BLOCK_N, warps, stages] that compile without spills under Triton 3.6 and 3.9).
+# Until a GPU has measured them the entries are the anchor-derived configs that compile without spills
+# under both versions (python -m kernels.compile); benchmarks/tune_attention.py (gpu_suite.sh --tune)
+# times the candidates on a GPU and rewrites the entries of that GPU's arch with the winners.
+CONFIG_TABLE = Path(__file__).with_name("attention_configs.json")
+_CONFIG_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
+_KEY_FIELDS = ("arch", "kind", "dtype", "head_dim")
+
+
+def config_problem(c) -> str:
+    """Why c (a Config or its 4 numbers) cannot be a launch config, or "" when it can."""
+    if not (isinstance(c, (list, tuple)) and len(c) == 4 and all(type(v) is int for v in c)):
+        return f"needs 4 integers [block_m, block_n, num_warps, num_stages], got {c!r}"
+    block_m, block_n, warps, stages = c
+    for name, v in (("block_m", block_m), ("block_n", block_n)):
+        if v < 16 or v & (v - 1):  # tl.dot needs 16 or more rows and columns; tl.arange powers of two
+            return f"{name} must be a power of two >= 16, got {v}"
+    if warps not in (1, 2, 4, 8, 16):
+        return f"num_warps must be 1, 2, 4, 8 or 16, got {warps}"
+    if not 1 <= stages <= 8:
+        return f"num_stages must be 1..8, got {stages}"
+    return ""
+
+
+def load_configs(path=CONFIG_TABLE) -> dict:
+    """{(arch, kind, 16-bit?): {head_dim: Config}} from the JSON table at path. A ValueError names the
+    file and the entry when the file is missing or unreadable, an entry is malformed or repeated, or
+    an (arch, kind, dtype class, head dim) has no entry: the launchers must never guess a config."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text())["entries"]
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing (the attention launch-config table)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a config table with a list of entries ({type(err).__name__}: {err})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: 'entries' must be a list, got {type(entries).__name__}")
+    table = {}
+    for i, e in enumerate(entries):
+        where = f"{path}: entry {i}"
+        if not isinstance(e, dict) or any(f not in e for f in _KEY_FIELDS + _CONFIG_FIELDS):
+            raise ValueError(f"{where}: needs the fields {', '.join(_KEY_FIELDS + _CONFIG_FIELDS)}, got {e!r}")
+        where += " (" + " ".join(f"{f}={e[f]}" for f in _KEY_FIELDS) + ")"
+        for field, allowed in (("arch", ARCHS), ("kind", KINDS), ("dtype", tuple(DTYPE_CLASSES)), ("head_dim", HEAD_DIMS)):
+            if e[field] not in allowed or type(e[field]) is bool:
+                raise ValueError(f"{where}: {field} must be one of {allowed}, got {e[field]!r}")
+        config = [e[f] for f in _CONFIG_FIELDS]
+        for c in (config, *e.get("candidates", ())):
+            if problem := config_problem(c):
+                raise ValueError(f"{where}: {'config' if c is config else 'candidate'} {problem}")
+        per_d = table.setdefault((e["arch"], e["kind"], DTYPE_CLASSES[e["dtype"]]), {})
+        if e["head_dim"] in per_d:
+            raise ValueError(f"{where}: a second entry for this key")
+        per_d[e["head_dim"]] = Config(*config)
+    for arch, kind, (dtype, half), d in itertools.product(ARCHS, KINDS, DTYPE_CLASSES.items(), HEAD_DIMS):
+        if d not in table.get((arch, kind, half), {}):
+            raise ValueError(f"{path}: no entry for arch={arch} kind={kind} dtype={dtype} head_dim={d}")
+    return table
+
+
+_CONFIGS = load_configs()
 _ROWS_PER_PROGRAM = 64  # preprocess tile height
 # warps of the preprocess and the combine; both run Triton's default stages (no loop worth pipelining)
 _PRE_WARPS, _COMBINE_WARPS, _SMALL_STAGES = 4, 1, 3
