@@ -23,7 +23,8 @@ module requires it, or computes in 32 bits an offset its module says must be 64-
 The record (kernels/aot_record.json, --record) keeps each build's row under a key that changes
 whenever what Triton would compile changes (the hash Triton gives the specialised source: the
 kernel, the jit functions it calls, argument types, constants; plus the launch options, the arch
-and Triton's version, which fixes the bundled ptxas). With --record, builds found there are not
+and Triton's version, which fixes the bundled ptxas). Triton's hash counts each kernel's starting
+line, so any edit above a kernel in its file changes the keys of its builds too. With --record, builds found there are not
 compiled again: a clean checkout (CI) compiles only the builds that changed since the record was
 written, instead of about 13 CPU-minutes for the whole table. --update-record compiles what is
 missing and rewrites the record for this Triton version and these archs. --sample compiles, without
