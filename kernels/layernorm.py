@@ -24,6 +24,7 @@ are 1-D (axis x, up to 2^31 - 1 programs); row offsets are 64-bit.
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -261,8 +262,8 @@ def _ln_bwd_reduce_kernel(Partial, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl
     tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < N)
 
 
-# Launch tables: (BLOCK_N, rows per program, warps, chunked). A row of N features takes the
-# first unchunked entry with BLOCK_N >= N, else the chunked one (the row streamed in chunks).
+# Launch tables, the forward's of (BLOCK_N, rows per program, warps, chunked). A row of N features
+# takes the first unchunked entry with BLOCK_N >= N, else the chunked one (the row streamed in chunks).
 # Short rows are packed several to a tile. The forward holds about 16 values per thread per
 # tensor up to 8192 features and 32 at 16384 (16 warps; 32 warps spill under both Triton
 # versions, see python -m kernels.compile). N <= 128 runs 8 warps both ways: with 4 (forward)
@@ -274,28 +275,41 @@ _FWD_CONFIGS = (
 )
 # The backward keeps x, dy, w and the two accumulators live: 8 values per thread per tensor take
 # 64-82 registers, and a wider tile (16 per thread) 120-164 or spills. Two layouts, one table of
-# (BLOCK_N, rows per program, warps, chunked, maxnreg) each; the launcher runs BWD_LAYOUT's, and
-# the GPU benchmark is to pick between them.
+# _Bwd entries each; the launcher runs BWD_LAYOUT's, and the GPU benchmark is to pick between them.
 #   "narrow": 4 to 8 warps, one row per program from 1024 features (Liger's layout and warps), so
 #     3 to 10 programs fit on an SM at N = 768-8192, and at least 2 from 512 up whatever N % 16
-#     (python -m kernels.compile, Triton 3.6 and 3.9); past 2048 the row is streamed in 2048-wide chunks, as a 4096-wide row at 8 warps holds
-#     1 program per SM where N % 16 > 0 and one RMS build spills. The chunked kernel adds into its
-#     partial rows (in L2) once per row; maxnreg 128: without a budget Triton 3.6's ptxas aims its
-#     fp16 sm_80 build at 48 registers and spills 8 B.
+#     (python -m kernels.compile, Triton 3.6 and 3.9); past 2048 the row is streamed in 2048-wide
+#     chunks, as a 4096-wide row at 8 warps holds 1 program per SM where N % 16 > 0 and one RMS
+#     build spills. The chunked kernel adds into its partial rows (in L2) once per row; maxnreg
+#     128: without a budget Triton 3.6's ptxas aims its fp16 sm_80 build at 48 registers and
+#     spills 8 B.
 #   "wide": the layout before it: 16 warps, one pass up to 4096 features, chunked past it (2 rows
 #     per partial-row update). Its 16-bit LayerNorm sm_90 builds take 76-86 registers at N = 1024
 #     and 2048 under both Triton versions, and 74 at 4096 under 3.9 (64 under 3.6): 1 program per SM.
-# The launcher starts about 32 warps' worth of programs per SM; each walks several row blocks.
+
+
+class _Bwd(NamedTuple):
+    block_n: int
+    rows: int  # per program and step; each program walks row blocks p, p + P, p + 2P, ...
+    warps: int
+    chunked: bool
+    # Programs started per SM: the fewest that fit in the compile table's N % 16 == 0 builds (both
+    # archs and Triton versions), so that every program runs at once: one more than fit would
+    # run after the others, with all its rows.
+    per_sm: int
+    maxnreg: int | None = None  # ptxas's register budget (kernels/launch.py), None: its own choice
+
+
 _BWD_CONFIGS = {
     "narrow": (
-        (64, 64, 16, False, None), (128, 16, 8, False, None), (256, 16, 16, False, None), (512, 4, 8, False, None),
-        (1024, 1, 4, False, None), (2048, 1, 8, False, None),
-        (2048, 1, 8, True, 128),
+        _Bwd(64, 64, 16, False, 2), _Bwd(128, 16, 8, False, 3), _Bwd(256, 16, 16, False, 1),
+        _Bwd(512, 4, 8, False, 3), _Bwd(1024, 1, 4, False, 7), _Bwd(2048, 1, 8, False, 3),
+        _Bwd(2048, 1, 8, True, 3, maxnreg=128),
     ),
     "wide": (
-        (64, 64, 16, False, None), (128, 16, 8, False, None), (256, 16, 16, False, None), (512, 8, 16, False, None),
-        (1024, 4, 16, False, None), (2048, 2, 16, False, None), (4096, 1, 16, False, None),
-        (2048, 2, 16, True, None),
+        _Bwd(64, 64, 16, False, 2), _Bwd(128, 16, 8, False, 3), _Bwd(256, 16, 16, False, 1),
+        _Bwd(512, 8, 16, False, 1), _Bwd(1024, 4, 16, False, 1), _Bwd(2048, 2, 16, False, 1),
+        _Bwd(4096, 1, 16, False, 1), _Bwd(2048, 2, 16, True, 1),
     ),
 }
 BWD_LAYOUT = "narrow"  # the default until a GPU has measured both (benchmarks/layernorm.py)
@@ -397,20 +411,20 @@ def _backward_launches(dy, ds, s, weight, bias, mean, rstd, num_sms, layout=None
     ds2 = _as_rows(ds, n) if ds is not None else dy2
     dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     dx2 = dx.view(m, n)
-    block_n, rows, warps, chunked, maxnreg = _pick(_BWD_CONFIGS[layout or BWD_LAYOUT], n)
-    # Enough programs to fill the GPU (about 32 warps per SM); each walks several row blocks.
-    progs = max(1, min(triton.cdiv(m, rows), num_sms * max(1, 32 // warps)))
-    alloc = torch.zeros if chunked else torch.empty  # the chunked kernel adds into its partial rows
+    cfg = _pick(_BWD_CONFIGS[layout or BWD_LAYOUT], n)
+    # As many programs as fit on the GPU at once; each walks several row blocks.
+    progs = max(1, min(triton.cdiv(m, cfg.rows), num_sms * cfg.per_sm))
+    alloc = torch.zeros if cfg.chunked else torch.empty  # the chunked kernel adds into its partial rows
     dw_part = alloc((progs, n), dtype=torch.float32, device=s2.device) if weight is not None else mean
     db_part = alloc((progs, n), dtype=torch.float32, device=s2.device) if bias is not None else mean
     # Launched even for zero rows: it then writes the zero partial sums.
     launches = [Launch(
-        _ln_bwd_dx_chunked_kernel if chunked else _ln_bwd_dx_kernel, checked_grid(progs),
+        _ln_bwd_dx_chunked_kernel if cfg.chunked else _ln_bwd_dx_kernel, checked_grid(progs),
         (s2, weight if weight is not None else s2, dy2, ds2, dx2, mean, rstd, dw_part, db_part,
          s2.stride(0), dy2.stride(0), ds2.stride(0), dx2.stride(0), m, n),
         dict(HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-             ROWS=rows, BLOCK_N=block_n, RMS=rms),
-        warps, _NUM_STAGES, maxnreg)]
+             ROWS=cfg.rows, BLOCK_N=cfg.block_n, RMS=rms),
+        cfg.warps, _NUM_STAGES, cfg.maxnreg)]
     grads = []
     for partial, param in ((dw_part, weight), (db_part, bias)):
         grads.append(None if param is None else torch.empty_like(param))

@@ -127,7 +127,7 @@ def test_one_pass_forward_up_to_16384():
 def entry_sizes(table):
     """An N with N % 16 > 0 that picks each entry of a backward table: one below the tile width, and
     for the chunked entry 2 chunks and 1 feature (a last chunk of one column)."""
-    sizes = [2 * block_n + 1 if chunked else block_n - 1 for block_n, _, _, chunked, _ in table]
+    sizes = [2 * block_n + 1 if chunked else block_n - 1 for block_n, _, _, chunked, *_ in table]
     assert [ln._pick(table, n) for n in sizes] == list(table)
     return sizes
 
@@ -325,7 +325,7 @@ def test_aot_builds_are_every_launch_choice():
     for arch, dtype, divisible in itertools.product((80, 90), ("bf16", "fp16", "fp32"), ("N%16=0", "N%16>0")):
         for block_n, rows, warps, chunked in ln._FWD_CONFIGS:
             expected.add((arch, "ln_fwd", dtype, divisible, block_n, rows, warps))
-        for block_n, rows, warps, chunked, _ in itertools.chain(*ln._BWD_CONFIGS.values()):
+        for block_n, rows, warps, chunked, *_ in itertools.chain(*ln._BWD_CONFIGS.values()):
             expected.add((arch, "ln_bwd_dx_chunked" if chunked else "ln_bwd_dx", dtype, divisible, block_n, rows, warps))
     assert built == expected
     reduce = {(c["arch"], c["config"].split()[0], c["config"].split()[1], c["launch"].constexprs["BLOCK_P"],

@@ -220,7 +220,7 @@ def test_aot_builds_are_every_launch_choice():
     for arch, dtype, divisible in itertools.product((80, 90), ("bf16", "fp16", "fp32"), ("N%16=0", "N%16>0")):
         for block_n, rows, warps, chunked in ln._FWD_CONFIGS:
             expected.add((arch, "rms_fwd", dtype, divisible, block_n, rows, warps))
-        for block_n, rows, warps, chunked, _ in itertools.chain(*ln._BWD_CONFIGS.values()):
+        for block_n, rows, warps, chunked, *_ in itertools.chain(*ln._BWD_CONFIGS.values()):
             expected.add((arch, "rms_bwd_dx_chunked" if chunked else "rms_bwd_dx", dtype, divisible, block_n, rows, warps))
     assert built == expected
     for c in configs:
