@@ -278,11 +278,13 @@ _FWD_CONFIGS = (
 # _Bwd entries each; the launcher runs BWD_LAYOUT's, and the GPU benchmark is to pick between them.
 #   "narrow": 4 to 8 warps, one row per program from 1024 features (Liger's layout and warps), so
 #     3 to 10 programs fit on an SM at N = 768-8192, and at least 2 from 512 up whatever N % 16
-#     (python -m kernels.compile, Triton 3.6 and 3.9); past 2048 the row is streamed in 2048-wide
-#     chunks, as a 4096-wide row at 8 warps holds 1 program per SM where N % 16 > 0 and one RMS
-#     build spills. The chunked kernel adds into its partial rows (in L2) once per row; maxnreg
-#     128: without a budget Triton 3.6's ptxas aims its fp16 sm_80 build at 48 registers and
-#     spills 8 B.
+#     (python -m kernels.compile, Triton 3.6 and 3.9); past 2048 two rows at a time are streamed
+#     in 1024-wide chunks (2 to 4 programs per SM), as a 4096-wide row at 8 warps holds 1 program
+#     per SM where N % 16 > 0 and one RMS build spills. The chunked kernel reads x and dy twice
+#     (the second time from L2) and adds into its fp32 partial rows (in L2) once per 2 rows: per
+#     bf16 row of 4096, 48 KB of extra L2 traffic beside the 24-32 KB from memory that both
+#     kernels move, so "wide" (one pass) may well be faster there. maxnreg 128: without a budget Triton 3.6's ptxas
+#     aims the fp16 sm_80 build at 48 registers and spills.
 #   "wide": the layout before it: 16 warps, one pass up to 4096 features, chunked past it (2 rows
 #     per partial-row update). Its 16-bit LayerNorm sm_90 builds take 76-86 registers at N = 1024
 #     and 2048 under both Triton versions, and 74 at 4096 under 3.9 (64 under 3.6): 1 program per SM.
@@ -304,7 +306,7 @@ _BWD_CONFIGS = {
     "narrow": (
         _Bwd(64, 64, 16, False, 2), _Bwd(128, 16, 8, False, 3), _Bwd(256, 16, 16, False, 1),
         _Bwd(512, 4, 8, False, 3), _Bwd(1024, 1, 4, False, 7), _Bwd(2048, 1, 8, False, 3),
-        _Bwd(2048, 1, 8, True, 3, maxnreg=128),
+        _Bwd(1024, 2, 8, True, 2, maxnreg=128),
     ),
     "wide": (
         _Bwd(64, 64, 16, False, 2), _Bwd(128, 16, 8, False, 3), _Bwd(256, 16, 16, False, 1),
@@ -490,7 +492,7 @@ AOT_ANCHORS = (
     {"kernel": "ln_fwd", "arch": 90, "ours": "bf16 N%16=0 BLOCK_N=4096",
      "anchor": "Liger: one row per program, BLOCK_SIZE next_pow2(N) = 4096, 8 warps (4 below 2048, 16 from 8192, "
                "32 from 32768), single pass up to N = 65536"},
-    {"kernel": "ln_bwd_dx_chunked", "arch": 90, "ours": "bf16 N%16=0 ROWS=1 BLOCK_N=2048 w8", "anchor": _LIGER_BWD},
+    {"kernel": "ln_bwd_dx_chunked", "arch": 90, "ours": "bf16 N%16=0 ROWS=2 BLOCK_N=1024 w8", "anchor": _LIGER_BWD},
     {"kernel": "ln_bwd_dx", "arch": 90, "ours": "bf16 N%16=0 ROWS=1 BLOCK_N=4096 w16", "anchor": _LIGER_BWD},
 )
 
