@@ -276,15 +276,15 @@ _FWD_CONFIGS = (
 # The backward keeps x, dy, w and the two accumulators live: 8 values per thread per tensor take
 # 64-82 registers, and a wider tile (16 per thread) 120-164 or spills. Two layouts, one table of
 # _Bwd entries each; the launcher runs BWD_LAYOUT's, and the GPU benchmark is to pick between them.
-#   "narrow": 4 to 8 warps, one row per program from 1024 features (Liger's layout and warps), so
-#     3 to 10 programs fit on an SM at N = 768-8192, and at least 2 from 512 up whatever N % 16
-#     (python -m kernels.compile, Triton 3.6 and 3.9); past 2048 two rows at a time are streamed
-#     in 1024-wide chunks (2 to 4 programs per SM), as a 4096-wide row at 8 warps holds 1 program
-#     per SM where N % 16 > 0 and one RMS build spills. The chunked kernel reads x and dy twice
-#     (the second time from L2) and adds into its fp32 partial rows (in L2) once per 2 rows: per
-#     bf16 row of 4096, 48 KB of extra L2 traffic beside the 24-32 KB from memory that both
-#     kernels move, so "wide" (one pass) may well be faster there. maxnreg 128: without a budget Triton 3.6's ptxas
-#     aims the fp16 sm_80 build at 48 registers and spills.
+#   "narrow": 4 to 8 warps, one row per program from 1024 features (Liger's layout and warps):
+#     6 to 10 programs fit on an SM at N = 1024, 3 to 5 at 2048, at least 2 from 512 up whatever
+#     N % 16 (python -m kernels.compile, Triton 3.6 and 3.9). Past 2048, two rows at a time are
+#     streamed in 1024-wide chunks (2 to 4 programs per SM), as a 4096-wide row at 8 warps holds
+#     1 program per SM where N % 16 > 0 and one RMS build spills. The chunked kernel reads x and
+#     dy twice (the second time from L2) and adds into its fp32 partial rows (in L2) once per 2
+#     rows: per bf16 row of 4096, 48 KB of L2 traffic beside the 24-32 KB from memory that both
+#     kernels move, so "wide" (one pass) may well be faster there. maxnreg 128: without a budget,
+#     Triton 3.6's ptxas aims the fp16 sm_80 build at 48 registers and spills.
 #   "wide": the layout before it: 16 warps, one pass up to 4096 features, chunked past it (2 rows
 #     per partial-row update). Its 16-bit LayerNorm sm_90 builds take 76-86 registers at N = 1024
 #     and 2048 under both Triton versions, and 74 at 4096 under 3.9 (64 under 3.6): 1 program per SM.
