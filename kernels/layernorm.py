@@ -24,6 +24,7 @@ are 1-D (axis x, up to 2^31 - 1 programs); row offsets are 64-bit.
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -261,25 +262,59 @@ def _ln_bwd_reduce_kernel(Partial, Out, P, N, BLOCK_P: tl.constexpr, BLOCK_C: tl
     tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=cols < N)
 
 
-# Launch tables: (BLOCK_N, rows per program, warps, chunked). A row of N features takes the
-# first unchunked entry with BLOCK_N >= N, else the chunked one (the row streamed in chunks).
-# Short rows are packed several to a tile. Each thread holds about 16 values per tensor in the
-# forward and 8 in the backward (which keeps x, dy, w and two accumulators live); one step
-# further (forward 16384, backward 8192) and the sm_90 builds spill registers (see
-# python -m kernels.compile). The backward runs 16 warps per program and 2 programs per SM,
-# so there are few partial rows to reduce; its chunked variant adds into its partial rows
-# (in L2) once per 2 rows. N <= 128 runs 8 warps both ways: with 4 (forward) or 16 (backward),
-# Triton 3.6's ptxas spills 8 B in the N % 16 > 0 builds.
+# Launch tables, the forward's of (BLOCK_N, rows per program, warps, chunked). A row of N features
+# takes the first unchunked entry with BLOCK_N >= N, else the chunked one (the row streamed in chunks).
+# Short rows are packed several to a tile. The forward holds about 16 values per thread per
+# tensor up to 8192 features and 32 at 16384 (16 warps; 32 warps spill under both Triton
+# versions, see python -m kernels.compile). N <= 128 runs 8 warps both ways: with 4 (forward)
+# or 16 (backward), Triton 3.6's ptxas spills 8 B in the N % 16 > 0 builds.
 _FWD_CONFIGS = (
     (64, 32, 4, False), (128, 16, 8, False), (256, 8, 4, False), (512, 4, 4, False),
     (1024, 2, 4, False), (2048, 1, 4, False), (4096, 1, 8, False), (8192, 1, 16, False),
-    (8192, 1, 16, True),
+    (16384, 1, 16, False), (8192, 1, 16, True),
 )
-_BWD_CONFIGS = (
-    (64, 64, 16, False), (128, 16, 8, False), (256, 16, 16, False), (512, 8, 16, False),
-    (1024, 4, 16, False), (2048, 2, 16, False), (4096, 1, 16, False),
-    (2048, 2, 16, True),
-)
+# The backward keeps x, dy, w and the two accumulators live: 8 values per thread per tensor take
+# 64-82 registers, and a wider tile (16 per thread) 120-164 or spills. Two layouts, one table of
+# _Bwd entries each; the launcher runs BWD_LAYOUT's, and the GPU benchmark is to pick between them.
+#   "narrow": 4 to 8 warps, one row per program from 1024 features (Liger's layout and warps):
+#     6 to 10 programs fit on an SM at N = 1024, 3 to 5 at 2048, at least 2 from 512 up whatever
+#     N % 16 (python -m kernels.compile, Triton 3.6 and 3.9). Past 2048, two rows at a time are
+#     streamed in 1024-wide chunks (2 to 4 programs per SM), as a 4096-wide row at 8 warps holds
+#     1 program per SM where N % 16 > 0 and one RMS build spills. The chunked kernel reads x and
+#     dy twice (the second time from L2) and adds into its fp32 partial rows (in L2) once per 2
+#     rows: per bf16 row of 4096, 48 KB of L2 traffic beside the 24-32 KB from memory that both
+#     kernels move, so "wide" (one pass) may well be faster there. maxnreg 128: without a budget,
+#     Triton 3.6's ptxas aims the fp16 sm_80 build at 48 registers and spills.
+#   "wide": the layout before it: 16 warps, one pass up to 4096 features, chunked past it (2 rows
+#     per partial-row update). Its 16-bit LayerNorm sm_90 builds take 76-86 registers at N = 1024
+#     and 2048 under both Triton versions, and 74 at 4096 under 3.9 (64 under 3.6): 1 program per SM.
+
+
+class _Bwd(NamedTuple):
+    block_n: int
+    rows: int  # per program and step; each program walks row blocks p, p + P, p + 2P, ...
+    warps: int
+    chunked: bool
+    # Programs started per SM: the fewest that fit in the compile table's N % 16 == 0 builds (both
+    # archs and Triton versions), so that every program runs at once: one more than fit would
+    # run after the others, with all its rows.
+    per_sm: int
+    maxnreg: int | None = None  # ptxas's register budget (kernels/launch.py), None: its own choice
+
+
+_BWD_CONFIGS = {
+    "narrow": (
+        _Bwd(64, 64, 16, False, 2), _Bwd(128, 16, 8, False, 3), _Bwd(256, 16, 16, False, 1),
+        _Bwd(512, 4, 8, False, 3), _Bwd(1024, 1, 4, False, 7), _Bwd(2048, 1, 8, False, 3),
+        _Bwd(1024, 2, 8, True, 2, maxnreg=128),
+    ),
+    "wide": (
+        _Bwd(64, 64, 16, False, 2), _Bwd(128, 16, 8, False, 3), _Bwd(256, 16, 16, False, 1),
+        _Bwd(512, 8, 16, False, 1), _Bwd(1024, 4, 16, False, 1), _Bwd(2048, 2, 16, False, 1),
+        _Bwd(4096, 1, 16, False, 1), _Bwd(2048, 2, 16, True, 1),
+    ),
+}
+BWD_LAYOUT = "narrow"  # the default until a GPU has measured both (benchmarks/layernorm.py)
 # The partial-row reduction: (largest N, BLOCK_P, BLOCK_C, warps). Narrow column blocks give
 # short rows enough programs; wide ones keep the program count sane for long rows.
 _REDUCE_CONFIGS = ((8192, 128, 32, 8), (MAX_N, 32, 256, 8))
@@ -364,9 +399,10 @@ def _forward_launches(x, residual, weight, bias, eps, rms=False):
     return [launch], y, s, mean, rstd
 
 
-def _backward_launches(dy, ds, s, weight, bias, mean, rstd, num_sms):
+def _backward_launches(dy, ds, s, weight, bias, mean, rstd, num_sms, layout=None):
     """The backward's launches, and dx (the gradient of s, ds included; s's shape), dweight and
-    dbias that they will write; mean None: RMSNorm's. Reads no data, like _forward_launches."""
+    dbias that they will write; mean None: RMSNorm's. layout: a key of _BWD_CONFIGS (default
+    BWD_LAYOUT). Reads no data, like _forward_launches."""
     rms = mean is None
     mean = rstd if rms else mean  # RMS: any pointer, never read
     weight, bias = _contiguous(weight), _contiguous(bias)
@@ -377,20 +413,20 @@ def _backward_launches(dy, ds, s, weight, bias, mean, rstd, num_sms):
     ds2 = _as_rows(ds, n) if ds is not None else dy2
     dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     dx2 = dx.view(m, n)
-    block_n, rows, warps, chunked = _pick(_BWD_CONFIGS, n)
-    # Enough programs to fill the GPU (about 32 warps per SM); each walks several row blocks.
-    progs = max(1, min(triton.cdiv(m, rows), num_sms * max(1, 32 // warps)))
-    alloc = torch.zeros if chunked else torch.empty  # the chunked kernel adds into its partial rows
+    cfg = _pick(_BWD_CONFIGS[layout or BWD_LAYOUT], n)
+    # As many programs as fit on the GPU at once; each walks several row blocks.
+    progs = max(1, min(triton.cdiv(m, cfg.rows), num_sms * cfg.per_sm))
+    alloc = torch.zeros if cfg.chunked else torch.empty  # the chunked kernel adds into its partial rows
     dw_part = alloc((progs, n), dtype=torch.float32, device=s2.device) if weight is not None else mean
     db_part = alloc((progs, n), dtype=torch.float32, device=s2.device) if bias is not None else mean
     # Launched even for zero rows: it then writes the zero partial sums.
     launches = [Launch(
-        _ln_bwd_dx_chunked_kernel if chunked else _ln_bwd_dx_kernel, checked_grid(progs),
+        _ln_bwd_dx_chunked_kernel if cfg.chunked else _ln_bwd_dx_kernel, checked_grid(progs),
         (s2, weight if weight is not None else s2, dy2, ds2, dx2, mean, rstd, dw_part, db_part,
          s2.stride(0), dy2.stride(0), ds2.stride(0), dx2.stride(0), m, n),
         dict(HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-             ROWS=rows, BLOCK_N=block_n, RMS=rms),
-        warps, _NUM_STAGES)]
+             ROWS=cfg.rows, BLOCK_N=cfg.block_n, RMS=rms),
+        cfg.warps, _NUM_STAGES, cfg.maxnreg)]
     grads = []
     for partial, param in ((dw_part, weight), (db_part, bias)):
         grads.append(None if param is None else torch.empty_like(param))
@@ -406,7 +442,7 @@ def _backward_launches(dy, ds, s, weight, bias, mean, rstd, num_sms):
 # largest N, which is a multiple of 16, and one less, which is not (Triton specialises N and the
 # row strides on divisibility by 16; rows are vector loads only when it holds); MAX_N for the
 # chunked kernels.
-_AOT_SIZES = sorted({n for table in (_FWD_CONFIGS, _BWD_CONFIGS) for block_n, *_ in table
+_AOT_SIZES = sorted({n for table in (_FWD_CONFIGS, *_BWD_CONFIGS.values()) for block_n, *_ in table
                      for n in (block_n, block_n - 1)} | {MAX_N, MAX_N - 1})
 _AOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Row strides, multiplied by int64 row indices (kernels/compile.py checks each build's PTX); the
@@ -425,13 +461,14 @@ def aot_configs(rms=False) -> list[dict]:
     """Every build the launchers pick, for kernels/compile.py, per arch, dtype and table entry, with
     N % 16 == 0 and not. Each holds the launcher's own Launch, computed on meta tensors (aligned like
     torch's allocations) in the heaviest variant: residual, weight and bias on (without them the
-    kernels only drop code). rms: RMSNorm's builds instead (no bias)."""
+    kernels only drop code), and both backward layouts. rms: RMSNorm's builds instead (no bias)."""
     configs = []
     for arch, dtype, n in itertools.product((80, 90), _AOT_DTYPES, _AOT_SIZES):
         x, residual, dy, ds = (torch.empty(4096, n, dtype=dtype, device="meta") for _ in range(4))
         weight, bias = torch.empty(n, dtype=dtype, device="meta"), None if rms else torch.empty(n, dtype=dtype, device="meta")
         launches, _, s2, mean, rstd = _forward_launches(x, residual, weight, bias, 1e-5, rms)
-        launches += _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms=132)[0]
+        for layout in _BWD_CONFIGS:  # a build both layouts run is one label: kernels/compile.py merges them
+            launches += _backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms=132, layout=layout)[0]
         for launch in launches:
             shape = " ".join(f"{k}={int(v)}" for k, v in launch.constexprs.items() if not k.startswith("HAS_") and k != "RMS")
             name = _AOT_NAMES[launch.kernel]
@@ -440,20 +477,23 @@ def aot_configs(rms=False) -> list[dict]:
             configs.append({
                 "kernel": name, "arch": arch, "launch": launch, "wgmma": False,
                 "wide": _WIDE_OFFSETS[launch.kernel],
-                "config": f"{_DTYPES[dtype]} N%16{'=0' if n % 16 == 0 else '>0'} {shape} w{launch.num_warps} s{launch.num_stages}",
+                "config": f"{_DTYPES[dtype]} N%16{'=0' if n % 16 == 0 else '>0'} {shape} w{launch.num_warps} s{launch.num_stages}"
+                          + (f" r{launch.maxnreg}" if launch.maxnreg else ""),
             })
     return configs
 
 
-# The anchor, beside one build of ours (kernels/compile.py prints them under its table): Liger's
-# src/liger_kernel/ops/layer_norm.py with utils.calculate_settings, at N = 4096.
+# The anchor, beside our builds at the same N (kernels/compile.py prints them under its table):
+# Liger's src/liger_kernel/ops/layer_norm.py with utils.calculate_settings, at N = 4096; the
+# backward beside both of our layouts.
+_LIGER_BWD = ("Liger: one program per SM, ceil(rows / SMs) rows each, one row at a time, BLOCK_SIZE next_pow2(N) "
+              "= 4096 in one pass, 8 warps; dW, dB partials [SMs, N] summed by torch")
 AOT_ANCHORS = (
     {"kernel": "ln_fwd", "arch": 90, "ours": "bf16 N%16=0 BLOCK_N=4096",
      "anchor": "Liger: one row per program, BLOCK_SIZE next_pow2(N) = 4096, 8 warps (4 below 2048, 16 from 8192, "
                "32 from 32768), single pass up to N = 65536"},
-    {"kernel": "ln_bwd_dx", "arch": 90, "ours": "bf16 N%16=0 BLOCK_N=4096",
-     "anchor": "Liger: one program per SM, ceil(rows / SMs) rows each, one row at a time, BLOCK_SIZE next_pow2(N), "
-               "default 4 warps; dW, dB partials [SMs, N] summed by torch"},
+    {"kernel": "ln_bwd_dx_chunked", "arch": 90, "ours": "bf16 N%16=0 ROWS=2 BLOCK_N=1024 w8", "anchor": _LIGER_BWD},
+    {"kernel": "ln_bwd_dx", "arch": 90, "ours": "bf16 N%16=0 ROWS=1 BLOCK_N=4096 w16", "anchor": _LIGER_BWD},
 )
 
 

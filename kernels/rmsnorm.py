@@ -9,8 +9,8 @@ LayerNorm with the mean fixed at 0 and no bias, so every difference is a line or
 kernels: the forward skips the mean (the chunked path sums squares instead of merging Chan's
 statistics) and stores only rstd; the backward's dx = rstd * (w*dy - xhat * mean(xhat * w*dy))
 loses LayerNorm's mean(w*dy) term. Everything else is the same code, and is what makes a norm
-kernel trustworthy: the launch tables (rows per program, warps, the chunked path past 8192
-features, each checked against register spills by kernels/compile.py), the launch grids checked
+kernel trustworthy: the launch tables (rows per program, warps, both backward layouts,
+the chunked paths, each checked against register spills by kernels/compile.py), the launch grids checked
 against CUDA's limits (kernels/launch.py), 64-bit row offsets, fp32 statistics whatever the input
 dtype, the per-row rstd saved for the backward, and dweight summed deterministically (per-program
 fp32 partial rows, then a reduction in a fixed order; no atomics). A second set of kernels would

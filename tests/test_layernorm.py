@@ -107,13 +107,40 @@ def test_optional_weight_and_bias(n, add, affine):
     check(got, want)
 
 
-@pytest.mark.parametrize("n,rows", [(8193, 3), (ln.MAX_N, 1)])
+@pytest.mark.parametrize("n,rows", [(16385, 2), (ln.MAX_N, 1)])
 def test_long_rows_streamed_in_chunks(n, rows):
     """Rows longer than the largest register tile take the chunked path, up to the limit."""
-    assert ln._pick(ln._BWD_CONFIGS, n)[3] and ln._pick(ln._FWD_CONFIGS, n)[3]
+    assert ln._pick(ln._FWD_CONFIGS, n)[3] and all(ln._pick(table, n)[3] for table in ln._BWD_CONFIGS.values())
     inp = make_inputs((rows,), n, seed=n)
     want = run(reference.add_layer_norm, inp, torch.float64, True)
     check(run(kernels.add_layer_norm, inp, torch.float32, True), want)
+
+
+def test_one_pass_forward_up_to_16384():
+    """Rows of 8193 to 16384 features are read once in the forward (its 16384 tile)."""
+    n = 12289
+    assert not ln._pick(ln._FWD_CONFIGS, n)[3]
+    inp = make_inputs((2,), n, seed=n)
+    check(run(kernels.add_layer_norm, inp, torch.float32, True), run(reference.add_layer_norm, inp, torch.float64, True))
+
+
+def entry_sizes(table):
+    """An N with N % 16 > 0 that picks each entry of a backward table: one below the tile width, and
+    for the chunked entry 2 chunks and 1 feature (a last chunk of one column)."""
+    sizes = [2 * block_n + 1 if chunked else block_n - 1 for block_n, _, _, chunked, *_ in table]
+    assert [ln._pick(table, n) for n in sizes] == list(table)
+    return sizes
+
+
+@pytest.mark.parametrize("layout", sorted(ln._BWD_CONFIGS))
+def test_each_backward_layout_entry(layout, monkeypatch):
+    """Both backward layouts, every entry (one build of each; the other specialisations are
+    kernels/compile.py's), against float64 in fp32 on 9 rows."""
+    monkeypatch.setattr(ln, "BWD_LAYOUT", layout)
+    for n in entry_sizes(ln._BWD_CONFIGS[layout]):
+        inp = make_inputs((9,), n, seed=n)
+        want = run(reference.add_layer_norm, inp, torch.float64, True)
+        check(run(kernels.add_layer_norm, inp, torch.float32, True), want)
 
 
 @pytest.mark.cuda
@@ -146,7 +173,8 @@ def test_launch_grids_fit_cuda_limits(m):
         except ValueError as err:
             assert "CUDA's limit" in str(err) and triton.cdiv(m, ln._pick(ln._FWD_CONFIGS, n)[1]) > MAX_GRID[0]
             continue
-        launches += ln._backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms=132)[0]
+        for layout in ln._BWD_CONFIGS:
+            launches += ln._backward_launches(dy, ds, s2, weight, bias, mean, rstd, num_sms=132, layout=layout)[0]
         for launch in launches:
             assert len(launch.grid) == 1 and 1 <= launch.grid[0] <= MAX_GRID[0]
 
@@ -289,7 +317,7 @@ def test_bad_inputs_raise_value_error(call, match):
 
 def test_aot_builds_are_every_launch_choice():
     """kernels/compile.py builds the launchers' own launches: every table entry (forward, both backward
-    kernels, the reduction) for each dtype, with N % 16 == 0 and not, per arch."""
+    kernels in both layouts, the reduction) for each dtype, with N % 16 == 0 and not, per arch."""
     built = {(c["arch"], c["kernel"], c["config"].split()[0], c["config"].split()[1],
               c["launch"].constexprs.get("BLOCK_N"), c["launch"].constexprs.get("ROWS"), c["launch"].num_warps)
              for c in ln.aot_configs() if c["kernel"] != "ln_bwd_reduce"}
@@ -297,7 +325,7 @@ def test_aot_builds_are_every_launch_choice():
     for arch, dtype, divisible in itertools.product((80, 90), ("bf16", "fp16", "fp32"), ("N%16=0", "N%16>0")):
         for block_n, rows, warps, chunked in ln._FWD_CONFIGS:
             expected.add((arch, "ln_fwd", dtype, divisible, block_n, rows, warps))
-        for block_n, rows, warps, chunked in ln._BWD_CONFIGS:
+        for block_n, rows, warps, chunked, *_ in itertools.chain(*ln._BWD_CONFIGS.values()):
             expected.add((arch, "ln_bwd_dx_chunked" if chunked else "ln_bwd_dx", dtype, divisible, block_n, rows, warps))
     assert built == expected
     reduce = {(c["arch"], c["config"].split()[0], c["config"].split()[1], c["launch"].constexprs["BLOCK_P"],

@@ -21,7 +21,7 @@ from engine import reference
 from kernels import layernorm as ln
 from kernels import rmsnorm
 from kernels.launch import MAX_GRID
-from test_layernorm import DEVICE, assert_bitwise_equal_over_3_runs, assert_ops_change_nothing, max_err
+from test_layernorm import DEVICE, assert_bitwise_equal_over_3_runs, assert_ops_change_nothing, entry_sizes, max_err
 from test_layernorm import run as layernorm_run
 
 pytestmark = pytest.mark.usefixtures("nan_poisoned_outputs")  # conftest.py: outputs start as NaN
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("nan_poisoned_outputs")  # conftest.py: out
 EPS = 1e-6
 # Leading shapes of 1 to 3 dims, holding 1, 3 and 129 rows.
 LEADS = {1: (1,), 3: (3, 1, 1), 129: (1, 129)}
-CHUNKED_N = 8193  # past the largest register tile of both the forward (8192) and the backward (4096)
+# Past the forward's 8192 tile (its 16384 one) and past every backward table's last tile (chunked).
+LONG_N = 8193
 
 
 def make_inputs(lead, n, seed=0, weight=True):
@@ -79,22 +80,30 @@ def compare(inp, dtype, add):
 @pytest.mark.parametrize("add", [False, True], ids=["rms", "add_rms"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("rows", [1, 3, 129])
-@pytest.mark.parametrize("n", [1, 7, 129, 1000, CHUNKED_N])
+@pytest.mark.parametrize("n", [1, 7, 129, 1000, LONG_N])
 def test_matches_float64_reference(n, rows, dtype, add):
-    if n == CHUNKED_N and rows == 129 and (dtype, add) != (torch.float32, True):
+    if n == LONG_N and rows == 129 and (dtype, add) != (torch.float32, True):
         pytest.skip("time (the interpreter): the chunked path walks 129 rows once, in fp32 with the residual")
     compare(make_inputs(LEADS[rows], n, seed=n * 1000 + rows), dtype, add)
 
 
 @pytest.mark.parametrize("add", [False, True], ids=["rms", "add_rms"])
-@pytest.mark.parametrize("n", [7, 1000, CHUNKED_N])
+@pytest.mark.parametrize("n", [7, 1000, LONG_N])
 def test_without_weight(n, add):
     compare(make_inputs((2, 3), n, seed=n, weight=False), torch.float32, add)
 
 
+@pytest.mark.parametrize("layout", sorted(ln._BWD_CONFIGS))
+def test_each_backward_layout_entry(layout, monkeypatch):
+    """Both backward layouts, every entry (test_layernorm's sizes), with RMS on: 9 rows, fp32."""
+    monkeypatch.setattr(ln, "BWD_LAYOUT", layout)
+    for n in entry_sizes(ln._BWD_CONFIGS[layout]):
+        compare(make_inputs((9,), n, seed=n), torch.float32, True)
+
+
 def test_longest_rows():
     """N = MAX_N, the limit: the chunked kernels walk 8 (forward) and 32 (backward) chunks."""
-    assert ln._pick(ln._FWD_CONFIGS, ln.MAX_N)[3] and ln._pick(ln._BWD_CONFIGS, ln.MAX_N)[3]
+    assert ln._pick(ln._FWD_CONFIGS, ln.MAX_N)[3] and all(ln._pick(t, ln.MAX_N)[3] for t in ln._BWD_CONFIGS.values())
     compare(make_inputs((1,), ln.MAX_N, seed=5), torch.float32, True)
 
 
@@ -193,7 +202,8 @@ def test_launch_grids_fit_cuda_limits(m):
             assert "CUDA's limit" in str(err) and triton.cdiv(m, ln._pick(ln._FWD_CONFIGS, n)[1]) > MAX_GRID[0]
             continue
         assert mean is None and all(launch.constexprs["RMS"] for launch in launches)
-        launches += ln._backward_launches(dy, ds, s2, weight, None, mean, rstd, num_sms=132)[0]
+        for layout in ln._BWD_CONFIGS:
+            launches += ln._backward_launches(dy, ds, s2, weight, None, mean, rstd, num_sms=132, layout=layout)[0]
         for launch in launches:
             assert len(launch.grid) == 1 and 1 <= launch.grid[0] <= MAX_GRID[0]
 
@@ -210,7 +220,7 @@ def test_aot_builds_are_every_launch_choice():
     for arch, dtype, divisible in itertools.product((80, 90), ("bf16", "fp16", "fp32"), ("N%16=0", "N%16>0")):
         for block_n, rows, warps, chunked in ln._FWD_CONFIGS:
             expected.add((arch, "rms_fwd", dtype, divisible, block_n, rows, warps))
-        for block_n, rows, warps, chunked in ln._BWD_CONFIGS:
+        for block_n, rows, warps, chunked, *_ in itertools.chain(*ln._BWD_CONFIGS.values()):
             expected.add((arch, "rms_bwd_dx_chunked" if chunked else "rms_bwd_dx", dtype, divisible, block_n, rows, warps))
     assert built == expected
     for c in configs:
