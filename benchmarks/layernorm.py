@@ -8,9 +8,12 @@ reference and Liger's RMSNorm, the same way.
 GB/s counts the tensors that must cross memory (weights are negligible): forward reads x and
 writes y; backward reads x and dy and writes dx; "both" is the sum of the two. bf16, M = 32768
 rows, N from 768 to 16384 on a GPU; --toy is a tiny fp32 run on the CPU (Triton interpreter).
+The provider "triton" runs the default backward layout (kernels.layernorm.BWD_LAYOUT) and
+"triton-<other>" the other one, so that a GPU run can pick between them (issue 19).
 Writes <op>.csv and <op>.png (layernorm.csv, rmsnorm.csv) under
 benchmarks/results/<hardware>-<date>/ (or --out).
 """
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -25,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import copy_gbps, kernel_bench_args, plot_lines, results_dir, sig, time_pass, write_csv  # noqa: E402
 from engine import reference  # noqa: E402
-from kernels import layer_norm, rms_norm  # noqa: E402
+from kernels import layer_norm, layernorm, rms_norm  # noqa: E402
 
 COLUMNS = ("mode", "N", "M", "dtype", "provider", "ms", "GB/s", "copy GB/s", "fraction of copy")
 MODES = {"forward": 2, "backward": 3, "both": 5}  # tensors of M x N moved
@@ -61,6 +64,16 @@ def providers(on_gpu: bool, op: str = "layernorm") -> dict:
     return found
 
 
+@contextlib.contextmanager
+def backward_layout(layout: str):
+    """Run the LayerNorm/RMSNorm backward kernels with this layout's table (kernels.layernorm._BWD_CONFIGS)."""
+    saved, layernorm.BWD_LAYOUT = layernorm.BWD_LAYOUT, layout
+    try:
+        yield
+    finally:
+        layernorm.BWD_LAYOUT = saved
+
+
 def timed(fn, x, params, dy, mode: str, **reps) -> float:
     """Milliseconds of one pass (common.time_pass) of fn(x, *params, eps)."""
     return time_pass(lambda: fn(x, *params, 1e-5), (x, *params), dy, mode, **reps)
@@ -72,6 +85,9 @@ def main(argv=None) -> list[dict]:
     dtype, m, sizes = (torch.bfloat16, 32768, (768, 1024, 2048, 4096, 8192, 16384)) if on_gpu else (torch.float32, 16, (16, 64))
 
     fns = providers(on_gpu, args.op)
+    layouts = {"triton": layernorm.BWD_LAYOUT, **{f"triton-{other}": other for other in layernorm._BWD_CONFIGS
+                                                   if other != layernorm.BWD_LAYOUT}}
+    fns.update({name: fns["triton"] for name in layouts if name != "triton"})
     rows = []
     for n in sizes:
         x = torch.randn(m, n, device=device, dtype=dtype, requires_grad=True)
@@ -82,7 +98,8 @@ def main(argv=None) -> list[dict]:
         copy = copy_gbps(x, **reps)
         for name, fn in fns.items():
             for mode, tensors in MODES.items():
-                ms = timed(fn, x, params, dy, mode, **reps)
+                with backward_layout(layouts.get(name, layernorm.BWD_LAYOUT)):
+                    ms = timed(fn, x, params, dy, mode, **reps)
                 gbps = tensors * nbytes / ms / 1e6
                 rows.append(dict(zip(COLUMNS, (mode, n, m, str(dtype).removeprefix("torch."), name, round(ms, 4),
                                                sig(gbps), sig(copy), sig(gbps / copy)))))
@@ -97,13 +114,14 @@ def main(argv=None) -> list[dict]:
 
 
 def _summary(rows):
-    """The issue's targets: forward vs copy for N >= 1024, fwd+bwd vs torch eager and Liger."""
+    """The issue's targets: forward vs copy for N >= 1024, fwd+bwd vs torch eager and Liger (and the
+    default backward layout against the other)."""
     by = {(r["mode"], r["N"], r["provider"]): r for r in rows}
     for (mode, n, name), r in sorted(by.items()):
         if name != "triton":
             continue
         parts = [f"{mode:8s} N={n:5d}: {r['GB/s']:.4g} GB/s = {100 * r['fraction of copy']:.3g}% of copy"]
-        for other in ("torch", "torch.compile", "liger"):
+        for other in ("torch", "torch.compile", "liger", *sorted({p for _, _, p in by if p.startswith("triton-")})):
             if (mode, n, other) in by:
                 parts.append(f"{by[(mode, n, other)]['ms'] / r['ms']:.3g}x {other}")
         print(", ".join(parts))
