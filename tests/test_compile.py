@@ -202,3 +202,22 @@ def test_record_serves_unchanged_builds_and_compiles_changed_ones(tmp_path, monk
     path = tmp_path / "record.json"
     aot.write_record(path, new)
     assert aot.read_record(path) == new and aot.read_record(tmp_path / "none.json") == {}
+
+
+@pytest.mark.slow
+def test_layernorm_backward_starts_no_more_programs_per_sm_than_fit(rows):
+    """kernels/layernorm.py's backward tables say how many programs to start per SM (per_sm), copied
+    from this table: every N % 16 == 0 build of an entry (LayerNorm and RMSNorm, each dtype) must hold
+    that many CTAs per SM, or the last programs run after the others with all their rows."""
+    from kernels import layernorm
+
+    checked = 0
+    for layout, entries in layernorm._BWD_CONFIGS.items():
+        for e in entries:
+            words = {"N%16=0", f"ROWS={e.rows}", f"BLOCK_N={e.block_n}", f"w{e.warps}"} | ({f"r{e.maxnreg}"} if e.maxnreg else set())
+            kernels = {f"{p}_bwd_dx{'_chunked' if e.chunked else ''}" for p in ("ln", "rms")}
+            for r in rows:
+                if r["kernel"] in kernels and words <= set(r["config"].split()):
+                    assert e.per_sm <= r["ctas"], (layout, e, r)
+                    checked += 1
+    assert checked >= 20 * len(ARCHS)
