@@ -32,14 +32,11 @@ here: run --space under one Triton version and --space --intersect under the oth
 two candidates, tiny fp16 shapes, wall-clock timing; it never rewrites the committed table.
 """
 import argparse
-import concurrent.futures
 import contextlib
 import copy
-import csv
 import datetime
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -48,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import results_dir, time_ms  # noqa: E402
+from benchmarks.common import results_dir, time_ms, write_csv  # noqa: E402
 from engine import reference  # noqa: E402
 from kernels import attention as attn  # noqa: E402
 
@@ -180,14 +177,6 @@ def _build(e: dict, c: list[int], causal: bool) -> dict:
     return {**attn._aot_entry(launch, arch, dtype, "decode" if kind == "decode" else "fwd"), "launches": [launch]}
 
 
-_BUILDS: list[dict] = []  # what the forked compile workers read
-
-
-def _compile(i: int) -> dict:
-    from kernels.compile import compile_one  # imports triton's compiler: only here, offline
-    return compile_one(_BUILDS[i])
-
-
 def filter_space(doc: dict, archs, intersect: bool, jobs: int) -> tuple[dict, list[dict]]:
     """(doc with each entry's candidates = its space that compiles clean here, the compile rows). The
     entry's own config is always kept first: the AOT table (python -m kernels.compile) checks it in
@@ -199,9 +188,9 @@ def filter_space(doc: dict, archs, intersect: bool, jobs: int) -> tuple[dict, li
             tried = [c for c in space(e) if c in e.get("candidates", [])] if intersect else space(e)
             todo += [(e, c, build) for c in tried if c != config(e) for build in representative_builds(e, c)]
             e["candidates"] = [config(e)]
-    _BUILDS[:] = [build for _, _, build in todo]
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        rows = list(pool.map(_compile, range(len(todo))))
+    from kernels.compile import compile_builds  # imports triton's compiler: only here, offline
+
+    rows = compile_builds([build for _, _, build in todo], jobs)
     failed = set()
     for (e, c, _), row in zip(todo, rows):
         row["entry"], row["candidate"] = key(e), c
@@ -269,19 +258,17 @@ def measure(e: dict, c: list[int], device, dtype, shapes, timer) -> dict:
     return row
 
 
-def write_csv(path: Path, measured: dict):
-    """Every candidate's figures: measured = {entry key: (entry, rows)}."""
-    with open(path, "w", newline="") as f:
-        out = csv.DictWriter(f, CSV_FIELDS)
-        out.writeheader()
-        for e, rows in measured.values():
-            best = winner(rows)
-            for r in rows:
-                out.writerow({**dict(zip(attn._KEY_FIELDS, key(e))), **dict(zip(attn._CONFIG_FIELDS, r["candidate"])),
-                              "shipped": r["candidate"] == config(e), "correct": r["correct"],
-                              "max_err": "" if r["max_err"] is None else f"{r['max_err']:.3g}",
-                              "ms": "" if r["ms"] is None else f"{r['ms']:.4g}", "winner": r["candidate"] == best,
-                              "note": r["note"]})
+def csv_rows(measured: dict) -> list[dict]:
+    """Every candidate's figures (columns CSV_FIELDS): measured = {entry key: (entry, rows)}."""
+    out = []
+    for e, rows in measured.values():
+        best = winner(rows)
+        out += [{**dict(zip(attn._KEY_FIELDS, key(e))), **dict(zip(attn._CONFIG_FIELDS, r["candidate"])),
+                 "shipped": r["candidate"] == config(e), "correct": r["correct"],
+                 "max_err": "" if r["max_err"] is None else f"{r['max_err']:.3g}",
+                 "ms": "" if r["ms"] is None else f"{r['ms']:.4g}", "winner": r["candidate"] == best,
+                 "note": r["note"]} for r in rows]
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -348,7 +335,7 @@ def main(argv=None) -> int:
         e_dtype = dtype if e["dtype"] == "16-bit" else torch.float32
         rows = [measure(e, c, device, e_dtype, shapes, timer) for c in e["candidates"][:per_entry]]
         measured[key(e)] = (e, rows)
-        write_csv(out / "attention_tuning.csv", measured)  # after every entry: a capped run keeps what it measured
+        write_csv(csv_rows(measured), out / "attention_tuning.csv")  # after every entry: a capped run keeps what it measured
         shipped = rows[0]["ms"] if rows[0]["candidate"] == config(e) else None
         best = winner(rows)
         best_ms = next((r["ms"] for r in rows if r["candidate"] == best), None)

@@ -208,15 +208,29 @@ def write_record(path: Path, record: dict):
     path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
 
 
-def _compile_index(modules, index):
-    return compile_one(collect_configs(modules)[index])
+_BUILDS: list[dict] = []  # what the forked compile workers read
+
+
+def _compile_built(index: int) -> dict:
+    return compile_one(_BUILDS[index])
+
+
+def compile_builds(builds: list[dict], jobs: int | None = None) -> list[dict]:
+    """compile_one of each build (entries like collect_configs' ones), on `jobs` processes."""
+    jobs = min(jobs or os.cpu_count() or 1, max(len(builds), 1))
+    if jobs == 1:
+        return [compile_one(b) for b in builds]
+    # fork: the workers inherit the imported kernels and the builds; each compile is independent and CPU-bound
+    _BUILDS[:] = builds
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_compile_built, range(len(builds))))
 
 
 def compile_all(archs=(80, 90), jobs: int | None = None, modules: tuple[str, ...] = MODULES,
                 record: dict | None = None, sample: bool = False) -> list[dict]:
     """Compile every build of `modules` for each of `archs`, on `jobs` processes, except those whose
-    key is in `record` (their recorded row is returned, with "seconds" None). sample: only the first
-    build of each kernel and arch."""
+    key is in `record` (their recorded row is returned, with "seconds" None); with a record, every
+    row carries its build's "key". sample: only the first build of each kernel and arch."""
     builds = collect_configs(modules)
     work = [i for i, cfg in enumerate(builds) if cfg["arch"] in archs]
     if sample:
@@ -224,31 +238,22 @@ def compile_all(archs=(80, 90), jobs: int | None = None, modules: tuple[str, ...
         for i in work:
             firsts.setdefault((builds[i]["kernel"], builds[i]["arch"]), i)
         work = sorted(firsts.values())
-    record = record or {}
-    keys = {i: build_key(builds[i]) for i in work} if record else {}
-    todo = [i for i in work if keys.get(i) not in record]
-    jobs = min(jobs or os.cpu_count() or 1, max(len(todo), 1))
-    if jobs == 1:
-        compiled = [_compile_index(modules, i) for i in todo]
-    else:
-        # fork: the workers inherit the imported kernels and the collected builds; each compile is
-        # independent and CPU-bound
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            compiled = list(pool.map(functools.partial(_compile_index, modules), todo))
-    rows = dict(zip(todo, compiled))
-    return [rows[i] if i in rows else {**record[keys[i]], "seconds": None} for i in work]
+    if record is None:
+        return compile_builds([builds[i] for i in work], jobs)
+    keys = {i: build_key(builds[i]) for i in work}
+    todo = [i for i in work if keys[i] not in record]
+    rows = dict(zip(todo, compile_builds([builds[i] for i in todo], jobs)))
+    return [{**(rows[i] if i in rows else {**record[keys[i]], "seconds": None}), "key": keys[i]} for i in work]
 
 
 def updated_record(record: dict, rows: list[dict], archs, modules: tuple[str, ...] = MODULES) -> dict:
     """The record with this Triton version's entries for `archs` and `modules` replaced by `rows`
-    (the other versions' and archs' entries kept as they are)."""
+    (compile_all's with a record: each carries its key; the other versions' and archs' entries kept)."""
     kernels = {cfg["kernel"] for cfg in collect_configs(modules)}
     mine = lambda row: row["triton"] == triton.__version__ and int(row["arch"][3:]) in archs and row["kernel"] in kernels  # noqa: E731
     kept = {k: row for k, row in record.items() if not mine(row)}
-    builds = {(cfg["kernel"], f"sm_{cfg['arch']}", cfg["config"]): cfg for cfg in collect_configs(modules)}
     for row in rows:
-        kept[build_key(builds[row["kernel"], row["arch"], row["config"]])] = {
-            **{c: row[c] for c in RECORDED}, "triton": triton.__version__}
+        kept[row["key"]] = {**{c: row[c] for c in RECORDED}, "triton": triton.__version__}
     return kept
 
 

@@ -302,15 +302,14 @@ class _Bwd(NamedTuple):
     maxnreg: int | None = None  # ptxas's register budget (kernels/launch.py), None: its own choice
 
 
+_SHORT_ROWS = (_Bwd(64, 64, 16, False, 2), _Bwd(128, 16, 8, False, 3), _Bwd(256, 16, 16, False, 1))  # both layouts
 _BWD_CONFIGS = {
     "narrow": (
-        _Bwd(64, 64, 16, False, 2), _Bwd(128, 16, 8, False, 3), _Bwd(256, 16, 16, False, 1),
-        _Bwd(512, 4, 8, False, 3), _Bwd(1024, 1, 4, False, 7), _Bwd(2048, 1, 8, False, 3),
+        *_SHORT_ROWS, _Bwd(512, 4, 8, False, 3), _Bwd(1024, 1, 4, False, 7), _Bwd(2048, 1, 8, False, 3),
         _Bwd(1024, 2, 8, True, 2, maxnreg=128),
     ),
     "wide": (
-        _Bwd(64, 64, 16, False, 2), _Bwd(128, 16, 8, False, 3), _Bwd(256, 16, 16, False, 1),
-        _Bwd(512, 8, 16, False, 1), _Bwd(1024, 4, 16, False, 1), _Bwd(2048, 2, 16, False, 1),
+        *_SHORT_ROWS, _Bwd(512, 8, 16, False, 1), _Bwd(1024, 4, 16, False, 1), _Bwd(2048, 2, 16, False, 1),
         _Bwd(4096, 1, 16, False, 1), _Bwd(2048, 2, 16, True, 1),
     ),
 }

@@ -214,16 +214,18 @@ def test_tuning_target_reads_shipped_over_winner(tmp_path):
         "not measured: tuning step not run (gpu_suite.sh --tune)", "not measured")
 
 
-def fake_compile(i: int) -> dict:
-    """kernels/compile.py's row for build i of the space, without compiling: 128-wide key tiles spill in
+def fake_compile(build: dict) -> dict:
+    """kernels/compile.py's row for a build of the space, without compiling: 128-wide key tiles spill in
     the full (non-causal) build only."""
-    label = tune._BUILDS[i]["config"]
-    return {"kernel": tune._BUILDS[i]["kernel"], "arch": f"sm_{tune._BUILDS[i]['arch']}", "config": label,
+    label = build["config"]
+    return {"kernel": build["kernel"], "arch": f"sm_{build['arch']}", "config": label,
             "status": "spills" if "full" in label and "BN=128" in label else "ok"}
 
 
 def test_space_filter_drops_a_candidate_when_any_of_its_builds_fails(monkeypatch):
-    monkeypatch.setattr(tune, "_compile", fake_compile)
+    from kernels import compile as aot
+
+    monkeypatch.setattr(aot, "compile_one", fake_compile)
     d = doc()
     entry = next(e for e in d["entries"] if tune.key(e) == tuple(E.values()))
     new, rows = tune.filter_space(d, [90], intersect=False, jobs=1)
