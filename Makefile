@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # torch is pinned here (a CPU build sits on the dev machines' disk); pyproject keeps a range.
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -32,7 +32,7 @@ COMPAT_TESTS := tests/test_attention.py tests/test_layernorm.py tests/test_rmsno
 
 # The pins and the project in one install: pip keeps the pins or stops with a conflict against
 # pyproject's ranges, never swaps one for another version.
-$(COMPAT_STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
+$(COMPAT_STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT)
 	$(COMPAT_PY) -m pip install -q --upgrade pip
 	$(COMPAT_PY) -m pip install -q -e ".[dev]" $(COMPAT_PINS)
@@ -60,4 +60,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/cpu_suite.py
 
 clean:
-	rm -rf $(VENV) $(COMPAT) build *.egg-info engine/_sampler*.so
+	rm -rf $(VENV) $(COMPAT) build *.egg-info engine/_sampler*.so engine/_decode_attention*.so

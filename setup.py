@@ -1,7 +1,10 @@
-"""Builds the C++ sampling extension (engine._sampler) when its sources are present.
+"""Builds the C++ extensions when their sources are present: the sampling loop (engine._sampler)
+and the CPU decode attention (engine._decode_attention).
 
 Everything else about the package lives in pyproject.toml.
 """
+import platform
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -18,6 +21,23 @@ if Path("csrc/sampler.cpp").exists():
             # no FMA contraction: the C++ and reference samplers must round identically
             extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
             extra_link_args=["-pthread"],
+        )
+    )
+if Path("csrc/decode_attention.cpp").exists():
+    from pybind11.setup_helpers import Pybind11Extension
+
+    glibc_x86 = sys.platform == "linux" and platform.machine() == "x86_64"
+    fast_math, libmvec = (["-ffast-math"], ["-lmvec"]) if glibc_x86 else ([], [])
+
+    ext_modules.append(
+        Pybind11Extension(
+            "engine._decode_attention",
+            ["csrc/decode_attention.cpp"],
+            cxx_std=17,
+            # vectorised reductions (omp simd); on x86-64 Linux also vectorised exp from glibc's
+            # libmvec, which gcc calls only under -ffast-math
+            extra_compile_args=["-O3", "-fopenmp-simd", "-pthread", *fast_math],
+            extra_link_args=["-pthread", *libmvec],
         )
     )
 

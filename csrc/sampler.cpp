@@ -22,17 +22,14 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <mutex>
 #include <numeric>
-#include <condition_variable>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
-#include <unistd.h>  // getpid
+#include "worker_pool.h"
 
 namespace py = pybind11;
 
@@ -306,87 +303,6 @@ Scratch& thread_scratch() {
     return scratch;
 }
 
-// Persistent workers: starting threads every step cost more than sampling a small batch. They
-// sleep on a condition variable between jobs; spinning would take the cores that torch's own
-// threads need for the forward.
-class WorkerPool {
-  public:
-    static WorkerPool& instance() {
-        static std::mutex mutex;
-        static WorkerPool* pool = nullptr;  // never destroyed: safe at interpreter exit
-        std::lock_guard<std::mutex> lock(mutex);
-        if (pool == nullptr || pool->pid_ != getpid()) pool = new WorkerPool();  // a forked child has no workers: start anew
-        return *pool;
-    }
-
-    // Calls task(i) for every i in [0, n) on the calling thread and up to `helpers` workers, and
-    // returns once all are done. One job at a time: a caller that finds the pool busy works alone.
-    template <class Task>
-    void run(int64_t n, int helpers, Task& task) {
-        std::unique_lock<std::mutex> job(job_mutex_, std::try_to_lock);
-        if (helpers <= 0 || !job.owns_lock()) {
-            for (int64_t i = 0; i < n; ++i) task(i);
-            return;
-        }
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            while (static_cast<int>(workers_.size()) < helpers) workers_.emplace_back(&WorkerPool::work, this, workers_.size());
-            task_ = &task;
-            call_ = [](void* t, int64_t i) { (*static_cast<Task*>(t))(i); };
-            n_ = n;
-            next_ = 0;
-            helpers_ = helpers;
-            open_ = true;
-            ++generation_;
-        }
-        wake_.notify_all();
-        drain();
-        std::unique_lock<std::mutex> lock(mutex_);
-        open_ = false;  // workers that wake up from now on find nothing to do: don't wait for them
-        done_.wait(lock, [this] { return busy_ == 0; });
-    }
-
-    size_t size() {
-        std::lock_guard<std::mutex> lock(mutex_);
-        return workers_.size();
-    }
-
-  private:
-    WorkerPool() : pid_(getpid()) {}
-
-    void drain() {
-        for (int64_t i; (i = next_.fetch_add(1)) < n_;) call_(task_, i);
-    }
-
-    void work(size_t id) {
-        uint64_t seen = 0;
-        for (;;) {
-            {
-                std::unique_lock<std::mutex> lock(mutex_);
-                wake_.wait(lock, [&] { return generation_ != seen; });
-                seen = generation_;
-                if (!open_ || static_cast<int>(id) >= helpers_) continue;
-                ++busy_;
-            }
-            drain();
-            std::lock_guard<std::mutex> lock(mutex_);
-            if (--busy_ == 0) done_.notify_all();
-        }
-    }
-
-    const pid_t pid_;
-    std::mutex job_mutex_, mutex_;
-    std::condition_variable wake_, done_;
-    std::vector<std::thread> workers_;  // detached in effect: the pool is never destroyed
-    void* task_ = nullptr;
-    void (*call_)(void*, int64_t) = nullptr;
-    int64_t n_ = 0;
-    std::atomic<int64_t> next_{0};
-    int helpers_ = 0, busy_ = 0;
-    bool open_ = false;
-    uint64_t generation_ = 0;
-};
-
 // Below this much work (in logits read, an argmax-only row counting its V, any other row
 // kSampledRowWeight x V, about 0.5 ns a unit on one core) a step runs on the calling thread
 // alone. `python benchmarks/sampling.py --pool` measured it on 2 shared cores (load average ~9):
@@ -416,7 +332,7 @@ void sample_rows(const std::vector<int64_t>& rows, int threads, int64_t work, Ro
         py::gil_scoped_release release;
         const int64_t n = static_cast<int64_t>(rows.size());
         const int helpers = work >= pool_min_work ? static_cast<int>(std::min<int64_t>(threads, n)) - 1 : 0;
-        WorkerPool::instance().run(n, helpers, task);
+        worker_pool::WorkerPool::instance().run(n, helpers, task);
     }
     if (!failed) return;
     for (auto& e : errors)
@@ -654,7 +570,7 @@ PYBIND11_MODULE(_sampler, m) {
     m.def("set_pool_min_work", [](int64_t work) { pool_min_work = work; }, py::arg("work"),
           "Work (logits read, sampled rows weighted x8) from which a batch is spread over the worker pool.");
     m.def("pool_min_work", [] { return pool_min_work.load(); });
-    m.def("pool_workers", [] { return WorkerPool::instance().size(); }, "Worker threads started so far in this process.");
+    m.def("pool_workers", [] { return worker_pool::WorkerPool::instance().size(); }, "Worker threads started so far in this process.");
     m.def("sample", &sample, py::arg("logits"), py::arg("params"), py::arg("prev_tokens"), py::arg("positions"), py::arg("seeds"),
           py::arg("threads"), "Stateless batch sample: returns (tokens, logprobs); NaN logprob where not requested.");
     py::class_<DecodeLoop>(m, "DecodeLoop")

@@ -132,14 +132,50 @@ def chunked_linear_cross_entropy(h, weight, targets, loss_mask=None, ignore_inde
         return ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, torch.where(counted != 0, t, 0), w)
 
 
+def _decode_attention_extension():
+    try:
+        from engine import _decode_attention
+    except ImportError:  # not built (a source checkout without `pip install -e .`): SDPA does it, slower
+        return None
+    return _decode_attention
+
+
+_DECODE_ATTENTION = _decode_attention_extension()
+
+
+def cpu_decode_attention(q, k, v, kv_start=None, kv_lens=None):
+    """Attention of one query per row on the CPU by the C++ extension (csrc/decode_attention.cpp),
+    or None where it does not apply: not a single query, not float32/float64 on the CPU, autograd
+    recording, last dimensions not contiguous, under torch.compile (which traces SDPA instead), or
+    the extension not built. Same arguments and
+    result as the backend's attention; q [B, H, 1, D] is the last position, so it sees every key
+    (from kv_start[b], up to kv_lens[b]). The result is a [B, H, 1, D] view of a [B, 1, H, D]
+    tensor, so the model's transpose back to [B, 1, H·D] costs no copy."""
+    if (_DECODE_ATTENTION is None or q.shape[-2] != 1 or q.device.type != "cpu" or torch.compiler.is_compiling()
+            or q.dtype not in (torch.float32, torch.float64) or not q.dtype == k.dtype == v.dtype
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
+        return None
+    B, H, _, D = q.shape
+    out = torch.empty(B, 1, H, D, dtype=q.dtype).transpose(1, 2)
+    _DECODE_ATTENTION.decode_attention(q.numpy(), k.numpy(), v.numpy(), out.numpy(),
+                                       None if kv_start is None else kv_start.numpy(),
+                                       None if kv_lens is None else kv_lens.numpy(), D ** -0.5, torch.get_num_threads())
+    return out
+
+
 class TorchBackend(ReferenceBackend):
     """What a user would pick instead: PyTorch's fused SDPA and LayerNorm, and a chunked
-    cross-entropy (so training on the CPU saves the logits' memory too)."""
+    cross-entropy (so training on the CPU saves the logits' memory too). A decode step's attention
+    on the CPU (one query per row) runs in the C++ extension when it is built: PyTorch's CPU SDPA
+    reads the KV cache at about half the speed there (benchmarks/generate.py, issue 21)."""
 
     name = "torch"
 
     def attention(self, q, k, v, causal=True, kv_start=None, kv_lens=None):
         sq, sk = q.shape[-2], k.shape[-2]
+        if sq == 1 and (out := cpu_decode_attention(q, k, v, kv_start, kv_lens)) is not None:
+            return out
         gqa = k.shape[1] < q.shape[1]
         if kv_start is None and kv_lens is None and (not causal or sq == sk or sq == 1):
             # a single query (a decode step) is the last position: it sees every key, no mask

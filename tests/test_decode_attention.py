@@ -1,0 +1,96 @@
+"""The CPU decode attention (engine._decode_attention, used by the torch backend for one query per
+row) against the reference: odd sizes, grouped heads, left padding, static-cache lengths, strided
+cache views, float32 and float64, one thread and the worker pool, and bad input."""
+import pytest
+import torch
+
+from engine import reference
+from engine.backends import TorchBackend, cpu_decode_attention
+
+_ext = pytest.importorskip("engine._decode_attention", reason="the C++ extension engine._decode_attention is not built (pip install -e .)")
+
+TOL = {torch.float32: 2e-6, torch.float64: 1e-13}
+
+
+def cache_views(B, Hkv, S, D, dtype, spare=3):
+    """k, v as attention reads them from a KVCache: the first S columns of a longer buffer."""
+    k = torch.randn(B, Hkv, S + spare, D, dtype=dtype)
+    v = torch.randn(B, Hkv, S + spare, D, dtype=dtype)
+    return k.narrow(2, 0, S), v.narrow(2, 0, S), k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 1, 1, 1, 32), (3, 6, 6, 7, 32), (2, 8, 2, 129, 64), (5, 4, 1, 1000, 128),
+                                         (2, 3, 3, 33, 80), (1, 2, 1, 5, 1), (2, 2, 1, 3, 1500), (64, 6, 6, 90, 32)])
+def test_matches_the_reference(B, H, Hkv, S, D, dtype):
+    q = torch.randn(B, H, 1, D, dtype=dtype) * 3  # sharper softmax than unit scores
+    k, v, _, _ = cache_views(B, Hkv, S, D, dtype)
+    out = cpu_decode_attention(q, k, v)
+    assert out is not None and out.shape == (B, H, 1, D)
+    want = reference.attention(q.double(), k.double(), v.double(), causal=True).to(dtype)
+    torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_left_padding_and_static_lengths(dtype):
+    B, H, Hkv, S, D = 5, 4, 2, 40, 32
+    q = torch.randn(B, H, 1, D, dtype=dtype)
+    k, v, _, _ = cache_views(B, Hkv, S, D, dtype)
+    kv_start = torch.tensor([0, 3, 17, 38, 0])
+    kv_lens = torch.tensor([40, 4, 39, 40, 1])
+    for start, lens in ((kv_start, None), (None, kv_lens), (kv_start, kv_lens)):
+        out = cpu_decode_attention(q, k, v, kv_start=start, kv_lens=lens)
+        want = reference.attention(q.double(), k.double(), v.double(), causal=True, kv_start=start, kv_lens=lens)
+        torch.testing.assert_close(out, want.to(dtype), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_the_worker_pool_gives_the_one_thread_result():
+    """Big enough to be spread over the pool (> 2^20 bytes of cache): bit-identical to one thread."""
+    q = torch.randn(32, 8, 1, 64)
+    k, v, _, _ = cache_views(32, 8, 300, 64, torch.float32)
+    lens = torch.randint(1, 301, (32,))
+    one = torch.empty(32, 8, 1, 64)
+    four = torch.empty(32, 8, 1, 64)
+    _ext.decode_attention(q.numpy(), k.numpy(), v.numpy(), one.numpy(), None, lens.numpy(), 0.125, 1)
+    _ext.decode_attention(q.numpy(), k.numpy(), v.numpy(), four.numpy(), None, lens.numpy(), 0.125, 4)
+    assert torch.equal(one, four)
+
+
+def test_extreme_scores_and_nan():
+    """Scores of ±1e4 (exp underflows for all but the best key) stay finite; a NaN in a key gives
+    that row NaN, not a silent number."""
+    q = torch.full((2, 1, 1, 4), 100.0)
+    k = torch.randn(2, 1, 9, 4) * 50
+    v = torch.randn(2, 1, 9, 4)
+    out = cpu_decode_attention(q, k, v)
+    want = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(out, want.float(), atol=1e-5, rtol=1e-5)
+    k[1, 0, 4, 2] = float("nan")
+    out = cpu_decode_attention(q, k, v)
+    assert out[1].isnan().all() and not out[0].isnan().any()
+
+
+def test_where_it_does_not_apply_the_backend_uses_sdpa():
+    q = torch.randn(2, 2, 1, 16)
+    k = torch.randn(2, 2, 5, 16)
+    assert cpu_decode_attention(q.half(), k.half(), k.half()) is None  # not float32/float64
+    assert cpu_decode_attention(torch.randn(2, 2, 3, 16), k, k) is None  # three queries
+    assert cpu_decode_attention(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), k) is None  # D strided
+    with torch.enable_grad():
+        assert cpu_decode_attention(q.requires_grad_(), k, k) is None  # autograd needs SDPA's backward
+        out = TorchBackend().attention(q, k, k)
+        out.sum().backward()
+        assert q.grad is not None
+
+
+def test_bad_lengths_raise_naming_the_row():
+    q = torch.randn(3, 2, 1, 8)
+    k = torch.randn(3, 2, 6, 8)
+    with pytest.raises(ValueError, match=r"row 1 would attend to keys \[4, 4\)"):
+        cpu_decode_attention(q, k, k, kv_start=torch.tensor([0, 4, 0]), kv_lens=torch.tensor([6, 4, 6]))
+    with pytest.raises(ValueError, match=r"row 2 .*kv_lens <= S=6"):
+        cpu_decode_attention(q, k, k, kv_lens=torch.tensor([6, 6, 7]))
+    with pytest.raises(ValueError, match="kv_start must be"):
+        cpu_decode_attention(q, k, k, kv_start=torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="Hkv dividing"):
+        cpu_decode_attention(torch.randn(3, 3, 1, 8), k, k)
