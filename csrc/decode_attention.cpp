@@ -9,8 +9,11 @@
 // between: the two passes of a textbook softmax, not an online one, because a row's scores fit
 // in L1/L2 and the exponentials can then run vectorised over all of them at once.
 //
-//   q, out: [B, H, 1, D]   k, v: [B, Hkv, S, D] (any strides, D contiguous; Hkv divides H)
+//   q: [B, H, 1, D]   k, v: [B, Hkv, S, D] (any strides, D contiguous; Hkv divides H) -> out [B, 1, H, D]
 //   row b attends to keys [kv_start[b], kv_lens[b]) (kv_start 0, kv_lens S when not given)
+//   new_k, new_v [B, Hkv, 1, D], optional: this step's key and value, written into column `at` of
+//   k and v (the KV cache) before attending over keys [kv_start[b], at + 1): appending and
+//   attending in one call saves a small decode step the half-dozen ops of writing the cache
 //
 // Rows are spread over the shared worker pool (worker_pool.h) when there is enough to read.
 #include <pybind11/numpy.h>
@@ -124,9 +127,9 @@ void attend_any(const T* q, const T* k, const T* v, int64_t ss, int64_t lo, int6
 using Lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 template <class T>
-void decode_attention(const Array<T>& q_arr, const Array<T>& k_arr, const Array<T>& v_arr, Array<T>& out_arr,
-                      const py::object& kv_start_obj, const py::object& kv_lens_obj, double scale,
-                      int threads) {
+py::array_t<T> decode_attention(const Array<T>& q_arr, Array<T>& k_arr, Array<T>& v_arr,
+                      const py::object& kv_start_obj, const py::object& kv_lens_obj, double scale, int threads,
+                      const py::object& new_k_obj, const py::object& new_v_obj, int64_t at) {
     if (q_arr.ndim() != 4 || q_arr.shape(2) != 1) throw std::invalid_argument("q must be [B, H, 1, D]");
     const int64_t B = q_arr.shape(0), H = q_arr.shape(1), D = q_arr.shape(3);
     const auto q = view_of(q_arr, "q", D), k = view_of(k_arr, "k", D), v = view_of(v_arr, "v", D);
@@ -134,13 +137,30 @@ void decode_attention(const Array<T>& q_arr, const Array<T>& k_arr, const Array<
     if (k_arr.shape(0) != B || v_arr.shape(0) != B || v_arr.shape(1) != Hkv || v_arr.shape(2) != S || Hkv < 1 ||
         H % Hkv != 0)
         throw std::invalid_argument("k and v must be [B, Hkv, S, D] alike, with Hkv dividing q's H");
-    if (out_arr.ndim() != 4 || out_arr.shape(0) != B || out_arr.shape(1) != H || out_arr.shape(2) != 1 ||
-        out_arr.shape(3) != D || out_arr.strides(3) != static_cast<py::ssize_t>(sizeof(T)))
-        throw std::invalid_argument("out must be [B, H, 1, D] like q, its last dimension contiguous");
-    const auto o = view_of(out_arr, "out", D);
+    py::array_t<T> out_arr({B, int64_t{1}, H, D});  // [B, 1, H, D]: heads side by side, as the next matmul reads them
     T* out_data = out_arr.mutable_data();
+    // with new_k, new_v: this step's keys and values, written into column `at` of k, v first
+    const bool append = !new_k_obj.is_none();
+    if (append != !new_v_obj.is_none()) throw std::invalid_argument("new_k and new_v go together");
+    if (append && !kv_lens_obj.is_none()) throw std::invalid_argument("kv_lens is at + 1 when appending");
+    if (append && (at < 0 || at >= S))
+        throw std::invalid_argument("at=" + std::to_string(at) + " is not a column of the cache [0, S=" + std::to_string(S) + ")");
+    if (append) {
+        const auto new_k_arr = new_k_obj.cast<Array<T>>(), new_v_arr = new_v_obj.cast<Array<T>>();
+        for (const auto* a : {&new_k_arr, &new_v_arr})
+            if (a->ndim() != 4 || a->shape(0) != B || a->shape(1) != Hkv || a->shape(2) != 1)
+                throw std::invalid_argument("new_k and new_v must be [B, Hkv, 1, D]");
+        const auto nk = view_of(new_k_arr, "new_k", D), nv = view_of(new_v_arr, "new_v", D);
+        T* k_data = k_arr.mutable_data();
+        T* v_data = v_arr.mutable_data();
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t h = 0; h < Hkv; ++h) {
+                std::copy_n(nk.data + b * nk.sb + h * nk.sh, D, k_data + b * k.sb + h * k.sh + at * k.ss);
+                std::copy_n(nv.data + b * nv.sb + h * nv.sh, D, v_data + b * v.sb + h * v.sh + at * v.ss);
+            }
+    }
     // each row's key range, checked before any work
-    std::vector<int64_t> lo(B, 0), hi(B, S);
+    std::vector<int64_t> lo(B, 0), hi(B, append ? at + 1 : S);
     if (!kv_start_obj.is_none()) {
         const auto a = kv_start_obj.cast<Lengths>();
         if (a.ndim() != 1 || a.shape(0) != B) throw std::invalid_argument("kv_start must be [B]");
@@ -162,21 +182,32 @@ void decode_attention(const Array<T>& q_arr, const Array<T>& k_arr, const Array<
         const int64_t b = bh / H, h = bh % H, hk = h / group;
         scratch.resize(static_cast<size_t>(hi[b] - lo[b] + D));
         attend_any<T>(q.data + b * q.sb + h * q.sh, k.data + b * k.sb + hk * k.sh, v.data + b * v.sb + hk * v.sh, k.ss,
-                      lo[b], hi[b], D, static_cast<T>(scale), scratch.data(), out_data + b * o.sb + h * o.sh);
+                      lo[b], hi[b], D, static_cast<T>(scale), scratch.data(), out_data + (b * H + h) * D);
     };
-    // a worker pays for its hand-off from about 2^20 bytes of cache read (~50-100 us of work)
-    const int64_t bytes = 2 * B * H * S * D * static_cast<int64_t>(sizeof(T));
-    const int helpers = bytes >= (int64_t{1} << 20) ? static_cast<int>(std::min<int64_t>(threads, B * H)) - 1 : 0;
-    py::gil_scoped_release release;
-    worker_pool::WorkerPool::instance().run(B * H, helpers, task);
+    // The pool's hand-off (a condition-variable wake) pays from a few MB of cache read. Measured on
+    // 2 vCPUs, torch threads 2, 6x192 model decode steps (issue 21): at batch 8 (1.1 MB a layer) the
+    // pool made the step slower (2.84-2.99 ms vs 2.70-2.74 on one thread), at batch 64 (8.7 MB)
+    // faster (8.1-8.7 ms vs 9.5-10.4).
+    int64_t keys = 0;
+    for (int64_t b = 0; b < B; ++b) keys += hi[b] - lo[b];
+    const int64_t bytes = 2 * keys * H * D * static_cast<int64_t>(sizeof(T));
+    const int helpers = bytes >= (int64_t{1} << 22) ? static_cast<int>(std::min<int64_t>(threads, B * H)) - 1 : 0;
+    {
+        py::gil_scoped_release release;
+        worker_pool::WorkerPool::instance().run(B * H, helpers, task);
+    }
+    return out_arr;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_decode_attention, m) {
     m.doc() = "Attention for one query per row (decode steps) on the CPU; see csrc/decode_attention.cpp.";
-    m.def("decode_attention", &decode_attention<float>, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-          py::arg("kv_start"), py::arg("kv_lens"), py::arg("scale"), py::arg("threads"));
-    m.def("decode_attention", &decode_attention<double>, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-          py::arg("kv_start"), py::arg("kv_lens"), py::arg("scale"), py::arg("threads"));
+    m.def("pool_workers", [] { return worker_pool::WorkerPool::instance().size(); }, "Worker threads started so far in this process.");
+    m.def("decode_attention", &decode_attention<float>, py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("kv_start"), py::arg("kv_lens"), py::arg("scale"), py::arg("threads"), py::arg("new_k") = py::none(),
+          py::arg("new_v") = py::none(), py::arg("at") = -1);
+    m.def("decode_attention", &decode_attention<double>, py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("kv_start"), py::arg("kv_lens"), py::arg("scale"), py::arg("threads"), py::arg("new_k") = py::none(),
+          py::arg("new_v") = py::none(), py::arg("at") = -1);
 }

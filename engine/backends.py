@@ -9,6 +9,10 @@ looks at the backend's name, so a new backend is one class and one line in BACKE
         kv_start: optional LongTensor[B], first real (non left-padding) position of each row;
         kv_lens: optional LongTensor[B]: k, v are a whole preallocated cache whose row b holds
         kv_lens[b] keys (static shapes for a compiled decode step; inference only).
+    attention_with_cache(q, k, v, k_cache, v_cache, start, kv_start=None) -> [B, H, Sq, D]
+        writes k, v [B, Hkv, Sq, D] into columns [start, start + Sq) of the KV cache's
+        k_cache, v_cache [B, Hkv, max_len, D], then attention(q, the cache's columns
+        [0, start + Sq), causal=True, kv_start): an eager decode step's attention as one op
     layer_norm(x, weight, bias, eps) -> y
     add_layer_norm(x, residual, weight, bias, eps) -> (layer_norm(x + residual), x + residual)
         residual: the residual stream; x: a sublayer's output to add to it (the model's `branch`)
@@ -38,6 +42,12 @@ class ReferenceBackend:
 
     def attention(self, q, k, v, causal=True, kv_start=None, kv_lens=None):
         return reference.attention(q, k, v, causal=causal, kv_start=kv_start, kv_lens=kv_lens)
+
+    def attention_with_cache(self, q, k, v, k_cache, v_cache, start, kv_start=None):
+        end = start + k.shape[2]
+        k_cache.narrow(2, start, k.shape[2]).copy_(k)
+        v_cache.narrow(2, start, v.shape[2]).copy_(v)
+        return self.attention(q, k_cache.narrow(2, 0, end), v_cache.narrow(2, 0, end), causal=True, kv_start=kv_start)
 
     def layer_norm(self, x, weight, bias, eps):
         return reference.layer_norm(x, weight, bias, eps)
@@ -143,25 +153,26 @@ def _decode_attention_extension():
 _DECODE_ATTENTION = _decode_attention_extension()
 
 
-def cpu_decode_attention(q, k, v, kv_start=None, kv_lens=None):
+def cpu_decode_attention(q, k, v, kv_start=None, kv_lens=None, new_k=None, new_v=None, at=-1):
     """Attention of one query per row on the CPU by the C++ extension (csrc/decode_attention.cpp),
     or None where it does not apply: not a single query, not float32/float64 on the CPU, autograd
     recording, last dimensions not contiguous, under torch.compile (which traces SDPA instead), or
-    the extension not built. Same arguments and
-    result as the backend's attention; q [B, H, 1, D] is the last position, so it sees every key
-    (from kv_start[b], up to kv_lens[b]). The result is a [B, H, 1, D] view of a [B, 1, H, D]
-    tensor, so the model's transpose back to [B, 1, H·D] costs no copy."""
+    the extension not built. Same arguments and result as the backend's attention; q [B, H, 1, D]
+    is the last position, so it sees every key (from kv_start[b], up to kv_lens[b]). new_k, new_v
+    [B, Hkv, 1, D]: first written into column `at` of k, v (the whole cache), then keys up to at + 1
+    are attended. The result is a [B, H, 1, D] view of a [B, 1, H, D] tensor, so the model's
+    transpose back to [B, 1, H·D] costs no copy."""
     if (_DECODE_ATTENTION is None or q.shape[-2] != 1 or q.device.type != "cpu" or torch.compiler.is_compiling()
             or q.dtype not in (torch.float32, torch.float64) or not q.dtype == k.dtype == v.dtype
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1
+            or (new_k is not None and not (new_k.dtype == new_v.dtype == q.dtype and new_k.stride(-1) == new_v.stride(-1) == 1))):
         return None
-    B, H, _, D = q.shape
-    out = torch.empty(B, 1, H, D, dtype=q.dtype).transpose(1, 2)
-    _DECODE_ATTENTION.decode_attention(q.numpy(), k.numpy(), v.numpy(), out.numpy(),
-                                       None if kv_start is None else kv_start.numpy(),
-                                       None if kv_lens is None else kv_lens.numpy(), D ** -0.5, torch.get_num_threads())
-    return out
+    out = _DECODE_ATTENTION.decode_attention(
+        q.numpy(), k.numpy(), v.numpy(), None if kv_start is None else kv_start.numpy(),
+        None if kv_lens is None else kv_lens.numpy(), q.shape[-1] ** -0.5, torch.get_num_threads(),
+        None if new_k is None else new_k.numpy(), None if new_v is None else new_v.numpy(), at)
+    return torch.from_numpy(out).transpose(1, 2)  # [B, 1, H, D] -> [B, H, 1, D]
 
 
 class TorchBackend(ReferenceBackend):
@@ -184,6 +195,11 @@ class TorchBackend(ReferenceBackend):
         # the bottom-right aligned mask explicitly.
         mask = reference.attention_mask(sq, sk, causal, kv_start, device=q.device, kv_lens=kv_lens)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    def attention_with_cache(self, q, k, v, k_cache, v_cache, start, kv_start=None):
+        if q.shape[-2] == 1 and (out := cpu_decode_attention(q, k_cache, v_cache, kv_start, None, k, v, start)) is not None:
+            return out
+        return super().attention_with_cache(q, k, v, k_cache, v_cache, start, kv_start)
 
     def layer_norm(self, x, weight, bias, eps):
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
@@ -234,6 +250,9 @@ class TritonBackend(TorchBackend):
     def attention(self, q, k, v, causal=True, kv_start=None, kv_lens=None):
         return self.kernels.flash_attention(q, k, v, causal=causal, kv_start=kv_start, kv_lens=kv_lens,
                                             deterministic=self.deterministic)
+
+    # the plain write-then-attend, so that decode runs our attention kernel, not the torch backend's CPU path
+    attention_with_cache = ReferenceBackend.attention_with_cache
 
     def layer_norm(self, x, weight, bias, eps):
         return self.kernels.layer_norm(x, weight, bias, eps)

@@ -58,19 +58,17 @@ class KVCache:
             return (self.pos + torch.arange(T, device=self.pos.device))[None]
         return torch.arange(self.pos, self.pos + T, device=self.k.device)[None]
 
-    def update(self, layer: int, k, v, positions):
-        """Write this step's k, v [B, nkv, T, hd] at columns positions [1, T] (from `positions`).
-        Returns what attention reads: (keys, values, kv_lens) = the filled part and None, or, static,
-        the whole cache and every row's valid length [B]."""
+    def attend(self, layer: int, q, k, v, positions, kv_start, ops):
+        """Write this step's k, v [B, nkv, T, hd] at columns positions [1, T] (from `positions`) and
+        attend with q [B, nh, T, hd] over the cache -> [B, nh, T, hd]. Eager: over the filled part,
+        as one backend op (ops.attention_with_cache); static: over the whole cache, with every
+        row's valid length (kv_lens)."""
         k_all, v_all = self.layers[layer]
         if self.static:
             k_all.index_copy_(2, positions[0], k)
             v_all.index_copy_(2, positions[0], v)
-            return k_all, v_all, self.kv_lens
-        T = k.shape[2]
-        k_all.narrow(2, self.pos, T).copy_(k)
-        v_all.narrow(2, self.pos, T).copy_(v)
-        return k_all.narrow(2, 0, self.pos + T), v_all.narrow(2, 0, self.pos + T), None
+            return ops.attention(q, k_all, v_all, causal=True, kv_start=kv_start, kv_lens=self.kv_lens)
+        return ops.attention_with_cache(q, k, v, k_all, v_all, self.pos, kv_start)
 
     def advance(self, n: int):
         self.pos += n  # in place when static (a captured step replays it)

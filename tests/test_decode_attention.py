@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import reference
-from engine.backends import TorchBackend, cpu_decode_attention
+from engine.backends import ReferenceBackend, TorchBackend, cpu_decode_attention
 
 _ext = pytest.importorskip("engine._decode_attention", reason="the C++ extension engine._decode_attention is not built (pip install -e .)")
 
@@ -44,16 +44,32 @@ def test_left_padding_and_static_lengths(dtype):
         torch.testing.assert_close(out, want.to(dtype), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,H,Hkv,D,start", [(1, 6, 6, 32, 0), (3, 8, 2, 64, 40), (2, 4, 4, 24, 128)])
+def test_appending_to_the_cache_matches_write_then_attend(B, H, Hkv, D, start, dtype):
+    """attention_with_cache: the torch backend's one call (C++ writes the step's k, v into the cache and
+    attends) against the reference backend's write-then-attend, on the same left-padded cache."""
+    max_len = 129
+    q = torch.randn(B, H, 1, D, dtype=dtype)
+    k, v = torch.randn(B, Hkv, 1, D, dtype=dtype), torch.randn(B, Hkv, 1, D, dtype=dtype)
+    caches = torch.randn(2, B, Hkv, max_len, D, dtype=dtype)
+    ours, theirs = caches.clone(), caches.clone()
+    kv_start = torch.randint(0, start + 1, (B,)) if start else None
+    out = TorchBackend().attention_with_cache(q, k, v, ours[0], ours[1], start, kv_start)
+    want = ReferenceBackend().attention_with_cache(q, k, v, theirs[0], theirs[1], start, kv_start)
+    assert torch.equal(ours, theirs)  # the same column written, nothing else touched
+    torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
 def test_the_worker_pool_gives_the_one_thread_result():
-    """Big enough to be spread over the pool (> 2^20 bytes of cache): bit-identical to one thread."""
+    """Big enough to be spread over the pool (> 2^22 bytes of cache): bit-identical to one thread."""
     q = torch.randn(32, 8, 1, 64)
     k, v, _, _ = cache_views(32, 8, 300, 64, torch.float32)
     lens = torch.randint(1, 301, (32,))
-    one = torch.empty(32, 8, 1, 64)
-    four = torch.empty(32, 8, 1, 64)
-    _ext.decode_attention(q.numpy(), k.numpy(), v.numpy(), one.numpy(), None, lens.numpy(), 0.125, 1)
-    _ext.decode_attention(q.numpy(), k.numpy(), v.numpy(), four.numpy(), None, lens.numpy(), 0.125, 4)
-    assert torch.equal(one, four)
+    one = _ext.decode_attention(q.numpy(), k.numpy(), v.numpy(), None, lens.numpy(), 0.125, 1)
+    four = _ext.decode_attention(q.numpy(), k.numpy(), v.numpy(), None, lens.numpy(), 0.125, 4)
+    assert (one == four).all()
+    assert _ext.pool_workers() == 3  # the call above did run on the pool
 
 
 def test_extreme_scores_and_nan():
@@ -94,3 +110,12 @@ def test_bad_lengths_raise_naming_the_row():
         cpu_decode_attention(q, k, k, kv_start=torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="Hkv dividing"):
         cpu_decode_attention(torch.randn(3, 3, 1, 8), k, k)
+    new = torch.randn(3, 2, 1, 8)
+    with pytest.raises(ValueError, match=r"at=6 is not a column of the cache \[0, S=6\)"):
+        cpu_decode_attention(q, k, k.clone(), new_k=new, new_v=new, at=6)
+    with pytest.raises(ValueError, match="new_k and new_v go together"):
+        _ext.decode_attention(q.numpy(), k.numpy(), k.numpy(), None, None, 1.0, 1, new.numpy(), None, 2)
+    with pytest.raises(ValueError, match="kv_lens is at"):
+        cpu_decode_attention(q, k, k.clone(), kv_lens=torch.tensor([6, 6, 6]), new_k=new, new_v=new, at=2)
+    with pytest.raises(ValueError, match=r"new_k and new_v must be \[B, Hkv, 1, D\]"):
+        cpu_decode_attention(q, k, k.clone(), new_k=new[:2], new_v=new[:2], at=2)
