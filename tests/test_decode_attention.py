@@ -69,7 +69,7 @@ def test_the_worker_pool_gives_the_one_thread_result():
     one = _ext.decode_attention(q.numpy(), k.numpy(), v.numpy(), None, lens.numpy(), 0.125, 1)
     four = _ext.decode_attention(q.numpy(), k.numpy(), v.numpy(), None, lens.numpy(), 0.125, 4)
     assert (one == four).all()
-    assert _ext.pool_workers() == 3  # the call above did run on the pool
+    assert _ext.pool_workers() >= 3  # the call above did run on the pool (other tests may have grown it further)
 
 
 def test_extreme_scores_and_nan():
