@@ -18,10 +18,13 @@
 // Rows are spread over the shared worker pool (worker_pool.h) when there is enough to read.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -32,9 +35,6 @@ namespace py = pybind11;
 
 namespace {
 
-template <class T>
-using Array = py::array_t<T, 0>;  // no forcecast: a float64 array is not silently copied to float32
-
 // Vector-width clones picked at load time: the package is built for the baseline x86-64, the
 // loops here want AVX2 / AVX-512 where the machine has them.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -43,19 +43,56 @@ using Array = py::array_t<T, 0>;  // no forcecast: a float64 array is not silent
 #define VECTOR_CLONES
 #endif
 
-template <class T>
-struct View4 {  // a [B, H, S, D] array's pointer and element strides (D's is 1)
-    const T* data;
-    int64_t sb, sh, ss;
+// A torch tensor as the kernel reads it: the pointer, sizes and strides (in elements), read
+// through its Python methods with the C API (names interned once). Nothing is converted or copied:
+// turning each tensor into a NumPy array cost four dispatched ops per tensor (30% of a batch-1
+// step's ops), and pybind11's generic attribute calls and list casts about 2 us per tensor.
+std::vector<int64_t> int_tuple(PyObject* tuple) {  // a torch.Size or a tuple of ints
+    if (tuple == nullptr) throw py::error_already_set();
+    std::vector<int64_t> out(static_cast<size_t>(PyTuple_GET_SIZE(tuple)));
+    for (size_t i = 0; i < out.size(); ++i) out[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(i)));
+    Py_DECREF(tuple);
+    return out;
+}
+
+struct Tensor {
+    char* data = nullptr;
+    std::vector<int64_t> shape, strides;
+    int64_t itemsize = 0;
+
+    explicit Tensor(const py::handle& t) {
+        static PyObject* const data_ptr_name = PyUnicode_InternFromString("data_ptr");
+        static PyObject* const shape_name = PyUnicode_InternFromString("shape");
+        static PyObject* const stride_name = PyUnicode_InternFromString("stride");
+        static PyObject* const element_size_name = PyUnicode_InternFromString("element_size");
+        const auto call = [&](PyObject* name) {
+            PyObject* r = PyObject_CallMethodNoArgs(t.ptr(), name);
+            if (r == nullptr) throw py::error_already_set();
+            return py::reinterpret_steal<py::object>(r);
+        };
+        data = reinterpret_cast<char*>(PyLong_AsVoidPtr(call(data_ptr_name).ptr()));
+        itemsize = PyLong_AsLongLong(call(element_size_name).ptr());
+        shape = int_tuple(PyObject_GetAttr(t.ptr(), shape_name));
+        strides = int_tuple(PyObject_CallMethodNoArgs(t.ptr(), stride_name));
+        if (PyErr_Occurred()) throw py::error_already_set();
+    }
+
+    template <class T>  // the element at [i0, i1, i2, 0...] (indices past the tensor's dimensions ignored)
+    T* at(int64_t i0, int64_t i1 = 0, int64_t i2 = 0) const {
+        int64_t offset = i0 * strides[0];
+        if (strides.size() > 1) offset += i1 * strides[1];
+        if (strides.size() > 2) offset += i2 * strides[2];
+        return reinterpret_cast<T*>(data) + offset;
+    }
 };
 
-template <class T>
-View4<T> view_of(const Array<T>& a, const char* name, int64_t D) {
-    if (a.ndim() != 4 || a.shape(3) != D || a.strides(3) != static_cast<py::ssize_t>(sizeof(T)))
-        throw std::invalid_argument(std::string(name) + " must be [B, H, S, D=" + std::to_string(D) +
-                                    "] with its last dimension contiguous");
-    const auto s = [&](int i) { return static_cast<int64_t>(a.strides(i) / static_cast<py::ssize_t>(sizeof(T))); };
-    return {a.data(), s(0), s(1), s(2)};
+void check_4d(const Tensor& t, const char* name, int64_t B, int64_t H, int64_t S, int64_t D, int64_t itemsize) {
+    const bool ok = t.shape.size() == 4 && t.shape[0] == B && t.shape[1] == H && (S < 0 || t.shape[2] == S) &&
+                    t.shape[3] == D && t.strides[3] == 1 && t.itemsize == itemsize;
+    if (!ok)
+        throw std::invalid_argument(std::string(name) + " must be [B=" + std::to_string(B) + ", " + std::to_string(H) + ", " +
+                                    (S < 0 ? std::string("S") : std::to_string(S)) + ", D=" + std::to_string(D) +
+                                    "] of q's dtype, its last dimension contiguous");
 }
 
 // One (row, head): out = softmax(scale · K q) V over keys [lo, hi). scratch: hi - lo + D values.
@@ -124,65 +161,48 @@ void attend_any(const T* q, const T* k, const T* v, int64_t ss, int64_t lo, int6
     }
 }
 
-using Lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-
-template <class T>
-py::array_t<T> decode_attention(const Array<T>& q_arr, Array<T>& k_arr, Array<T>& v_arr,
-                      const py::object& kv_start_obj, const py::object& kv_lens_obj, double scale, int threads,
-                      const py::object& new_k_obj, const py::object& new_v_obj, int64_t at) {
-    if (q_arr.ndim() != 4 || q_arr.shape(2) != 1) throw std::invalid_argument("q must be [B, H, 1, D]");
-    const int64_t B = q_arr.shape(0), H = q_arr.shape(1), D = q_arr.shape(3);
-    const auto q = view_of(q_arr, "q", D), k = view_of(k_arr, "k", D), v = view_of(v_arr, "v", D);
-    const int64_t Hkv = k_arr.shape(1), S = k_arr.shape(2);
-    if (k_arr.shape(0) != B || v_arr.shape(0) != B || v_arr.shape(1) != Hkv || v_arr.shape(2) != S || Hkv < 1 ||
-        H % Hkv != 0)
-        throw std::invalid_argument("k and v must be [B, Hkv, S, D] alike, with Hkv dividing q's H");
-    py::array_t<T> out_arr({B, int64_t{1}, H, D});  // [B, 1, H, D]: heads side by side, as the next matmul reads them
-    T* out_data = out_arr.mutable_data();
-    // with new_k, new_v: this step's keys and values, written into column `at` of k, v first
-    const bool append = !new_k_obj.is_none();
-    if (append != !new_v_obj.is_none()) throw std::invalid_argument("new_k and new_v go together");
-    if (append && !kv_lens_obj.is_none()) throw std::invalid_argument("kv_lens is at + 1 when appending");
-    if (append && (at < 0 || at >= S))
-        throw std::invalid_argument("at=" + std::to_string(at) + " is not a column of the cache [0, S=" + std::to_string(S) + ")");
-    if (append) {
-        const auto new_k_arr = new_k_obj.cast<Array<T>>(), new_v_arr = new_v_obj.cast<Array<T>>();
-        for (const auto* a : {&new_k_arr, &new_v_arr})
-            if (a->ndim() != 4 || a->shape(0) != B || a->shape(1) != Hkv || a->shape(2) != 1)
-                throw std::invalid_argument("new_k and new_v must be [B, Hkv, 1, D]");
-        const auto nk = view_of(new_k_arr, "new_k", D), nv = view_of(new_v_arr, "new_v", D);
-        T* k_data = k_arr.mutable_data();
-        T* v_data = v_arr.mutable_data();
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t h = 0; h < Hkv; ++h) {
-                std::copy_n(nk.data + b * nk.sb + h * nk.sh, D, k_data + b * k.sb + h * k.sh + at * k.ss);
-                std::copy_n(nv.data + b * nv.sb + h * nv.sh, D, v_data + b * v.sb + h * v.sh + at * v.ss);
-            }
-    }
-    // each row's key range, checked before any work
-    std::vector<int64_t> lo(B, 0), hi(B, append ? at + 1 : S);
-    if (!kv_start_obj.is_none()) {
-        const auto a = kv_start_obj.cast<Lengths>();
-        if (a.ndim() != 1 || a.shape(0) != B) throw std::invalid_argument("kv_start must be [B]");
-        std::copy(a.data(), a.data() + B, lo.begin());
-    }
-    if (!kv_lens_obj.is_none()) {
-        const auto a = kv_lens_obj.cast<Lengths>();
-        if (a.ndim() != 1 || a.shape(0) != B) throw std::invalid_argument("kv_lens must be [B]");
-        std::copy(a.data(), a.data() + B, hi.begin());
+// Row b's key range [lo[b], hi[b]) from kv_start / kv_lens (int64 [B] tensors or None), checked.
+void key_ranges(const py::handle& kv_start, const py::handle& kv_lens, int64_t B, int64_t S, int64_t end,
+                std::vector<int64_t>& lo, std::vector<int64_t>& hi) {
+    lo.assign(B, 0);
+    hi.assign(B, end);
+    for (auto [obj, name, out] : {std::tuple{kv_start, "kv_start", &lo}, std::tuple{kv_lens, "kv_lens", &hi}}) {
+        if (obj.is_none()) continue;
+        const Tensor t(obj);
+        if (t.shape.size() != 1 || t.shape[0] != B || t.itemsize != 8)
+            throw std::invalid_argument(std::string(name) + " must be an int64 tensor [B=" + std::to_string(B) + "]");
+        for (int64_t b = 0; b < B; ++b) (*out)[b] = *t.at<int64_t>(b);
     }
     for (int64_t b = 0; b < B; ++b)
         if (lo[b] < 0 || hi[b] > S || lo[b] >= hi[b])
             throw std::invalid_argument("row " + std::to_string(b) + " would attend to keys [" + std::to_string(lo[b]) +
                                         ", " + std::to_string(hi[b]) + "): need 0 <= kv_start < kv_lens <= S=" +
                                         std::to_string(S));
-    const int64_t group = H / Hkv;
+}
+
+// Writes new_k, new_v [B, Hkv, 1, D] into column `at` of the caches k, v [B, Hkv, S, D].
+template <class T>
+void append_column(const Tensor& new_k, const Tensor& new_v, const Tensor& k, const Tensor& v, int64_t at) {
+    const int64_t B = k.shape[0], Hkv = k.shape[1], D = k.shape[3];
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < Hkv; ++h) {
+            std::copy_n(new_k.at<T>(b, h), D, k.at<T>(b, h, at));
+            std::copy_n(new_v.at<T>(b, h), D, v.at<T>(b, h, at));
+        }
+}
+
+template <class T>
+py::array_t<T> attend_all(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<int64_t>& lo,
+                          const std::vector<int64_t>& hi, double scale, int threads) {
+    const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3], group = H / k.shape[1];
+    py::array_t<T> out({B, int64_t{1}, H, D});  // [B, 1, H, D]: heads side by side, as the next matmul reads them
+    T* out_data = out.mutable_data();
     auto task = [&](int64_t bh) {
         thread_local std::vector<T> scratch;
         const int64_t b = bh / H, h = bh % H, hk = h / group;
         scratch.resize(static_cast<size_t>(hi[b] - lo[b] + D));
-        attend_any<T>(q.data + b * q.sb + h * q.sh, k.data + b * k.sb + hk * k.sh, v.data + b * v.sb + hk * v.sh, k.ss,
-                      lo[b], hi[b], D, static_cast<T>(scale), scratch.data(), out_data + (b * H + h) * D);
+        attend_any<T>(q.at<T>(b, h), k.at<T>(b, hk), v.at<T>(b, hk), k.strides[2], lo[b], hi[b], D, static_cast<T>(scale),
+                      scratch.data(), out_data + (b * H + h) * D);
     };
     // The pool's hand-off (a condition-variable wake) pays from a few MB of cache read. Measured on
     // 2 vCPUs, torch threads 2, 6x192 model decode steps (issue 21): at batch 8 (1.1 MB a layer) the
@@ -196,7 +216,43 @@ py::array_t<T> decode_attention(const Array<T>& q_arr, Array<T>& k_arr, Array<T>
         py::gil_scoped_release release;
         worker_pool::WorkerPool::instance().run(B * H, helpers, task);
     }
-    return out_arr;
+    return out;
+}
+
+// q, k, v, new_k, new_v: CPU float32 or float64 tensors (the caller checks device and dtype; here
+// shapes, strides and matching element sizes are checked before anything is read or written).
+py::array decode_attention(const py::handle& q_obj, const py::handle& k_obj, const py::handle& v_obj,
+                           const py::handle& kv_start, const py::handle& kv_lens, double scale, int threads,
+                           const py::handle& new_k_obj, const py::handle& new_v_obj, int64_t at) {
+    const Tensor q(q_obj), k(k_obj), v(v_obj);
+    if (q.shape.size() != 4 || q.shape[2] != 1 || q.strides[3] != 1 || (q.itemsize != 4 && q.itemsize != 8))
+        throw std::invalid_argument("q must be a float32 or float64 [B, H, 1, D], its last dimension contiguous");
+    const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3];
+    const int64_t Hkv = k.shape.size() == 4 ? k.shape[1] : 0, S = k.shape.size() == 4 ? k.shape[2] : 0;
+    if (Hkv < 1 || H % Hkv != 0)
+        throw std::invalid_argument("k and v must be [B, Hkv, S, D], with Hkv dividing q's H=" + std::to_string(H));
+    check_4d(k, "k", B, Hkv, S, D, q.itemsize);
+    check_4d(v, "v", B, Hkv, S, D, q.itemsize);
+    // with new_k, new_v: this step's keys and values, written into column `at` of k, v first
+    const bool append = !new_k_obj.is_none();
+    if (append != !new_v_obj.is_none()) throw std::invalid_argument("new_k and new_v go together");
+    if (append && !kv_lens.is_none()) throw std::invalid_argument("kv_lens is at + 1 when appending");
+    if (append && (at < 0 || at >= S))
+        throw std::invalid_argument("at=" + std::to_string(at) + " is not a column of the cache [0, S=" + std::to_string(S) + ")");
+    std::vector<int64_t> lo, hi;
+    key_ranges(kv_start, kv_lens, B, S, append ? at + 1 : S, lo, hi);
+    std::optional<Tensor> new_k, new_v;
+    if (append) {
+        new_k.emplace(new_k_obj), new_v.emplace(new_v_obj);
+        check_4d(*new_k, "new_k", B, Hkv, 1, D, q.itemsize);
+        check_4d(*new_v, "new_v", B, Hkv, 1, D, q.itemsize);
+    }
+    if (q.itemsize == 4) {
+        if (append) append_column<float>(*new_k, *new_v, k, v, at);
+        return attend_all<float>(q, k, v, lo, hi, scale, threads);
+    }
+    if (append) append_column<double>(*new_k, *new_v, k, v, at);
+    return attend_all<double>(q, k, v, lo, hi, scale, threads);
 }
 
 }  // namespace
@@ -204,10 +260,8 @@ py::array_t<T> decode_attention(const Array<T>& q_arr, Array<T>& k_arr, Array<T>
 PYBIND11_MODULE(_decode_attention, m) {
     m.doc() = "Attention for one query per row (decode steps) on the CPU; see csrc/decode_attention.cpp.";
     m.def("pool_workers", [] { return worker_pool::WorkerPool::instance().size(); }, "Worker threads started so far in this process.");
-    m.def("decode_attention", &decode_attention<float>, py::arg("q"), py::arg("k"), py::arg("v"),
-          py::arg("kv_start"), py::arg("kv_lens"), py::arg("scale"), py::arg("threads"), py::arg("new_k") = py::none(),
-          py::arg("new_v") = py::none(), py::arg("at") = -1);
-    m.def("decode_attention", &decode_attention<double>, py::arg("q"), py::arg("k"), py::arg("v"),
-          py::arg("kv_start"), py::arg("kv_lens"), py::arg("scale"), py::arg("threads"), py::arg("new_k") = py::none(),
-          py::arg("new_v") = py::none(), py::arg("at") = -1);
+    m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_start"),
+          py::arg("kv_lens"), py::arg("scale"), py::arg("threads"), py::arg("new_k") = py::none(),
+          py::arg("new_v") = py::none(), py::arg("at") = -1,
+          "Attention of q [B, H, 1, D] over k, v [B, Hkv, S, D] (CPU float32/float64 tensors) -> [B, 1, H, D] array.");
 }

@@ -157,22 +157,32 @@ def cpu_decode_attention(q, k, v, kv_start=None, kv_lens=None, new_k=None, new_v
     """Attention of one query per row on the CPU by the C++ extension (csrc/decode_attention.cpp),
     or None where it does not apply: not a single query, not float32/float64 on the CPU, autograd
     recording, last dimensions not contiguous, under torch.compile (which traces SDPA instead), or
-    the extension not built. Same arguments and result as the backend's attention; q [B, H, 1, D]
-    is the last position, so it sees every key (from kv_start[b], up to kv_lens[b]). new_k, new_v
-    [B, Hkv, 1, D]: first written into column `at` of k, v (the whole cache), then keys up to at + 1
-    are attended. The result is a [B, H, 1, D] view of a [B, 1, H, D] tensor, so the model's
-    transpose back to [B, 1, H·D] costs no copy."""
-    if (_DECODE_ATTENTION is None or q.shape[-2] != 1 or q.device.type != "cpu" or torch.compiler.is_compiling()
-            or q.dtype not in (torch.float32, torch.float64) or not q.dtype == k.dtype == v.dtype
-            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1
-            or (new_k is not None and not (new_k.dtype == new_v.dtype == q.dtype and new_k.stride(-1) == new_v.stride(-1) == 1))):
+    the extension not built. Same
+    arguments and result as the backend's attention; q [B, H, 1, D] is the last position, so it sees
+    every key (from kv_start[b], up to kv_lens[b]). new_k, new_v [B, Hkv, 1, D]: first written into
+    column `at` of k, v (the whole cache), then keys up to at + 1 are attended. The result is a
+    [B, H, 1, D] view of a [B, 1, H, D] tensor, so the model's transpose back to [B, 1, H·D] is free.
+    The extension reads the tensors in place (converting them to NumPy arrays cost 30% of a batch-1
+    step's dispatched ops) and checks their shapes and strides."""
+    # (spelled out, not a loop over the tensors: this runs once a layer in every decode step)
+    dtype = q.dtype
+    if (_DECODE_ATTENTION is None or q.shape[-2] != 1 or dtype not in _CPU_DECODE_DTYPES
+            or not (q.is_cpu and k.is_cpu and v.is_cpu) or not dtype == k.dtype == v.dtype
+            or not q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         return None
-    out = _DECODE_ATTENTION.decode_attention(
-        q.numpy(), k.numpy(), v.numpy(), None if kv_start is None else kv_start.numpy(),
-        None if kv_lens is None else kv_lens.numpy(), q.shape[-1] ** -0.5, torch.get_num_threads(),
-        None if new_k is None else new_k.numpy(), None if new_v is None else new_v.numpy(), at)
+    if new_k is not None and not (new_k.is_cpu and new_v.is_cpu and new_k.dtype == new_v.dtype == dtype
+                                  and new_k.stride(-1) == new_v.stride(-1) == 1
+                                  and not (torch.is_grad_enabled() and (new_k.requires_grad or new_v.requires_grad))):
+        return None
+    if kv_start is not None or kv_lens is not None:  # int64 on the CPU, as the extension reads them
+        kv_start, kv_lens = (t if t is None else t.to("cpu", torch.int64) for t in (kv_start, kv_lens))
+    out = _DECODE_ATTENTION.decode_attention(q, k, v, kv_start, kv_lens, q.shape[-1] ** -0.5, torch.get_num_threads(),
+                                             new_k, new_v, at)
     return torch.from_numpy(out).transpose(1, 2)  # [B, 1, H, D] -> [B, H, 1, D]
+
+
+_CPU_DECODE_DTYPES = (torch.float32, torch.float64)
 
 
 class TorchBackend(ReferenceBackend):

@@ -66,8 +66,8 @@ def test_the_worker_pool_gives_the_one_thread_result():
     q = torch.randn(32, 8, 1, 64)
     k, v, _, _ = cache_views(32, 8, 300, 64, torch.float32)
     lens = torch.randint(1, 301, (32,))
-    one = _ext.decode_attention(q.numpy(), k.numpy(), v.numpy(), None, lens.numpy(), 0.125, 1)
-    four = _ext.decode_attention(q.numpy(), k.numpy(), v.numpy(), None, lens.numpy(), 0.125, 4)
+    one = _ext.decode_attention(q, k, v, None, lens, 0.125, 1)
+    four = _ext.decode_attention(q, k, v, None, lens, 0.125, 4)
     assert (one == four).all()
     assert _ext.pool_workers() >= 3  # the call above did run on the pool (other tests may have grown it further)
 
@@ -114,8 +114,12 @@ def test_bad_lengths_raise_naming_the_row():
     with pytest.raises(ValueError, match=r"at=6 is not a column of the cache \[0, S=6\)"):
         cpu_decode_attention(q, k, k.clone(), new_k=new, new_v=new, at=6)
     with pytest.raises(ValueError, match="new_k and new_v go together"):
-        _ext.decode_attention(q.numpy(), k.numpy(), k.numpy(), None, None, 1.0, 1, new.numpy(), None, 2)
+        _ext.decode_attention(q, k, k, None, None, 1.0, 1, new, None, 2)
     with pytest.raises(ValueError, match="kv_lens is at"):
         cpu_decode_attention(q, k, k.clone(), kv_lens=torch.tensor([6, 6, 6]), new_k=new, new_v=new, at=2)
-    with pytest.raises(ValueError, match=r"new_k and new_v must be \[B, Hkv, 1, D\]"):
+    with pytest.raises(ValueError, match=r"new_k must be \[B=3, 2, 1, D=8\]"):
         cpu_decode_attention(q, k, k.clone(), new_k=new[:2], new_v=new[:2], at=2)
+    with pytest.raises(ValueError, match=r"v must be \[B=3, 2, 6, D=8\] of q's dtype, its last dimension contiguous"):
+        _ext.decode_attention(q, k, k.double(), None, None, 1.0, 1)  # (the Python side falls back on a dtype mismatch)
+    with pytest.raises(ValueError, match=r"kv_start must be an int64 tensor \[B=3\]"):
+        _ext.decode_attention(q, k, k, torch.zeros(3, dtype=torch.int32), None, 1.0, 1)
