@@ -157,13 +157,14 @@ def cpu_decode_attention(q, k, v, kv_start=None, kv_lens=None, new_k=None, new_v
     """Attention of one query per row on the CPU by the C++ extension (csrc/decode_attention.cpp),
     or None where it does not apply: not a single query, not float32/float64 on the CPU, autograd
     recording, last dimensions not contiguous, under torch.compile (which traces SDPA instead), or
-    the extension not built. Same
-    arguments and result as the backend's attention; q [B, H, 1, D] is the last position, so it sees
-    every key (from kv_start[b], up to kv_lens[b]). new_k, new_v [B, Hkv, 1, D]: first written into
-    column `at` of k, v (the whole cache), then keys up to at + 1 are attended. The result is a
-    [B, H, 1, D] view of a [B, 1, H, D] tensor, so the model's transpose back to [B, 1, H·D] is free.
-    The extension reads the tensors in place (converting them to NumPy arrays cost 30% of a batch-1
-    step's dispatched ops) and checks their shapes and strides."""
+    the extension not built.
+
+    Same arguments and result as the backend's attention; q [B, H, 1, D] is the last position, so
+    it sees every key (from kv_start[b], up to kv_lens[b]). new_k, new_v [B, Hkv, 1, D]: first
+    written into column `at` of k, v (the whole cache), then keys up to at + 1 are attended. The
+    result is a [B, H, 1, D] view of a [B, 1, H, D] tensor, so the model's transpose back to
+    [B, 1, H·D] is free. The extension reads the tensors in place (converting them to NumPy arrays
+    cost 30% of a batch-1 step's dispatched ops) and checks their shapes and strides."""
     # (spelled out, not a loop over the tensors: this runs once a layer in every decode step)
     dtype = q.dtype
     if (_DECODE_ATTENTION is None or q.shape[-2] != 1 or dtype not in _CPU_DECODE_DTYPES

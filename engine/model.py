@@ -169,8 +169,8 @@ class SwiGLUMLP(nn.Module):
         self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x, ops):
-        gate, up = self.c_fc(x).chunk(2, dim=-1)  # [B, T, I] each
-        return dropout(self.c_proj(ops.swiglu(gate, up)), self.dropout, self.training)
+        gate, up = linear(x, self.c_fc).chunk(2, dim=-1)  # [B, T, I] each
+        return dropout(linear(ops.swiglu(gate, up), self.c_proj), self.dropout, self.training)
 
 
 # What differs between the families, in one place.
@@ -305,10 +305,10 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         if targets is None:
-            return self.lm_head(h[:, -1:] if last_only else h), None
+            return linear(h[:, -1:] if last_only else h, self.lm_head), None
         if not return_logits:
             return None, ops.linear_cross_entropy(h, self.lm_head.weight, targets, loss_mask)
-        logits = self.lm_head(h)  # [B, T, V]
+        logits = linear(h, self.lm_head)  # [B, T, V]
         return logits, self.loss(logits, targets, loss_mask)
 
     @staticmethod
