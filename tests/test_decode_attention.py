@@ -123,3 +123,30 @@ def test_bad_lengths_raise_naming_the_row():
         _ext.decode_attention(q, k, k.double(), None, None, 1.0, 1)  # (the Python side falls back on a dtype mismatch)
     with pytest.raises(ValueError, match=r"kv_start must be an int64 tensor \[B=3\]"):
         _ext.decode_attention(q, k, k, torch.zeros(3, dtype=torch.int32), None, 1.0, 1)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_decode_steps_at_the_presets_own_size_match_the_reference_backend(preset):
+    """In the model, at a size users run: the preset's vocabulary and width, three left-padded prompts
+    (200, 57 and 1 tokens), 20 greedy steps in float64; the torch backend (the C++ path, which also
+    writes the cache) gives the reference backend's logits."""
+    from engine import GPT, GPTConfig
+    from engine.generate import KVCache
+
+    model = GPT(GPTConfig.from_preset(preset), backend="torch").eval().double()
+    lengths = [200, 57, 1]
+    idx = torch.randint(0, model.config.vocab_size, (3, 200))
+    kv_start = torch.tensor([200 - n for n in lengths])
+    runs = {}
+    with torch.inference_mode():
+        for backend in ("torch", "reference"):
+            model.set_backend(backend)
+            cache = KVCache(model.config, 3, 221, "cpu", torch.float64)
+            logits, _ = model(idx, cache=cache, kv_start=kv_start, last_only=True)
+            steps = [logits]
+            for _ in range(20):
+                logits, _ = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache, kv_start=kv_start)
+                steps.append(logits)
+            runs[backend] = torch.cat(steps, 1)
+    assert runs["torch"].shape == (3, 21, model.config.vocab_size)
+    assert (runs["torch"] - runs["reference"]).abs().max().item() < 1e-10
