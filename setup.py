@@ -10,35 +10,31 @@ from pathlib import Path
 from setuptools import setup
 
 ext_modules = []
-if Path("csrc/sampler.cpp").exists():
-    from pybind11.setup_helpers import Pybind11Extension
-
-    ext_modules.append(
-        Pybind11Extension(
-            "engine._sampler",
-            ["csrc/sampler.cpp"],
-            cxx_std=17,
-            # no FMA contraction: the C++ and reference samplers must round identically
-            extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
-            extra_link_args=["-pthread"],
-        )
-    )
-if Path("csrc/decode_attention.cpp").exists():
+if Path("csrc").is_dir():  # a source tree (an installed wheel has the built modules instead)
     from pybind11.setup_helpers import Pybind11Extension
 
     glibc_x86 = sys.platform == "linux" and platform.machine() == "x86_64"
     fast_math, libmvec = (["-ffast-math"], ["-lmvec"]) if glibc_x86 else ([], [])
-
-    ext_modules.append(
+    ext_modules = [
+        Pybind11Extension(
+            "engine._sampler",
+            ["csrc/sampler.cpp"],
+            depends=["csrc/worker_pool.h"],  # (rebuilt when it changes, and shipped in an sdist)
+            cxx_std=17,
+            # no FMA contraction: the C++ and reference samplers must round identically
+            extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
+            extra_link_args=["-pthread"],
+        ),
         Pybind11Extension(
             "engine._decode_attention",
             ["csrc/decode_attention.cpp"],
+            depends=["csrc/worker_pool.h"],
             cxx_std=17,
             # vectorised reductions (omp simd); on x86-64 Linux also vectorised exp from glibc's
             # libmvec, which gcc calls only under -ffast-math
             extra_compile_args=["-O3", "-fopenmp-simd", "-pthread", *fast_math],
             extra_link_args=["-pthread", *libmvec],
-        )
-    )
+        ),
+    ]
 
 setup(ext_modules=ext_modules)
