@@ -152,3 +152,44 @@ def test_decode_layout_keeps_values_state_dict_and_training(tmp_path):
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=0, msg=name)
         assert q.grad.stride() == q.stride(), name
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hooks_and_replaced_linears_still_run(arch):
+    """The model applies plain Linears with F.linear (engine.model.linear); any hook, on a layer or
+    global, and any module put in a Linear's place must still be called as nn.Module would."""
+    torch.manual_seed(0)
+    preset = "tiny" if arch == "gpt2" else "llama-tiny"
+    model = GPT(GPTConfig.from_preset(preset, vocab_size=64, block_size=16, n_layer=2), backend="torch")
+    idx = torch.randint(0, 64, (2, 5))
+    seen = []
+    block = model.transformer.h[1]
+    handles = [block.attn.c_attn.register_forward_hook(lambda m, a, o: seen.append("c_attn forward")),
+               block.mlp.c_proj.register_forward_pre_hook(lambda m, a: seen.append("mlp.c_proj pre")),
+               model.lm_head.register_full_backward_hook(lambda m, gi, go: seen.append("lm_head backward"))]
+    model(idx, targets=idx)[1].backward()
+    assert seen == ["c_attn forward", "mlp.c_proj pre", "lm_head backward"]
+    for h in handles:
+        h.remove()
+    seen.clear()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, o: seen.append(type(m).__name__) if isinstance(m, torch.nn.Linear) else None)
+    try:
+        with torch.no_grad():
+            model(idx)
+    finally:
+        handle.remove()
+    assert seen.count("Linear") == 2 * 4 + 1  # four a block and the head
+
+    class Doubled(torch.nn.Linear):  # an adapter in a Linear's place: its forward must be the one that runs
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with torch.no_grad():
+        before = model(idx)[0]
+        old = block.mlp.c_proj
+        block.mlp.c_proj = Doubled(old.in_features, old.out_features, bias=old.bias is not None)
+        block.mlp.c_proj.load_state_dict(old.state_dict())
+        assert not torch.allclose(model(idx)[0], before)
+        block.mlp.c_proj = old
+        torch.testing.assert_close(model(idx)[0], before)
