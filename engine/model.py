@@ -18,24 +18,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules import module as nn_module
 
 from engine import reference
 from engine.backends import get_backend, resolve_name
 from engine.config import GPTConfig
-
-
-def linear(x, layer: nn.Linear):
-    """layer(x). For a plain nn.Linear with no hook to run (the test nn.Module.__call__ itself makes
-    before it goes straight to forward), F.linear directly: the call machinery costs about 3 us, with
-    four Linears a layer 2-4% of a small model's decode step on the CPU. Anything else in its place
-    (an adapter, a quantised layer) or any hook, the layer's own or global, goes through the module."""
-    if type(layer) is nn.Linear and not (
-            layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks
-            or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-            or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
-        return F.linear(x, layer.weight, layer.bias)
-    return layer(x)
 
 
 def dropout(x, p: float, training: bool):
@@ -134,7 +120,7 @@ class CausalSelfAttention(nn.Module):
         """rotate: q, k -> q, k rotated to this forward's positions (RoPE), None for learned positions;
         pos [1, T]: the cache columns this forward's tokens go to."""
         B, T, C = x.shape
-        qkv = linear(x, self.c_attn).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, nh + 2·nkv, T, hd]
+        qkv = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, nh + 2·nkv, T, hd]
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # [B, nh | nkv, T, hd]
         if self.q_norm is not None:
             q, _ = self.q_norm.add_then_norm(q, None, ops)
@@ -146,7 +132,7 @@ class CausalSelfAttention(nn.Module):
         else:  # append this step's keys/values, attend over everything cached so far
             y = cache.attend(self.layer_idx, q, k, v, pos, kv_start, ops)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return dropout(linear(y, self.c_proj), self.dropout, self.training)
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -159,8 +145,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
 
     def forward(self, x, ops=None):  # GELU has no backend op
-        x = F.gelu(linear(x, self.c_fc), approximate="tanh")
-        return dropout(linear(x, self.c_proj), self.dropout, self.training)
+        x = F.gelu(self.c_fc(x), approximate="tanh")
+        return dropout(self.c_proj(x), self.dropout, self.training)
 
 
 class SwiGLUMLP(nn.Module):
@@ -174,8 +160,8 @@ class SwiGLUMLP(nn.Module):
         self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
 
     def forward(self, x, ops):
-        gate, up = linear(x, self.c_fc).chunk(2, dim=-1)  # [B, T, I] each
-        return dropout(linear(ops.swiglu(gate, up), self.c_proj), self.dropout, self.training)
+        gate, up = self.c_fc(x).chunk(2, dim=-1)  # [B, T, I] each
+        return dropout(self.c_proj(ops.swiglu(gate, up)), self.dropout, self.training)
 
 
 # What differs between the families, in one place.
@@ -310,10 +296,10 @@ class GPT(nn.Module):
         if cache is not None:
             cache.advance(T)
         if targets is None:
-            return linear(h[:, -1:] if last_only else h, self.lm_head), None
+            return self.lm_head(h[:, -1:] if last_only else h), None
         if not return_logits:
             return None, ops.linear_cross_entropy(h, self.lm_head.weight, targets, loss_mask)
-        logits = linear(h, self.lm_head)  # [B, T, V]
+        logits = self.lm_head(h)  # [B, T, V]
         return logits, self.loss(logits, targets, loss_mask)
 
     @staticmethod

@@ -156,8 +156,9 @@ def test_decode_layout_keeps_values_state_dict_and_training(tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hooks_and_replaced_linears_still_run(arch):
-    """The model applies plain Linears with F.linear (engine.model.linear); any hook, on a layer or
-    global, and any module put in a Linear's place must still be called as nn.Module would."""
+    """Hooks on a layer or global, and a module put in a Linear's place, run: the model calls its
+    Linears as modules (a decode step is bound by dispatch, and skipping nn.Module's call is a
+    tempting shortcut that would lose them)."""
     torch.manual_seed(0)
     preset = "tiny" if arch == "gpt2" else "llama-tiny"
     model = GPT(GPTConfig.from_preset(preset, vocab_size=64, block_size=16, n_layer=2), backend="torch")
