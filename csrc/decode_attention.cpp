@@ -90,12 +90,11 @@ struct Tensor {
 };
 
 void check_4d(const Tensor& t, const char* name, int64_t B, int64_t H, int64_t S, int64_t D, int64_t itemsize) {
-    const bool ok = t.shape.size() == 4 && t.shape[0] == B && t.shape[1] == H && (S < 0 || t.shape[2] == S) &&
-                    t.shape[3] == D && t.strides[3] == 1 && t.itemsize == itemsize;
+    const bool ok = t.shape.size() == 4 && t.shape[0] == B && t.shape[1] == H && t.shape[2] == S && t.shape[3] == D &&
+                    t.strides[3] == 1 && t.itemsize == itemsize;
     if (!ok)
         throw std::invalid_argument(std::string(name) + " must be [B=" + std::to_string(B) + ", " + std::to_string(H) + ", " +
-                                    (S < 0 ? std::string("S") : std::to_string(S)) + ", D=" + std::to_string(D) +
-                                    "] of q's dtype, its last dimension contiguous");
+                                    std::to_string(S) + ", D=" + std::to_string(D) + "] of q's dtype, its last dimension contiguous");
 }
 
 // One (row, head): out = softmax(scale · K q) V over keys [lo, hi). scratch: hi - lo + D values.
