@@ -3,6 +3,7 @@ and the CPU decode attention (engine._decode_attention).
 
 Everything else about the package lives in pyproject.toml.
 """
+import ctypes.util
 import platform
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ ext_modules = []
 if Path("csrc").is_dir():  # a source tree (an installed wheel has the built modules instead)
     from pybind11.setup_helpers import Pybind11Extension
 
-    glibc_x86 = sys.platform == "linux" and platform.machine() == "x86_64"
-    fast_math, libmvec = (["-ffast-math"], ["-lmvec"]) if glibc_x86 else ([], [])
+    # glibc's vector math library: gcc calls it for a vectorised exp under -ffast-math
+    libmvec_x86 = sys.platform == "linux" and platform.machine() == "x86_64" and ctypes.util.find_library("mvec")
+    fast_math, libmvec = (["-ffast-math"], ["-lmvec"]) if libmvec_x86 else ([], [])
     ext_modules = [
         Pybind11Extension(
             "engine._sampler",
@@ -30,8 +32,7 @@ if Path("csrc").is_dir():  # a source tree (an installed wheel has the built mod
             ["csrc/decode_attention.cpp"],
             depends=["csrc/worker_pool.h"],
             cxx_std=17,
-            # vectorised reductions (omp simd); on x86-64 Linux also vectorised exp from glibc's
-            # libmvec, which gcc calls only under -ffast-math
+            # vectorised reductions (omp simd); with libmvec also a vectorised exp
             extra_compile_args=["-O3", "-fopenmp-simd", "-pthread", *fast_math],
             extra_link_args=["-pthread", *libmvec],
         ),
