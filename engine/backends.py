@@ -44,10 +44,11 @@ class ReferenceBackend:
         return reference.attention(q, k, v, causal=causal, kv_start=kv_start, kv_lens=kv_lens)
 
     def attention_with_cache(self, q, k, v, k_cache, v_cache, start, kv_start=None):
-        end = start + k.shape[2]
-        k_cache.narrow(2, start, k.shape[2]).copy_(k)
-        v_cache.narrow(2, start, v.shape[2]).copy_(v)
-        return self.attention(q, k_cache.narrow(2, 0, end), v_cache.narrow(2, 0, end), causal=True, kv_start=kv_start)
+        T = k.shape[2]
+        k_cache.narrow(2, start, T).copy_(k)
+        v_cache.narrow(2, start, T).copy_(v)
+        return self.attention(q, k_cache.narrow(2, 0, start + T), v_cache.narrow(2, 0, start + T), causal=True,
+                              kv_start=kv_start)
 
     def layer_norm(self, x, weight, bias, eps):
         return reference.layer_norm(x, weight, bias, eps)
@@ -151,6 +152,7 @@ def _decode_attention_extension():
 
 
 _DECODE_ATTENTION = _decode_attention_extension()
+_CPU_DECODE_DTYPES = (torch.float32, torch.float64)  # what the extension computes in
 
 
 def cpu_decode_attention(q, k, v, kv_start=None, kv_lens=None, new_k=None, new_v=None, at=-1):
@@ -181,9 +183,6 @@ def cpu_decode_attention(q, k, v, kv_start=None, kv_lens=None, new_k=None, new_v
     out = _DECODE_ATTENTION.decode_attention(q, k, v, kv_start, kv_lens, q.shape[-1] ** -0.5, torch.get_num_threads(),
                                              new_k, new_v, at)
     return torch.from_numpy(out).transpose(1, 2)  # [B, 1, H, D] -> [B, H, 1, D]
-
-
-_CPU_DECODE_DTYPES = (torch.float32, torch.float64)
 
 
 class TorchBackend(ReferenceBackend):

@@ -16,7 +16,7 @@ def cache_views(B, Hkv, S, D, dtype, spare=3):
     """k, v as attention reads them from a KVCache: the first S columns of a longer buffer."""
     k = torch.randn(B, Hkv, S + spare, D, dtype=dtype)
     v = torch.randn(B, Hkv, S + spare, D, dtype=dtype)
-    return k.narrow(2, 0, S), v.narrow(2, 0, S), k, v
+    return k.narrow(2, 0, S), v.narrow(2, 0, S)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -24,7 +24,7 @@ def cache_views(B, Hkv, S, D, dtype, spare=3):
                                          (2, 3, 3, 33, 80), (1, 2, 1, 5, 1), (2, 2, 1, 3, 1500), (64, 6, 6, 90, 32)])
 def test_matches_the_reference(B, H, Hkv, S, D, dtype):
     q = torch.randn(B, H, 1, D, dtype=dtype) * 3  # sharper softmax than unit scores
-    k, v, _, _ = cache_views(B, Hkv, S, D, dtype)
+    k, v = cache_views(B, Hkv, S, D, dtype)
     out = cpu_decode_attention(q, k, v)
     assert out is not None and out.shape == (B, H, 1, D)
     want = reference.attention(q.double(), k.double(), v.double(), causal=True).to(dtype)
@@ -35,7 +35,7 @@ def test_matches_the_reference(B, H, Hkv, S, D, dtype):
 def test_left_padding_and_static_lengths(dtype):
     B, H, Hkv, S, D = 5, 4, 2, 40, 32
     q = torch.randn(B, H, 1, D, dtype=dtype)
-    k, v, _, _ = cache_views(B, Hkv, S, D, dtype)
+    k, v = cache_views(B, Hkv, S, D, dtype)
     kv_start = torch.tensor([0, 3, 17, 38, 0])
     kv_lens = torch.tensor([40, 4, 39, 40, 1])
     for start, lens in ((kv_start, None), (None, kv_lens), (kv_start, kv_lens)):
@@ -64,7 +64,7 @@ def test_appending_to_the_cache_matches_write_then_attend(B, H, Hkv, D, start, d
 def test_the_worker_pool_gives_the_one_thread_result():
     """Big enough to be spread over the pool (> 2^22 bytes of cache): bit-identical to one thread."""
     q = torch.randn(32, 8, 1, 64)
-    k, v, _, _ = cache_views(32, 8, 300, 64, torch.float32)
+    k, v = cache_views(32, 8, 300, 64, torch.float32)
     lens = torch.randint(1, 301, (32,))
     one = _ext.decode_attention(q, k, v, None, lens, 0.125, 1)
     four = _ext.decode_attention(q, k, v, None, lens, 0.125, 4)
