@@ -21,7 +21,7 @@ if Path("csrc").is_dir():  # a source tree (an installed wheel has the built mod
         Pybind11Extension(
             "engine._sampler",
             ["csrc/sampler.cpp"],
-            depends=["csrc/worker_pool.h"],  # (rebuilt when it changes, and shipped in an sdist)
+            depends=["csrc/parallel.h"],  # (rebuilt when it changes, and shipped in an sdist)
             cxx_std=17,
             # no FMA contraction: the C++ and reference samplers must round identically
             extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
@@ -30,7 +30,7 @@ if Path("csrc").is_dir():  # a source tree (an installed wheel has the built mod
         Pybind11Extension(
             "engine._decode_attention",
             ["csrc/decode_attention.cpp"],
-            depends=["csrc/worker_pool.h"],
+            depends=["csrc/parallel.h"],
             cxx_std=17,
             # vectorised reductions (omp simd); with libmvec also a vectorised exp
             extra_compile_args=["-O3", "-fopenmp-simd", "-pthread", *fast_math],

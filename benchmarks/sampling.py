@@ -14,11 +14,11 @@ multi-threaded ops slow down far more than the C++ sampler: compare with a --thr
     python benchmarks/sampling.py [--toy] [--threads N] [--out DIR]   # CSV + markdown table (+ plot)
     pytest benchmarks/sampling.py                       # the same cases under pytest-benchmark
 
---pool measures where the C++ sampler's worker pool starts to pay: DecodeLoop.step on one
-thread against the pool forced on (engine._sampler.set_pool_min_work(0)) with --threads (default
-2) threads, for greedy and for top-k/top-p rows over a grid of V and B, side by side. The
+--pool measures where handing the C++ sampler's rows to torch's OpenMP threads starts to pay:
+DecodeLoop.step on one thread against those threads forced on (engine._sampler.set_pool_min_work(0))
+with --threads (default 2) threads, for greedy and for top-k/top-p rows over a grid of V and B, side by side. The
 sampler's threshold (engine._sampler.pool_min_work(), in logits read, sampled rows x8) sits where
-the pool's gain outgrows the cost of waking a worker. Writes sampling_pool.csv and .md.
+the gain outgrows the hand-off. Writes sampling_pool.csv and .md.
 """
 import argparse
 import os
@@ -143,7 +143,7 @@ def pool_crossover(vocabs, batches, threads: int, budget_s: float) -> list[dict]
 
 def pool_markdown(rows: list[dict], threads: int) -> str:
     lines = [
-        f"# C++ sampler: one thread vs the worker pool ({threads} threads), us per DecodeLoop.step (median)",
+        f"# C++ sampler: one thread vs torch's OpenMP threads ({threads}), us per DecodeLoop.step (median)",
         "",
         f"greedy = temperature 0 (one argmax pass); sample = {POOL_KINDS['sample']}. work = B x V, x8 for sampled rows; "
         f"the sampler uses the pool from work >= {_sampler.pool_min_work()}. {os.cpu_count()} CPUs, load average "
@@ -161,7 +161,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--toy", action="store_true", help="tiny sizes: a smoke test of the script")
     ap.add_argument("--threads", type=int, default=None, help="torch and C++ sampler threads (default: torch's default)")
-    ap.add_argument("--pool", action="store_true", help="measure where the worker pool pays instead (see above)")
+    ap.add_argument("--pool", action="store_true", help="measure where handing sampler rows to torch's OpenMP threads pays instead (see above)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<hardware>-<date>/)")
     args = ap.parse_args(argv)
     if args.pool:

@@ -15,7 +15,7 @@
 //   k and v (the KV cache) before attending over keys [kv_start[b], at + 1): appending and
 //   attending in one call saves a small decode step the half-dozen ops of writing the cache
 //
-// Rows are spread over the shared worker pool (worker_pool.h) when there is enough to read.
+// (row, head) pairs are spread over torch's OpenMP threads (parallel.h) when there is enough to read.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -28,7 +28,7 @@
 #include <string>
 #include <vector>
 
-#include "worker_pool.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 
@@ -210,17 +210,16 @@ py::array_t<T> attend_all(const Tensor& q, const Tensor& k, const Tensor& v, con
         attend_any<T>(q.at<T>(b, h), k.at<T>(b, hk), v.at<T>(b, hk), k.strides[2], lo[b], hi[b], D, static_cast<T>(scale),
                       scratch.data(), out_data + (b * H + h) * D);
     };
-    // The pool's hand-off (a condition-variable wake) pays from a few MB of cache read. Measured on
-    // 2 vCPUs, torch threads 2, 6x192 model decode steps (issue 21): at batch 8 (1.1 MB a layer) the
-    // pool made the step slower (2.84-2.99 ms vs 2.70-2.74 on one thread), at batch 64 (8.7 MB)
-    // faster (8.1-8.7 ms vs 9.5-10.4).
+    // Handing (row, head) pairs to torch's OpenMP threads pays from ~100 KB of cache read. Measured
+    // on 2 vCPUs, torch threads 2, 6x192 model decode steps, in-process A/B (issue 21): batch 1
+    // (~135 KB a layer) 2.01 ms a step vs 2.09 on one thread, batch 8 (1.1 MB) 2.50 vs 2.78, batch 64
+    // (8.7 MB) 8.9 vs 9.6 with our own condition-variable pool (which lost to one thread at batch 8).
     int64_t keys = 0;
     for (int64_t b = 0; b < B; ++b) keys += hi[b] - lo[b];
     const int64_t bytes = 2 * keys * H * D * static_cast<int64_t>(sizeof(T));
-    const int helpers = bytes >= (int64_t{1} << 22) ? static_cast<int>(std::min<int64_t>(threads, B * H)) - 1 : 0;
     {
         py::gil_scoped_release release;
-        worker_pool::WorkerPool::instance().run(B * H, helpers, task);
+        parallel::run(B * H, bytes >= (int64_t{1} << 16) ? threads : 1, task);
     }
     return out;
 }
@@ -265,7 +264,7 @@ py::array decode_attention(const py::handle& q_obj, const py::handle& k_obj, con
 
 PYBIND11_MODULE(_decode_attention, m) {
     m.doc() = "Attention for one query per row (decode steps) on the CPU; see csrc/decode_attention.cpp.";
-    m.def("pool_workers", [] { return worker_pool::WorkerPool::instance().size(); }, "Worker threads started so far in this process.");
+    m.def("pool_calls", [] { return parallel::calls.load(); }, "Calls handed to torch's OpenMP threads so far.");
     m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_start"),
           py::arg("kv_lens"), py::arg("scale"), py::arg("threads"), py::arg("new_k") = py::none(),
           py::arg("new_v") = py::none(), py::arg("at") = -1,

@@ -9,7 +9,7 @@
 // sum. A greedy row without penalties, bias or log-probs is one argmax pass over the float32 row
 // and nothing else; penalties, stop strings and log-probs cost nothing for rows that don't ask.
 // Rows run with the GIL released, on the calling thread or, when a batch is big enough to pay
-// for the hand-off, also on a persistent pool of workers. DecodeLoop keeps each sequence's token
+// for the hand-off, also on torch's OpenMP threads (parallel.h). DecodeLoop keeps each sequence's token
 // counts and stop-string tail, and writes its results into buffers it owns: a step allocates nothing.
 //
 // Built with -ffp-contract=off: a fused multiply-add would change roundings the reference makes.
@@ -29,7 +29,7 @@
 #include <utility>
 #include <vector>
 
-#include "worker_pool.h"
+#include "parallel.h"
 
 namespace py = pybind11;
 
@@ -305,12 +305,13 @@ Scratch& thread_scratch() {
 
 // Below this much work (in logits read, an argmax-only row counting its V, any other row
 // kSampledRowWeight x V, about 0.5 ns a unit on one core) a step runs on the calling thread
-// alone. `python benchmarks/sampling.py --pool` measured it on 2 shared cores (load average ~9):
-// the pool never won below 2^25 units (at 2^21-2^23 a preempted worker made steps up to 3.5x
-// slower) and won 1.28x at 2^26. Rerun it on a quieter machine before lowering the threshold.
-// Tests and that benchmark move it with set_pool_min_work.
+// alone. `python benchmarks/sampling.py --pool` measured it on 2 vCPUs with torch's OpenMP
+// threads (three runs, the last in benchmarks/results/x86-64-2026-11-30-pool): 1.05-1.11x at
+// 2^14 units (greedy, V 2048, batch 8), 1.15-1.5x at 2^15 (greedy, V 4096, batch 8), 1.35-1.98x
+// above. (A batch of one row is one task: it always runs alone.) Our own condition-variable pool
+// had needed 2^25. Tests and that benchmark move it with set_pool_min_work.
 constexpr int64_t kSampledRowWeight = 8;
-std::atomic<int64_t> pool_min_work{int64_t{1} << 25};
+std::atomic<int64_t> pool_min_work{int64_t{1} << 15};
 
 // Samples rows[0..n) with row_fn(b, scratch) -> Draw into out[b], GIL released; threads counts
 // the caller. A row's error (NaN, all -inf) is rethrown for the lowest such row, as ValueError,
@@ -331,8 +332,7 @@ void sample_rows(const std::vector<int64_t>& rows, int threads, int64_t work, Ro
     {
         py::gil_scoped_release release;
         const int64_t n = static_cast<int64_t>(rows.size());
-        const int helpers = work >= pool_min_work ? static_cast<int>(std::min<int64_t>(threads, n)) - 1 : 0;
-        worker_pool::WorkerPool::instance().run(n, helpers, task);
+        parallel::run(n, work >= pool_min_work ? threads : 1, task);
     }
     if (!failed) return;
     for (auto& e : errors)
@@ -568,9 +568,9 @@ PYBIND11_MODULE(_sampler, m) {
              py::arg("presence_penalty"), py::arg("frequency_penalty"), py::arg("logit_bias"), py::arg("logprobs"),
              py::arg("stop_token_ids"), py::arg("stop"), py::arg("max_new_tokens"));
     m.def("set_pool_min_work", [](int64_t work) { pool_min_work = work; }, py::arg("work"),
-          "Work (logits read, sampled rows weighted x8) from which a batch is spread over the worker pool.");
+          "Work (logits read, sampled rows weighted x8) from which a batch is spread over torch's OpenMP threads.");
     m.def("pool_min_work", [] { return pool_min_work.load(); });
-    m.def("pool_workers", [] { return worker_pool::WorkerPool::instance().size(); }, "Worker threads started so far in this process.");
+    m.def("pool_calls", [] { return parallel::calls.load(); }, "Calls handed to torch's OpenMP threads so far.");
     m.def("sample", &sample, py::arg("logits"), py::arg("params"), py::arg("prev_tokens"), py::arg("positions"), py::arg("seeds"),
           py::arg("threads"), "Stateless batch sample: returns (tokens, logprobs); NaN logprob where not requested.");
     py::class_<DecodeLoop>(m, "DecodeLoop")

@@ -1,6 +1,10 @@
 """The CPU decode attention (engine._decode_attention, used by the torch backend for one query per
 row) against the reference: odd sizes, grouped heads, left padding, static-cache lengths, strided
-cache views, float32 and float64, one thread and the worker pool, and bad input."""
+cache views, float32 and float64, one thread and torch's OpenMP threads, a forked child, and bad input."""
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -61,15 +65,47 @@ def test_appending_to_the_cache_matches_write_then_attend(B, H, Hkv, D, start, d
     torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
-def test_the_worker_pool_gives_the_one_thread_result():
-    """Big enough to be spread over the pool (> 2^22 bytes of cache): bit-identical to one thread."""
+def test_torchs_openmp_threads_give_the_one_thread_result():
+    """Big enough to be spread over torch's OpenMP threads (>= 2^16 bytes of cache): bit-identical
+    to one thread, and the call really went to the OpenMP runtime."""
     q = torch.randn(32, 8, 1, 64)
     k, v = cache_views(32, 8, 300, 64, torch.float32)
     lens = torch.randint(1, 301, (32,))
     one = _ext.decode_attention(q, k, v, None, lens, 0.125, 1)
+    calls = _ext.pool_calls()
     four = _ext.decode_attention(q, k, v, None, lens, 0.125, 4)
+    assert _ext.pool_calls() == calls + 1
     assert (one == four).all()
-    assert _ext.pool_workers() >= 3  # the call above did run on the pool (other tests may have grown it further)
+    small = torch.randn(1, 2, 1, 8), *cache_views(1, 2, 5, 8, torch.float32)  # 320 bytes: one thread
+    _ext.decode_attention(*small, None, None, 0.5, 4)
+    assert _ext.pool_calls() == calls + 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_alone_instead_of_hanging():
+    """An OpenMP runtime's threads do not survive a fork (torch's own ops hang in such a child):
+    after the parent used them, a child's call runs on its one thread and gives the same result."""
+    q = torch.randn(16, 4, 1, 32)
+    k, v = cache_views(16, 4, 200, 32, torch.float32)
+    want = _ext.decode_attention(q, k, v, None, None, 0.2, 2)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it got the same numbers, then leave without cleanup
+        try:
+            same = bool((_ext.decode_attention(q, k, v, None, None, 0.2, 2) == want).all())
+            os.write(write, b"same" if same else b"different")
+        finally:
+            os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in decode_attention")
+        time.sleep(0.01)
+    assert os.read(read, 16) == b"same"
+    os.close(read)
 
 
 def test_extreme_scores_and_nan():
