@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from engine.devices import autocast_for, kv_cache_dtype
+from engine.devices import advise_huge_pages, autocast_for, kv_cache_dtype
 from engine.errors import InputError
 from engine.sampling import DecodeLoop, SamplingParams
 
@@ -35,6 +35,8 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        for t in (self.k, self.v):  # 2 MB pages on the CPU: every decode step streams the whole cache
+            advise_huge_pages(t)
         # each layer's [B, nkv, max_len, hd] views, made once: a small decode step is bound by how
         # many ops it dispatches, and indexing self.k[layer, :, :, a:b] is four of them
         self.layers = [(self.k[i], self.v[i]) for i in range(config.n_layer)]

@@ -1,9 +1,11 @@
-"""engine.devices: the device choice and the two precision rules everything else uses."""
+"""engine.devices: the device choice, the two precision rules everything else uses, huge pages."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from engine import GPT, GPTConfig
-from engine.devices import autocast_for, kv_cache_dtype, pick_device
+from engine.devices import advise_huge_pages, autocast_for, kv_cache_dtype, pick_device
 from engine.errors import InputError
 
 
@@ -33,3 +35,38 @@ def test_on_cuda_matmuls_and_the_kv_cache_are_bf16():
     with autocast_for("cuda"):
         y = model.lm_head(torch.zeros(2, 8, device="cuda"))
     assert y.dtype == torch.bfloat16 == kv_cache_dtype(model)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP_MODE.exists() or "[never]" in THP_MODE.read_text(),
+                    reason="needs Linux with transparent huge pages not set to never")
+def test_the_kv_cache_asks_for_huge_pages_and_keeps_its_values():
+    """Both halves of a KV cache big enough to hold a 2 MB page are advised (the kernel marks
+    the mapping "hg"); a tensor under 2 MB is left alone; the cache's values are kept."""
+    from engine.generate import KVCache
+
+    config = GPTConfig.from_preset("tiny", n_layer=2)
+    cache = KVCache(config, 16, 256, "cpu", torch.float32)  # 2 x 16 x 4 x 256 x 32 floats: 4 MB each
+    for t in (cache.k, cache.v):
+        address = -(-t.data_ptr() // (2 << 20)) * (2 << 20)
+        assert "hg" in _vm_flags(address)
+    cache.k.fill_(1.5)
+    assert cache.k.sum().item() == 1.5 * cache.k.numel()
+    assert not advise_huge_pages(torch.empty(1000))  # under 2 MB: nothing to advise
+    assert advise_huge_pages(torch.empty(3 << 20, dtype=torch.uint8))
