@@ -24,8 +24,7 @@ if Path("csrc").is_dir():  # a source tree (an installed wheel has the built mod
             depends=["csrc/parallel.h"],  # (rebuilt when it changes, and shipped in an sdist)
             cxx_std=17,
             # no FMA contraction: the C++ and reference samplers must round identically
-            extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
-            extra_link_args=["-pthread"],
+            extra_compile_args=["-O3", "-ffp-contract=off"],
         ),
         Pybind11Extension(
             "engine._decode_attention",
@@ -33,8 +32,8 @@ if Path("csrc").is_dir():  # a source tree (an installed wheel has the built mod
             depends=["csrc/parallel.h"],
             cxx_std=17,
             # vectorised reductions (omp simd); with libmvec also a vectorised exp
-            extra_compile_args=["-O3", "-fopenmp-simd", "-pthread", *fast_math],
-            extra_link_args=["-pthread", *libmvec],
+            extra_compile_args=["-O3", "-fopenmp-simd", *fast_math],
+            extra_link_args=libmvec,
         ),
     ]
 

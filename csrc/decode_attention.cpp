@@ -210,9 +210,9 @@ py::array_t<T> attend_all(const Tensor& q, const Tensor& k, const Tensor& v, con
         attend_any<T>(q.at<T>(b, h), k.at<T>(b, hk), v.at<T>(b, hk), k.strides[2], lo[b], hi[b], D, static_cast<T>(scale),
                       scratch.data(), out_data + (b * H + h) * D);
     };
-    // Handing (row, head) pairs to torch's OpenMP threads pays from ~100 KB of cache read. Measured
-    // on 2 vCPUs, torch threads 2, 6x192 model decode steps, in-process A/B (issue 21): batch 1
-    // (~135 KB a layer) 2.01 ms a step vs 2.09 on one thread, batch 8 (1.1 MB) 2.50 vs 2.78, batch 64
+    // (row, head) pairs go to torch's OpenMP threads from 64 KB of cache read. Measured on 2 vCPUs,
+    // torch threads 2, 6x192 model decode steps, in-process A/B (issue 21): batch 1 (~135 KB a
+    // layer) 2.01 ms a step vs 2.09 on one thread (even), batch 8 (1.1 MB) 2.50 vs 2.78, batch 64
     // (8.7 MB) 8.9 vs 9.6 with our own condition-variable pool (which lost to one thread at batch 8).
     int64_t keys = 0;
     for (int64_t b = 0; b < B; ++b) keys += hi[b] - lo[b];

@@ -23,24 +23,19 @@ namespace parallel {
 
 inline const pid_t loaded_in = getpid();  // the process that loaded the extension
 
-struct OpenMP {
-    void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel
+using ParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);  // GOMP_parallel's
 
-    // Looked up until found (the extension may load before torch). A forked child runs serially:
-    // an OpenMP runtime's threads do not survive a fork (torch's own ops hang in a child forked
-    // after they ran on several threads, hence DataLoader workers' one thread).
-    static const OpenMP* find() {
-        static std::atomic<const OpenMP*> found{nullptr};
-        if (getpid() != loaded_in) return nullptr;
-        if (const OpenMP* omp = found.load()) return omp;
-        if (void* fn = dlsym(RTLD_DEFAULT, "GOMP_parallel")) {
-            static OpenMP omp;
-            omp.parallel = reinterpret_cast<decltype(omp.parallel)>(fn);
-            found = &omp;
-        }
-        return found.load();
-    }
-};
+// The runtime's GOMP_parallel, or null: looked up until found (the extension may load before
+// torch). A forked child gets null and runs serially: an OpenMP runtime's threads do not survive a
+// fork (torch's own ops hang in a child forked after they ran on several threads, hence
+// DataLoader workers' one thread).
+inline ParallelFn gomp_parallel() {
+    static std::atomic<ParallelFn> found{nullptr};
+    if (getpid() != loaded_in) return nullptr;
+    ParallelFn fn = found.load();
+    if (fn == nullptr) found = fn = reinterpret_cast<ParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+    return fn;
+}
 
 // Calls handed to the OpenMP runtime so far (tests check that a big call really went there).
 inline std::atomic<int64_t> calls{0};
@@ -50,8 +45,8 @@ inline std::atomic<int64_t> calls{0};
 // balance. task must not throw: catch inside it.
 template <class Task>
 void run(int64_t n, int threads, Task& task) {
-    const OpenMP* omp = threads > 1 && n > 1 ? OpenMP::find() : nullptr;
-    if (omp == nullptr) {
+    const ParallelFn parallel = threads > 1 && n > 1 ? gomp_parallel() : nullptr;
+    if (parallel == nullptr) {
         for (int64_t i = 0; i < n; ++i) task(i);
         return;
     }
@@ -61,7 +56,7 @@ void run(int64_t n, int threads, Task& task) {
         std::atomic<int64_t> next{0};
     } job{&task, n};
     ++calls;
-    omp->parallel(
+    parallel(
         [](void* p) {
             Job& j = *static_cast<Job*>(p);
             for (int64_t i; (i = j.next.fetch_add(1)) < j.n;) (*j.task)(i);
