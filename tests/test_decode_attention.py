@@ -3,6 +3,7 @@ row) against the reference: odd sizes, grouped heads, left padding, static-cache
 cache views, float32 and float64, one thread and torch's OpenMP threads, a forked child, and bad input."""
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -79,6 +80,29 @@ def test_torchs_openmp_threads_give_the_one_thread_result():
     small = torch.randn(1, 2, 1, 8), *cache_views(1, 2, 5, 8, torch.float32)  # 320 bytes: one thread
     _ext.decode_attention(*small, None, None, 0.5, 4)
     assert _ext.pool_calls() == calls + 1
+
+
+def test_python_threads_calling_at_once_each_get_their_own_result():
+    """A server may run generations in Python threads: calls that reach the OpenMP runtime at the
+    same time (the GIL is released inside) each get their own team and the one-thread result."""
+    cases = []
+    for i in range(4):
+        q = torch.randn(8 + i, 4, 1, 32)
+        k, v = cache_views(8 + i, 4, 150 + 7 * i, 32, torch.float32)
+        cases.append(((q, k, v), _ext.decode_attention(q, k, v, None, None, 0.2, 1)))
+    results = [None] * 8
+
+    def work(slot):
+        args, _ = cases[slot % 4]
+        results[slot] = [_ext.decode_attention(*args, None, None, 0.2, 2) for _ in range(20)]
+
+    threads = [threading.Thread(target=work, args=(slot,)) for slot in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for slot, outs in enumerate(results):
+        assert all((out == cases[slot % 4][1]).all() for out in outs)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
