@@ -56,7 +56,10 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     every 4 KB and a page fault each time a row's keys cross into a new page. Measured on the
     6x192 model at batch 64 on this 2-vCPU VM, in-process A/B over 6 generations: decode step
     12.4 vs 13.6 ms on one thread, 9.5 vs 11.5 on two; prompt to last token 1446 vs 1608 ms (the
-    very first huge pages a process gets cost more on this VM: the host backs them on first use)."""
+    very first huge pages a process gets cost more on this VM: the host backs them on first use).
+    The price: a 2 MB page is resident once any byte of it is written, and the prefill writes a
+    little of every row, so the whole cache is in memory from the start (with 4 KB pages, the
+    columns a generation that stops early never reaches would not be)."""
     if t.device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
     start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
