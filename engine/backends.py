@@ -195,7 +195,7 @@ class TorchBackend(ReferenceBackend):
 
     def attention(self, q, k, v, causal=True, kv_start=None, kv_lens=None):
         sq, sk = q.shape[-2], k.shape[-2]
-        if sq == 1 and (out := cpu_decode_attention(q, k, v, kv_start, kv_lens)) is not None:
+        if (out := cpu_decode_attention(q, k, v, kv_start, kv_lens)) is not None:  # one query on the CPU
             return out
         gqa = k.shape[1] < q.shape[1]
         if kv_start is None and kv_lens is None and (not causal or sq == sk or sq == 1):
@@ -207,7 +207,7 @@ class TorchBackend(ReferenceBackend):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     def attention_with_cache(self, q, k, v, k_cache, v_cache, start, kv_start=None):
-        if q.shape[-2] == 1 and (out := cpu_decode_attention(q, k_cache, v_cache, kv_start, None, k, v, start)) is not None:
+        if (out := cpu_decode_attention(q, k_cache, v_cache, kv_start, None, k, v, start)) is not None:
             return out
         return super().attention_with_cache(q, k, v, k_cache, v_cache, start, kv_start)
 

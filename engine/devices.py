@@ -66,5 +66,5 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     end = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
     if end <= start:
         return False
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None)
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE) == 0
