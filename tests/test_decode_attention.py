@@ -185,14 +185,26 @@ def test_bad_lengths_raise_naming_the_row():
         _ext.decode_attention(q, k, k, torch.zeros(3, dtype=torch.int32), None, 1.0, 1)
 
 
+@pytest.fixture
+def torch_threads():
+    """set(n): torch's intra-op threads for this test, restored after it."""
+    default = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(default)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
-def test_decode_steps_at_the_presets_own_size_match_the_reference_backend(preset):
+def test_decode_steps_at_the_presets_own_size_match_the_reference_backend(preset, threads, torch_threads):
     """In the model, at a size users run: the preset's vocabulary and width, three left-padded prompts
     (200, 57 and 1 tokens), 20 greedy steps in float64; the torch backend (the C++ path, which also
-    writes the cache) gives the reference backend's logits."""
+    writes the cache) gives the reference backend's logits, on one thread and on torch's OpenMP
+    threads (every layer's call reads more than the 64 KB from which it hands rows to them)."""
     from engine import GPT, GPTConfig
     from engine.generate import KVCache
 
+    torch_threads(threads)  # the backend hands the extension torch's thread count
+    calls = _ext.pool_calls()
     model = GPT(GPTConfig.from_preset(preset), backend="torch").eval().double()
     lengths = [200, 57, 1]
     idx = torch.randint(0, model.config.vocab_size, (3, 200))
@@ -210,3 +222,4 @@ def test_decode_steps_at_the_presets_own_size_match_the_reference_backend(preset
             runs[backend] = torch.cat(steps, 1)
     assert runs["torch"].shape == (3, 21, model.config.vocab_size)
     assert (runs["torch"] - runs["reference"]).abs().max().item() < 1e-10
+    assert _ext.pool_calls() - calls == (20 * model.config.n_layer if threads > 1 else 0)
