@@ -1,5 +1,5 @@
-"""Builds the C++ extensions when their sources are present: the sampling loop (engine._sampler)
-and the CPU decode attention (engine._decode_attention).
+"""Builds the C++ extensions when their sources are present: the sampling loop (engine._sampler),
+the CPU decode attention (engine._decode_attention) and the whole CPU decode step (engine._decode_step).
 
 Everything else about the package lives in pyproject.toml.
 """
@@ -21,17 +21,26 @@ if Path("csrc").is_dir():  # a source tree (an installed wheel has the built mod
         Pybind11Extension(
             "engine._sampler",
             ["csrc/sampler.cpp"],
-            depends=["csrc/parallel.h"],  # (rebuilt when it changes, and shipped in an sdist)
+            depends=["csrc/parallel.h", "csrc/simd.h"],  # (rebuilt when they change, and shipped in an sdist)
             cxx_std=17,
-            # no FMA contraction: the C++ and reference samplers must round identically
-            extra_compile_args=["-O3", "-ffp-contract=off"],
+            # no FMA contraction: the C++ and reference samplers must round identically; omp simd
+            # pragmas for the loops whose order does not matter (the greedy row's maximum)
+            extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp-simd"],
         ),
         Pybind11Extension(
             "engine._decode_attention",
             ["csrc/decode_attention.cpp"],
-            depends=["csrc/parallel.h"],
+            depends=["csrc/attention.h", "csrc/parallel.h", "csrc/simd.h", "csrc/tensor_view.h"],
             cxx_std=17,
             # vectorised reductions (omp simd); with libmvec also a vectorised exp
+            extra_compile_args=["-O3", "-fopenmp-simd", *fast_math],
+            extra_link_args=libmvec,
+        ),
+        Pybind11Extension(
+            "engine._decode_step",
+            ["csrc/decode_step.cpp"],
+            depends=["csrc/attention.h", "csrc/parallel.h", "csrc/simd.h", "csrc/tensor_view.h"],
+            cxx_std=17,
             extra_compile_args=["-O3", "-fopenmp-simd", *fast_math],
             extra_link_args=libmvec,
         ),

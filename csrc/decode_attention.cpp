@@ -1,13 +1,8 @@
 // engine._decode_attention: attention for one query per row on the CPU (a decode step), what the
-// torch backend uses instead of PyTorch's SDPA there (engine/backends.py says when).
-//
-// A decode step's attention reads every cached key and value once and does two multiply-adds per
-// element read, so it is bound by memory: at batch 64 on the 6-layer/192-wide benchmark model it
-// reads ~50 MB of float32 cache per step, which PyTorch's CPU flash kernel (SDPA) did at about
-// 5 GB/s in the model, and this code at about 12. Here each (row, query head) streams its keys
-// once to get the scores, then its values once to sum them, with nothing but a score buffer in
-// between: the two passes of a textbook softmax, not an online one, because a row's scores fit
-// in L1/L2 and the exponentials can then run vectorised over all of them at once.
+// torch backend uses instead of PyTorch's SDPA there (engine/backends.py says when). The loops are
+// in attention.h; at batch 64 on the 6-layer/192-wide benchmark model a step reads ~50 MB of
+// float32 cache, which PyTorch's CPU flash kernel (SDPA) did at about 5 GB/s in the model, and
+// this code at about 12.
 //
 //   q: [B, H, 1, D]   k, v: [B, Hkv, S, D] (any strides, D contiguous; Hkv divides H) -> out [B, 1, H, D]
 //   row b attends to keys [kv_start[b], kv_lens[b]) (kv_start 0, kv_lens S when not given)
@@ -20,7 +15,6 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -28,66 +22,14 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "parallel.h"
+#include "tensor_view.h"
 
 namespace py = pybind11;
+using tensor_view::Tensor;
 
 namespace {
-
-// Vector-width clones picked at load time: the package is built for the baseline x86-64, the
-// loops here want AVX2 / AVX-512 where the machine has them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VECTOR_CLONES
-#endif
-
-// A torch tensor as the kernel reads it: the pointer, sizes and strides (in elements), read
-// through its Python methods with the C API (names interned once). Nothing is converted or copied:
-// turning each tensor into a NumPy array cost four dispatched ops per tensor (30% of a batch-1
-// step's ops), and pybind11's generic attribute calls and list casts about 2 us per tensor.
-std::vector<int64_t> int_tuple(PyObject* tuple) {  // a torch.Size or a tuple of ints
-    if (tuple == nullptr) throw py::error_already_set();
-    if (!PyTuple_Check(tuple)) {
-        Py_DECREF(tuple);
-        throw std::invalid_argument("expected a tensor: its shape / stride() is not a tuple");
-    }
-    std::vector<int64_t> out(static_cast<size_t>(PyTuple_GET_SIZE(tuple)));
-    for (size_t i = 0; i < out.size(); ++i) out[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(tuple, static_cast<Py_ssize_t>(i)));
-    Py_DECREF(tuple);
-    return out;
-}
-
-struct Tensor {
-    char* data = nullptr;
-    std::vector<int64_t> shape, strides;
-    int64_t itemsize = 0;
-
-    explicit Tensor(const py::handle& t) {
-        static PyObject* const data_ptr_name = PyUnicode_InternFromString("data_ptr");
-        static PyObject* const shape_name = PyUnicode_InternFromString("shape");
-        static PyObject* const stride_name = PyUnicode_InternFromString("stride");
-        static PyObject* const element_size_name = PyUnicode_InternFromString("element_size");
-        const auto call = [&](PyObject* name) {
-            PyObject* r = PyObject_CallMethodNoArgs(t.ptr(), name);
-            if (r == nullptr) throw py::error_already_set();
-            return py::reinterpret_steal<py::object>(r);
-        };
-        data = reinterpret_cast<char*>(PyLong_AsVoidPtr(call(data_ptr_name).ptr()));
-        itemsize = PyLong_AsLongLong(call(element_size_name).ptr());
-        shape = int_tuple(PyObject_GetAttr(t.ptr(), shape_name));
-        strides = int_tuple(PyObject_CallMethodNoArgs(t.ptr(), stride_name));
-        if (PyErr_Occurred()) throw py::error_already_set();
-    }
-
-    template <class T>  // the element at [i0, i1, i2, 0...] (indices past the tensor's dimensions ignored)
-    T* at(int64_t i0, int64_t i1 = 0, int64_t i2 = 0) const {
-        int64_t offset = i0 * strides[0];
-        if (strides.size() > 1) offset += i1 * strides[1];
-        if (strides.size() > 2) offset += i2 * strides[2];
-        return reinterpret_cast<T*>(data) + offset;
-    }
-};
 
 void check_4d(const Tensor& t, const char* name, int64_t B, int64_t H, int64_t S, int64_t D, int64_t itemsize) {
     const bool ok = t.shape.size() == 4 && t.shape[0] == B && t.shape[1] == H && t.shape[2] == S && t.shape[3] == D &&
@@ -95,76 +37,6 @@ void check_4d(const Tensor& t, const char* name, int64_t B, int64_t H, int64_t S
     if (!ok)
         throw std::invalid_argument(std::string(name) + " must be [B=" + std::to_string(B) + ", " + std::to_string(H) + ", " +
                                     std::to_string(S) + ", D=" + std::to_string(D) + "] of q's dtype, its last dimension contiguous");
-}
-
-// One (row, head): out = softmax(scale · K q) V over keys [lo, hi). scratch: hi - lo + D values.
-// DIM > 0 fixes the head dimension at compile time (the loops over it unroll into registers);
-// DIM = 0 reads it from D.
-template <class T, int DIM>
-VECTOR_CLONES void attend_one(const T* __restrict q, const T* __restrict k, const T* __restrict v, int64_t ss,
-                              int64_t lo, int64_t hi, int64_t D, T scale, T* __restrict scratch, T* __restrict out) {
-    const int64_t dim = DIM > 0 ? DIM : D, n = hi - lo;
-    T* scores = scratch;
-    k += lo * ss;
-    v += lo * ss;
-    // scores, four keys at a time: four independent sums to reduce, not one long chain per key
-    int64_t s = 0;
-    for (; s + 4 <= n; s += 4) {
-        const T *k0 = k + s * ss, *k1 = k0 + ss, *k2 = k1 + ss, *k3 = k2 + ss;
-        // fetch these keys' values now, so that the sum below finds them in cache: the key stream and
-        // the value stream then overlap (6x192 model, batch 64, one thread: attention 6.2 -> 4.3 ms a step)
-        for (int64_t j = 0; j < 4; ++j)
-            for (int64_t d = 0; d < dim; d += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(v + (s + j) * ss + d);
-        T d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-        for (int64_t d = 0; d < dim; ++d) {
-            d0 += q[d] * k0[d];
-            d1 += q[d] * k1[d];
-            d2 += q[d] * k2[d];
-            d3 += q[d] * k3[d];
-        }
-        scores[s] = d0 * scale, scores[s + 1] = d1 * scale, scores[s + 2] = d2 * scale, scores[s + 3] = d3 * scale;
-    }
-    for (; s < n; ++s) {
-        const T* ks = k + s * ss;
-        T dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < dim; ++d) dot += q[d] * ks[d];
-        scores[s] = dot * scale;
-    }
-    T best = scores[0];
-    for (s = 1; s < n; ++s) best = std::max(best, scores[s]);
-    T total = 0;
-#pragma omp simd reduction(+ : total)
-    for (s = 0; s < n; ++s) {
-        scores[s] = std::exp(scores[s] - best);
-        total += scores[s];
-    }
-    // out = Σ p_s v_s, accumulated in a local array the compiler can keep in registers (DIM > 0)
-    T fixed[DIM > 0 ? DIM : 1];
-    T* acc = DIM > 0 ? fixed : scratch + n;
-    for (int64_t d = 0; d < dim; ++d) acc[d] = 0;
-    for (s = 0; s < n; ++s) {
-        const T* vs = v + s * ss;
-        const T p = scores[s];
-#pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) acc[d] += p * vs[d];
-    }
-    const T inv = T(1) / total;
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) out[d] = acc[d] * inv;
-}
-
-// attend_one for the head dimensions models use, the general loop for the rest
-template <class T>
-void attend_any(const T* q, const T* k, const T* v, int64_t ss, int64_t lo, int64_t hi, int64_t D, T scale, T* scratch,
-                T* out) {
-    switch (D) {
-        case 32: return attend_one<T, 32>(q, k, v, ss, lo, hi, D, scale, scratch, out);
-        case 64: return attend_one<T, 64>(q, k, v, ss, lo, hi, D, scale, scratch, out);
-        case 128: return attend_one<T, 128>(q, k, v, ss, lo, hi, D, scale, scratch, out);
-        default: return attend_one<T, 0>(q, k, v, ss, lo, hi, D, scale, scratch, out);
-    }
 }
 
 // Row b's key range [lo[b], hi[b]) from kv_start / kv_lens (int64 [B] tensors or None), checked.
@@ -200,26 +72,16 @@ void append_column(const Tensor& new_k, const Tensor& new_v, const Tensor& k, co
 template <class T>
 py::array_t<T> attend_all(const Tensor& q, const Tensor& k, const Tensor& v, const std::vector<int64_t>& lo,
                           const std::vector<int64_t>& hi, double scale, int threads) {
-    const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3], group = H / k.shape[1];
+    const int64_t B = q.shape[0], H = q.shape[1], D = q.shape[3];
     py::array_t<T> out({B, int64_t{1}, H, D});  // [B, 1, H, D]: heads side by side, as the next matmul reads them
-    T* out_data = out.mutable_data();
-    auto task = [&](int64_t bh) {
-        thread_local std::vector<T> scratch;
-        const int64_t b = bh / H, h = bh % H, hk = h / group;
-        scratch.resize(static_cast<size_t>(hi[b] - lo[b] + D));
-        attend_any<T>(q.at<T>(b, h), k.at<T>(b, hk), v.at<T>(b, hk), k.strides[2], lo[b], hi[b], D, static_cast<T>(scale),
-                      scratch.data(), out_data + (b * H + h) * D);
+    const auto heads = [](const Tensor& t) {
+        return attention::Heads<T>{t.at<T>(0), t.strides[0], t.strides[1], t.strides[2]};
     };
-    // (row, head) pairs go to torch's OpenMP threads from 64 KB of cache read. Measured on 2 vCPUs,
-    // torch threads 2, 6x192 model decode steps, in-process A/B (issue 21): batch 1 (~135 KB a
-    // layer) 2.01 ms a step vs 2.09 on one thread (even), batch 8 (1.1 MB) 2.50 vs 2.78, batch 64
-    // (8.7 MB) 8.9 vs 9.6 with our own condition-variable pool (which lost to one thread at batch 8).
-    int64_t keys = 0;
-    for (int64_t b = 0; b < B; ++b) keys += hi[b] - lo[b];
-    const int64_t bytes = 2 * keys * H * D * static_cast<int64_t>(sizeof(T));
+    T* out_data = out.mutable_data();
     {
         py::gil_scoped_release release;
-        parallel::run(B * H, bytes >= (int64_t{1} << 16) ? threads : 1, task);
+        attention::attend_rows<T>(heads(q), heads(k), heads(v), B, H, H / k.shape[1], D, lo.data(), hi.data(),
+                                  static_cast<T>(scale), threads, out_data);
     }
     return out;
 }

@@ -25,13 +25,18 @@ looks at the backend's name, so a new backend is one class and one line in BACKE
         GPT.loss(h @ weight.T, targets, loss_mask) (mean over counted tokens, targets -1 ignored)
         without holding the [N, V] logits whole in the torch and triton backends;
         h: [B, T, C], weight: [V, C] (the head), targets, loss_mask: [B, T]
+    decoder(model, cache, kv_start) -> step or None
+        a decode step outside the model's modules, where the backend has one (the torch backend on
+        the CPU: engine/cpu_decode.py): step(tokens [B, 1]) -> the last position's logits [B, V]
+        (a tensor or a NumPy array), what model(tokens, cache=cache, kv_start=kv_start)[0][:, -1]
+        holds, appending to and advancing the cache
 """
 import os
 
 import torch
 import torch.nn.functional as F
 
-from engine import reference
+from engine import cpu_decode, reference
 from engine.errors import InputError
 
 
@@ -72,6 +77,9 @@ class ReferenceBackend:
 
     def linear_cross_entropy(self, h, weight, targets, loss_mask=None):
         return reference.linear_cross_entropy(h, weight, targets, loss_mask)
+
+    def decoder(self, model, cache, kv_start=None):
+        return None  # decode steps run the model's forward
 
 
 def autocast_inputs(*tensors):
@@ -233,6 +241,9 @@ class TorchBackend(ReferenceBackend):
     def linear_cross_entropy(self, h, weight, targets, loss_mask=None):
         return chunked_linear_cross_entropy(h, weight, targets, loss_mask)
 
+    def decoder(self, model, cache, kv_start=None):
+        return cpu_decode.decoder(model, cache, kv_start)
+
 
 class TritonBackend(TorchBackend):
     """Our kernels from `kernels`: flash attention, fused (residual-add +) LayerNorm and RMSNorm,
@@ -261,8 +272,10 @@ class TritonBackend(TorchBackend):
         return self.kernels.flash_attention(q, k, v, causal=causal, kv_start=kv_start, kv_lens=kv_lens,
                                             deterministic=self.deterministic)
 
-    # the plain write-then-attend, so that decode runs our attention kernel, not the torch backend's CPU path
+    # the plain write-then-attend and the model's forward, so that decode runs our kernels, not the
+    # torch backend's CPU paths
     attention_with_cache = ReferenceBackend.attention_with_cache
+    decoder = ReferenceBackend.decoder
 
     def layer_norm(self, x, weight, bias, eps):
         return self.kernels.layer_norm(x, weight, bias, eps)

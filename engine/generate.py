@@ -134,7 +134,8 @@ _NO_PHASE = contextlib.nullcontext()  # what every phase enters when no hook is 
 @torch.inference_mode()
 def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], token_bytes=None, sampler="auto",
                  phase=None, compile=False) -> Iterator[tuple[torch.Tensor, DecodeLoop]]:
-    """Yield (tokens [B], loop) after every step; tokens[b] == -1 once row b has finished.
+    """Yield (tokens [B], loop) after every step; tokens[b] == -1 once row b has finished. tokens
+    may be the loop's own buffer, overwritten by the next step: clone it to keep it.
 
     compile=True: the decode steps run on a static cache (KVCache.make_static: the same shapes every
     step). On a GPU the draw runs there too (engine.device_sampling) and each step, forward and draw,
@@ -181,14 +182,18 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
         cache.make_static()
         warnings.warn("compile=True: CUDA graphs need a GPU; on the CPU the static-shape decode steps run eagerly",
                       RuntimeWarning, stacklevel=2)
+    with autocast:  # the backend's own decode step where it has one (the torch backend's C++ step on the CPU)
+        forward = model.ops_for(device).decoder(model, cache, kv_start)
+    forward = forward or (lambda tokens: model(tokens.to(device), cache=cache, kv_start=kv_start)[0][:, -1])
+    logits = logits[:, -1]  # [B, V]
     while True:
         with phase("sampling"):
-            tokens = loop.step(logits[:, -1])
+            tokens = loop.step(logits, copy=False)
         yield tokens, loop
         if loop.all_finished:
             return
         with phase("forward"), autocast:
-            logits, _ = model(loop.next_input.to(device), cache=cache, kv_start=kv_start)
+            logits = forward(loop.next_input)
 
 
 def _graphed_decode(model, cache: KVCache, kv_start, loop: DecodeLoop, logits, params, prompts, phase):

@@ -293,6 +293,9 @@ def _cpp_params(p: SamplingParams):
     )
 
 
+_FLOAT32 = np.dtype(np.float32)  # (NumPy's built-in dtypes are singletons: `is` is the cheap test)
+
+
 def _cpu_float32(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """logits as a contiguous float32 CPU tensor; copied (once) only when needed."""
     if logits.requires_grad:
@@ -304,8 +307,8 @@ def _cpu_float32(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch
     return out.copy_(logits)
 
 
-def _check_batch(logits: torch.Tensor, batch: int) -> None:
-    if logits.dim() != 2 or logits.shape[0] != batch or logits.shape[1] < 1:
+def _check_batch(logits: torch.Tensor | np.ndarray, batch: int) -> None:
+    if len(logits.shape) != 2 or logits.shape[0] != batch or logits.shape[1] < 1:
         raise InputError(f"logits must be [B={batch}, V>=1], got shape {tuple(logits.shape)}")
 
 
@@ -490,15 +493,23 @@ class DecodeLoop:
             raise InputError(f"logits changed vocabulary size from V={self._shape[1]} to V={logits.shape[1]}")
         _check_bias(logits.shape[1], self.params)
         _check_tokens(logits.shape[1], self._prompts)
-        self._shape = logits.shape
+        self._shape = tuple(logits.shape)  # (a plain tuple compares fastest with either kind of shape)
 
-    def step(self, logits: torch.Tensor) -> torch.LongTensor:
+    def step(self, logits: torch.Tensor | np.ndarray, copy: bool = True) -> torch.LongTensor:
+        """logits [B, V]: a tensor, or a NumPy array (what the CPU decode step returns, engine/cpu_decode.py,
+        which the C++ core reads as it is: no torch call in between). copy=False returns the loop's
+        own token buffer, overwritten by the next step: making a tensor costs a small decode step
+        ~15-20 us, a tenth of a batch-1 step of the tiny model."""
         if logits.shape != self._shape:
             self._check_logits(logits)
+        if isinstance(logits, np.ndarray):
+            if self.impl == "cpp" and logits.dtype is _FLOAT32:  # (the C++ core checks the shape and layout)
+                return self._record(self._core.step(logits), copy)
+            logits = torch.from_numpy(logits)
         x = _cpu_float32(logits, self._buf)
         if x is not logits:
             self._buf = x
-        return self._record(self._core.step(x.numpy() if self.impl == "cpp" else x))
+        return self._record(self._core.step(x.numpy() if self.impl == "cpp" else x), copy)
 
     def append(self, tokens: torch.Tensor, logprobs: torch.Tensor | None = None) -> torch.LongTensor:
         """step() with the tokens drawn elsewhere (engine.device_sampling.DeviceSampler on the GPU, from
@@ -513,7 +524,7 @@ class DecodeLoop:
         """The rows not finished yet (ascending)."""
         return self._running
 
-    def _record(self, n_finished: int) -> torch.LongTensor:
+    def _record(self, n_finished: int, copy: bool = True) -> torch.LongTensor:
         tokens = self._tokens_np.tolist()
         for b in self._running:
             self.generated[b].append(tokens[b])
@@ -529,4 +540,4 @@ class DecodeLoop:
                     self.finished[b] = True
                     self.finish_reason[b] = Finish(codes[b]).name.lower()
             self._running = [b for b in self._running if not self.finished[b]]
-        return self._tokens.clone()
+        return self._tokens.clone() if copy else self._tokens

@@ -302,3 +302,33 @@ def test_a_step_returns_a_fresh_tensor_and_checks_shapes_after_the_first_step():
     with pytest.raises(InputError, match="V=3 to V=4"):
         loop.step(torch.zeros(2, 4))
     assert loop.generated == [[1, 2], [0, 1]]
+
+
+def test_the_greedy_row_finds_its_first_maximum_at_every_position():
+    # the search compares blocks of 16 values: a maximum at each position of rows that end inside a
+    # block, with a second, equal maximum after it (ties go to the lowest id) and -0 / +0 below it
+    for V in (1, 15, 16, 17, 33, 2053):
+        x = torch.zeros(V, V)
+        x[:, 1::2] = -0.0
+        for at in range(V):
+            x[at, at] = 3.0
+            x[at, min(V - 1, at + 1 + at % 7)] = 3.0
+        loop = DecodeLoop([SamplingParams(temperature=0)] * V, [[0]] * V, impl="cpp")
+        assert loop.step(x).tolist() == list(range(V))
+
+
+def test_a_step_takes_numpy_logits_and_can_return_its_own_buffer():
+    """The CPU decode step hands NumPy arrays over (read in place by the C++ core); copy=False returns
+    the loop's token buffer, which the next step overwrites. float64 arrays take the tensor path."""
+    for impl in ("cpp", "reference"):
+        loop = DecodeLoop([SamplingParams(temperature=0, max_new_tokens=5)] * 2, [[1], [2]], impl=impl)
+        first = loop.step(torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]]).numpy(), copy=False)
+        assert first.tolist() == [1, 0]
+        loop.step(torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64).numpy(), copy=False)
+        assert first.tolist() == [2, 1]  # the same buffer, overwritten
+        assert loop.generated == [[1, 2], [0, 1]]
+        with pytest.raises(InputError, match="B=2"):
+            loop.step(torch.zeros(3, 3).numpy())
+    with pytest.raises(InputError, match="C-contiguous float32"):  # the C++ core's own check
+        loop = DecodeLoop([SamplingParams(temperature=0)] * 2, [[1], [2]], impl="cpp")
+        loop.step(torch.zeros(3, 2).numpy().T)

@@ -1,0 +1,81 @@
+"""A GPT-2 decode step on the CPU as one C++ call (csrc/decode_step.cpp): the torch backend's way
+to run `model(tokens, cache=cache, kv_start=kv_start)` for one new token per row.
+
+At batch 1 a small model's step is mostly not its matmuls: on the 6-layer/192-wide benchmark
+model the 25 matmuls take ~0.8 ms and the ~100 small ops between them, dispatched one by one
+from Python, ~1 ms more. The C++ step calls the same BLAS that torch's CPU build carries (MKL or
+OpenBLAS, inside libtorch_cpu) for the matmuls, and does the norms, GELU, residual adds, cache
+append and attention (csrc/attention.h, as engine._decode_attention) in plain loops.
+
+`decoder(model, cache, kv_start)` returns the step, or None where it does not apply, and the
+model's own forward runs instead: not GPT-2's architecture, not float32/float64 on the CPU, a
+static cache, autocast on, forward hooks on the model's modules (a hook would silently not run),
+or the extension or torch's BLAS not found.
+"""
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+try:
+    from engine import _decode_step
+except ImportError:  # not built (a source checkout without `pip install -e .`): the model's forward runs
+    _decode_step = None
+
+_STEPS = {torch.float32: ("StepFloat32", "sgemm_"), torch.float64: ("StepFloat64", "dgemm_")}
+
+
+@functools.cache
+def torch_blas_gemm(name: str) -> int | None:
+    """The address of BLAS routine `name` (sgemm_ / dgemm_) in torch's CPU library, or None.
+    (torch loads that library privately, so it is looked up there, not in the process's global scope.)"""
+    for path in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            return ctypes.cast(getattr(ctypes.CDLL(str(path)), name), ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _hooked(model) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or bool(
+        torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def decoder(model, cache, kv_start=None):
+    """step(tokens [B, 1] int64) -> logits [B, V], a NumPy array of the model's dtype equal (to float
+    rounding) to model(tokens, cache=cache, kv_start=kv_start)[0][:, -1], the cache appended and
+    advanced the same; or None where the C++ step does not apply (module docstring). Reads the
+    weights and the cache in place: build it after the prefill, use it for one generation."""
+    c = model.config
+    weight = model.lm_head.weight
+    if (_decode_step is None or c.arch != "gpt2" or c.qk_norm or weight.device.type != "cpu" or weight.dtype not in _STEPS
+            or cache.static or cache.k.dtype != weight.dtype or model.training or torch.is_autocast_enabled("cpu")
+            or any(p.dtype != weight.dtype for p in model.parameters()) or _hooked(model)):
+        return None
+    cls, gemm_name = _STEPS[weight.dtype]
+    gemm = torch_blas_gemm(gemm_name)
+    if gemm is None:
+        return None
+    params = dict(model.named_parameters(remove_duplicate=False))
+    named = lambda prefix, names: {n: params.get(prefix + n) for n in names}  # noqa: E731  (None: no bias)
+    block = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+             "attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+             "mlp.c_proj.bias")
+    layers = [named(f"transformer.h.{i}.", block) for i in range(c.n_layer)]
+    weights = {"wte": model.transformer.wte.weight, "wpe": model.transformer.wpe.weight, "lm_head.weight": weight,
+               **named("transformer.", ("ln_f.weight", "ln_f.bias"))}
+    shape = dict(n_embd=c.n_embd, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim,
+                 intermediate_size=c.intermediate_size, vocab_size=weight.shape[0], block_size=c.block_size,
+                 eps=c.layer_norm_epsilon)
+    if kv_start is not None:
+        kv_start = kv_start.to("cpu", torch.int64)
+    run = getattr(_decode_step, cls)(weights, layers, shape, cache.k, cache.v, kv_start, gemm)
+
+    def step(tokens):
+        logits = run(tokens, cache.pos, torch.get_num_threads())
+        cache.advance(1)
+        return logits
+
+    return step
