@@ -196,9 +196,12 @@ class Step {
         keep_ = py::make_tuple(w, layers, k_cache, v_cache);  // the memory read above stays alive
         x_.resize(B_ * C_), h_.resize(B_ * C_), qkv_.resize(B_ * nqkv), y_.resize(B_ * nh_ * hd_), fc_.resize(B_ * I_);
         hi_.resize(B_);
+        logits_ = py::array_t<T>({B_, V_});
     }
 
-    // tokens: int64 [B] or [B, 1]; at: the cache column they go to -> logits [B, V]
+    // tokens: int64 [B] or [B, 1]; at: the cache column they go to -> logits [B, V], the same array
+    // every step, overwritten by the next (a new one cost a small step a few us: the allocation, and
+    // NumPy's buffer description made anew when the sampler reads it)
     py::array_t<T> operator()(const py::handle& tokens_obj, int64_t at, int threads) {
         const Tensor tokens(tokens_obj);
         if (tokens.itemsize != 8 || tokens.shape.empty() || tokens.shape[0] != B_ || (tokens.shape.size() == 2 && tokens.shape[1] != 1) ||
@@ -210,8 +213,7 @@ class Step {
             if (t < 0 || t >= V_) fail("token " + std::to_string(t) + " in row " + std::to_string(b) + " is not in [0, vocab_size=" + std::to_string(V_) + ")");
             if (kv_start_[b] > at) fail("row " + std::to_string(b) + " starts at kv_start=" + std::to_string(kv_start_[b]) + " > at=" + std::to_string(at));
         }
-        py::array_t<T> logits({B_, V_});
-        T* out = logits.mutable_data();
+        T* out = logits_.mutable_data();
         {
             py::gil_scoped_release release;
             embed(tokens, at);
@@ -219,7 +221,7 @@ class Step {
             ln_f_(x_.data(), B_, C_, h_.data());
             head_(gemm_, h_.data(), B_, out, false);
         }
-        return logits;
+        return logits_;
     }
 
    private:
@@ -266,6 +268,7 @@ class Step {
     Linear<T> head_;
     std::vector<int64_t> kv_start_, hi_;
     std::vector<T> x_, h_, qkv_, y_, fc_;  // the residual stream, a normed copy, q|k|v, attention out, MLP hidden
+    py::array_t<T> logits_;
     py::object keep_;
 };
 

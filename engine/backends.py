@@ -28,8 +28,8 @@ looks at the backend's name, so a new backend is one class and one line in BACKE
     decoder(model, cache, kv_start) -> step or None
         a decode step outside the model's modules, where the backend has one (the torch backend on
         the CPU: engine/cpu_decode.py): step(tokens [B, 1]) -> the last position's logits [B, V]
-        (a tensor or a NumPy array), what model(tokens, cache=cache, kv_start=kv_start)[0][:, -1]
-        holds, appending to and advancing the cache
+        (a tensor, or a NumPy array that the next step may overwrite), what
+        model(tokens, cache=cache, kv_start=kv_start)[0][:, -1] holds, appending to and advancing the cache
 """
 import os
 

@@ -46,8 +46,9 @@ def _hooked(model) -> bool:
 def decoder(model, cache, kv_start=None):
     """step(tokens [B, 1] int64) -> logits [B, V], a NumPy array of the model's dtype equal (to float
     rounding) to model(tokens, cache=cache, kv_start=kv_start)[0][:, -1], the cache appended and
-    advanced the same; or None where the C++ step does not apply (module docstring). Reads the
-    weights and the cache in place: build it after the prefill, use it for one generation."""
+    advanced the same; the same array every step, overwritten by the next. None where the C++ step
+    does not apply (module docstring). Reads the weights and the cache in place: build it after
+    the prefill, use it for one generation."""
     c = model.config
     weight = model.lm_head.weight
     if (_decode_step is None or c.arch != "gpt2" or c.qk_norm or weight.device.type != "cpu" or weight.dtype not in _STEPS

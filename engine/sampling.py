@@ -382,9 +382,9 @@ class _ReferenceCore:
     """Per-row state in Python: token counts, stop-string tail, the running rows. Mirrors the C++
     DecodeLoop, results buffers and all."""
 
-    def __init__(self, params, prompts, token_bytes, seeds):
+    def __init__(self, params, prompts, token_bytes, seeds, generated):
         B = len(params)
-        self.params, self.token_bytes, self.seeds = params, token_bytes, seeds
+        self.params, self.token_bytes, self.seeds, self.generated = params, token_bytes, seeds, generated
         self.counts = [Counter(p) for p in prompts]
         self.positions = [len(p) for p in prompts]
         self.n_generated = [0] * B
@@ -430,6 +430,7 @@ class _ReferenceCore:
                 self.codes[b] = Finish.LENGTH
             self.tokens[b] = self.next_input[b] = tok
             self.logprobs[b] = logprob
+            self.generated[b].append(tok)
         running = len(self.running)
         self.running = [b for b in self.running if self.codes[b] == Finish.RUNNING]
         return running - len(self.running)
@@ -465,11 +466,13 @@ class DecodeLoop:
         self.params, self._prompts = params, prompts
         self.seeds = [_resolve_seed(p) for p in params]
         token_bytes = [bytes(t) for t in token_bytes] if token_bytes is not None else []
+        self.generated = [[] for _ in params]  # (the core appends every step's tokens)
         if self.impl == "cpp":
             cpp_params = [_cpp_params(p) for p in params]
-            self._core = _extension().DecodeLoop(cpp_params, prompts, token_bytes, self.seeds, _default_threads())
+            self._core = _extension().DecodeLoop(cpp_params, prompts, token_bytes, self.seeds, _default_threads(),
+                                                 self.generated)
         else:
-            self._core = _ReferenceCore(params, prompts, token_bytes, self.seeds)
+            self._core = _ReferenceCore(params, prompts, token_bytes, self.seeds, self.generated)
         core = self._core  # its result buffers, shared (the C++ core makes a new view per access)
         self._tokens_np, self._logprobs_np, self._codes_np = core.tokens, core.logprobs, core.codes
         self._tokens = torch.from_numpy(self._tokens_np)
@@ -477,7 +480,6 @@ class DecodeLoop:
         self._running = list(range(len(params)))
         self._with_logprobs = [b for b, p in enumerate(params) if p.logprobs]
         self.finished = [False] * len(params)
-        self.generated = [[] for _ in params]
         self.finish_reason = [None] * len(params)
         self.logprobs = [[] for _ in params]
         self._buf = None
@@ -525,11 +527,8 @@ class DecodeLoop:
         return self._running
 
     def _record(self, n_finished: int, copy: bool = True) -> torch.LongTensor:
-        tokens = self._tokens_np.tolist()
-        for b in self._running:
-            self.generated[b].append(tokens[b])
         if self._with_logprobs:
-            logprobs = self._logprobs_np.tolist()
+            tokens, logprobs = self._tokens_np.tolist(), self._logprobs_np.tolist()
             self._with_logprobs = [b for b in self._with_logprobs if tokens[b] >= 0]
             for b in self._with_logprobs:
                 self.logprobs[b].append(logprobs[b])

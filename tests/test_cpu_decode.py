@@ -47,7 +47,7 @@ def compare_steps(model, lengths, steps, dtype):
         tokens = logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(steps):
             want = model(tokens, cache=caches[0], kv_start=kv_start)[0][:, -1]
-            got = torch.from_numpy(step(tokens))
+            got = torch.from_numpy(step(tokens).copy())  # (the step's array: the next step overwrites it)
             assert got.shape == want.shape and got.dtype == dtype
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
             tokens = want.argmax(-1, keepdim=True)
