@@ -82,7 +82,7 @@ begin_part() {  # begin_part NAME: later records go to OUT/steps-NAME.csv
 
 begin_part setup
 start=$SECONDS
-if timeout 120 "$PY" setup.py build_ext --inplace > "$OUT/build_sampler.log" 2>&1 &&
+if timeout 120 "$PY" setup.py build_ext --inplace --parallel 4 > "$OUT/build_sampler.log" 2>&1 &&
     "$PY" -c "import engine._sampler" >> "$OUT/build_sampler.log" 2>&1; then
     record build_sampler ok $((SECONDS - start)) ""
 else
