@@ -5,6 +5,7 @@ import datetime
 import platform
 import re
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -87,6 +88,11 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def wrapped(title: str, panels: int) -> str:
+    """A figure title broken into lines that fit `panels` panels side by side (long model names clipped)."""
+    return "\n".join(textwrap.wrap(title, 55 * panels))
+
+
 def plot_lines(rows: list[dict], x: str, y: str, series: str, path: Path, title: str, facet: str | None = None, logx: bool = True) -> Path:
     """One line per value of `series`, one panel per value of `facet`; saved as a PNG."""
     import matplotlib
@@ -106,10 +112,11 @@ def plot_lines(rows: list[dict], x: str, y: str, series: str, path: Path, title:
             ax.set_xscale("log", base=2)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
-        ax.set_title(f"{facet}={fval}" if facet else title)
+        if facet:
+            ax.set_title(f"{facet}={fval}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(wrapped(title, len(facets)), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -133,7 +140,7 @@ def plot_bars(rows: list[dict], x: str, ys: list[str], path: Path, title: str) -
         ax.set_ylabel(y)
         ax.tick_params(axis="x", labelrotation=20)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(wrapped(title, len(ys)), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -201,7 +201,8 @@ class Step {
 
     // tokens: int64 [B] or [B, 1]; at: the cache column they go to -> logits [B, V], the same array
     // every step, overwritten by the next (a new one cost a small step a few us: the allocation, and
-    // NumPy's buffer description made anew when the sampler reads it)
+    // NumPy's buffer description made anew when the sampler reads it). One call at a time: the
+    // buffers are the Step's.
     py::array_t<T> operator()(const py::handle& tokens_obj, int64_t at, int threads) {
         const Tensor tokens(tokens_obj);
         if (tokens.itemsize != 8 || tokens.shape.empty() || tokens.shape[0] != B_ || (tokens.shape.size() == 2 && tokens.shape[1] != 1) ||
