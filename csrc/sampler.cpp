@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <stdexcept>
@@ -375,20 +376,38 @@ void sample_rows(const std::vector<int64_t>& rows, int threads, int64_t work, Ro
 int64_t row_work(const Params& p, int64_t V) { return p.argmax_only() ? V : kSampledRowWeight * V; }
 
 // Logits as the samplers read them: a C-contiguous float32 [B, V] buffer (a NumPy array), read in
-// place through the buffer protocol. (pybind11's array_t conversion went through NumPy's
-// PyArray_FromAny: ~3 us a call, a tenth of a small decode step's sampling, when caches are cold.)
-struct Logits {
-    const float* data;
-    int64_t V;
-
-    Logits(const py::buffer& logits, int64_t batch) {
-        const py::buffer_info info = logits.request();
-        if (info.format != py::format_descriptor<float>::format() || info.ndim != 2 || info.shape[0] != batch ||
-            info.shape[1] < 1 || info.strides[1] != sizeof(float) || info.strides[0] != info.shape[1] * static_cast<int64_t>(sizeof(float)))
-            throw InputError("logits must be a C-contiguous float32 [B=" + std::to_string(batch) + ", V>=1] array");
-        if (info.shape[1] > std::numeric_limits<int32_t>::max()) throw InputError("vocabulary larger than 2^31");
-        data = static_cast<const float*>(info.ptr), V = info.shape[1];
+// place through the buffer protocol, with nothing allocated. (pybind11's array_t conversion went
+// through NumPy's PyArray_FromAny: ~3 us a call, a tenth of a small decode step's sampling, when
+// caches are cold.)
+class Logits {
+  public:
+    Logits(const py::handle& logits, int64_t batch) {
+        if (PyObject_GetBuffer(logits.ptr(), &view_, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+            PyErr_Clear();
+            throw InputError(expected(batch));
+        }
+        const bool ok = std::strcmp(view_.format, "f") == 0 && view_.ndim == 2 && view_.shape[0] == batch && view_.shape[1] >= 1;
+        if (!ok) {
+            PyBuffer_Release(&view_);
+            throw InputError(expected(batch));
+        }
+        if (view_.shape[1] > std::numeric_limits<int32_t>::max()) {
+            PyBuffer_Release(&view_);
+            throw InputError("vocabulary larger than 2^31");
+        }
     }
+    ~Logits() { PyBuffer_Release(&view_); }
+    Logits(const Logits&) = delete;
+    Logits& operator=(const Logits&) = delete;
+
+    const float* data() const { return static_cast<const float*>(view_.buf); }
+    int64_t vocab() const { return view_.shape[1]; }
+
+  private:
+    static std::string expected(int64_t batch) {
+        return "logits must be a C-contiguous float32 [B=" + std::to_string(batch) + ", V>=1] array";
+    }
+    Py_buffer view_{};
 };
 
 void check_ids(const Params& p, const std::vector<int64_t>& tokens, int64_t V, size_t b) {
@@ -403,14 +422,14 @@ void check_ids(const Params& p, const std::vector<int64_t>& tokens, int64_t V, s
 }
 
 // Stateless: penalties counted from prev_tokens at every call. Returns (tokens, logprobs).
-py::tuple sample(const py::buffer& logits_obj, const std::vector<Params>& params, const std::vector<std::vector<int64_t>>& prev_tokens,
+py::tuple sample(const py::handle& logits_obj, const std::vector<Params>& params, const std::vector<std::vector<int64_t>>& prev_tokens,
                  const std::vector<int64_t>& positions, const std::vector<uint64_t>& seeds, int threads) {
     const int64_t B = static_cast<int64_t>(params.size());
     if (static_cast<int64_t>(prev_tokens.size()) != B || static_cast<int64_t>(positions.size()) != B ||
         static_cast<int64_t>(seeds.size()) != B)
         throw InputError("params, prev_tokens, positions and seeds must all have B entries");
     const Logits logits(logits_obj, B);
-    const int64_t V = logits.V;
+    const int64_t V = logits.vocab();
     for (int64_t b = 0; b < B; ++b) check_ids(params[b], prev_tokens[b], V, b);
     std::vector<int64_t> rows(B);
     std::iota(rows.begin(), rows.end(), 0);
@@ -418,7 +437,7 @@ py::tuple sample(const py::buffer& logits_obj, const std::vector<Params>& params
     for (const auto& p : params) work += row_work(p, V);
     std::vector<Draw> out(B);
     std::vector<std::string> errors(B);
-    const float* data = logits.data;
+    const float* data = logits.data();
     const Counts none;
     sample_rows(rows, threads, work, [&](int64_t b, Scratch& s) {
         const Counts& counts = params[b].penalized() ? count_tokens(prev_tokens[b], V, s) : none;
@@ -468,10 +487,10 @@ class DecodeLoop {
     // `next_input` holds what the model reads next: the tokens, a valid id for finished rows.
     // Returns how many rows finished at this step. Nothing changes when a row raises: every row
     // is sampled before any state is updated. One loop per batch: not for two threads at once.
-    int step(const py::buffer& logits_obj) {
+    int step(const py::handle& logits_obj) {
         const int64_t B = static_cast<int64_t>(rows_.size());
         const Logits logits(logits_obj, B);
-        const int64_t V = logits.V;
+        const int64_t V = logits.vocab();
         if (vocab_ < 0) {
             for (int64_t b = 0; b < B; ++b) check_ids(rows_[b].p, rows_[b].prompt, V, b);
             for (auto& r : rows_) r.prompt = {};
@@ -481,7 +500,7 @@ class DecodeLoop {
         }
         int64_t work = 0;
         for (int64_t b : running_) work += row_work(rows_[b].p, V);
-        const float* data = logits.data;
+        const float* data = logits.data();
         sample_rows(running_, threads_, work, [&](int64_t b, Scratch& s) {
             const Row& r = rows_[b];
             return sample_row(data + b * V, V, r.p, r.counts, r.position, r.seed, b, s);
