@@ -128,12 +128,15 @@ struct Norm {
 };
 
 // GELU, tanh form, in place: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x³)
-// (one exp, which vectorises with libmvec, instead of a tanh, which is slow in PyTorch's CPU build too)
+// (one exp, which vectorises with libmvec, instead of a tanh, which is slow in PyTorch's CPU build too).
+// The exponent is capped at 80: under -ffast-math the vector exp's overflow to inf became NaN by
+// x <= -30 (GELU there is -0; the cap gives |x| / 5.5e34).
 template <class T>
 VECTOR_CLONES void gelu_tanh(T* x, int64_t n) {
     const T c = static_cast<T>(2 * 0.7978845608028654);  // 2 sqrt(2/pi)
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (T(1) + std::exp(-c * (x[i] + T(0.044715) * x[i] * x[i] * x[i])));
+    for (int64_t i = 0; i < n; ++i)
+        x[i] = x[i] / (T(1) + std::exp(std::min(-c * (x[i] + T(0.044715) * x[i] * x[i] * x[i]), T(80))));
 }
 
 template <class T>

@@ -47,6 +47,7 @@ def compare_steps(model, lengths, steps, dtype):
         tokens = logits[:, -1].argmax(-1, keepdim=True)
         for _ in range(steps):
             want = model(tokens, cache=caches[0], kv_start=kv_start)[0][:, -1]
+            assert torch.isfinite(want).all()  # (a NaN would compare as no difference below)
             got = torch.from_numpy(step(tokens).copy())  # (the step's array: the next step overwrites it)
             assert got.shape == want.shape and got.dtype == dtype
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
@@ -159,3 +160,25 @@ def test_bad_input_raises_before_anything_is_written():
         decoder(model, cache, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"kv_start\[1\]=-1 is not a column of the cache"):
         decoder(model, cache, torch.tensor([0, -1]))
+
+
+def test_hostile_values_large_activations_and_nan_weights():
+    """Activations in the hundreds (GELU's exp far past float range: exp(-2u) overflows to inf for
+    very negative inputs, where GELU is -0) match the forward; a NaN weight gives NaN logits, which
+    the sampler refuses the same way on both paths."""
+    model = model_of(torch.float32, n_layer=2, block_size=64)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_fc.weight.mul_(30.0)
+            block.ln_2.weight.mul_(3.0)
+    worst, cache_diff = compare_steps(model, [9, 3], 4, torch.float32)
+    assert worst < TOL[torch.float32] and cache_diff < TOL[torch.float32]
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_proj.weight[3, 5] = float("nan")
+    params = [SamplingParams(temperature=0.0, max_new_tokens=3)]
+    for off in (False, True):
+        if off:
+            model.transformer.h[0].register_forward_hook(lambda *a: None)  # (a hook: the forward runs instead)
+        with pytest.raises(ValueError, match="contains NaN"):
+            for _ in decode_steps(model, [[1, 2, 3]], params):
+                pass
