@@ -27,23 +27,16 @@ if Path("csrc").is_dir():  # a source tree (an installed wheel has the built mod
             # pragmas for the loops whose order does not matter (the greedy row's maximum)
             extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp-simd"],
         ),
-        Pybind11Extension(
-            "engine._decode_attention",
-            ["csrc/decode_attention.cpp"],
-            depends=["csrc/attention.h", "csrc/parallel.h", "csrc/simd.h", "csrc/tensor_view.h"],
-            cxx_std=17,
-            # vectorised reductions (omp simd); with libmvec also a vectorised exp
-            extra_compile_args=["-O3", "-fopenmp-simd", *fast_math],
-            extra_link_args=libmvec,
-        ),
-        Pybind11Extension(
-            "engine._decode_step",
-            ["csrc/decode_step.cpp"],
+        # the decode attention and the whole decode step: vectorised reductions (omp simd); with
+        # libmvec also a vectorised exp
+        *(Pybind11Extension(
+            f"engine._{name}",
+            [f"csrc/{name}.cpp"],
             depends=["csrc/attention.h", "csrc/parallel.h", "csrc/simd.h", "csrc/tensor_view.h"],
             cxx_std=17,
             extra_compile_args=["-O3", "-fopenmp-simd", *fast_math],
             extra_link_args=libmvec,
-        ),
+        ) for name in ("decode_attention", "decode_step")),
     ]
 
 setup(ext_modules=ext_modules)

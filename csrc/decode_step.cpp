@@ -276,21 +276,21 @@ class Step {
     py::object keep_;
 };
 
+template <class T>
+void register_step(py::module_& m, const char* name) {
+    py::class_<Step<T>>(m, name)
+        .def(py::init<const py::dict&, const py::list&, const py::dict&, const py::handle&, const py::handle&,
+                      const py::handle&, uintptr_t>(),
+             py::arg("weights"), py::arg("layers"), py::arg("shape"), py::arg("k_cache"), py::arg("v_cache"),
+             py::arg("kv_start"), py::arg("gemm"))
+        .def("__call__", &Step<T>::operator(), py::arg("tokens"), py::arg("at"), py::arg("threads"));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_decode_step, m) {
     m.doc() = "A whole GPT-2 decode step on the CPU in one call; see csrc/decode_step.cpp.";
     m.def("pool_calls", [] { return parallel::calls.load(); }, "Calls handed to torch's OpenMP threads so far.");
-    py::class_<Step<float>>(m, "StepFloat32")
-        .def(py::init<const py::dict&, const py::list&, const py::dict&, const py::handle&, const py::handle&,
-                      const py::handle&, uintptr_t>(),
-             py::arg("weights"), py::arg("layers"), py::arg("shape"), py::arg("k_cache"), py::arg("v_cache"),
-             py::arg("kv_start"), py::arg("gemm"))
-        .def("__call__", &Step<float>::operator(), py::arg("tokens"), py::arg("at"), py::arg("threads"));
-    py::class_<Step<double>>(m, "StepFloat64")
-        .def(py::init<const py::dict&, const py::list&, const py::dict&, const py::handle&, const py::handle&,
-                      const py::handle&, uintptr_t>(),
-             py::arg("weights"), py::arg("layers"), py::arg("shape"), py::arg("k_cache"), py::arg("v_cache"),
-             py::arg("kv_start"), py::arg("gemm"))
-        .def("__call__", &Step<double>::operator(), py::arg("tokens"), py::arg("at"), py::arg("threads"));
+    register_step<float>(m, "StepFloat32");  // the BLAS's sgemm_
+    register_step<double>(m, "StepFloat64");  // dgemm_
 }
