@@ -1,6 +1,6 @@
-// engine._decode_step: a whole GPT-2 decode step (one new token per row, KV cache appended) on the
-// CPU in one call, what the torch backend runs instead of the model's modules there
-// (engine/cpu_decode.py builds it and says when).
+// engine._decode_step: a whole decode step (one new token per row, KV cache appended) of a GPT-2
+// or Llama-family model on the CPU in one call, what the torch backend runs instead of the model's
+// modules there (engine/cpu_decode.py builds it and says when).
 //
 // Why: at batch 1 on the 6-layer/192-wide benchmark model a step's 25 matmuls take ~0.8 ms, and
 // the ~100 small ops between them (norms, residual adds, GELU, views, the attention call), each
@@ -8,11 +8,12 @@
 // torch's own CPU build (its sgemm_/dgemm_, whose addresses Python hands us) and everything between
 // them is a loop over a few hundred numbers per row.
 //
-// One step, per row b (C = n_embd, I = the MLP's width):
-//   x = wte[token] + wpe[position]                                [C]
-//   per layer: h = LN1(x); qkv = h Wqkvᵀ + b                       [(nh + 2 nkv) hd]
+// One step, per row b (C = n_embd, I = the MLP's width; Llama's choices in brackets):
+//   x = wte[token] + wpe[position]  [no wpe]                       [C]
+//   per layer: h = LN1(x) [RMSNorm]; qkv = h Wqkvᵀ + b             [(nh + 2 nkv) hd]
+//              [q, k: RMSNorm per head (Qwen3), then rotated to the position (RoPE)]
 //              append k, v to the cache at column `at`; y = attention(q, cache[kv_start, at])
-//              x += y Wprojᵀ + b; h = LN2(x); x += gelu(h Wfcᵀ + b) Wfc2ᵀ + b
+//              x += y Wprojᵀ + b; h = LN2(x); x += gelu(h Wfcᵀ + b) Wfc2ᵀ + b  [silu(gate) · up]
 //   logits = LN_f(x) Wheadᵀ                                        [V]
 // Same math as engine/model.py's GPT with the torch backend; sums run in another order (a
 // residual add before or after the bias), so float32 logits agree to rounding, not bit for bit.
@@ -102,24 +103,30 @@ struct Linear {
     }
 };
 
-// LayerNorm over rows of n: y = (x - mean) / sqrt(var + eps) · weight + bias, statistics in double.
+// LayerNorm over rows of n: y = (x - mean) / sqrt(var + eps) · weight + bias; or RMSNorm (rms):
+// y = x / sqrt(mean(x²) + eps) · weight. Statistics in double. Rows are n apart unless `stride` says.
 template <class T>
 struct Norm {
     const T* weight = nullptr;
     const T* bias = nullptr;
     double eps = 0;
+    bool rms = false;
 
     Norm() = default;
-    Norm(const py::handle& w, const py::handle& b, const std::string& name, int64_t n, double eps_)
-        : weight(optional_vector<T>(w, name + ".weight", n)), bias(optional_vector<T>(b, name + ".bias", n)), eps(eps_) {
+    Norm(const py::handle& w, const py::handle& b, const std::string& name, int64_t n, double eps_, bool rms_)
+        : weight(optional_vector<T>(w, name + ".weight", n)), bias(optional_vector<T>(b, name + ".bias", n)), eps(eps_),
+          rms(rms_) {
         if (weight == nullptr) fail(name + ".weight is missing");
     }
 
-    void operator()(const T* x, int64_t rows, int64_t n, T* y) const {
-        for (int64_t b = 0; b < rows; ++b, x += n, y += n) {
-            double sum = 0, squares = 0;
-            for (int64_t i = 0; i < n; ++i) sum += x[i];
-            const double mean = sum / n;
+    void operator()(const T* x, int64_t rows, int64_t n, T* y, int64_t stride = 0) const {
+        stride = stride ? stride : n;
+        for (int64_t b = 0; b < rows; ++b, x += stride, y += stride) {
+            double mean = 0, squares = 0;
+            if (!rms) {
+                for (int64_t i = 0; i < n; ++i) mean += x[i];
+                mean /= n;
+            }
             for (int64_t i = 0; i < n; ++i) squares += (x[i] - mean) * (x[i] - mean);
             const T m = static_cast<T>(mean), rstd = static_cast<T>(1 / std::sqrt(squares / n + eps));
             for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) * rstd * weight[i] + (bias ? bias[i] : T(0));
@@ -139,9 +146,31 @@ VECTOR_CLONES void gelu_tanh(T* x, int64_t n) {
         x[i] = x[i] / (T(1) + std::exp(std::min(-c * (x[i] + T(0.044715) * x[i] * x[i] * x[i]), T(80))));
 }
 
+// SwiGLU in place over rows of [gate (I) | up (I)]: the first half becomes silu(gate) · up, with
+// silu(g) = g / (1 + exp(-g)) (the exponent capped as in gelu_tanh).
+template <class T>
+VECTOR_CLONES void swiglu_rows(T* x, int64_t rows, int64_t I) {
+    for (int64_t b = 0; b < rows; ++b) {
+        T* gate = x + b * 2 * I;
+        const T* up = gate + I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; ++i) gate[i] = gate[i] / (T(1) + std::exp(std::min(-gate[i], T(80)))) * up[i];
+    }
+}
+
+// RoPE in place on one head x [hd]: each pair (x[i], x[i + hd/2]) rotated by the position's angle.
+template <class T>
+void rotate(T* x, const T* cos, const T* sin, int64_t half) {
+    for (int64_t i = 0; i < half; ++i) {
+        const T a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
 template <class T>
 struct Layer {
-    Norm<T> ln_1, ln_2;
+    Norm<T> ln_1, ln_2, q_norm, k_norm;  // (q_norm, k_norm: Qwen3's, per head; weight null when absent)
     Linear<T> qkv, proj, fc, fc2;
 };
 
@@ -155,26 +184,37 @@ class Step {
         hd_ = shape["head_dim"].cast<int64_t>(), I_ = shape["intermediate_size"].cast<int64_t>();
         V_ = shape["vocab_size"].cast<int64_t>(), P_ = shape["block_size"].cast<int64_t>();
         const double eps = shape["eps"].cast<double>();
+        const bool rms = shape["rms_norm"].cast<bool>(), qk_norm = shape["qk_norm"].cast<bool>();
+        swiglu_ = shape["swiglu"].cast<bool>(), rotary_ = shape["rotary"].cast<bool>();
         if (gemm_ == nullptr) fail("no BLAS gemm given");
         if (C_ < 1 || nh_ < 1 || nkv_ < 1 || nh_ % nkv_ != 0 || hd_ < 1 || I_ < 1 || V_ < 1 || P_ < 1)
             fail("bad model shape: n_embd, n_head, n_kv_head (dividing n_head), head_dim, intermediate_size, "
                  "vocab_size, block_size must be positive");
         const int64_t nqkv = (nh_ + 2 * nkv_) * hd_;
         wte_ = weight<T>(w["wte"], "wte", {V_, C_});
-        wpe_ = weight<T>(w["wpe"], "wpe", {P_, C_});
+        if (rotary_) {  // the angles' cos and sin, [block_size, hd / 2] flattened
+            if (hd_ % 2) fail("head_dim must be even for rotary positions");
+            cos_ = optional_vector<T>(w["rope_cos"], "rope_cos", P_ * hd_ / 2);
+            sin_ = optional_vector<T>(w["rope_sin"], "rope_sin", P_ * hd_ / 2);
+            if (cos_ == nullptr || sin_ == nullptr) fail("rope_cos and rope_sin are missing");
+        } else {
+            wpe_ = weight<T>(w["wpe"], "wpe", {P_, C_});
+        }
         for (size_t i = 0; i < layers.size(); ++i) {
             const py::dict l = layers[i];
             const std::string at = "h." + std::to_string(i) + ".";
             layers_.push_back(Layer<T>{
-                Norm<T>(l["ln_1.weight"], l["ln_1.bias"], at + "ln_1", C_, eps),
-                Norm<T>(l["ln_2.weight"], l["ln_2.bias"], at + "ln_2", C_, eps),
+                Norm<T>(l["ln_1.weight"], l["ln_1.bias"], at + "ln_1", C_, eps, rms),
+                Norm<T>(l["ln_2.weight"], l["ln_2.bias"], at + "ln_2", C_, eps, rms),
+                qk_norm ? Norm<T>(l["attn.q_norm.weight"], py::none(), at + "attn.q_norm", hd_, eps, true) : Norm<T>(),
+                qk_norm ? Norm<T>(l["attn.k_norm.weight"], py::none(), at + "attn.k_norm", hd_, eps, true) : Norm<T>(),
                 Linear<T>(l["attn.c_attn.weight"], l["attn.c_attn.bias"], at + "attn.c_attn", nqkv, C_),
                 Linear<T>(l["attn.c_proj.weight"], l["attn.c_proj.bias"], at + "attn.c_proj", C_, nh_ * hd_),
-                Linear<T>(l["mlp.c_fc.weight"], l["mlp.c_fc.bias"], at + "mlp.c_fc", I_, C_),
+                Linear<T>(l["mlp.c_fc.weight"], l["mlp.c_fc.bias"], at + "mlp.c_fc", (swiglu_ ? 2 : 1) * I_, C_),
                 Linear<T>(l["mlp.c_proj.weight"], l["mlp.c_proj.bias"], at + "mlp.c_proj", C_, I_),
             });
         }
-        ln_f_ = Norm<T>(w["ln_f.weight"], w["ln_f.bias"], "ln_f", C_, eps);
+        ln_f_ = Norm<T>(w["ln_f.weight"], w["ln_f.bias"], "ln_f", C_, eps, rms);
         head_ = Linear<T>(w["lm_head.weight"], py::none(), "lm_head", V_, C_);
         // the cache: [n_layer, B, nkv, S, hd], the head dimension contiguous
         k_ = Tensor(k_cache), v_ = Tensor(v_cache);
@@ -197,7 +237,8 @@ class Step {
             }
         }
         keep_ = py::make_tuple(w, layers, k_cache, v_cache);  // the memory read above stays alive
-        x_.resize(B_ * C_), h_.resize(B_ * C_), qkv_.resize(B_ * nqkv), y_.resize(B_ * nh_ * hd_), fc_.resize(B_ * I_);
+        x_.resize(B_ * C_), h_.resize(B_ * C_), qkv_.resize(B_ * nqkv), y_.resize(B_ * nh_ * hd_);
+        fc_.resize(B_ * (swiglu_ ? 2 : 1) * I_), act_.resize(swiglu_ ? B_ * I_ : 0);
         hi_.resize(B_);
         logits_ = py::array_t<T>({B_, V_});
     }
@@ -232,16 +273,32 @@ class Step {
     void embed(const Tensor& tokens, int64_t at) {
         for (int64_t b = 0; b < B_; ++b) {
             const T* tok = wte_.at<T>(*tokens.at<int64_t>(b));
-            const T* pos = wpe_.at<T>(at - kv_start_[b]);  // positions count from each row's first real token
-            for (int64_t c = 0; c < C_; ++c) x_[b * C_ + c] = tok[c * wte_.strides[1]] + pos[c * wpe_.strides[1]];
+            for (int64_t c = 0; c < C_; ++c) x_[b * C_ + c] = tok[c * wte_.strides[1]];
+            if (rotary_) continue;  // (the positions rotate q and k instead)
+            const T* pos = wpe_.at<T>(position(b, at));
+            for (int64_t c = 0; c < C_; ++c) x_[b * C_ + c] += pos[c * wpe_.strides[1]];
         }
     }
+
+    int64_t position(int64_t b, int64_t at) const { return at - kv_start_[b]; }  // from each row's first real token
 
     void layer(size_t l, int64_t at, int threads) {
         const Layer<T>& w = layers_[l];
         const int64_t nqkv = (nh_ + 2 * nkv_) * hd_;
         w.ln_1(x_.data(), B_, C_, h_.data());
         w.qkv(gemm_, h_.data(), B_, qkv_.data(), false);
+        if (w.q_norm.weight != nullptr)  // per head, over hd: q's heads, then k's
+            for (int64_t b = 0; b < B_; ++b) {
+                T* q = qkv_.data() + b * nqkv;
+                w.q_norm(q, nh_, hd_, q);
+                w.k_norm(q + nh_ * hd_, nkv_, hd_, q + nh_ * hd_);
+            }
+        if (rotary_)  // q's and k's heads, side by side in the row
+            for (int64_t b = 0; b < B_; ++b) {
+                const int64_t half = hd_ / 2, pos = position(b, at);
+                for (int64_t h = 0; h < nh_ + nkv_; ++h)
+                    rotate(qkv_.data() + b * nqkv + h * hd_, cos_ + pos * half, sin_ + pos * half, half);
+            }
         // this step's keys and values into column `at` of the layer's cache
         T* const k = reinterpret_cast<T*>(k_.data) + l * k_.strides[0];
         T* const v = reinterpret_cast<T*>(v_.data) + l * v_.strides[0];
@@ -260,18 +317,28 @@ class Step {
         w.proj(gemm_, y_.data(), B_, x_.data(), true);
         w.ln_2(x_.data(), B_, C_, h_.data());
         w.fc(gemm_, h_.data(), B_, fc_.data(), false);
-        gelu_tanh(fc_.data(), B_ * I_);
-        w.fc2(gemm_, fc_.data(), B_, x_.data(), true);
+        if (swiglu_) {
+            swiglu_rows(fc_.data(), B_, I_);
+            for (int64_t b = 0; b < B_; ++b) std::copy_n(fc_.data() + b * 2 * I_, I_, act_.data() + b * I_);
+            w.fc2(gemm_, act_.data(), B_, x_.data(), true);
+        } else {
+            gelu_tanh(fc_.data(), B_ * I_);
+            w.fc2(gemm_, fc_.data(), B_, x_.data(), true);
+        }
     }
 
     Gemm<T> gemm_;
     int64_t C_ = 0, nh_ = 0, nkv_ = 0, hd_ = 0, I_ = 0, V_ = 0, P_ = 0, B_ = 0, S_ = 0;
+    bool swiglu_ = false, rotary_ = false;  // Llama's MLP and positions
     Tensor wte_, wpe_, k_, v_;
+    const T* cos_ = nullptr;  // rotary: [block_size, hd / 2] each
+    const T* sin_ = nullptr;
     std::vector<Layer<T>> layers_;
     Norm<T> ln_f_;
     Linear<T> head_;
     std::vector<int64_t> kv_start_, hi_;
-    std::vector<T> x_, h_, qkv_, y_, fc_;  // the residual stream, a normed copy, q|k|v, attention out, MLP hidden
+    std::vector<T> x_, h_, qkv_, y_, fc_, act_;  // the residual stream, a normed copy, q|k|v, attention out,
+                                                 // MLP hidden (SwiGLU: gate|up, then the product)
     py::array_t<T> logits_;
     py::object keep_;
 };
@@ -289,7 +356,7 @@ void register_step(py::module_& m, const char* name) {
 }  // namespace
 
 PYBIND11_MODULE(_decode_step, m) {
-    m.doc() = "A whole GPT-2 decode step on the CPU in one call; see csrc/decode_step.cpp.";
+    m.doc() = "A whole GPT-2 / Llama-family decode step on the CPU in one call; see csrc/decode_step.cpp.";
     m.def("pool_calls", [] { return parallel::calls.load(); }, "Calls handed to torch's OpenMP threads so far.");
     register_step<float>(m, "StepFloat32");  // the BLAS's sgemm_
     register_step<double>(m, "StepFloat64");  // dgemm_

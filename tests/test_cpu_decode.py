@@ -1,5 +1,6 @@
 """The whole-step C++ decode on the CPU (engine/cpu_decode.py, csrc/decode_step.cpp) against the
-model's own forward: both weight layouts, left padding, no biases, odd widths, the presets' own sizes, one and two threads, float32 and float64; that generation really
+model's own forward: GPT-2 and the Llama family (GQA, Qwen3's q/k norms, Qwen2's QKV bias, Llama 3's
+RoPE scaling), both weight layouts, left padding, no biases, odd widths, the presets' own sizes, one and two threads, float32 and float64; that generation really
 takes it, where it must not, and bad input."""
 import pytest
 import torch
@@ -24,9 +25,14 @@ def torch_threads():
     torch.set_num_threads(default)
 
 
-def model_of(dtype=torch.float32, input_major=True, **config):
-    """A GPT-2 model on the torch backend; config: GPTConfig.from_preset("tiny", ...) overrides."""
-    model = GPT(GPTConfig.from_preset("tiny", **config), backend="torch").eval().to(dtype)
+def model_of(dtype=torch.float32, input_major=True, preset="tiny", **config):
+    """A model on the torch backend; config: GPTConfig.from_preset(preset, ...) overrides. Norm weights
+    and every bias random (they start as ones and zeros: a swapped or dropped one would not show)."""
+    model = GPT(GPTConfig.from_preset(preset, **config), backend="torch").eval().to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
     return model.decode_layout() if input_major else model
 
 
@@ -77,14 +83,29 @@ def test_other_shapes(config):
     assert worst < 1e-12 and cache_diff < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", [
+    dict(),  # llama-tiny: RMSNorm, SwiGLU, RoPE, 2 key/value heads for 4 query heads
+    dict(qk_norm=True, attn_bias=True, tie_embeddings=False),  # Qwen3's per-head q/k norms, Qwen2's QKV bias, a separate head
+    dict(n_kv_head=1, rope_theta=500000.0, rope_scaling=dict(factor=8.0, original_max_position_embeddings=16,
+                                                            low_freq_factor=1.0, high_freq_factor=4.0)),  # Llama 3's RoPE
+    dict(n_head=2, n_kv_head=2, head_dim=80, intermediate_size=200),  # heads wider than n_embd / n_head (the general loop)
+])
+def test_the_llama_family_matches_the_models_forward(config, dtype):
+    model = model_of(dtype, preset="llama-tiny", **{"n_layer": 2, "block_size": 64, **config})
+    worst, cache_diff = compare_steps(model, [9, 3, 1], 6, dtype)
+    assert worst < TOL[dtype] and cache_diff < TOL[dtype]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_tiny_preset_at_its_own_size_on_one_and_two_threads(threads, torch_threads):
-    """The CPU default model whole (vocabulary 2048, 4 layers of 128), three left-padded prompts of
-    200, 57 and 1 tokens (every layer's attention then reads enough to go to torch's OpenMP threads),
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_the_cpu_presets_at_their_own_size_on_one_and_two_threads(preset, threads, torch_threads):
+    """The CPU presets whole (vocabulary 2048, 4 layers of 128), three left-padded prompts of 200,
+    57 and 1 tokens (every layer's attention then reads enough to go to torch's OpenMP threads),
     20 steps, float32 as users run it."""
     torch_threads(threads)
     calls = _ext.pool_calls()
-    worst, cache_diff = compare_steps(model_of(), [200, 57, 1], 20, torch.float32)
+    worst, cache_diff = compare_steps(model_of(preset=preset), [200, 57, 1], 20, torch.float32)
     assert worst < TOL[torch.float32] and cache_diff < TOL[torch.float32]
     if threads > 1:
         assert _ext.pool_calls() >= calls + 20 * 4  # every layer's attention went to the OpenMP threads
@@ -131,8 +152,6 @@ def test_where_the_step_does_not_apply():
         assert decoder(model, cache) is None
     bf16 = model_of(torch.bfloat16, n_layer=1, block_size=32)
     assert decoder(bf16, KVCache(bf16.config, 1, 16, "cpu", torch.bfloat16)) is None
-    llama = GPT(GPTConfig.from_preset("llama-tiny", n_layer=1, block_size=32), backend="torch").eval()
-    assert decoder(llama, KVCache(llama.config, 1, 16, "cpu", torch.float32)) is None
     assert decoder(model, KVCache(model.config, 1, 16, "cpu", torch.float32).make_static()) is None
     assert decoder(model, KVCache(model.config, 1, 16, "cpu", torch.float64)) is None  # cache of another dtype
 
