@@ -9,7 +9,7 @@ phases, recorded with torch.profiler.record_function so they show up in the trac
 training steps into "forward", "backward", "optimizer"; decode into "prefill", then per step
 "forward" and "sampling". On CUDA the same phases and every transformer block ("block.<i>")
 are also NVTX ranges, so an Nsight Systems timeline reads the same way. One untraced step runs
-first, so compilation, autotuning and allocator warm-up stay out of the trace. On the CPU a GPT-2
+first, so compilation, autotuning and allocator warm-up stay out of the trace. On the CPU a
 decode step's "forward" is one C++ call (engine/cpu_decode.py), opaque to torch.profiler: use
 --backend reference to see that step's ops one by one.
 """
