@@ -117,7 +117,6 @@ const Counts& count_tokens(const std::vector<int64_t>& tokens, int64_t V, Scratc
 std::string row_error(int64_t b, const char* what) { return "logits row " + std::to_string(b) + " " + what; }
 
 // Whether row[0..V) holds NaN or +inf: one comparison per value (an int so that the loop vectorises).
-// (noinline: the clones are what vectorises; inlined into sample_row the loops went scalar)
 __attribute__((noinline)) VECTOR_CLONES bool has_nan_or_inf(const float* row, int64_t V) {
     int bad = 0;
 #pragma omp simd reduction(| : bad)
@@ -133,42 +132,30 @@ void check_row(const float* row, int64_t V, int64_t b) {
     }
 }
 
-// The maximum of x[0..n) (no NaN in x; -inf when n = 0).
+// The maximum of x[0..n) (no NaN in x; -inf when n = 0). (noinline, here and below: the clones
+// are what vectorises; inlined into sample_row these loops went scalar, ~1 us per 2,048 values)
 template <class T>
-T max_of(const T* x, int64_t n) {
-    constexpr int kLanes = 8;  // independent running maxima: the loop vectorises without -ffast-math
-    T lane[kLanes];
-    std::fill(lane, lane + kLanes, -std::numeric_limits<T>::infinity());
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-        for (int j = 0; j < kLanes; ++j) lane[j] = std::max(lane[j], x[i + j]);
-    T best = *std::max_element(lane, lane + kLanes);
-    for (; i < n; ++i) best = std::max(best, x[i]);
+__attribute__((noinline)) VECTOR_CLONES T max_of(const T* x, int64_t n) {
+    T best = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : best)
+    for (int64_t i = 0; i < n; ++i) best = x[i] > best ? x[i] : best;
     return best;
 }
 
-// Index of the first maximum of x[0..V): ties go to the lowest id.
+// Index of the first maximum of x[0..V) (no NaN in x): ties go to the lowest id. After the
+// maximum, the search compares a block of values at a time, then steps into the block holding it.
 template <class T>
-int64_t first_max(const T* x, int64_t V) {
-    return std::find(x, x + V, max_of(x, V)) - x;
-}
-
-// A greedy row's token: the first maximum of row[0..V) (no NaN in the row), in two vectorised
-// passes: the maximum, then a search for it a block at a time. (check_row + first_max's scalar
-// passes took ~1 us per 2,048-token row, 60 us a step at batch 64; these ~0.5 with the check.)
-__attribute__((noinline)) VECTOR_CLONES int64_t greedy_token(const float* row, int64_t V) {
-    float best = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : best)
-    for (int64_t i = 0; i < V; ++i) best = row[i] > best ? row[i] : best;
+__attribute__((noinline)) VECTOR_CLONES int64_t first_max(const T* x, int64_t V) {
+    const T best = max_of(x, V);
     constexpr int kBlock = 16;
     int64_t i = 0;
     for (; i + kBlock <= V; i += kBlock) {
         int hit = 0;
 #pragma omp simd reduction(| : hit)
-        for (int j = 0; j < kBlock; ++j) hit |= row[i + j] == best;
+        for (int j = 0; j < kBlock; ++j) hit |= x[i + j] == best;
         if (hit) break;
     }
-    while (i < V && row[i] != best) ++i;
+    while (i < V && x[i] != best) ++i;
     return i;
 }
 
@@ -264,7 +251,7 @@ Draw sample_row(const float* row, int64_t V, const Params& p, const Counts& coun
                 Scratch& s) {
     if (p.argmax_only()) {  // widening to float64 is exact and keeps the order: the raw row's argmax
         check_row(row, V, b);
-        const int64_t token = greedy_token(row, V);
+        const int64_t token = first_max(row, V);
         if (row[token] == -std::numeric_limits<float>::infinity()) throw std::invalid_argument(row_error(b, kAllMasked));
         return Draw{token, kNaN};
     }
