@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 
-from engine import reference
-
 try:
     from engine import _decode_step
 except ImportError:  # not built (a source checkout without `pip install -e .`): the model's forward runs
@@ -71,8 +69,8 @@ def decoder(model, cache, kv_start=None):
     weights = {"wte": model.transformer.wte.weight, "lm_head.weight": weight,
                **named("transformer.", ("ln_f.weight", "ln_f.bias"))}
     llama = c.arch == "llama"
-    if llama:  # RoPE's angle tables (float32, as Hugging Face computes them) in the model's dtype, as the backend casts them
-        cos, sin = reference.rope_tables(c.head_dim, c.block_size, c.rope_theta, c.rope_scaling)
+    if llama:  # the model's RoPE angle tables, in its dtype (as the torch backend casts them)
+        cos, sin = model.transformer.wpe.angle_tables(weight.device)
         weights.update(rope_cos=cos.to(weight.dtype).flatten(), rope_sin=sin.to(weight.dtype).flatten())
     else:
         weights["wpe"] = model.transformer.wpe.weight

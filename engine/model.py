@@ -94,13 +94,16 @@ class RotaryPositions(nn.Module):
     def embed(self, tokens, pos):
         return tokens
 
-    def rotation(self, pos, ops):
-        """q, k -> q, k rotated to positions pos [B or 1, T]."""
-        device = pos.device
+    def angle_tables(self, device):
+        """(cos, sin) [block_size, hd/2] on `device` (float32, as Hugging Face computes them), made once."""
         if device not in self.tables:
             c = self.config
             self.tables[device] = reference.rope_tables(c.head_dim, c.block_size, c.rope_theta, c.rope_scaling, device)
-        cos, sin = self.tables[device]
+        return self.tables[device]
+
+    def rotation(self, pos, ops):
+        """q, k -> q, k rotated to positions pos [B or 1, T]."""
+        cos, sin = self.angle_tables(pos.device)
         return lambda q, k: ops.apply_rope(q, k, cos, sin, pos)
 
 
