@@ -36,7 +36,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine import cpu_decode, reference
+from engine import cpu_decode, native, reference
 from engine.errors import InputError
 
 
@@ -151,15 +151,7 @@ def chunked_linear_cross_entropy(h, weight, targets, loss_mask=None, ignore_inde
         return ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, torch.where(counted != 0, t, 0), w)
 
 
-def _decode_attention_extension():
-    try:
-        from engine import _decode_attention
-    except ImportError:  # not built (a source checkout without `pip install -e .`): SDPA does it, slower
-        return None
-    return _decode_attention
-
-
-_DECODE_ATTENTION = _decode_attention_extension()
+_DECODE_ATTENTION = native.extension("_decode_attention")  # None: not built, SDPA does it (slower)
 _CPU_DECODE_DTYPES = (torch.float32, torch.float64)  # what the extension computes in
 
 

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-try:
-    from engine import _decode_step
-except ImportError:  # not built (a source checkout without `pip install -e .`): the model's forward runs
-    _decode_step = None
+from engine import native
+
+_decode_step = native.extension("_decode_step")  # None: not built, the model's forward runs
 
 _STEPS = {torch.float32: ("StepFloat32", "sgemm_"), torch.float64: ("StepFloat64", "dgemm_")}
 

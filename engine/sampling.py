@@ -69,6 +69,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from engine import native
 from engine.errors import InputError
 
 _MASK64 = (1 << 64) - 1
@@ -258,11 +259,7 @@ def _sample_row(row, p: SamplingParams, counts, position: int, seed: int, b: int
 
 
 def _extension():
-    try:
-        from engine import _sampler
-    except ImportError:
-        return None
-    return _sampler
+    return native.extension("_sampler")
 
 
 _warned_no_extension = False
