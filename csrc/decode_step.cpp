@@ -104,7 +104,7 @@ struct Linear {
 };
 
 // LayerNorm over rows of n: y = (x - mean) / sqrt(var + eps) · weight + bias; or RMSNorm (rms):
-// y = x / sqrt(mean(x²) + eps) · weight. Statistics in double. Rows are n apart unless `stride` says.
+// y = x / sqrt(mean(x²) + eps) · weight. Statistics in double.
 template <class T>
 struct Norm {
     const T* weight = nullptr;
@@ -119,9 +119,8 @@ struct Norm {
         if (weight == nullptr) fail(name + ".weight is missing");
     }
 
-    void operator()(const T* x, int64_t rows, int64_t n, T* y, int64_t stride = 0) const {
-        stride = stride ? stride : n;
-        for (int64_t b = 0; b < rows; ++b, x += stride, y += stride) {
+    void operator()(const T* x, int64_t rows, int64_t n, T* y) const {
+        for (int64_t b = 0; b < rows; ++b, x += n, y += n) {
             double mean = 0, squares = 0;
             if (!rms) {
                 for (int64_t i = 0; i < n; ++i) mean += x[i];
@@ -146,15 +145,14 @@ VECTOR_CLONES void gelu_tanh(T* x, int64_t n) {
         x[i] = x[i] / (T(1) + std::exp(std::min(-c * (x[i] + T(0.044715) * x[i] * x[i] * x[i]), T(80))));
 }
 
-// SwiGLU in place over rows of [gate (I) | up (I)]: the first half becomes silu(gate) · up, with
+// SwiGLU over rows of [gate (I) | up (I)] -> out rows of silu(gate) · up (I), with
 // silu(g) = g / (1 + exp(-g)) (the exponent capped as in gelu_tanh).
 template <class T>
-VECTOR_CLONES void swiglu_rows(T* x, int64_t rows, int64_t I) {
-    for (int64_t b = 0; b < rows; ++b) {
-        T* gate = x + b * 2 * I;
-        const T* up = gate + I;
+VECTOR_CLONES void swiglu_rows(const T* x, int64_t rows, int64_t I, T* out) {
+    for (int64_t b = 0; b < rows; ++b, x += 2 * I, out += I) {
+        const T* up = x + I;
 #pragma omp simd
-        for (int64_t i = 0; i < I; ++i) gate[i] = gate[i] / (T(1) + std::exp(std::min(-gate[i], T(80)))) * up[i];
+        for (int64_t i = 0; i < I; ++i) out[i] = x[i] / (T(1) + std::exp(std::min(-x[i], T(80)))) * up[i];
     }
 }
 
@@ -261,6 +259,7 @@ class Step {
         T* out = logits_.mutable_data();
         {
             py::gil_scoped_release release;
+            std::fill(hi_.begin(), hi_.end(), at + 1);  // every row attends up to this step's column
             embed(tokens, at);
             for (size_t l = 0; l < layers_.size(); ++l) layer(l, at, threads);
             ln_f_(x_.data(), B_, C_, h_.data());
@@ -309,7 +308,6 @@ class Step {
                 std::copy_n(row, hd_, k + column);
                 std::copy_n(row + nkv_ * hd_, hd_, v + b * v_.strides[1] + j * v_.strides[2] + at * v_.strides[3]);
             }
-        std::fill(hi_.begin(), hi_.end(), at + 1);
         attention::attend_rows<T>({qkv_.data(), nqkv, hd_, 0}, {k, k_.strides[1], k_.strides[2], k_.strides[3]},
                                   {v, v_.strides[1], v_.strides[2], v_.strides[3]}, B_, nh_, nh_ / nkv_, hd_,
                                   kv_start_.data(), hi_.data(), static_cast<T>(1 / std::sqrt(static_cast<double>(hd_))),
@@ -318,8 +316,7 @@ class Step {
         w.ln_2(x_.data(), B_, C_, h_.data());
         w.fc(gemm_, h_.data(), B_, fc_.data(), false);
         if (swiglu_) {
-            swiglu_rows(fc_.data(), B_, I_);
-            for (int64_t b = 0; b < B_; ++b) std::copy_n(fc_.data() + b * 2 * I_, I_, act_.data() + b * I_);
+            swiglu_rows(fc_.data(), B_, I_, act_.data());
             w.fc2(gemm_, act_.data(), B_, x_.data(), true);
         } else {
             gelu_tanh(fc_.data(), B_ * I_);
@@ -338,7 +335,7 @@ class Step {
     Linear<T> head_;
     std::vector<int64_t> kv_start_, hi_;
     std::vector<T> x_, h_, qkv_, y_, fc_, act_;  // the residual stream, a normed copy, q|k|v, attention out,
-                                                 // MLP hidden (SwiGLU: gate|up, then the product)
+                                                 // MLP hidden (SwiGLU: gate|up, and the product)
     py::array_t<T> logits_;
     py::object keep_;
 };

@@ -78,3 +78,11 @@ def pytest_runtest_makereport(item, call):
     seed = getattr(item, "test_seed", None)
     if report.failed and seed is not None:
         report.sections.append(("random seed", f"replay with {SEED_ENV}={seed} pytest '{item.nodeid}'"))
+
+
+@pytest.fixture
+def torch_threads():
+    """set(n): torch's intra-op threads for this test, restored after it."""
+    default = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(default)

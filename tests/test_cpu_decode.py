@@ -17,14 +17,6 @@ if torch_blas_gemm("sgemm_") is None:
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}  # relative to the logits' largest magnitude
 
 
-@pytest.fixture
-def torch_threads():
-    """set(n): torch's intra-op threads for this test, restored after it."""
-    default = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(default)
-
-
 def model_of(dtype=torch.float32, input_major=True, preset="tiny", **config):
     """A model on the torch backend; config: GPTConfig.from_preset(preset, ...) overrides. Norm weights
     and every bias random (they start as ones and zeros: a swapped or dropped one would not show)."""

@@ -185,14 +185,6 @@ def test_bad_lengths_raise_naming_the_row():
         _ext.decode_attention(q, k, k, torch.zeros(3, dtype=torch.int32), None, 1.0, 1)
 
 
-@pytest.fixture
-def torch_threads():
-    """set(n): torch's intra-op threads for this test, restored after it."""
-    default = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(default)
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
 def test_decode_steps_at_the_presets_own_size_match_the_reference_backend(preset, threads, torch_threads):
