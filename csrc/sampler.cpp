@@ -18,6 +18,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -364,39 +365,36 @@ void sample_rows(const std::vector<int64_t>& rows, int threads, int64_t work, Ro
 
 int64_t row_work(const Params& p, int64_t V) { return p.argmax_only() ? V : kSampledRowWeight * V; }
 
-// Logits as the samplers read them: a C-contiguous float32 [B, V] buffer (a NumPy array), read in
-// place through the buffer protocol, with nothing allocated. (pybind11's array_t conversion went
-// through NumPy's PyArray_FromAny: ~3 us a call, a tenth of a small decode step's sampling, when
-// caches are cold.)
+// Logits as the samplers read them: a C-contiguous, aligned, native float32 [B, V] NumPy array,
+// read in place from the array's own fields (pybind11's view of NumPy's structs), with nothing
+// allocated. (pybind11's array_t conversion went through NumPy's PyArray_FromAny, ~3 us a call in
+// a cold cache; the buffer protocol builds and frees a format string every call, ~1 us.)
 class Logits {
   public:
     Logits(const py::handle& logits, int64_t batch) {
-        if (PyObject_GetBuffer(logits.ptr(), &view_, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
-            PyErr_Clear();
+        using api = py::detail::npy_api;
+        constexpr int layout = api::NPY_ARRAY_C_CONTIGUOUS_ | api::NPY_ARRAY_ALIGNED_;
+        constexpr char swapped = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? '>' : '<';  // NumPy writes native as '='
+        if (!api::get().PyArray_Check_(logits.ptr())) throw InputError(expected(batch));
+        const auto* array = py::detail::array_proxy(logits.ptr());
+        const auto* dtype = py::detail::array_descriptor_proxy(array->descr);
+        if (dtype->type_num != api::NPY_FLOAT_ || dtype->byteorder == swapped || (array->flags & layout) != layout ||
+            array->nd != 2 || array->dimensions[0] != batch || array->dimensions[1] < 1)
             throw InputError(expected(batch));
-        }
-        const bool ok = std::strcmp(view_.format, "f") == 0 && view_.ndim == 2 && view_.shape[0] == batch && view_.shape[1] >= 1;
-        if (!ok) {
-            PyBuffer_Release(&view_);
-            throw InputError(expected(batch));
-        }
-        if (view_.shape[1] > std::numeric_limits<int32_t>::max()) {
-            PyBuffer_Release(&view_);
-            throw InputError("vocabulary larger than 2^31");
-        }
+        if (array->dimensions[1] > std::numeric_limits<int32_t>::max()) throw InputError("vocabulary larger than 2^31");
+        data_ = reinterpret_cast<const float*>(array->data);
+        vocab_ = array->dimensions[1];
     }
-    ~Logits() { PyBuffer_Release(&view_); }
-    Logits(const Logits&) = delete;
-    Logits& operator=(const Logits&) = delete;
 
-    const float* data() const { return static_cast<const float*>(view_.buf); }
-    int64_t vocab() const { return view_.shape[1]; }
+    const float* data() const { return data_; }
+    int64_t vocab() const { return vocab_; }
 
   private:
     static std::string expected(int64_t batch) {
-        return "logits must be a C-contiguous float32 [B=" + std::to_string(batch) + ", V>=1] array";
+        return "logits must be a C-contiguous float32 [B=" + std::to_string(batch) + ", V>=1] NumPy array";
     }
-    Py_buffer view_{};
+    const float* data_;
+    int64_t vocab_;
 };
 
 void check_ids(const Params& p, const std::vector<int64_t>& tokens, int64_t V, size_t b) {
@@ -444,14 +442,22 @@ enum Finish : int { kRunning = 0, kStopToken = 1, kStopString = 2, kLength = 3 }
 
 class DecodeLoop {
   public:
-    // generated: B Python lists, to which every step appends each running row's token (in C++: a
-    // Python loop doing it cost a small decode step ~3 us in a cold cache)
+    // The Python lists of the engine.sampling.DecodeLoop that drives this one, kept current by every
+    // step: generated[b] and logprobs[b] (rows that asked for them) gain the step's token and its
+    // log-prob, finished[b] / finish_reason[b] are set when row b stops, and running loses it.
+    // (Doing this in Python after each step cost a small decode step ~3-5 us in a cold cache.)
+    struct Record {
+        std::vector<py::list> generated, logprobs;  // (the lists themselves: they are never replaced)
+        py::list finished, finish_reason, running;
+    };
+
     DecodeLoop(std::vector<Params> params, const std::vector<std::vector<int64_t>>& prompts, std::vector<std::string> token_bytes,
-               const std::vector<uint64_t>& seeds, int threads, std::vector<py::list> generated)
-        : token_bytes_(std::move(token_bytes)), threads_(threads), generated_(std::move(generated)) {
+               const std::vector<uint64_t>& seeds, int threads, Record record)
+        : token_bytes_(std::move(token_bytes)), threads_(threads), record_(std::move(record)) {
         const size_t B = params.size();
-        if (prompts.size() != B || seeds.size() != B || generated_.size() != B)
-            throw InputError("params, prompts, seeds and generated must all have B entries");
+        if (prompts.size() != B || seeds.size() != B || record_.generated.size() != B || record_.logprobs.size() != B ||
+            record_.finished.size() != B || record_.finish_reason.size() != B || record_.running.size() != B)
+            throw InputError("params, prompts, seeds, generated, logprobs, finished, finish_reason and running must all have B entries");
         for (size_t b = 0; b < B; ++b) {
             Row r;
             r.prompt = prompts[b];
@@ -466,17 +472,16 @@ class DecodeLoop {
             rows_.push_back(std::move(r));
             running_.push_back(static_cast<int64_t>(b));
         }
-        tokens_.assign(B, -1), logprobs_.assign(B, kNaN), codes_.assign(B, kRunning), next_input_.assign(B, 0);
+        tokens_.assign(B, -1), next_input_.assign(B, 0);
         draws_.resize(B), errors_.resize(B);
     }
 
     // One decode step: samples every running row, then appends the tokens and checks stops.
-    // Results go to the buffers `tokens`, `logprobs` (NaN where not requested) and `codes` (a
-    // Finish per row); rows finished before this step get -1, NaN, RUNNING and keep their state.
-    // `next_input` holds what the model reads next: the tokens, a valid id for finished rows.
-    // Returns how many rows finished at this step. Nothing changes when a row raises: every row
-    // is sampled before any state is updated. One loop per batch: not for two threads at once.
-    int step(const py::handle& logits_obj) {
+    // The tokens go to the buffer `tokens` (-1 for rows finished before this step, whose state
+    // does not change) and the Record; `next_input` holds what the model reads next: the tokens,
+    // a valid id for finished rows. Nothing changes when a row raises: every row is sampled before
+    // any state is updated. One loop per batch: not for two threads at once.
+    void step(const py::handle& logits_obj) {
         const int64_t B = static_cast<int64_t>(rows_.size());
         const Logits logits(logits_obj, B);
         const int64_t V = logits.vocab();
@@ -494,13 +499,13 @@ class DecodeLoop {
             const Row& r = rows_[b];
             return sample_row(data + b * V, V, r.p, r.counts, r.position, r.seed, b, s);
         }, draws_, errors_);
-        return commit();
+        commit();
     }
 
     // A step whose tokens were drawn elsewhere (engine.device_sampling, on the GPU, from the same
     // per-row state): tokens[b], logprobs[b] of every row, of which the running rows' are appended
-    // as step() appends its own draws. Same results and return value as step().
-    int append_drawn(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& tokens,
+    // as step() appends its own draws. Same results as step().
+    void append_drawn(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& tokens,
                      const py::array_t<double, py::array::c_style | py::array::forcecast>& logprobs) {
         const auto B = static_cast<py::ssize_t>(rows_.size());
         if (tokens.ndim() != 1 || tokens.shape(0) != B || logprobs.ndim() != 1 || logprobs.shape(0) != B)
@@ -509,13 +514,11 @@ class DecodeLoop {
             if (tokens.data()[b] < 0)
                 throw InputError("tokens[" + std::to_string(b) + "] = " + std::to_string(tokens.data()[b]) + " is not a token id");
         for (int64_t b : running_) draws_[b] = {tokens.data()[b], logprobs.data()[b]};
-        return commit();
+        commit();
     }
 
     // The result buffers as numpy arrays that share this loop's memory (and keep it alive).
     static py::array tokens(py::object self) { return view(self, self.cast<DecodeLoop&>().tokens_); }
-    static py::array logprobs(py::object self) { return view(self, self.cast<DecodeLoop&>().logprobs_); }
-    static py::array codes(py::object self) { return view(self, self.cast<DecodeLoop&>().codes_); }
     static py::array next_input(py::object self) { return view(self, self.cast<DecodeLoop&>().next_input_); }
 
   private:
@@ -528,6 +531,7 @@ class DecodeLoop {
         size_t keep = 0;
         int64_t position = 0, generated = 0;
         uint64_t seed = 0;
+        bool finished = false;
 
         void add(int64_t tok) {
             const auto [it, fresh] = slot.try_emplace(tok, counts.size());
@@ -543,22 +547,31 @@ class DecodeLoop {
         return py::array_t<T>(static_cast<py::ssize_t>(buffer.size()), buffer.data(), self);
     }
 
-    // The running rows' draws_ into the result buffers and their state; returns how many finished.
-    int commit() {
+    // The running rows' draws_ into the result buffers, their state and the Record.
+    void commit() {
+        // Finish's names, lower-case (never freed: no Python object may be released after the interpreter)
+        static const auto* reasons = new std::array<py::str, 4>{py::str("running"), py::str("stop_token"), py::str("stop_string"),
+                                                                py::str("length")};
         std::fill(tokens_.begin(), tokens_.end(), -1);
-        std::fill(logprobs_.begin(), logprobs_.end(), kNaN);
-        std::fill(codes_.begin(), codes_.end(), kRunning);
-        int finished = 0;
+        bool finished = false;
         for (int64_t b : running_) {
-            tokens_[b] = next_input_[b] = draws_[b].token, logprobs_[b] = draws_[b].logprob;
-            generated_[b].append(draws_[b].token);
-            codes_[b] = append(rows_[b], draws_[b].token);
-            finished += codes_[b] != kRunning;
+            const Draw& d = draws_[b];
+            tokens_[b] = next_input_[b] = d.token;
+            Row& r = rows_[b];
+            record_.generated[b].append(d.token);
+            if (r.p.logprobs) record_.logprobs[b].append(d.logprob);
+            const int32_t code = append(r, d.token);
+            if (code != kRunning) {
+                r.finished = true, finished = true;
+                record_.finished[b] = py::bool_(true), record_.finish_reason[b] = (*reasons)[code];
+            }
         }
-        if (finished)
-            running_.erase(std::remove_if(running_.begin(), running_.end(), [this](int64_t b) { return codes_[b] != kRunning; }),
-                           running_.end());
-        return finished;
+        if (!finished) return;
+        running_.erase(std::remove_if(running_.begin(), running_.end(), [this](int64_t b) { return rows_[b].finished; }),
+                       running_.end());
+        py::list running;
+        for (int64_t b : running_) running.append(b);
+        record_.running[py::slice(0, record_.running.size(), 1)] = running;  // in place: Python holds this list
     }
 
     int32_t append(Row& r, int64_t tok) {
@@ -582,26 +595,67 @@ class DecodeLoop {
     std::vector<std::string> token_bytes_;
     int threads_;
     int64_t vocab_ = -1;
-    std::vector<int64_t> tokens_;  // the results of the last step
-    std::vector<double> logprobs_;
-    std::vector<int32_t> codes_;
+    std::vector<int64_t> tokens_;  // the last step's tokens
     std::vector<int64_t> next_input_;
-    std::vector<py::list> generated_;
+    Record record_;
     std::vector<Draw> draws_;  // per-step scratch, sized once
     std::vector<std::string> errors_;
 };
+
+// loop.stepper(result) is a plain CPython function f(logits) that runs loop.step(logits) and
+// returns `result` (the Python loop's token tensor): the decode loop calls it once a step, and
+// pybind11's dispatcher (argument casters, overload search) cost a small step's sampling ~2 us
+// when caches are cold. Its `self` is a capsule holding the loop (kept alive) and the result.
+struct Stepper {
+    DecodeLoop* loop;
+    py::object owner, result;
+};
+
+py::handle input_error_type;  // engine.errors.InputError, set at import
+
+PyObject* call_stepper(PyObject* capsule, PyObject* logits) {
+    auto* stepper = static_cast<Stepper*>(PyCapsule_GetPointer(capsule, nullptr));
+    try {
+        stepper->loop->step(logits);
+        return stepper->result.inc_ref().ptr();
+    } catch (py::error_already_set& e) {
+        e.restore();
+    } catch (const InputError& e) {
+        PyErr_SetString(input_error_type.ptr(), e.what());
+    } catch (const std::invalid_argument& e) {  // a row's NaN / all -inf logits, as pybind11 raises it elsewhere
+        PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+    return nullptr;
+}
+
+PyMethodDef stepper_def = {"step", call_stepper, METH_O, "step(logits [B, V] float32 NumPy array) -> the loop's tokens"};
+
+py::object make_stepper(py::object loop, py::object result) {
+    auto* stepper = new Stepper{&loop.cast<DecodeLoop&>(), loop, std::move(result)};
+    PyObject* capsule = PyCapsule_New(stepper, nullptr, [](PyObject* c) { delete static_cast<Stepper*>(PyCapsule_GetPointer(c, nullptr)); });
+    if (!capsule) {
+        delete stepper;
+        throw py::error_already_set();
+    }
+    PyObject* function = PyCFunction_New(&stepper_def, capsule);  // holds the capsule
+    Py_DECREF(capsule);
+    if (!function) throw py::error_already_set();
+    return py::reinterpret_steal<py::object>(function);
+}
 
 }  // namespace
 
 PYBIND11_MODULE(_sampler, m) {
     m.doc() = "C++ token sampler (see engine/sampling.py for the documented semantics)";
     // a reference kept for the life of the process: the translator may run at any time
-    static py::handle input_error = py::object(py::module_::import("engine.errors").attr("InputError")).release();
+    input_error_type = py::object(py::module_::import("engine.errors").attr("InputError")).release();
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
         } catch (const InputError& e) {
-            PyErr_SetString(input_error.ptr(), e.what());
+            PyErr_SetString(input_error_type.ptr(), e.what());
         }
     });
     py::enum_<Finish>(m, "Finish")
@@ -626,16 +680,19 @@ PYBIND11_MODULE(_sampler, m) {
     m.def("sample", &sample, py::arg("logits"), py::arg("params"), py::arg("prev_tokens"), py::arg("positions"), py::arg("seeds"),
           py::arg("threads"), "Stateless batch sample: returns (tokens, logprobs); NaN logprob where not requested.");
     py::class_<DecodeLoop>(m, "DecodeLoop")
-        .def(py::init<std::vector<Params>, const std::vector<std::vector<int64_t>>&, std::vector<std::string>,
-                      const std::vector<uint64_t>&, int, std::vector<py::list>>(),
-             py::arg("params"), py::arg("prompts"), py::arg("token_bytes"), py::arg("seeds"), py::arg("threads"),
-             py::arg("generated"))
-        .def("step", &DecodeLoop::step, py::arg("logits"),
-             "Sample one token per running row into tokens / logprobs / codes; returns how many rows finished.")
+        .def(py::init([](std::vector<Params> params, const std::vector<std::vector<int64_t>>& prompts, std::vector<std::string> token_bytes,
+                         const std::vector<uint64_t>& seeds, int threads, std::vector<py::list> generated, std::vector<py::list> logprobs,
+                         py::list finished, py::list finish_reason, py::list running) {
+                 return new DecodeLoop(std::move(params), prompts, std::move(token_bytes), seeds, threads,
+                                       {std::move(generated), std::move(logprobs), finished, finish_reason, running});
+             }),
+             py::arg("params"), py::arg("prompts"), py::arg("token_bytes"), py::arg("seeds"), py::arg("threads"), py::arg("generated"),
+             py::arg("logprobs"), py::arg("finished"), py::arg("finish_reason"), py::arg("running"))
+        .def("stepper", &make_stepper, py::arg("result"),
+             "A function f(logits) that samples one token per running row (logits: a C-contiguous float32 [B, V] NumPy "
+             "array) into tokens and the record lists, and returns `result`.")
         .def("append_drawn", &DecodeLoop::append_drawn, py::arg("tokens"), py::arg("logprobs"),
-             "step() with the tokens (and log-probs) drawn elsewhere, e.g. on the GPU: int64 [B], float64 [B].")
+             "A step with the tokens (and log-probs) drawn elsewhere, e.g. on the GPU: int64 [B], float64 [B].")
         .def_property_readonly("tokens", &DecodeLoop::tokens, "int64 [B]: the last step's tokens (-1: finished before it)")
-        .def_property_readonly("logprobs", &DecodeLoop::logprobs, "float64 [B]: their log-probabilities (NaN: not requested)")
-        .def_property_readonly("codes", &DecodeLoop::codes, "int32 [B]: Finish code per row after the last step")
         .def_property_readonly("next_input", &DecodeLoop::next_input, "int64 [B]: the tokens, a valid id for finished rows");
 }

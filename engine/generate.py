@@ -185,15 +185,18 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
     with autocast:  # the backend's own decode step where it has one (the torch backend's C++ step on the CPU)
         forward = model.ops_for(device).decoder(model, cache, kv_start)
     forward = forward or (lambda tokens: model(tokens.to(device), cache=cache, kv_start=kv_start)[0][:, -1])
-    logits = logits[:, -1]  # [B, V]
+    with phase("sampling"):
+        tokens = loop.step(logits[:, -1], copy=False)  # (checks the logits in full)
+    sample = None
     while True:
-        with phase("sampling"):
-            tokens = loop.step(logits, copy=False)
         yield tokens, loop
         if loop.all_finished:
             return
         with phase("forward"), autocast:
             logits = forward(loop.next_input)
+        sample = sample or loop.stepper(logits)  # the forward's logits are all of one kind
+        with phase("sampling"):
+            tokens = sample(logits)
 
 
 def _graphed_decode(model, cache: KVCache, kv_start, loop: DecodeLoop, logits, params, prompts, phase):

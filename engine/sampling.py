@@ -58,13 +58,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import numbers
 import secrets
 import types
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -376,61 +377,61 @@ class Sampler:
 
 
 class _ReferenceCore:
-    """Per-row state in Python: token counts, stop-string tail, the running rows. Mirrors the C++
-    DecodeLoop, results buffers and all."""
+    """Per-row state in Python: token counts, stop-string tail. Mirrors the C++ DecodeLoop: the
+    same buffers, stepper and record lists (generated, logprobs, finished, finish_reason, running)
+    kept current by every step."""
 
-    def __init__(self, params, prompts, token_bytes, seeds, generated):
+    def __init__(self, params, prompts, token_bytes, seeds, threads, generated, logprobs, finished, finish_reason, running):
         B = len(params)
-        self.params, self.token_bytes, self.seeds, self.generated = params, token_bytes, seeds, generated
+        self.params, self.token_bytes, self.seeds = params, token_bytes, seeds
+        self.record = generated, logprobs, finished, finish_reason, running
         self.counts = [Counter(p) for p in prompts]
         self.positions = [len(p) for p in prompts]
-        self.n_generated = [0] * B
         self.keep = [max(map(len, p.stop), default=1) - 1 for p in params]
         self.stops = [[s.encode() for s in p.stop] for p in params]
         self.tails = [b""] * B
-        self.running = list(range(B))
         self.tokens = np.full(B, -1, dtype=np.int64)
-        self.logprobs = np.full(B, math.nan)
-        self.codes = np.zeros(B, dtype=np.int32)
         self.next_input = np.zeros(B, dtype=np.int64)
 
-    def step(self, x: torch.Tensor) -> int:
-        return self._commit({b: _sample_row(x[b], self.params[b], self.counts[b], self.positions[b], self.seeds[b], b)
-                             for b in self.running})
+    def stepper(self, result):
+        def step(x: torch.Tensor):
+            running = self.record[4]
+            self._commit({b: _sample_row(x[b], self.params[b], self.counts[b], self.positions[b], self.seeds[b], b)
+                          for b in running})
+            return result
+        return step
 
-    def append_drawn(self, tokens: np.ndarray, logprobs: np.ndarray) -> int:
+    def append_drawn(self, tokens: np.ndarray, logprobs: np.ndarray) -> None:
+        running = self.record[4]
         if tokens.shape != (len(self.params),) or logprobs.shape != tokens.shape:
             raise InputError(f"tokens and logprobs must both be [B] = [{len(self.params)}]")
-        for b in self.running:
+        for b in running:
             if tokens[b] < 0:
                 raise InputError(f"tokens[{b}] = {tokens[b]} is not a token id")
-        return self._commit({b: (int(tokens[b]), float(logprobs[b])) for b in self.running})
+        self._commit({b: (int(tokens[b]), float(logprobs[b])) for b in running})
 
-    def _commit(self, out: dict) -> int:
-        self.tokens[:], self.logprobs[:], self.codes[:] = -1, math.nan, Finish.RUNNING
+    def _commit(self, out: dict) -> None:
+        generated, logprobs, finished, finish_reason, running = self.record
+        self.tokens[:] = -1
         for b, (tok, logprob) in out.items():  # commit only once every row sampled without error
             p = self.params[b]
             self.counts[b][tok] += 1
             self.positions[b] += 1
-            self.n_generated[b] += 1
+            generated[b].append(tok)
+            if p.logprobs:
+                logprobs[b].append(logprob)
             if self.stops[b]:
                 tail = self.tails[b] + (self.token_bytes[tok] if tok < len(self.token_bytes) else b"")
                 hit = any(s in tail for s in self.stops[b])
                 self.tails[b] = tail[-self.keep[b]:] if self.keep[b] else b""
             else:
                 hit = False
-            if tok in p.stop_token_ids:
-                self.codes[b] = Finish.STOP_TOKEN
-            elif hit:
-                self.codes[b] = Finish.STOP_STRING
-            elif self.n_generated[b] >= p.max_new_tokens:
-                self.codes[b] = Finish.LENGTH
+            reason = (Finish.STOP_TOKEN if tok in p.stop_token_ids else Finish.STOP_STRING if hit
+                      else Finish.LENGTH if len(generated[b]) >= p.max_new_tokens else None)
+            if reason is not None:
+                finished[b], finish_reason[b] = True, reason.name.lower()
             self.tokens[b] = self.next_input[b] = tok
-            self.logprobs[b] = logprob
-            self.generated[b].append(tok)
-        running = len(self.running)
-        self.running = [b for b in self.running if self.codes[b] == Finish.RUNNING]
-        return running - len(self.running)
+        running[:] = [b for b in running if not finished[b]]
 
 
 class DecodeLoop:
@@ -444,8 +445,9 @@ class DecodeLoop:
     len(prompts[b]) + len(generated[b]). next_input ([B, 1] int64, overwritten by every step) is
     what the model reads next: the step's tokens, with a valid id in place of -1.
 
-    A step checks its arguments in full only when the logits' shape is new (the first step);
-    the core samples into result buffers it owns, and only the running rows are touched here:
+    A step checks its arguments in full only when the logits' shape is new (the first step); the
+    core samples into a token buffer it owns and keeps generated / logprobs / finished /
+    finish_reason / running current itself, and stepper() skips this class's Python altogether:
     a small decode step is bound by how many Python and torch calls it makes.
     """
 
@@ -463,22 +465,17 @@ class DecodeLoop:
         self.params, self._prompts = params, prompts
         self.seeds = [_resolve_seed(p) for p in params]
         token_bytes = [bytes(t) for t in token_bytes] if token_bytes is not None else []
-        self.generated = [[] for _ in params]  # (the core appends every step's tokens)
-        if self.impl == "cpp":
-            cpp_params = [_cpp_params(p) for p in params]
-            self._core = _extension().DecodeLoop(cpp_params, prompts, token_bytes, self.seeds, _default_threads(),
-                                                 self.generated)
-        else:
-            self._core = _ReferenceCore(params, prompts, token_bytes, self.seeds, self.generated)
-        core = self._core  # its result buffers, shared (the C++ core makes a new view per access)
-        self._tokens_np, self._logprobs_np, self._codes_np = core.tokens, core.logprobs, core.codes
-        self._tokens = torch.from_numpy(self._tokens_np)
-        self.next_input = torch.from_numpy(core.next_input).view(-1, 1)
+        # kept current by the core at every step
+        self.generated, self.logprobs = [[] for _ in params], [[] for _ in params]
+        self.finished, self.finish_reason = [False] * len(params), [None] * len(params)
         self._running = list(range(len(params)))
-        self._with_logprobs = [b for b, p in enumerate(params) if p.logprobs]
-        self.finished = [False] * len(params)
-        self.finish_reason = [None] * len(params)
-        self.logprobs = [[] for _ in params]
+        core = _extension().DecodeLoop if self.impl == "cpp" else _ReferenceCore
+        self._core = core([_cpp_params(p) for p in params] if self.impl == "cpp" else params, prompts, token_bytes,
+                          self.seeds, _default_threads(), self.generated, self.logprobs, self.finished,
+                          self.finish_reason, self._running)
+        self._tokens = torch.from_numpy(self._core.tokens)  # the core's buffer, shared (as next_input's)
+        self.next_input = torch.from_numpy(self._core.next_input).view(-1, 1)
+        self._sample = self._core.stepper(self._tokens)  # returns self._tokens
         self._buf = None
         self._shape = None
 
@@ -495,20 +492,35 @@ class DecodeLoop:
         self._shape = tuple(logits.shape)  # (a plain tuple compares fastest with either kind of shape)
 
     def step(self, logits: torch.Tensor | np.ndarray, copy: bool = True) -> torch.LongTensor:
-        """logits [B, V]: a tensor, or a NumPy array (what the CPU decode step returns, engine/cpu_decode.py,
-        which the C++ core reads as it is: no torch call in between). copy=False returns the loop's
-        own token buffer, overwritten by the next step: making a tensor costs a small decode step
-        ~15-20 us, a tenth of a batch-1 step of the tiny model."""
+        """logits [B, V]: a tensor, or a NumPy array (what the CPU decode step returns, engine/cpu_decode.py).
+        copy=False returns the loop's own token buffer, overwritten by the next step: making a
+        tensor costs a small decode step ~15-20 us, a tenth of a batch-1 step of the tiny model."""
         if logits.shape != self._shape:
             self._check_logits(logits)
+        tokens = self._sample(self._core_input(logits))
+        return tokens.clone() if copy else tokens
+
+    def stepper(self, logits) -> Callable:
+        """A function f(x) equal to step(x, copy=False) for logits x of the kind of these (type, dtype
+        and shape; step them once first, for its checks): the C++ core's own entry where it reads
+        such logits as they are (C-contiguous float32 NumPy arrays, as the CPU decode step returns),
+        so that no Python runs between the caller and the core; it checks the shape, dtype and
+        layout itself. (A small decode step's sampling, caches cold: ~10 -> ~4 us.)"""
+        if self._core_input(logits) is logits:
+            return self._sample
+        return functools.partial(self.step, copy=False)
+
+    def _core_input(self, logits):
+        """logits as the core reads them: a float32 NumPy array (C++) or tensor (reference), copied
+        (into a buffer kept for the next steps) only where needed."""
+        if self.impl == "cpp" and isinstance(logits, np.ndarray) and logits.dtype is _FLOAT32:
+            return logits  # (the C++ core checks the layout)
         if isinstance(logits, np.ndarray):
-            if self.impl == "cpp" and logits.dtype is _FLOAT32:  # (the C++ core checks the shape and layout)
-                return self._record(self._core.step(logits), copy)
             logits = torch.from_numpy(logits)
         x = _cpu_float32(logits, self._buf)
         if x is not logits:
             self._buf = x
-        return self._record(self._core.step(x.numpy() if self.impl == "cpp" else x), copy)
+        return x.numpy() if self.impl == "cpp" else x
 
     def append(self, tokens: torch.Tensor, logprobs: torch.Tensor | None = None) -> torch.LongTensor:
         """step() with the tokens drawn elsewhere (engine.device_sampling.DeviceSampler on the GPU, from
@@ -516,24 +528,10 @@ class DecodeLoop:
         running rows' are appended (stops, lengths, penalty counts) and returned as step() returns them."""
         tokens = tokens.to(torch.int64).numpy()
         logprobs = np.full(len(tokens), math.nan) if logprobs is None else logprobs.to(torch.float64).numpy()
-        return self._record(self._core.append_drawn(tokens, logprobs))
+        self._core.append_drawn(tokens, logprobs)
+        return self._tokens.clone()
 
     @property
     def running(self) -> list[int]:
         """The rows not finished yet (ascending)."""
         return self._running
-
-    def _record(self, n_finished: int, copy: bool = True) -> torch.LongTensor:
-        if self._with_logprobs:
-            tokens, logprobs = self._tokens_np.tolist(), self._logprobs_np.tolist()
-            self._with_logprobs = [b for b in self._with_logprobs if tokens[b] >= 0]
-            for b in self._with_logprobs:
-                self.logprobs[b].append(logprobs[b])
-        if n_finished:
-            codes = self._codes_np.tolist()
-            for b in self._running:
-                if codes[b] != Finish.RUNNING:
-                    self.finished[b] = True
-                    self.finish_reason[b] = Finish(codes[b]).name.lower()
-            self._running = [b for b in self._running if not self.finished[b]]
-        return self._tokens.clone() if copy else self._tokens

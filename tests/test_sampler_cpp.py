@@ -1,12 +1,15 @@
 """The C++ sampler (engine._sampler) against the reference in engine/sampling.py, and the benchmark script's smoke test."""
 import csv
 import dataclasses
+import functools
+import gc
 import math
 import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,7 +110,7 @@ def test_cpp_bad_arguments_raise_input_error_and_bad_logits_value_error():
     loop = DecodeLoop([SamplingParams(seed=0)], [[1]], impl="cpp")
     loop.step(torch.randn(1, 10))
     with pytest.raises(InputError, match="V=10 to V=11"):
-        loop._core.step(torch.randn(1, 11).numpy())  # the C++ check itself, not the Python one before it
+        loop.stepper(np.zeros((1, 11), np.float32))(np.zeros((1, 11), np.float32))  # the C++ check, no Python one before it
     x = torch.randn(1, 10)
     x[0, 3] = math.nan
     with pytest.raises(ValueError, match="NaN") as err:
@@ -332,3 +335,44 @@ def test_a_step_takes_numpy_logits_and_can_return_its_own_buffer():
     with pytest.raises(InputError, match="C-contiguous float32"):  # the C++ core's own check
         loop = DecodeLoop([SamplingParams(temperature=0)] * 2, [[1], [2]], impl="cpp")
         loop.step(torch.zeros(3, 2).numpy().T)
+
+
+def test_the_stepper_is_the_cores_own_entry_and_checks_what_it_reads():
+    """DecodeLoop.stepper(x) for float32 NumPy logits is the C++ core's plain CPython function: the
+    same tokens as step(copy=False), and every check that step's Python would have made is made
+    in C++ (shape, dtype, byte order, layout, vocabulary size, bad values), with the same errors."""
+    rng = np.random.default_rng(0)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=50), SamplingParams(seed=3, top_k=5, logprobs=True, max_new_tokens=4)]
+    a, b = (DecodeLoop(params, [[1, 2], [3]], impl="cpp") for _ in range(2))
+    x = rng.standard_normal((2, 40), dtype=np.float32)
+    a.step(x, copy=False)
+    b.step(x, copy=False)
+    step = b.stepper(x)
+    assert type(step).__name__ == "builtin_function_or_method"  # not a Python frame
+    for _ in range(6):
+        x = rng.standard_normal((2, 40), dtype=np.float32)
+        ours = step(x)
+        assert ours is b._tokens and ours.tolist() == a.step(x, copy=False).tolist()
+    assert (a.generated, a.logprobs, a.finished, a.finish_reason, a.running) == (
+        b.generated, b.logprobs, b.finished, b.finish_reason, b.running)
+    assert b.finish_reason == [None, "length"] and b.running == [0] and len(b.logprobs[1]) == 4 and b.logprobs[0] == []
+    bad = {"B=2": np.zeros((3, 40), np.float32), "float32": np.zeros((2, 40)), "NumPy": torch.zeros(2, 40),
+           "C-contiguous": np.zeros((40, 2), np.float32).T, "native": np.zeros((2, 40), ">f4"), "V=40 to V=41": np.zeros((2, 41), np.float32)}
+    for message, logits in bad.items():
+        with pytest.raises(InputError, match=message if message != "native" else "float32"):
+            step(logits)
+    nan = np.zeros((2, 40), np.float32)
+    nan[0, 7] = np.nan
+    with pytest.raises(ValueError, match="NaN") as err:
+        step(nan)
+    assert not isinstance(err.value, InputError) and b.generated[0] == a.generated[0]  # nothing changed
+    loop = DecodeLoop([SamplingParams(temperature=0.0)], [[1]], impl="cpp")
+    step = loop.stepper(np.zeros((1, 4), np.float32))
+    del loop, a, b
+    gc.collect()
+    assert step(np.array([[0, 0, 1, 0]], np.float32)).tolist() == [2]  # the function keeps its loop alive
+    for impl, logits in (("reference", np.zeros((1, 4), np.float32)), ("cpp", torch.zeros(1, 4)), ("cpp", np.zeros((1, 4)))):
+        loop = DecodeLoop([SamplingParams(temperature=0.0)], [[1]], impl=impl)
+        loop.step(logits)
+        step = loop.stepper(logits)
+        assert isinstance(step, functools.partial) and step(logits).tolist() == [0]
