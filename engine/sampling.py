@@ -505,7 +505,7 @@ class DecodeLoop:
         and shape; step them once first, for its checks): the C++ core's own entry where it reads
         such logits as they are (C-contiguous float32 NumPy arrays, as the CPU decode step returns),
         so that no Python runs between the caller and the core; it checks the shape, dtype and
-        layout itself. (A small decode step's sampling, caches cold: ~10 -> ~4 us.)"""
+        layout itself. (Tiny model, batch 1, in a generation: sampling 4.2 -> 1.7 us a step.)"""
         if self._core_input(logits) is logits:
             return self._sample
         return functools.partial(self.step, copy=False)
