@@ -131,7 +131,6 @@ class PhaseTimer:
 _NO_PHASE = contextlib.nullcontext()  # what every phase enters when no hook is given (re-enterable, free)
 
 
-@torch.inference_mode()
 def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], token_bytes=None, sampler="auto",
                  phase=None, compile=False) -> Iterator[tuple[torch.Tensor, DecodeLoop]]:
     """Yield (tokens [B], loop) after every step; tokens[b] == -1 once row b has finished. tokens
@@ -147,6 +146,9 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
     (DecodeLoop.step, with the logits' copy to the CPU) and "forward" (one token's forward).
     PhaseTimer adds up their seconds; engine.profile names them in a trace.
 
+    The model runs in inference mode, entered around each forward, not around the whole generator
+    (@torch.inference_mode on a generator re-enters it at every step: ~9 us of Python a step in a
+    cold cache, 6% of a batch-1 step of the tiny model; the C++ decode step needs no mode at all).
     On the CPU the model's Linear weights are left input-major (GPT.decode_layout: the same values,
     shapes and state_dict; once, later calls find them so): the CPU GEMM multiplies them faster.
     """
@@ -163,28 +165,35 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
     if total > cfg.block_size:
         raise InputError(f"prompt ({L} tokens) + max_new_tokens ({total - L}) exceeds the model's context of "
                          f"{cfg.block_size} tokens")
-    idx = torch.zeros(len(prompts), L, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        idx[b, L - len(p) :] = torch.tensor(p)
-    kv_start = torch.tensor([L - n for n in lengths], device=device) if min(lengths) < L else None
-    cache = KVCache(cfg, len(prompts), total, device, kv_cache_dtype(model))
     loop = DecodeLoop(params, prompts, token_bytes=token_bytes, impl=sampler)
-    model.eval()
-    if device.type == "cpu":  # cuBLAS takes either weight layout at full speed; the CPU GEMM does not
-        model.decode_layout()
     autocast = autocast_for(device)
-    with phase("prefill"), autocast:
-        logits, _ = model(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)
-    if compile and device.type == "cuda":
+    with torch.inference_mode():
+        idx = torch.zeros(len(prompts), L, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            idx[b, L - len(p) :] = torch.tensor(p)
+        kv_start = torch.tensor([L - n for n in lengths], device=device) if min(lengths) < L else None
+        cache = KVCache(cfg, len(prompts), total, device, kv_cache_dtype(model))
+        model.eval()
+        if device.type == "cpu":  # cuBLAS takes either weight layout at full speed; the CPU GEMM does not
+            model.decode_layout()
+        with phase("prefill"), autocast:
+            logits, _ = model(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)
+        graphed = compile and device.type == "cuda"
+        if compile and not graphed:
+            cache.make_static()
+            warnings.warn("compile=True: CUDA graphs need a GPU; on the CPU the static-shape decode steps run eagerly",
+                          RuntimeWarning, stacklevel=2)
+        with autocast:  # the backend's own decode step where it has one (the torch backend's C++ step on the CPU)
+            forward = None if graphed else model.ops_for(device).decoder(model, cache, kv_start)
+    if graphed:  # (outside the `with`: a generator suspended inside it would leave the mode on for the caller)
         yield from _graphed_decode(model, cache, kv_start, loop, logits, params, prompts, phase)
         return
-    if compile:
-        cache.make_static()
-        warnings.warn("compile=True: CUDA graphs need a GPU; on the CPU the static-shape decode steps run eagerly",
-                      RuntimeWarning, stacklevel=2)
-    with autocast:  # the backend's own decode step where it has one (the torch backend's C++ step on the CPU)
-        forward = model.ops_for(device).decoder(model, cache, kv_start)
-    forward = forward or (lambda tokens: model(tokens.to(device), cache=cache, kv_start=kv_start)[0][:, -1])
+
+    def model_forward(tokens):
+        with torch.inference_mode(), autocast:
+            return model(tokens.to(device), cache=cache, kv_start=kv_start)[0][:, -1]
+
+    forward = forward or model_forward
     with phase("sampling"):
         tokens = loop.step(logits[:, -1], copy=False)  # (checks the logits in full)
     sample = None
@@ -192,13 +201,14 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
         yield tokens, loop
         if loop.all_finished:
             return
-        with phase("forward"), autocast:
+        with phase("forward"):
             logits = forward(loop.next_input)
         sample = sample or loop.stepper(logits)  # the forward's logits are all of one kind
         with phase("sampling"):
             tokens = sample(logits)
 
 
+@torch.inference_mode()
 def _graphed_decode(model, cache: KVCache, kv_start, loop: DecodeLoop, logits, params, prompts, phase):
     """decode_steps' steps with compile=True on a GPU: the draw runs on the device (DeviceSampler, same
     tokens as the loop's own sampler) and each decode step, forward and draw, is one replay of a CUDA

@@ -1,5 +1,6 @@
 """Generation: the KV cache changes nothing, batching changes nothing, stops stop."""
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -113,6 +114,25 @@ def test_phase_timer_adds_up_every_phase_and_changes_no_token(model):
     assert timed.generated == plain.generated
     assert timer.calls == {"prefill": 1, "sampling": 6, "forward": 5}
     assert all(timer.seconds[name] > 0 for name in timer.calls)
+
+
+def test_the_model_runs_in_inference_mode_and_the_caller_between_steps_does_not(model):
+    """decode_steps enters inference mode around each forward, not around the generator: a caller
+    that trains or records autograd between steps must not find the mode left on."""
+    modes = []
+    hook = model.register_forward_hook(lambda *args: modes.append(torch.is_inference_mode_enabled()))  # (the C++ step
+    try:  # does not apply with a hook: every step runs the model's forward, as on a GPU or with other backends)
+        for compile in (False, True):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # compile=True on the CPU says it runs eagerly
+                for _, loop in decode_steps(model, [[1, 2, 3], [4]], [SamplingParams(temperature=0, max_new_tokens=4)] * 2,
+                                            compile=compile):
+                    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    finally:
+        hook.remove()
+    assert modes == [True] * 8 and loop.all_finished
+    for _, loop in decode_steps(model, [[1, 2, 3]], [SamplingParams(temperature=0, max_new_tokens=3)]):  # the C++ step
+        assert not torch.is_inference_mode_enabled()
 
 
 # ----------------------------------------------------------------------------- static-shape decode (compile=True)
