@@ -62,6 +62,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.launch import Launch, checked_grid, kernel_op
 
@@ -123,13 +124,30 @@ def _load_key_rows(ptrs, k_pos, SK, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, hi, SK, kv_start, qk_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+def _fwd_key_rows(K, start_n, stride_kn, off_b, off_hkv, k_pos, SK, MASKED: tl.constexpr, TMA: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Key rows [start_n, +BLOCK_N) of K or V for the forward. TMA: K is a [B, Hkv, Sk, D] tensor
+    descriptor and the copy engine fetches the tile (cp.async.bulk.tensor), zero-filling rows past
+    the tensor's end; rows past SK but inside it (a whole cache read up to kv_lens) are zeroed here
+    as the pointer path's mask zeroes them (a stale NaN there would reach O through 0 · NaN).
+    Else K points at this (batch, K/V head)'s rows."""
+    if TMA:
+        tile = K.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        if MASKED:
+            tile = tl.where(k_pos[:, None] < SK, tile, 0.0)
+    else:
+        tile = _load_key_rows(_tile_ptrs(K, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
+    return tile
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, off_b, off_hkv, q_pos, lo, hi, SK, kv_start, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, TMA: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         k_pos = start_n + offs_n
-        k = _load_key_rows(_tile_ptrs(K, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
+        k = _fwd_key_rows(K, start_n, stride_kn, off_b, off_hkv, k_pos, SK, MASKED, TMA, BLOCK_N, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         if MASKED:
             qk = tl.where(_visible(q_pos[:, None], k_pos[None, :], SK, kv_start, CAUSAL, HAS_KV_START),
@@ -142,7 +160,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, hi, SK, kv_start, q
         p = tl.exp2(qk - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_key_rows(_tile_ptrs(V, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
+        v = _fwd_key_rows(V, start_n, stride_kn, off_b, off_hkv, k_pos, SK, MASKED, TMA, BLOCK_N, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         m_i = m_new
     return acc, l_i, m_i
@@ -155,13 +173,14 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, hi, SK, kv_start, q
 def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_LENS, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               ROWS, H, GROUP, SQ, SK, SPLIT_SIZE,
-              CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_LENS: tl.constexpr, TMA: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE) (V has K's strides). O and LSE are
     [splits, ROWS = B·H·SQ, (D)]: with one split they are the result, else partials for _attn_combine.
     Query head h reads K/V head h // GROUP (GROUP = H / Hkv query heads share one K/V head).
     HAS_KV_LENS: K and V are a whole preallocated cache and row b holds KV_LENS[b] keys, read from
-    memory so that a captured decode step replays at every length (splits past it see no key)."""
+    memory so that a captured decode step replays at every length (splits past it see no key).
+    TMA: K and V are [B, Hkv, Sk, D] tensor descriptors (sm_90: the copy engine loads the key tiles)."""
     pid_bh = tl.program_id(0)
     # last query tiles first: under a causal mask they stream the most keys (shorter tail)
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
@@ -170,8 +189,9 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_LENS, sm_scale,
     off_h = (pid_bh % H).to(tl.int64)
     off_hkv = (pid_bh % H // GROUP).to(tl.int64)  # the query head's K/V head
     Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_hkv * stride_kh
-    V += off_b * stride_kb + off_hkv * stride_kh
+    if not TMA:
+        K += off_b * stride_kb + off_hkv * stride_kh
+        V += off_b * stride_kb + off_hkv * stride_kh
     kv_start = tl.load(KV_START + off_b) if HAS_KV_START else 0
     if HAS_KV_LENS:
         SK = tl.load(KV_LENS + off_b).to(tl.int32)
@@ -188,10 +208,12 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_LENS, sm_scale,
     lo = pid_s * SPLIT_SIZE
     mid, hi = _key_tiles(start_m, lo, tl.minimum(lo + SPLIT_SIZE, SK), SQ, SK, CAUSAL, HAS_KV_START,
                          BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, lo, mid, SK, kv_start,
-                               qk_scale, False, CAUSAL, HAS_KV_START, BLOCK_N, HEAD_DIM)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, q_pos, mid, hi, SK, kv_start,
-                               qk_scale, True, CAUSAL, HAS_KV_START, BLOCK_N, HEAD_DIM)
+    # (a descriptor's coordinates are 32-bit: batch and head indices are far below 2^31)
+    desc_b, desc_h = (pid_bh // H), (pid_bh % H // GROUP)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, desc_b, desc_h, q_pos, lo, mid, SK, kv_start,
+                               qk_scale, False, CAUSAL, HAS_KV_START, TMA, BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, desc_b, desc_h, q_pos, mid, hi, SK, kv_start,
+                               qk_scale, True, CAUSAL, HAS_KV_START, TMA, BLOCK_N, HEAD_DIM)
 
     # a row with no visible key (possible only within one split) yields o = 0 and lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -545,6 +567,19 @@ def _kernel_layout(q, k, v):
     return q, k, v
 
 
+_TMA_ARCH = 90  # from sm_90 on, the forward's K and V tiles come by TMA (tensor descriptors)
+
+
+def _tma_ready(t) -> bool:
+    """Whether t [B, Hkv, Sk, D] can back a TMA descriptor: 16-byte aligned start and strides, unit last stride."""
+    size = t.element_size()
+    try:
+        start = t.data_ptr()
+    except RuntimeError:  # a fake tensor (torch.compile's tracing): its storage is allocated aligned
+        start = t.storage_offset() * size
+    return t.stride(-1) == 1 and start % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+
+
 def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms, kv_lens=None):
     """The forward's launches, and its outputs o [B, H, Sq, D] (q's dtype) and lse [B·H, Sq] (fp32,
     base 2) that they will write. Reads no data: kernels/compile.py runs it on meta tensors."""
@@ -564,11 +599,13 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms, kv_len
     else:  # fp32 partials for the combine, in one allocation
         part = torch.empty(splits * rows * (d + 1), dtype=torch.float32, device=dev)
         o_part, lse_part = part[: splits * rows * d].view(splits, rows, d), part[splits * rows * d:].view(splits, rows)
+    tma = arch >= _TMA_ARCH and _tma_ready(k) and _tma_ready(v)
+    keys = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, c.block_n, d]) for t in (k, v)] if tma else [k, v]
     forward = Launch(
         _attn_fwd, checked_grid(b * h, m_tiles, splits),
-        (q, k, v, o_part, lse_part, q if kv_start is None else kv_start, q if kv_lens is None else kv_lens,
+        (q, *keys, o_part, lse_part, q if kv_start is None else kv_start, q if kv_lens is None else kv_lens,
          sm_scale, *q.stride()[:3], *k.stride()[:3], rows, h, h // hkv, sq, sk, split_size),  # (q: unused pointer)
-        dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_KV_LENS=kv_lens is not None, HEAD_DIM=d,
+        dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_KV_LENS=kv_lens is not None, TMA=tma, HEAD_DIM=d,
              BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages)
     if splits == 1:
@@ -675,9 +712,10 @@ def _aot_entry(launch, arch, dtype, forward_kind):
         words.append("fp32-partials")
     if "BLOCK_N" in c:
         words += [f"BM={c['BLOCK_M']}", f"BN={c['BLOCK_N']}"]
-    words += [f"w{launch.num_warps}", f"s{launch.num_stages}"]
+    words += [f"w{launch.num_warps}", f"s{launch.num_stages}"] + ["tma"] * c.get("TMA", 0)
     return {"kernel": f"attn_{name}", "arch": arch, "config": " ".join(words), "launch": launch,
-            "wide": _WIDE_OFFSETS[launch.kernel],
+            # (under TMA the key rows' stride is the descriptor's, 64-bit, and the kernel reads no stride_kn)
+            "wide": tuple(p for p in _WIDE_OFFSETS[launch.kernel] if not (c.get("TMA") and p == "stride_kn")),
             # Hopper tensor cores for the 16-bit matmul kernels; decode tiles are 16 rows
             "wgmma": arch >= 90 and dtype != torch.float32 and name in ("fwd", "dkdv", "dkdv_atomic", "dq")}
 

@@ -117,6 +117,19 @@ def jit_source(launch: Launch, arch: int) -> ASTSource:
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
+def ptx_params(signature: dict) -> list[str]:
+    """The kernel's runtime parameters in the order PTX numbers them: constexprs left out, and a
+    tensor descriptor of rank r (type "tensordesc<bf16[1, 1, 64, 128]>") as 1 + 2r parameters, the
+    CUtensorMap then its shape and strides (Triton 3.6 and 3.9 both pass them so)."""
+    out = []
+    for name, ty in signature.items():
+        if ty == "constexpr":
+            continue
+        rank = len(re.search(r"\[([^\]]*)\]", ty).group(1).split(",")) if ty.startswith("tensordesc") else 0
+        out += [name] * (1 + 2 * rank)
+    return out
+
+
 def widened_params(ptx: str) -> set[int]:
     """Indices of the kernel's 32-bit parameters that enter 64-bit arithmetic in its PTX: loaded
     sign-extended into a 64-bit register, or a source of a widening multiply or conversion, itself
@@ -170,8 +183,7 @@ def compile_one(cfg: dict) -> dict:
                    wgmma=len(re.findall(r"wgmma\.mma_async", kernel.asm["ptx"])),
                    tma=len(re.findall(r"cp\.async\.bulk\.tensor", kernel.asm["ptx"])))
         row["ctas"] = ctas_per_sm(arch, row["regs"], launch.num_warps, row["smem"])
-        # PTX numbers the runtime parameters in order, constexprs left out
-        runtime = [name for name, ty in sources[0].signature.items() if ty != "constexpr"]
+        runtime = ptx_params(sources[0].signature)
         narrow = [name for name in cfg["wide"] if runtime.index(name) not in widened_params(kernel.asm["ptx"])]
         problems = [f"32-bit offsets: {' '.join(narrow)}"] if narrow else []
         if row["spill"]:

@@ -434,13 +434,16 @@ def test_aot_builds_are_every_launch_choice():
     assert len(small) == 2 * len(attn.ARCHS) * 3 * len(attn.HEAD_DIMS)  # preprocess and combine per arch, dtype, D
 
 
+@pytest.mark.parametrize("arch", ["80", "90"], ids=["sm80", "sm90_tma"])  # (the interpreter's table; a GPU runs its own)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("sq", [1, 5, 20])  # 1, 5: the decode (split-KV) kernel; 20: the prefill kernel
-def test_whole_cache_with_kv_lens(sq, causal, dtype):
+def test_whole_cache_with_kv_lens(monkeypatch, sq, causal, dtype, arch):
     """k, v a whole preallocated cache of 150 keys whose rows hold kv_lens of them (one row only its
     queries, one the whole cache; GQA; left padding in two rows): the same as attention over each
-    row's own keys. The keys past a row's length are NaN, so reading any of them fails the test."""
+    row's own keys. The keys past a row's length are NaN, so reading any of them fails the test
+    (sm_90's table loads them by TMA, which fetches whole tiles: the kernel must zero them)."""
+    monkeypatch.setenv(attn.ARCH_ENV, arch)
     b, h, hkv, sk, d = 4, 4, 2, 150, 32
     q, k, v, _ = make_inputs(b, h, sq, sk, d, dtype, hkv=hkv)
     kv_lens = torch.tensor([sq, sk, *torch.randint(sq, sk + 1, (2,)).tolist()], device=DEVICE)
@@ -494,6 +497,34 @@ def test_sm90_config_table_matches_reference(monkeypatch, recorded_launches, cas
         for launch in tiled:
             c = attn._CONFIGS[(90, kind[launch.kernel], dtype != torch.float32)][d]
             assert (launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"]) == (c.block_m, c.block_n)
+
+
+@pytest.mark.parametrize("case", [(2, 1, 77, 200, 64, torch.float16, True, True), (3, 3, 40, 40, 32, torch.float32, False, False),
+                                  (4, 2, 3, 300, 128, torch.float16, True, False)], ids=["fwd-gqa-padded", "fwd-fp32", "decode"])
+def test_sm90_forward_loads_keys_by_tma_exactly_as_by_pointers(monkeypatch, recorded_launches, case):
+    """Under sm_90's table the forward takes K and V as tensor descriptors (TMA); its result is the
+    pointer-load path's, bit for bit (same tiles, same arithmetic), with partial tiles at both ends.
+    A view whose rows are not 16-byte aligned cannot back a descriptor: it takes the pointer path."""
+    h, hkv, sq, sk, d, dtype, causal, padded = case
+    monkeypatch.setenv(attn.ARCH_ENV, "90")
+    q, k, v, _ = make_inputs(2, h, sq, sk, d, dtype, hkv=hkv)
+    kv_start = torch.tensor([0, sk // 3], device=DEVICE) if padded else None
+    ready = attn._tma_ready
+    with torch.no_grad():
+        by_tma = flash_attention(q, k, v, causal=causal, kv_start=kv_start)
+        monkeypatch.setattr(attn, "_tma_ready", lambda t: False)
+        by_pointers = flash_attention(q, k, v, causal=causal, kv_start=kv_start)
+        monkeypatch.setattr(attn, "_tma_ready", ready)
+        rows = torch.empty(*k.shape[:3], d + 1, dtype=dtype, device=DEVICE)[..., :d]  # rows of d + 1: not 16-byte multiples
+        rows.copy_(k)
+        unaligned = flash_attention(q, rows, rows, causal=causal, kv_start=kv_start)
+    if DEVICE == "cpu":
+        assert [launch.constexprs["TMA"] for launch in recorded_launches if launch.kernel is attn._attn_fwd] == [True, False, False]
+    assert torch.equal(by_tma, by_pointers)
+    truth = reference.attention(q.double(), k.double(), v.double(), causal=causal, kv_start=kv_start)
+    bound = 1e-5 if dtype == torch.float32 else 2 * max_err(torch_fp16(q, k, v, causal=causal, kv_start=kv_start), truth) + 1e-5
+    assert max_err(by_tma, truth) <= bound
+    assert torch.equal(unaligned, flash_attention(q, k, k, causal=causal, kv_start=kv_start))
 
 
 def test_arch_variable_names_a_config_table(monkeypatch):
