@@ -31,6 +31,11 @@ batch 1. The keys are split across programs (flash-decoding); each writes its no
 output and logsumexp, and a small kernel combines them. A program that would see 4 key tiles or
 fewer is not split (one launch, as FlashAttention-3 decides).
 
+On sm_90 the 16-bit forward's K and V tiles come by TMA: host-side tensor descriptors over
+[B, Hkv, Sk, D], the copy engine zero-filling rows past the end (cp.async.bulk.tensor); a view whose
+start or strides are not 16-byte aligned, fp32, decode, and sm_80 load them through pointers. The
+interpreter runs descriptors too, so the sm_90 table's parity tests cover that path.
+
 Launch configs come from one table, kernels/attention_configs.json (loaded into _CONFIGS), per
 arch (sm_80 / sm_90+), kind, 16-bit or fp32, and head dim; no autotuning at run time: the table is
 tuned offline (benchmarks/tune_attention.py). The interpreter runs the sm_80 table, or the sm_90 one under
@@ -567,7 +572,10 @@ def _kernel_layout(q, k, v):
     return q, k, v
 
 
-_TMA_ARCH = 90  # from sm_90 on, the forward's K and V tiles come by TMA (tensor descriptors)
+# From sm_90 on, the 16-bit forward's K and V tiles come by TMA (tensor descriptors). Not fp32's: its
+# CUDA-core tiles already fill the registers, and with TMA's staging its D = 128 builds spilled 176-208 B.
+# Not decode's (16-row query tiles): Triton 3.6's ptxas spilled 8-16 B in 18 of its sm_90 builds.
+_TMA_ARCH = 90
 
 
 def _tma_ready(t) -> bool:
@@ -599,7 +607,7 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms, kv_len
     else:  # fp32 partials for the combine, in one allocation
         part = torch.empty(splits * rows * (d + 1), dtype=torch.float32, device=dev)
         o_part, lse_part = part[: splits * rows * d].view(splits, rows, d), part[splits * rows * d:].view(splits, rows)
-    tma = arch >= _TMA_ARCH and _tma_ready(k) and _tma_ready(v)
+    tma = arch >= _TMA_ARCH and kind == "fwd" and q.dtype != torch.float32 and _tma_ready(k) and _tma_ready(v)
     keys = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, c.block_n, d]) for t in (k, v)] if tma else [k, v]
     forward = Launch(
         _attn_fwd, checked_grid(b * h, m_tiles, splits),

@@ -499,12 +499,13 @@ def test_sm90_config_table_matches_reference(monkeypatch, recorded_launches, cas
             assert (launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"]) == (c.block_m, c.block_n)
 
 
-@pytest.mark.parametrize("case", [(2, 1, 77, 200, 64, torch.float16, True, True), (3, 3, 40, 40, 32, torch.float32, False, False),
-                                  (4, 2, 3, 300, 128, torch.float16, True, False)], ids=["fwd-gqa-padded", "fwd-fp32", "decode"])
+@pytest.mark.parametrize("case", [(2, 1, 77, 200, 64, torch.float16, True, True), (3, 3, 40, 40, 32, torch.float16, False, False),
+                                  (4, 2, 20, 300, 128, torch.float16, True, False)], ids=["fwd-gqa-padded", "fwd-full", "fwd-D128"])
 def test_sm90_forward_loads_keys_by_tma_exactly_as_by_pointers(monkeypatch, recorded_launches, case):
-    """Under sm_90's table the forward takes K and V as tensor descriptors (TMA); its result is the
-    pointer-load path's, bit for bit (same tiles, same arithmetic), with partial tiles at both ends.
-    A view whose rows are not 16-byte aligned cannot back a descriptor: it takes the pointer path."""
+    """Under sm_90's table the 16-bit forward takes K and V as tensor descriptors (TMA); its result is
+    the pointer-load path's, bit for bit (same tiles, same arithmetic), with partial tiles at both ends.
+    A view whose rows are not 16-byte aligned cannot back a descriptor: it takes the pointer path, as
+    fp32 and decode do."""
     h, hkv, sq, sk, d, dtype, causal, padded = case
     monkeypatch.setenv(attn.ARCH_ENV, "90")
     q, k, v, _ = make_inputs(2, h, sq, sk, d, dtype, hkv=hkv)
@@ -518,8 +519,10 @@ def test_sm90_forward_loads_keys_by_tma_exactly_as_by_pointers(monkeypatch, reco
         rows = torch.empty(*k.shape[:3], d + 1, dtype=dtype, device=DEVICE)[..., :d]  # rows of d + 1: not 16-byte multiples
         rows.copy_(k)
         unaligned = flash_attention(q, rows, rows, causal=causal, kv_start=kv_start)
+        flash_attention(q.float(), k.float(), v.float(), causal=causal, kv_start=kv_start)
+        flash_attention(q[:, :, -2:], k, v, causal=causal, kv_start=kv_start)  # decode
     if DEVICE == "cpu":
-        assert [launch.constexprs["TMA"] for launch in recorded_launches if launch.kernel is attn._attn_fwd] == [True, False, False]
+        assert [launch.constexprs["TMA"] for launch in recorded_launches if launch.kernel is attn._attn_fwd] == [True] + [False] * 4
     assert torch.equal(by_tma, by_pointers)
     truth = reference.attention(q.double(), k.double(), v.double(), causal=causal, kv_start=kv_start)
     bound = 1e-5 if dtype == torch.float32 else 2 * max_err(torch_fp16(q, k, v, causal=causal, kv_start=kv_start), truth) + 1e-5
