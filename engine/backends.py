@@ -200,7 +200,8 @@ class TorchBackend(ReferenceBackend):
         gqa = k.shape[1] < q.shape[1]
         if kv_start is None and kv_lens is None and (not causal or sq == sk or sq == 1):
             # a single query (a decode step) is the last position: it sees every key, no mask
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal and sq > 1, enable_gqa=gqa)
+            # (a branch: under torch.compile's dynamic shapes sq > 1 is a SymBool, which SDPA's is_causal refuses)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True if causal and sq > 1 else False, enable_gqa=gqa)
         # SDPA's is_causal is top-left aligned; with a KV cache (Sq < Sk) or padding we pass
         # the bottom-right aligned mask explicitly.
         mask = reference.attention_mask(sq, sk, causal, kv_start, device=q.device, kv_lens=kv_lens)

@@ -113,8 +113,8 @@ def add_sampling_flags(p, max_new_tokens=256, top_p=1.0):
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: fresh each run)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default {max_new_tokens})")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears (repeatable)")
-    p.add_argument("--compile", action="store_true", help="decode from a CUDA graph (static-shape steps) on a GPU; "
-                   "on the CPU the same steps run eagerly")
+    p.add_argument("--compile", action="store_true", help="on a GPU: compile the prefill (torch.compile, once per "
+                   "model) and decode from a CUDA graph (static-shape steps); on the CPU the same steps run eagerly")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,9 +137,10 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
     may be the loop's own buffer, overwritten by the next step: clone it to keep it.
 
     compile=True: the decode steps run on a static cache (KVCache.make_static: the same shapes every
-    step). On a GPU the draw runs there too (engine.device_sampling) and each step, forward and draw,
-    is one replay of a CUDA graph (_graphed_decode); on the CPU the steps run eagerly (a warning
-    says so once). Same tokens as compile=False.
+    step). On a GPU the prefill runs compiled (torch.compile, once per model: _compiled_prefill),
+    the draw runs there too (engine.device_sampling) and each step, forward and draw, is one replay
+    of a CUDA graph (_graphed_decode); on the CPU everything runs eagerly (a warning says so once).
+    Same tokens as compile=False.
 
     phase: an optional hook for profilers and benchmarks, entered as `with phase(name):` around
     each part of the work: "prefill" (the prompts' forward, once), then per step "sampling"
@@ -176,13 +177,14 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
         model.eval()
         if device.type == "cpu":  # cuBLAS takes either weight layout at full speed; the CPU GEMM does not
             model.decode_layout()
-        with phase("prefill"), autocast:
-            logits, _ = model(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)
         graphed = compile and device.type == "cuda"
+        with phase("prefill"), autocast:
+            prefill = _compiled_prefill(model) if graphed else model
+            logits, _ = prefill(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)
         if compile and not graphed:
             cache.make_static()
-            warnings.warn("compile=True: CUDA graphs need a GPU; on the CPU the static-shape decode steps run eagerly",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn("compile=True: the compiled prefill and CUDA-graph decode need a GPU; on the CPU the prefill "
+                          "and the static-shape decode steps run eagerly", RuntimeWarning, stacklevel=2)
         with autocast:  # the backend's own decode step where it has one (the torch backend's C++ step on the CPU)
             forward = None if graphed else model.ops_for(device).decoder(model, cache, kv_start)
     if graphed:  # (outside the `with`: a generator suspended inside it would leave the mode on for the caller)
@@ -206,6 +208,24 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
         sample = sample or loop.stepper(logits)  # the forward's logits are all of one kind
         with phase("sampling"):
             tokens = sample(logits)
+
+
+_PREFILL_BACKEND = "inductor"  # torch.compile's backend for compile=True's prefill (tests count its graphs)
+
+
+def _compiled_prefill(model):
+    """The model's forward under torch.compile (fullgraph, dynamic shapes) for compile=True's prefill
+    on a GPU, made once per model: one compile serves every prompt length and batch size (batch 1
+    and the presence of kv_start specialise once each). Kept in the model's __dict__, not as a
+    submodule: the state_dict does not change."""
+    compiled = model.__dict__.get("_compiled_prefill")
+    if compiled is None:
+        # one eager token first: the model fills its lazy caches (backend ops, RoPE tables), each of
+        # which, filled inside the first trace, costs a second compile
+        model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+        compiled = model.__dict__["_compiled_prefill"] = torch.compile(model.forward, fullgraph=True, dynamic=True,
+                                                                       backend=_PREFILL_BACKEND)
+    return compiled
 
 
 @torch.inference_mode()

@@ -581,10 +581,10 @@ _TMA_ARCH = 90
 def _tma_ready(t) -> bool:
     """Whether t [B, Hkv, Sk, D] can back a TMA descriptor: 16-byte aligned start and strides, unit last stride."""
     size = t.element_size()
-    try:
+    if type(t).__name__ in ("FakeTensor", "FunctionalTensor"):  # torch.compile's tracing (as TensorDescriptor tells
+        start = t.storage_offset() * size  # them apart): no data pointer; the storage will be allocated aligned
+    else:
         start = t.data_ptr()
-    except RuntimeError:  # a fake tensor (torch.compile's tracing): its storage is allocated aligned
-        start = t.storage_offset() * size
     return t.stride(-1) == 1 and start % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
 
 

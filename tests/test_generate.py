@@ -7,6 +7,7 @@ import torch
 
 from engine import GPT, GPTConfig
 from engine.errors import InputError
+from engine import generate as generate_module
 from engine.generate import KVCache, PhaseTimer, decode_steps, generate, stream
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -191,7 +192,7 @@ def test_compile_flag_gives_the_same_tokens_and_says_it_runs_eagerly_on_the_cpu(
     params = [SamplingParams(temperature=0.0, max_new_tokens=15), SamplingParams(temperature=0.0, max_new_tokens=9),
               SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_new_tokens=12, repetition_penalty=1.3)]
     eager = [loop for _, loop in decode_steps(model, prompts, params)][-1]
-    with pytest.warns(RuntimeWarning, match="on the CPU the static-shape decode steps run eagerly"):
+    with pytest.warns(RuntimeWarning, match="on the CPU the prefill and the static-shape decode steps run eagerly"):
         static = [loop for _, loop in decode_steps(model, prompts, params, compile=True)][-1]
     assert static.generated == eager.generated and eager.finish_reason == ["length"] * 3
     assert generate(model, tok, ["the cat"], params[2], compile=True)[0].token_ids == \
@@ -227,6 +228,40 @@ def test_static_decode_step_traces_whole_and_compiles_once_in_20_steps(arch):
     assert cache.pos.tolist() == [27] and growing.pos == 27
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_compiled_prefill_traces_whole_and_compiles_once_for_every_length(arch, monkeypatch):
+    """compile=True's prefill (a GPU's; here its torch.compile with a counting backend): fullgraph, so no
+    graph break; the cache and logits equal the eager prefill's; new prompt lengths and batch sizes
+    (and new caches) reuse one graph, batch 1 and kv_start specialising once each; made once per
+    model, not a submodule."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(generate_module, "_PREFILL_BACKEND", counting_backend)
+    cfg = small_config(arch, block_size=64)
+    model = GPT(cfg, backend="torch").eval()
+    names = list(model.state_dict())
+    prefill = generate_module._compiled_prefill(model)
+    assert generate_module._compiled_prefill(model) is prefill and list(model.state_dict()) == names
+    with torch.inference_mode():
+        # (the first call's sizes differ from the layer and head counts: dynamo's duck sizing would
+        # otherwise guard on their equality, and the next batch size would compile again)
+        for b, length, padded in ((3, 7, False), (5, 19, False), (4, 12, False), (3, 9, True), (2, 30, True), (1, 5, False),
+                                  (1, 8, False)):
+            idx = torch.randint(0, cfg.vocab_size, (b, length))
+            kv_start = torch.arange(b) % length if padded else None
+            compiled, eager = (KVCache(cfg, b, length + 4, "cpu", torch.float32) for _ in range(2))
+            got = prefill(idx, cache=compiled, kv_start=kv_start, last_only=True)[0]
+            want = model(idx, cache=eager, kv_start=kv_start, last_only=True)[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(compiled.k[:, :, :, :length], eager.k[:, :, :, :length])
+            assert compiled.pos == eager.pos == length
+    assert len(graphs) == 3  # batch > 1 without kv_start, with it, and batch 1
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -242,6 +277,10 @@ def test_cuda_graph_decode_gives_eager_tokens_and_replays_once_a_step(arch, monk
     graphed = [loop for _, loop in decode_steps(model, prompts, params, compile=True)][-1]
     assert graphed.generated == eager.generated
     assert len(replays) == 29  # one per decode step after the prefill's token
+    assert "_compiled_prefill" in model.__dict__  # the prefill ran compiled (inductor)
+    longer = [p * 3 for p in prompts[:2]]  # new lengths and batch size: the same compiled prefill
+    assert [loop for _, loop in decode_steps(model, longer, params[:2], compile=True)][-1].generated == \
+        [loop for _, loop in decode_steps(model, longer, params[:2])][-1].generated
 
 
 @pytest.mark.cuda
