@@ -55,7 +55,7 @@ def _launch_none(launches):
     pass
 
 
-def kernel_op(name: str, schema: str, backward=None, setup_context=None):
+def kernel_op(name: str, schema: str, backward=None, setup_context=None, mutates_args=()):
     """Decorator: register body(*args, run) as the custom op llm_engine::<name> (torch.library), so
     that torch.compile traces it without a graph break and a CUDA graph can capture it.
 
@@ -63,7 +63,8 @@ def kernel_op(name: str, schema: str, backward=None, setup_context=None):
     and run, to which it hands the launches its launcher computed. Its fake implementation, what
     torch.compile traces with, is body with a run that launches nothing: launchers read no data, so
     on fake tensors body still returns outputs with the real ones' shapes, strides and dtypes.
-    backward, setup_context: torch.library.register_autograd's.
+    backward, setup_context: torch.library.register_autograd's. mutates_args: the names of the
+    arguments the kernels write in place (the schema marks them Tensor(a!)).
 
     torch.library.custom_op rather than triton_op + wrap_triton: under TRITON_INTERPRET=1 (the
     CPU, where the tests run) wrap_triton hands back the interpreted kernel, and triton_op then runs
@@ -72,7 +73,7 @@ def kernel_op(name: str, schema: str, backward=None, setup_context=None):
     """
     def register(body):
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", lambda *args: body(*args, run=_launch_all),
-                                     mutates_args=(), schema=schema)
+                                     mutates_args=mutates_args, schema=schema)
         op.register_fake(lambda *args: body(*args, run=_launch_none))
         if backward is not None:
             op.register_autograd(backward, setup_context=setup_context)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import Launch, checked_grid
+from kernels.launch import Launch, checked_grid, kernel_op
 
 NAN_OR_INF = -1  # the token of a row with NaN or +inf logits
 ALL_MASKED = -2  # the token of a row that is -inf everywhere after the bias
@@ -280,7 +280,8 @@ def _launch(logits, params: RowParams, positions, counts, bias, logprobs, rows_p
     rows = min(triton.next_power_of_2(rows), triton.next_power_of_2(B))
     x = torch.empty(B, V, dtype=torch.float64, device=logits.device)  # the processed rows
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
-    lps = torch.full((B,), float("nan"), dtype=torch.float64, device=logits.device)
+    # (without log-probs an empty tensor, never written: a custom op's outputs must compare equal, and NaN does not)
+    lps = torch.full((B,) if logprobs else (0,), float("nan"), dtype=torch.float64, device=logits.device)
     penalties = params[6:] if counts is not None else (x,) * 4  # x: never read
     args = (logits, logits.stride(0), x, x if counts is None else counts, 0 if counts is None else counts.stride(0),
             x if bias is None else bias, 0 if bias is None else bias.stride(0), *params[:6], *penalties,
@@ -296,8 +297,23 @@ def _launch(logits, params: RowParams, positions, counts, bias, logprobs, rows_p
     return launch, tokens, lps
 
 
+# A custom op (kernels/launch.py: kernel_op), so that torch.compile traces a decode step with its draw
+# whole: RowParams goes in as its tensors; counts, the one input written, is declared so ((a!)).
+@kernel_op("sample", "(Tensor logits, Tensor scale, Tensor inv_scale, Tensor top_k, Tensor top_p, Tensor min_p, "
+           "Tensor seeds, Tensor? repetition, Tensor? inv_repetition, Tensor? presence, Tensor? frequency, "
+           "Tensor positions, Tensor(a!)? counts, Tensor? bias, bool logprobs, int rows_per_program) -> (Tensor, Tensor)",
+           mutates_args=("counts",))
+def _sample_op(logits, scale, inv_scale, top_k, top_p, min_p, seeds, repetition, inv_repetition, presence, frequency,
+               positions, counts, bias, logprobs, rows_per_program, run):
+    params = RowParams(scale, inv_scale, top_k, top_p, min_p, seeds, repetition, inv_repetition, presence, frequency)
+    launch, tokens, lps = _launch(logits, params, positions, counts, bias, logprobs, rows_per_program or None)
+    run([launch])
+    return tokens, lps
+
+
 def sample(logits, params: RowParams, positions, counts=None, bias=None, logprobs=False, rows_per_program=None):
-    """Tokens [B] int64 (and log-probs [B] float64 when logprobs) of one decode step, on logits' device.
+    """Tokens [B] int64 (and log-probs [B] float64 when logprobs) of one decode step, on logits' device
+    (the custom op llm_engine::sample).
 
     logits: [B, V] float32/16. params: row_params(...) of the batch. positions: [B] int64, the RNG
     counter (the sequence position of the token being drawn). counts: [B, V] int32 token counts
@@ -307,8 +323,7 @@ def sample(logits, params: RowParams, positions, counts=None, bias=None, logprob
     row per program, B programs in parallel) and 128 elsewhere (the interpreter pays per operation,
     not per element).
     """
-    launch, tokens, lps = _launch(logits, params, positions, counts, bias, logprobs, rows_per_program)
-    launch()
+    tokens, lps = _sample_op(logits, *params, positions, counts, bias, logprobs, rows_per_program or 0)
     return (tokens, lps) if logprobs else tokens
 
 

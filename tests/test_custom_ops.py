@@ -71,6 +71,21 @@ def linear_cross_entropy_case():
     return leaf(37, 16), leaf(29, 16), targets, counted / counted.sum(), True, True
 
 
+def sample_case(penalties: bool):
+    """The draw's arguments for 3 rows of 50 tokens: a greedy row, a top-k row and a top-p row (row
+    parameters as kernels.sampling.row_params makes them); with penalties, also token counts (written
+    in place: the op declares it), a logit bias and log-probs."""
+    from kernels import sampling
+
+    f64 = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    pen = (f64(1.3, 1.0, 1.1), f64(0.5, 0.0, 0.2), f64(0.1, 0.0, 0.3)) if penalties else ()
+    params = sampling.row_params(50, f64(0.0, 0.8, 1.2), torch.tensor([0, 5, 0]), f64(1.0, 1.0, 0.9), f64(0.0, 0.0, 0.05),
+                                 torch.tensor([1, -7, 3]), *pen)
+    counts = torch.randint(0, 3, (3, 50), dtype=torch.int32) if penalties else None
+    bias = torch.randn(3, 50, dtype=torch.float64) if penalties else None
+    return torch.randn(3, 50), *params, torch.tensor([4, 9, 2]), counts, bias, penalties, 0
+
+
 # (op name, arguments): every op, with each optional argument given and not, both attention
 # backward variants, grouped K/V heads, decode over a cache long enough to split the keys (and
 # combine the splits), strided inputs. The forward ops' test_aot_dispatch_dynamic runs their
@@ -92,6 +107,8 @@ OPCHECK_CASES = {
     "swiglu halves of one projection": ("swiglu", lambda: leaf(3, 5, 80).chunk(2, dim=-1)),
     "swiglu_backward": ("swiglu_backward", lambda: (torch.randn(3, 40), torch.randn(3, 40), torch.randn(3, 40))),
     "linear_cross_entropy ignored targets": ("linear_cross_entropy", linear_cross_entropy_case),
+    "sample greedy, top-k, top-p": ("sample", lambda: sample_case(False)),
+    "sample penalties (counts written), bias, logprobs": ("sample", lambda: sample_case(True)),
 }
 
 

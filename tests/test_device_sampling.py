@@ -198,6 +198,32 @@ def test_device_sampler_steps_like_the_cpp_decode_loop():
     assert device.positions.tolist() == [len(p) + steps for p in prompts]
 
 
+def test_the_draw_traces_whole_under_torch_compile():
+    """kernels.sampling's op (llm_engine::sample) under torch.compile(fullgraph=True): a DeviceSampler's
+    step, penalties counted in place, compiles with no graph break and draws the eager step's tokens,
+    log-probs and counts, step after step, from one graph."""
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.3, logprobs=True, seed=1),
+              SamplingParams(temperature=0.9, top_k=5, presence_penalty=0.5, logit_bias={2: 1.5}, seed=2),
+              SamplingParams(temperature=1.1, top_p=0.8, frequency_penalty=0.2, seed=3)]
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    eager, traced = (DeviceSampler(params, prompts, [1, 2, 3], 40, DEVICE) for _ in range(2))
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    step = torch.compile(traced.step, fullgraph=True, backend=counting_backend)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        logits = torch.randn(3, 40, generator=g).to(DEVICE)
+        (want, want_lp), (got, got_lp) = eager.step(logits), step(logits)
+        assert got.tolist() == want.tolist()
+        torch.testing.assert_close(got_lp, want_lp, equal_nan=True)
+    assert torch.equal(traced.counts, eager.counts) and torch.equal(traced.positions, eager.positions)
+    assert len(graphs) == 1
+
+
 @pytest.mark.parametrize("impl", ["cpp", "reference"])
 def test_decode_loop_append_rejects_what_is_not_a_drawn_step(impl):
     loop = DecodeLoop([SamplingParams(max_new_tokens=3)] * 2, [[0], [1]], impl=impl)
