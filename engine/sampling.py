@@ -382,6 +382,7 @@ class _ReferenceCore:
     kept current by every step."""
 
     def __init__(self, params, prompts, token_bytes, seeds, threads, generated, logprobs, finished, finish_reason, running):
+        # (threads: the C++ core's argument, unused: rows run one after another here)
         B = len(params)
         self.params, self.token_bytes, self.seeds = params, token_bytes, seeds
         self.record = generated, logprobs, finished, finish_reason, running
