@@ -75,6 +75,12 @@ class DeviceSampler:
         self._logprobs = bool(asked.any())
         self._not_asked = (~asked).to(device)
 
+    def state(self) -> list[torch.Tensor]:
+        """Every tensor the draw reads or updates, in a fixed order. A captured step holds these: a new
+        batch of the same size and features (penalties, bias, log-probs) is loaded by copying another
+        sampler's state into them."""
+        return [t for t in (*self.params, self.positions, self.counts, self.bias, self._not_asked) if t is not None]
+
     def step(self, logits: torch.Tensor):
         """(tokens [B] int64, log-probs [B] float64 or None when no row asked for them; NaN in the
         rows that did not), on the logits' device. logits: [B, V]. A token < 0 marks a row whose

@@ -42,13 +42,22 @@ class KVCache:
         self.layers = [(self.k[i], self.v[i]) for i in range(config.n_layer)]
         self.pos = 0
         self.static = False
+        self._static_pos = None
 
     def make_static(self) -> "KVCache":
         # attention now reads the unfilled columns too, with weight 0, and 0 · NaN (torch.empty's garbage) is NaN
         self.k[..., self.pos :, :].zero_()
         self.v[..., self.pos :, :].zero_()
-        self.pos = torch.tensor([self.pos], device=self.k.device)
-        self.static = True
+        if self._static_pos is None:
+            self._static_pos = torch.tensor([self.pos], device=self.k.device)
+        else:  # the same tensor again: a CUDA graph captured over this cache reads it
+            self._static_pos.fill_(self.pos)
+        self.pos, self.static = self._static_pos, True
+        return self
+
+    def reset(self) -> "KVCache":
+        """Empty and growing again, for a new prefill into the same buffers (a bucket of compile=True)."""
+        self.pos, self.static = 0, False
         return self
 
     def positions(self, T: int):
@@ -160,36 +169,30 @@ def decode_steps(model, prompts: list[list[int]], params: list[SamplingParams], 
     phase = phase or (lambda name: _NO_PHASE)
     cfg = model.config
     device = next(model.parameters()).device
-    lengths = [len(p) for p in prompts]
-    L = max(lengths)
+    L = max(len(p) for p in prompts)
     total = L + max(p.max_new_tokens for p in params)
     if total > cfg.block_size:
         raise InputError(f"prompt ({L} tokens) + max_new_tokens ({total - L}) exceeds the model's context of "
                          f"{cfg.block_size} tokens")
     loop = DecodeLoop(params, prompts, token_bytes=token_bytes, impl=sampler)
+    model.eval()
+    if compile and device.type == "cuda":
+        yield from _graphed_decode(model, prompts, params, loop, total, phase)
+        return
     autocast = autocast_for(device)
     with torch.inference_mode():
-        idx = torch.zeros(len(prompts), L, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            idx[b, L - len(p) :] = torch.tensor(p)
-        kv_start = torch.tensor([L - n for n in lengths], device=device) if min(lengths) < L else None
+        idx, kv_start = _padded_batch(prompts, device)
         cache = KVCache(cfg, len(prompts), total, device, kv_cache_dtype(model))
-        model.eval()
         if device.type == "cpu":  # cuBLAS takes either weight layout at full speed; the CPU GEMM does not
             model.decode_layout()
-        graphed = compile and device.type == "cuda"
         with phase("prefill"), autocast:
-            prefill = _compiled_prefill(model) if graphed else model
-            logits, _ = prefill(idx.to(device), cache=cache, kv_start=kv_start, last_only=True)
-        if compile and not graphed:
+            logits, _ = model(idx, cache=cache, kv_start=kv_start, last_only=True)
+        if compile:
             cache.make_static()
             warnings.warn("compile=True: the compiled prefill and CUDA-graph decode need a GPU; on the CPU the prefill "
                           "and the static-shape decode steps run eagerly", RuntimeWarning, stacklevel=2)
         with autocast:  # the backend's own decode step where it has one (the torch backend's C++ step on the CPU)
-            forward = None if graphed else model.ops_for(device).decoder(model, cache, kv_start)
-    if graphed:  # (outside the `with`: a generator suspended inside it would leave the mode on for the caller)
-        yield from _graphed_decode(model, cache, kv_start, loop, logits, params, prompts, phase)
-        return
+            forward = model.ops_for(device).decoder(model, cache, kv_start)
 
     def model_forward(tokens):
         with torch.inference_mode(), autocast:
@@ -214,46 +217,125 @@ _PREFILL_BACKEND = "inductor"  # torch.compile's backend for compile=True's pref
 
 
 def _compiled_prefill(model):
-    """The model's forward under torch.compile (fullgraph, dynamic shapes) for compile=True's prefill
-    on a GPU, made once per model: one compile serves every prompt length and batch size (batch 1
-    and the presence of kv_start specialise once each). Kept in the model's __dict__, not as a
-    submodule: the state_dict does not change."""
+    """The model's forward under torch.compile (dynamic shapes) for compile=True's prefill on a GPU,
+    made once per model: one compile serves every prompt length and batch size (batch 1 and the
+    presence of kv_start specialise once each). It traces whole (tests/test_generate.py counts its
+    graphs), but is not compiled with fullgraph=True: past torch's recompile limit (8 per code
+    object and process: other models, configs, architectures) that raises, where this falls back to
+    eager. Kept in the model's __dict__, not as a submodule: the state_dict does not change."""
     compiled = model.__dict__.get("_compiled_prefill")
     if compiled is None:
         # one eager token first: the model fills its lazy caches (backend ops, RoPE tables), each of
         # which, filled inside the first trace, costs a second compile
         model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
-        compiled = model.__dict__["_compiled_prefill"] = torch.compile(model.forward, fullgraph=True, dynamic=True,
-                                                                       backend=_PREFILL_BACKEND)
+        compiled = model.__dict__["_compiled_prefill"] = torch.compile(model.forward, dynamic=True, backend=_PREFILL_BACKEND)
     return compiled
 
 
-@torch.inference_mode()
-def _graphed_decode(model, cache: KVCache, kv_start, loop: DecodeLoop, logits, params, prompts, phase):
-    """decode_steps' steps with compile=True on a GPU: the draw runs on the device (DeviceSampler, same
-    tokens as the loop's own sampler) and each decode step, forward and draw, is one replay of a CUDA
-    graph over the static cache; only the B chosen ids (and log-probs) come to the host, where the
-    loop appends them (stops, streaming). Phases: "sampling" is the draw's trip to the host and the
-    loop's bookkeeping; "forward" the replay."""
-    from engine.device_sampling import DeviceSampler
+def _padded_batch(prompts, device, zeros_kv_start=False):
+    """(idx [B, L] left-padded, kv_start [B] or None when no row is padded) on device;
+    zeros_kv_start: a kv_start tensor even then (a captured graph always reads one)."""
+    lengths = [len(p) for p in prompts]
+    L = max(lengths)
+    idx = torch.zeros(len(prompts), L, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, L - len(p) :] = torch.tensor(p)
+    padded = zeros_kv_start or min(lengths) < L
+    return idx.to(device), torch.tensor([L - n for n in lengths], device=device) if padded else None
 
-    draw = DeviceSampler(params, prompts, loop.seeds, logits.shape[-1], logits.device)
+
+_MAX_DECODE_GRAPHS = 4  # buckets kept per model (each holds a static KV cache of its size); the oldest goes first
+
+
+class _DecodeGraph:
+    """compile=True's decode on a GPU for one bucket: batch and cache length rounded up to powers of two
+    (the cache length at most the model's context), and which of penalties, logit bias and log-probs
+    any row uses. It holds a static KV cache, the device draw (DeviceSampler) and one decode step,
+    forward and draw, captured in a CUDA graph on first use; later calls that fit the bucket load
+    their rows into these buffers (the batch padded with copies of row 0, greedy, dropped: up to
+    twice the rows' work) and replay the same graph. Kept on the model (`_decode_graphs`): one
+    generation at a time per model."""
+
+    def __init__(self, model, batch: int, max_len: int, prompts, params, seeds, vocab_size: int):
+        from engine.device_sampling import DeviceSampler
+
+        device = next(model.parameters()).device
+        self.cache = KVCache(model.config, batch, max_len, device, kv_cache_dtype(model))
+        self.kv_start = torch.zeros(batch, dtype=torch.long, device=device)
+        self.draw = DeviceSampler(params, prompts, seeds, vocab_size, device)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # what the captured step reads
+        self.replay = None  # the captured step, made by the first call's second step
+
+    def load(self, model, prompts, params, seeds):
+        """Prefill these rows (compiled) into the cache and the draw's state; -> the prefill's logits [B, V]."""
+        from engine.device_sampling import DeviceSampler
+
+        fresh = DeviceSampler(params, prompts, seeds, self.draw.vocab_size, self.kv_start.device)
+        for mine, theirs in zip(self.draw.state(), fresh.state()):
+            mine.copy_(theirs)
+        idx, kv_start = _padded_batch(prompts, self.kv_start.device, zeros_kv_start=True)
+        self.kv_start.copy_(kv_start)
+        logits, _ = _compiled_prefill(model)(idx, cache=self.cache.reset(), kv_start=self.kv_start, last_only=True)
+        self.cache.make_static()
+        return logits[:, -1]
+
+
+def _pow2(n: int) -> int:
+    """The least power of two >= n."""
+    return 1 << (n - 1).bit_length()
+
+
+def _decode_graph(model, prompts, params, seeds, total: int, vocab_size: int) -> _DecodeGraph:
+    """The model's bucket for these rows (a power-of-two batch, padded) and cache length `total`;
+    made, the oldest dropped past _MAX_DECODE_GRAPHS, when missing."""
+    penalized = any(p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params)
+    key = (len(prompts), min(_pow2(total), model.config.block_size), penalized, any(p.logit_bias for p in params),
+           any(p.logprobs for p in params))
+    graphs = model.__dict__.setdefault("_decode_graphs", {})  # (not a submodule: the state_dict does not change)
+    if key not in graphs:
+        if len(graphs) >= _MAX_DECODE_GRAPHS:
+            del graphs[next(iter(graphs))]
+        graphs[key] = _DecodeGraph(model, key[0], key[1], prompts, params, seeds, vocab_size)
+    graphs[key] = graphs.pop(key)  # the most recently used last
+    return graphs[key]
+
+
+@torch.inference_mode()
+def _graphed_decode(model, prompts, params, loop: DecodeLoop, total: int, phase):
+    """decode_steps' steps with compile=True on a GPU: the prefill runs compiled, the draw runs on the
+    device (DeviceSampler, same tokens as the loop's own sampler) and each decode step, forward and
+    draw, is one replay of the bucket's CUDA graph (_DecodeGraph) over its static cache; only the
+    chosen ids (and log-probs) come to the host, where the loop appends its B rows' (stops,
+    streaming). Phases: "prefill"; "sampling" is the draw's trip to the host and the loop's
+    bookkeeping; "forward" the replay."""
+    B = len(prompts)
+    with phase("prefill"), autocast_for(model.lm_head.weight.device):
+        vocab_size = model.lm_head.weight.shape[0]
+        size = _pow2(B)
+        rows_prompts = prompts + [prompts[0]] * (size - B)
+        rows_params = params + [SamplingParams(temperature=0.0, max_new_tokens=1)] * (size - B)
+        rows_seeds = loop.seeds + [0] * (size - B)
+        bucket = _decode_graph(model, rows_prompts, rows_params, rows_seeds, total, vocab_size)
+        logits = bucket.load(model, rows_prompts, rows_params, rows_seeds)
+    draw = bucket.draw
 
     def append(ids, logprobs):
-        host = ids.cpu()  # the step's one synchronisation
+        host = ids[:B].cpu()  # the step's one synchronisation
         draw.check(host.tolist(), loop.running)
-        return loop.append(host, None if logprobs is None else logprobs.cpu())
+        return loop.append(host, None if logprobs is None else logprobs[:B].cpu())
 
     with phase("sampling"):
-        ids, logprobs = draw.step(logits[:, -1])  # (the first draw also compiles the sampling kernel)
+        ids, logprobs = draw.step(logits)  # (the first draw also compiles the sampling kernel)
         tokens = append(ids, logprobs)
     yield tokens, loop
     if loop.all_finished:
         return
-    replay = _capture_decode_step(model, cache, kv_start, draw, ids)
+    bucket.tokens.copy_(ids.view(-1, 1))
+    if bucket.replay is None:
+        bucket.replay = _capture_decode_step(model, bucket.cache, bucket.kv_start, draw, bucket.tokens)
     while True:
         with phase("forward"):
-            ids, logprobs = replay()
+            ids, logprobs = bucket.replay()
         with phase("sampling"):
             tokens = append(ids, logprobs)
         yield tokens, loop
@@ -261,13 +343,11 @@ def _graphed_decode(model, cache: KVCache, kv_start, loop: DecodeLoop, logits, p
             return
 
 
-def _capture_decode_step(model, cache: KVCache, kv_start, draw, first_ids):
-    """One decode step, forward and draw, captured in a CUDA graph that reads its tokens from the
-    draw before it: replay() -> (ids [B], logprobs [B] or None), on the device. cache.pos and the
-    draw's state advance inside the graph."""
-    tokens = first_ids.view(-1, 1).clone()  # the graph's input, rewritten by every replay
+def _capture_decode_step(model, cache: KVCache, kv_start, draw, tokens):
+    """One decode step, forward and draw, captured in a CUDA graph that reads its tokens from `tokens`
+    [B, 1] and writes the draw's back there: replay() -> (ids [B], logprobs [B] or None), on the
+    device. cache.pos and the draw's state advance inside the graph."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)  # no cast cache outlives a capture
-    cache.make_static()
     start = cache.pos.clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -1,5 +1,6 @@
 """Generation: the KV cache changes nothing, batching changes nothing, stops stop."""
 import contextlib
+import os
 import warnings
 
 import pytest
@@ -9,7 +10,7 @@ from engine import GPT, GPTConfig
 from engine.errors import InputError
 from engine import generate as generate_module
 from engine.generate import KVCache, PhaseTimer, decode_steps, generate, stream
-from engine.sampling import SamplingParams
+from engine.sampling import DecodeLoop, SamplingParams
 from engine.tokenizer import Tokenizer
 
 
@@ -230,8 +231,8 @@ def test_static_decode_step_traces_whole_and_compiles_once_in_20_steps(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_compiled_prefill_traces_whole_and_compiles_once_for_every_length(arch, monkeypatch):
-    """compile=True's prefill (a GPU's; here its torch.compile with a counting backend): fullgraph, so no
-    graph break; the cache and logits equal the eager prefill's; new prompt lengths and batch sizes
+    """compile=True's prefill (a GPU's; here its torch.compile with a counting backend): one graph per
+    shape class, so no graph break; the cache and logits equal the eager prefill's; new prompt lengths and batch sizes
     (and new caches) reuse one graph, batch 1 and kv_start specialising once each; made once per
     model, not a submodule."""
     graphs = []
@@ -241,6 +242,7 @@ def test_compiled_prefill_traces_whole_and_compiles_once_for_every_length(arch, 
         return gm.forward
 
     monkeypatch.setattr(generate_module, "_PREFILL_BACKEND", counting_backend)
+    torch._dynamo.reset()  # (torch's recompile limit counts every earlier compile of GPT.forward in this process)
     cfg = small_config(arch, block_size=64)
     model = GPT(cfg, backend="torch").eval()
     names = list(model.state_dict())
@@ -262,6 +264,71 @@ def test_compiled_prefill_traces_whole_and_compiles_once_for_every_length(arch, 
     assert len(graphs) == 3  # batch > 1 without kv_start, with it, and batch 1
 
 
+def eager_capture(captures):
+    """_capture_decode_step without CUDA: the same step over the same buffers, run eagerly at each replay,
+    which checks that the cache still uses the tensors a CUDA graph would have captured."""
+    def capture(model, cache, kv_start, draw, tokens):
+        captures.append(cache)
+        captured = cache.pos, cache.k, cache.v, draw.state()
+
+        def replay():
+            assert cache.static and all(a is b for a, b in zip(captured, (cache.pos, cache.k, cache.v)))
+            assert all(a is b for a, b in zip(captured[3], draw.state()))
+            logits, _ = model(tokens, cache=cache, kv_start=kv_start)
+            ids, logprobs = draw.step(logits[:, -1])
+            tokens.copy_(ids.view(-1, 1))
+            return ids, logprobs
+        return replay
+    return capture
+
+
+def graphed_tokens(model, prompts, params):
+    loop = DecodeLoop(params, prompts)
+    total = max(map(len, prompts)) + max(p.max_new_tokens for p in params)
+    for _ in generate_module._graphed_decode(model, prompts, params, loop, total, lambda name: contextlib.nullcontext()):
+        pass
+    return loop.generated, loop.finish_reason, loop.logprobs
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the device draw needs a GPU or TRITON_INTERPRET=1")
+def test_compiled_decode_keeps_a_graph_per_bucket_and_reloads_it(monkeypatch):
+    """compile=True's GPU path with its CUDA graph replaced by the same step run eagerly (the CPU has
+    none): calls whose batch and length fall in one bucket (batch 3 and 4 -> 4, 40 and 60 positions ->
+    64) reuse its cache, draw and captured step, each loading its rows (left padding, penalties,
+    top-k, stop tokens, rows finishing early) into them, and draw what a fresh bucket draws; greedy
+    rows take the eager decode's tokens; batch 5 gets a bucket of its own."""
+    captures = []
+    monkeypatch.setattr(generate_module, "_capture_decode_step", eager_capture(captures))
+    monkeypatch.setattr(generate_module, "_PREFILL_BACKEND", "eager")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(small_config("llama", block_size=64), backend="torch").eval()
+    sampled = SamplingParams(temperature=0.9, top_k=8, repetition_penalty=1.3, seed=7, max_new_tokens=20)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=25, logprobs=True)  # (log-probs see the whole context)
+    calls = [([[5, 9, 11], [7] * 15, [3, 1, 4]], [greedy, sampled, greedy]),
+             ([[2, 6], [8, 8, 8, 1], [9] * 35, [4]], [sampled, greedy, SamplingParams(temperature=0.0, max_new_tokens=6,
+                                                                                      stop_token_ids=(3,)), greedy]),
+             ([[1], [2], [3], [4], [5]], [greedy] * 5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (the interpreter's overflow notes)
+        for prompts, params in calls:
+            got = graphed_tokens(model, prompts, params)
+            fresh = GPT(model.config, backend="torch").eval()  # the same weights, no bucket yet
+            fresh.load_state_dict(model.state_dict())  # (in the other weight layout: log-probs equal to rounding)
+            again = graphed_tokens(fresh, prompts, params)
+            assert got[:2] == again[:2] and got[2] == [pytest.approx(row, abs=1e-6) for row in again[2]]
+            eager = [loop for _, loop in decode_steps(model, prompts, params)][-1]
+            for b, p in enumerate(params):
+                if p.temperature == 0:
+                    assert got[0][b] == eager.generated[b] and got[1][b] == eager.finish_reason[b]
+                    assert got[2][b] == pytest.approx(eager.logprobs[b], abs=1e-4)
+    buckets = model.__dict__["_decode_graphs"]
+    assert [key[:2] for key in buckets] == [(4, 64), (8, 32)]
+    assert [c for c in captures if any(c is bucket.cache for bucket in buckets.values())] == [b.cache for b in buckets.values()]
+    assert "_decode_graphs" not in str(model.state_dict().keys())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -278,9 +345,14 @@ def test_cuda_graph_decode_gives_eager_tokens_and_replays_once_a_step(arch, monk
     assert graphed.generated == eager.generated
     assert len(replays) == 29  # one per decode step after the prefill's token
     assert "_compiled_prefill" in model.__dict__  # the prefill ran compiled (inductor)
-    longer = [p * 3 for p in prompts[:2]]  # new lengths and batch size: the same compiled prefill
-    assert [loop for _, loop in decode_steps(model, longer, params[:2], compile=True)][-1].generated == \
-        [loop for _, loop in decode_steps(model, longer, params[:2])][-1].generated
+    (bucket,) = model.__dict__["_decode_graphs"].values()
+    replay = bucket.replay
+    other = [[4, 4, 2], [9] * 45, [1] * 5, [6]]  # batch 4, new lengths, total 75: the same bucket (4, 128), graph and prefill
+    params = [params[2], params[0], params[1], params[0]]
+    assert [loop for _, loop in decode_steps(model, other, params, compile=True)][-1].generated == \
+        [loop for _, loop in decode_steps(model, other, params)][-1].generated
+    assert model.__dict__["_decode_graphs"] == {next(iter(model.__dict__["_decode_graphs"])): bucket}
+    assert bucket.replay is replay and len(replays) == 29 + 29
 
 
 @pytest.mark.cuda
