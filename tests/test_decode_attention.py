@@ -33,7 +33,10 @@ def test_matches_the_reference(B, H, Hkv, S, D, dtype):
     out = cpu_decode_attention(q, k, v)
     assert out is not None and out.shape == (B, H, 1, D)
     want = reference.attention(q.double(), k.double(), v.double(), causal=True).to(dtype)
-    torch.testing.assert_close(out, want, atol=TOL[dtype], rtol=TOL[dtype])
+    # a D-long dot product's rounding grows as sqrt(D): at D = 1500 float32 passed 2e-6 in 2 seeds of
+    # 40 (max 2.8e-6 over 300 seeds)
+    tol = TOL[dtype] * max(1.0, (D / 128) ** 0.5)
+    torch.testing.assert_close(out, want, atol=tol, rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
