@@ -49,7 +49,7 @@ class DeviceSampler:
             return torch.tensor([getattr(p, field) for p in params], dtype=dtype)
 
         seeds = torch.tensor([s - (1 << 64) if s >= 1 << 63 else s for s in seeds], dtype=torch.int64)  # uint64 bits
-        penalized = [p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params]
+        penalized = [p.penalized for p in params]
         penalties = ((column("repetition_penalty"), column("presence_penalty"), column("frequency_penalty"))
                      if any(penalized) else ())
         host = kernel.row_params(V, column("temperature"), column("top_k", torch.int64), column("top_p"),

@@ -256,23 +256,24 @@ class _DecodeGraph:
     twice the rows' work) and replay the same graph. Kept on the model (`_decode_graphs`): one
     generation at a time per model."""
 
-    def __init__(self, model, batch: int, max_len: int, prompts, params, seeds, vocab_size: int):
-        from engine.device_sampling import DeviceSampler
-
+    def __init__(self, model, batch: int, max_len: int):
         device = next(model.parameters()).device
         self.cache = KVCache(model.config, batch, max_len, device, kv_cache_dtype(model))
         self.kv_start = torch.zeros(batch, dtype=torch.long, device=device)
-        self.draw = DeviceSampler(params, prompts, seeds, vocab_size, device)
+        self.draw = None  # the first load's DeviceSampler; later loads copy theirs into its tensors
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # what the captured step reads
         self.replay = None  # the captured step, made by the first call's second step
 
-    def load(self, model, prompts, params, seeds):
+    def load(self, model, prompts, params, seeds, vocab_size: int):
         """Prefill these rows (compiled) into the cache and the draw's state; -> the prefill's logits [B, V]."""
         from engine.device_sampling import DeviceSampler
 
-        fresh = DeviceSampler(params, prompts, seeds, self.draw.vocab_size, self.kv_start.device)
-        for mine, theirs in zip(self.draw.state(), fresh.state()):
-            mine.copy_(theirs)
+        fresh = DeviceSampler(params, prompts, seeds, vocab_size, self.kv_start.device)
+        if self.draw is None:
+            self.draw = fresh
+        else:
+            for mine, theirs in zip(self.draw.state(), fresh.state()):
+                mine.copy_(theirs)
         idx, kv_start = _padded_batch(prompts, self.kv_start.device, zeros_kv_start=True)
         self.kv_start.copy_(kv_start)
         logits, _ = _compiled_prefill(model)(idx, cache=self.cache.reset(), kv_start=self.kv_start, last_only=True)
@@ -285,17 +286,16 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _decode_graph(model, prompts, params, seeds, total: int, vocab_size: int) -> _DecodeGraph:
+def _decode_graph(model, params, total: int) -> _DecodeGraph:
     """The model's bucket for these rows (a power-of-two batch, padded) and cache length `total`;
     made, the oldest dropped past _MAX_DECODE_GRAPHS, when missing."""
-    penalized = any(p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params)
-    key = (len(prompts), min(_pow2(total), model.config.block_size), penalized, any(p.logit_bias for p in params),
-           any(p.logprobs for p in params))
+    key = (len(params), min(_pow2(total), model.config.block_size), any(p.penalized for p in params),
+           any(p.logit_bias for p in params), any(p.logprobs for p in params))
     graphs = model.__dict__.setdefault("_decode_graphs", {})  # (not a submodule: the state_dict does not change)
     if key not in graphs:
         if len(graphs) >= _MAX_DECODE_GRAPHS:
             del graphs[next(iter(graphs))]
-        graphs[key] = _DecodeGraph(model, key[0], key[1], prompts, params, seeds, vocab_size)
+        graphs[key] = _DecodeGraph(model, key[0], key[1])
     graphs[key] = graphs.pop(key)  # the most recently used last
     return graphs[key]
 
@@ -315,8 +315,8 @@ def _graphed_decode(model, prompts, params, loop: DecodeLoop, total: int, phase)
         rows_prompts = prompts + [prompts[0]] * (size - B)
         rows_params = params + [SamplingParams(temperature=0.0, max_new_tokens=1)] * (size - B)
         rows_seeds = loop.seeds + [0] * (size - B)
-        bucket = _decode_graph(model, rows_prompts, rows_params, rows_seeds, total, vocab_size)
-        logits = bucket.load(model, rows_prompts, rows_params, rows_seeds)
+        bucket = _decode_graph(model, rows_params, total)
+        logits = bucket.load(model, rows_prompts, rows_params, rows_seeds, vocab_size)
     draw = bucket.draw
 
     def append(ids, logprobs):

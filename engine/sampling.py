@@ -134,6 +134,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
 
+    @property
+    def penalized(self) -> bool:
+        """Whether a repetition, presence or frequency penalty is on (the draw then counts tokens)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
     def __post_init__(self):
         fix = {name: _check_real(name, getattr(self, name), ok, allowed) for name, (ok, allowed) in _REAL_FIELDS.items()}
         fix["top_k"] = _check_int("top_k", self.top_k, 0, _INT_LIMIT, "an int >= 0 (0 = off)")
