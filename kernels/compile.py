@@ -12,13 +12,18 @@ compiled with Triton's bundled toolchain (`triton.compile(ASTSource(...), target
 arch, 32))`, which runs ptxas); its cubin is read with `cuobjdump -res-usage`. The table shows
 registers per thread, stack bytes (register spills), shared memory bytes (Triton's dynamic
 allocation plus static), the number of wgmma instructions and of TMA copies (`cp.async.bulk.tensor`)
-in the PTX, and how many CTAs of the build fit on one SM at once (registers × threads and shared
+in the PTX, how many wgmma groups stay in flight while exponentials run ("overlap": committed, then
+an `ex2` before the next `wgmma.wait_group`; the forward's softmax running beside the next QKᵀ),
+and how many CTAs of the build fit on one SM at once (registers × threads and shared
 memory against the arch's per-SM limits, as CUDA's occupancy calculator counts them). Below the
 table, one line per kernel puts a representative build of ours beside the configuration of the
 anchor it is measured against (the modules' AOT_ANCHORS: FlashAttention-3, Triton's tutorial,
 Liger). The exit status is
 non-zero when a build fails to compile, spills, overflows shared memory, lacks wgmma where its
-module requires it, or computes in 32 bits an offset its module says must be 64-bit ("wide").
+module requires it, lacks the overlap where its module asks for it, has its wgmma serialized by
+ptxas (its `-v` report, "C7514"-style: the hardware would then wait for each group anyway; checked
+with the toolchain's ptxas on every build with wgmma), or computes in 32 bits an offset its module
+says must be 64-bit ("wide").
 
 The record (kernels/aot_record.json, --record) keeps each build's row under a key that changes
 whenever what Triton would compile changes (the hash Triton gives the specialised source: the
@@ -52,6 +57,7 @@ from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia import compiler as nvidia_compiler
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import native_specialize_impl
 
@@ -66,8 +72,8 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block 
 SM_REGS, SM_WARPS, SM_CTAS = 65536, 64, 32
 SM_SMEM = {80: 164 * 1024, 90: 228 * 1024}
 RECORD = Path(__file__).with_name("aot_record.json")
-RECORDED = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "tma", "ctas", "status")  # a row less its seconds
-COLUMNS = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "tma", "ctas", "seconds", "status")
+RECORDED = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "tma", "overlap", "ctas", "status")  # a row less its seconds
+COLUMNS = ("kernel", "arch", "config", "regs", "spill", "smem", "wgmma", "tma", "overlap", "ctas", "seconds", "status")
 
 
 @functools.cache
@@ -149,6 +155,25 @@ def widened_params(ptx: str) -> set[int]:
     return widened
 
 
+def wgmma_in_flight(ptx: str) -> int:
+    """How many wgmma groups are left running while an exponential runs: a `wgmma.commit_group`
+    followed by an `ex2` before the next `wgmma.wait_group`. 0 where every group is waited for at once."""
+    return sum("ex2." in after.split("wgmma.wait_group")[0] for after in ptx.split("wgmma.commit_group")[1:])
+
+
+def wgmma_serialized(ptx: str, arch: int) -> str | None:
+    """ptxas's note when it serializes the build's wgmma (e.g. C7514: a non-wgmma instruction reads an
+    accumulator still being written), from the toolchain's own ptxas run with -v; None when it does not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        gpu = nvidia_compiler.sm_arch_from_capability(arch)
+        log = subprocess.run([nvidia_compiler.get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(src), "-o",
+                              str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True, check=True).stderr
+    note = re.search(r"\((C\d+)\) Potential Performance Loss: wgmma\.mma_async instructions are serialized", log)
+    return note and note.group(1)
+
+
 def ctas_per_sm(arch: int, regs: int, num_warps: int, smem: int) -> int:
     """How many CTAs of a build one SM holds at once: the least of what its registers (per warp,
     rounded up to 256, within each of the 4 register-file partitions), its warps, its shared memory
@@ -181,7 +206,8 @@ def compile_one(cfg: dict) -> dict:
         row.update(regs=int(res["REG"]), spill=int(res["STACK"]),
                    smem=kernel.metadata.shared + int(res["SHARED"]),
                    wgmma=len(re.findall(r"wgmma\.mma_async", kernel.asm["ptx"])),
-                   tma=len(re.findall(r"cp\.async\.bulk\.tensor", kernel.asm["ptx"])))
+                   tma=len(re.findall(r"cp\.async\.bulk\.tensor", kernel.asm["ptx"])),
+                   overlap=wgmma_in_flight(kernel.asm["ptx"]))
         row["ctas"] = ctas_per_sm(arch, row["regs"], launch.num_warps, row["smem"])
         runtime = ptx_params(sources[0].signature)
         narrow = [name for name in cfg["wide"] if runtime.index(name) not in widened_params(kernel.asm["ptx"])]
@@ -192,9 +218,13 @@ def compile_one(cfg: dict) -> dict:
             problems.append(f"smem > {SMEM_LIMIT[arch]}")
         if cfg["wgmma"] and not row["wgmma"]:
             problems.append("no wgmma")
+        if cfg.get("overlap") and not row["overlap"]:
+            problems.append("no overlap")
+        if row["wgmma"] and (note := wgmma_serialized(kernel.asm["ptx"], arch)):
+            problems.append(f"wgmma serialized ({note})")
         row["status"] = ", ".join(problems) or "ok"
     except Exception as err:  # a failed compile is a row of the report, not the end of it
-        row.update(regs=None, spill=None, smem=None, wgmma=None, tma=None, ctas=None,
+        row.update(regs=None, spill=None, smem=None, wgmma=None, tma=None, overlap=None, ctas=None,
                    status=f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}")
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
@@ -297,7 +327,7 @@ def format_anchors(rows: list[dict], modules: tuple[str, ...] = MODULES) -> str:
         r = ours_for(a, rows)
         if r is not None:
             lines.append(f"{a['kernel']} sm_{a['arch']}  ours: {r['config']} ({r['regs']} regs, {r['smem']} B smem, "
-                         f"{r['ctas']} CTA/SM, {r['wgmma']} wgmma, {r['tma']} TMA)  |  {a['anchor']}")
+                         f"{r['ctas']} CTA/SM, {r['wgmma']} wgmma, {r['tma']} TMA, {r['overlap']} overlapped)  |  {a['anchor']}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Every kernel build the launchers pick compiles ahead of time for sm_80 and sm_90 (no GPU needed):
-no register spills, shared memory within the arch's limit, wgmma in the Hopper matmul kernels,
-64-bit offsets where the modules ask for them.
+no register spills, shared memory within the arch's limit, wgmma in the Hopper matmul kernels and
+not serialized by ptxas, the sm_90 forward's next QKᵀ in flight during its softmax, 64-bit offsets
+where the modules ask for them.
 
 The compile runs in a subprocess without TRITON_INTERPRET (other test modules set it, and the
 interpreter replaces @triton.jit functions). Cold, its 1,384 builds take about 13 CPU-minutes per
@@ -69,9 +70,11 @@ def test_every_config_builds_for_each_arch(rows):
 
 
 @pytest.mark.slow
-def test_no_spills_smem_fits_wgmma_and_wide_offsets(rows):
+def test_no_spills_smem_fits_wgmma_overlap_and_wide_offsets(rows):
     wgmma = {(c["kernel"], f"sm_{c['arch']}", c["config"]) for c in aot.collect_configs() if c["wgmma"]}
     assert wgmma, "no configuration requires wgmma"
+    overlap = {(c["kernel"], f"sm_{c['arch']}", c["config"]) for c in aot.collect_configs() if c.get("overlap")}
+    assert overlap, "no configuration asks for the QKᵀ / softmax overlap"
     assert any(c["wide"] for c in aot.collect_configs()), "no configuration asks for 64-bit offsets"
     for r in rows:
         where = f"{r['kernel']} {r['arch']} {r['config']}: {r['status']}"
@@ -80,15 +83,56 @@ def test_no_spills_smem_fits_wgmma_and_wide_offsets(rows):
         assert r["smem"] <= aot.SMEM_LIMIT[int(r["arch"][3:])], where
         if (r["kernel"], r["arch"], r["config"]) in wgmma:
             assert r["wgmma"] > 0, where
-        assert r["status"] == "ok", where  # also: no offset the module asks to be 64-bit computed in 32
+        if (r["kernel"], r["arch"], r["config"]) in overlap:
+            assert r["overlap"] > 0, where
+        assert r["status"] == "ok", where  # also: no offset the module asks to be 64-bit computed in 32, no serialized wgmma
 
 
 def test_table_formatting():
     row = {"kernel": "k", "arch": "sm_90", "config": "c", "regs": 32, "spill": 0, "smem": 0, "wgmma": None,
-           "tma": 2, "ctas": 16, "seconds": 0.1, "status": "ok"}
+           "tma": 2, "overlap": 1, "ctas": 16, "seconds": 0.1, "status": "ok"}
     lines = aot.format_table([row]).splitlines()
     assert lines[0].split() == list(aot.COLUMNS)
-    assert lines[2].split()[:9] == ["k", "sm_90", "c", "32", "0", "0", "-", "2", "16"]
+    assert lines[2].split()[:10] == ["k", "sm_90", "c", "32", "0", "0", "-", "2", "1", "16"]
+
+
+def test_wgmma_in_flight_reads_ptx():
+    """A wgmma group counts as overlapped when an ex2 runs between its commit and the next wait (the
+    sm_90 forward's loop, shortened: P·V waited for at once, then QKᵀ left running through the softmax)."""
+    waited = """
+	wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r1}, {%r2}, %rd76, %p52, 1, 1, 1;
+	wgmma.commit_group.sync.aligned;
+	wgmma.wait_group.sync.aligned 0;
+	ex2.approx.ftz.f32 	%r560, %r559;
+"""
+    running = """
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r437}, %rd28, %rd81, 0, 1, 1, 0, 0;
+	wgmma.commit_group.sync.aligned;
+	max.f32 	%r527, %r495, %r496;
+	ex2.approx.ftz.f32 	%r561, %r560;
+"""
+    assert aot.wgmma_in_flight(waited) == 0
+    assert aot.wgmma_in_flight(waited + running) == 1
+    assert aot.wgmma_in_flight(waited + running + waited) == 1  # the next wait closes it
+    assert aot.wgmma_in_flight(running.replace("ex2.approx.ftz.f32", "mul.f32")) == 0
+
+
+def test_wgmma_serialized_reads_the_ptxas_report(monkeypatch):
+    """The note ptxas -v printed for the forward's first overlapped loop (its back edge copied the
+    in-flight scores), and a report without one."""
+    note = ("ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+            "non wgmma instructions reading accumulator registers of  a wgmma between start and end of the pipeline "
+            "stage in the function '_attn_fwd'\nptxas info    : Used 232 registers\n")
+    ran, real_run = [], subprocess.run
+    for log, expected in ((note, "C7514"), ("ptxas info    : Used 180 registers\n", None)):
+        def run(cmd, log=log, **kw):  # (Triton's own calls, e.g. ptxas --version, run for real)
+            if "-v" not in cmd:
+                return real_run(cmd, **kw)
+            ran.append(cmd)
+            return subprocess.CompletedProcess(cmd, 0, "", log)
+        monkeypatch.setattr(aot.subprocess, "run", run)
+        assert aot.wgmma_serialized("// ptx", 90) == expected
+    assert all("-v" in cmd and "--gpu-name=sm_90a" in cmd for cmd in ran)
 
 
 @pytest.mark.parametrize("arch,regs,warps,smem,ctas", [
@@ -186,7 +230,7 @@ def test_record_serves_unchanged_builds_and_compiles_changed_ones(tmp_path, monk
     assert len(builds) >= 2
     monkeypatch.setattr(aot, "build_key", lambda c: f"{c['kernel']} {c['arch']} {c['config']}")
     fake = lambda c: {"kernel": c["kernel"], "arch": f"sm_{c['arch']}", "config": c["config"], "regs": 1, "spill": 0,  # noqa: E731
-                      "smem": 0, "wgmma": 0, "tma": 0, "ctas": 1, "status": "ok", "triton": "0.0"}
+                      "smem": 0, "wgmma": 0, "tma": 0, "overlap": 0, "ctas": 1, "status": "ok", "triton": "0.0"}
     record = {aot.build_key(c): fake(c) for c in builds[1:]}  # the first build is not recorded
     compiled = []
     monkeypatch.setattr(aot, "compile_one", lambda cfg: compiled.append(cfg["config"]) or {**fake(cfg), "regs": 2, "seconds": 0.5})
