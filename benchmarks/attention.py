@@ -3,7 +3,8 @@
     python benchmarks/attention.py [--toy] [--gqa] [--out DIR]
 
 Forward and forward+backward TFLOP/s over sequence lengths (FLOPs 4·B·H·Sq·Sk·D, halved when
-causal; the backward counts 2.5x the forward; "ours-atomic" is the deterministic=False backward),
+causal; the backward counts 2.5x the forward; "ours-atomic" is the deterministic=False backward;
+"ours-plain", on sm_90 only, the forward without its QKᵀ/softmax overlap, kernels.attention.OVERLAP),
 and decode-step latency (one query over a KV cache
 of Sk keys) at batch 1 and 16. On CUDA: bf16, D in {64, 128}, S from 512 to 16k with B·S = 16k
 tokens and H·D = 2048. --toy: a few tiny fp32 shapes for the CPU (the Triton interpreter) that
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import plot_lines, results_dir, time_ms, write_csv  # noqa: E402
 from engine import reference  # noqa: E402
-from kernels import flash_attention  # noqa: E402
+from kernels import attention, flash_attention  # noqa: E402
 
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
@@ -43,10 +44,21 @@ def sdpa(backend: str):
     return attend
 
 
+def plain_forward(q, k, v, causal):
+    """Ours with the sm_90 forward's key loop not software-pipelined (kernels.attention.OVERLAP off)."""
+    saved, attention.OVERLAP = attention.OVERLAP, False
+    try:
+        return flash_attention(q, k, v, causal=causal)
+    finally:
+        attention.OVERLAP = saved
+
+
 def implementations(toy: bool, gqa: bool = False) -> dict:
     impls = {"ours": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal),
              # backward with atomic dQ (not bitwise deterministic); its forward is "ours"
              "ours-atomic": lambda q, k, v, causal: flash_attention(q, k, v, causal=causal, deterministic=False)}
+    if attention._target(torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0] >= attention._TMA_ARCH:
+        impls["ours-plain"] = plain_forward  # forward only
     impls.update({f"sdpa-{b}": sdpa(b) for b in SDPA_BACKENDS})
     if not toy and not gqa:  # inductor on the CPU would first build C++; on CUDA it emits Triton
         compiled = torch.compile(reference.attention, dynamic=True)
@@ -91,7 +103,7 @@ def bench_training(keep, impls, seqlens, head_dims, dtype, device, toy: bool, he
                     for name, attend in impls.items():
                         if name in ("sdpa-math", "compiled-reference") and s > 4096:
                             continue  # materialises the S x S scores: minutes and tens of GB
-                        if name == "ours-atomic" and not backward:
+                        if (name == "ours-atomic" and not backward) or (name == "ours-plain" and backward):
                             continue
                         q, k, v = (torch.randn(b, n, s, d, device=device, dtype=dtype, requires_grad=True)
                                    for n in (h, hkv, hkv))
@@ -117,7 +129,7 @@ def bench_decode(keep, impls, caches, batches, dtype, device, toy: bool, heads: 
     for b in batches:
         for sk in caches:
             for name, attend in impls.items():
-                if name in ("compiled-reference", "ours-atomic"):
+                if name in ("compiled-reference", "ours-atomic", "ours-plain"):
                     continue
                 q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
                 k, v = (torch.randn(b, hkv, sk, d, device=device, dtype=dtype) for _ in range(2))

@@ -19,12 +19,12 @@ keep their configs.
 Kinds time what they change: fwd and decode the forward op; dkdv and dq the deterministic backward op,
 dkdv_atomic the atomic one (the other kernels of the op keep the table's configs).
 
---space (offline, CPU): the tuning space of each tuned entry (16-bit, D = 64 and 128: the head dims of
-GPT-2 and Llama) is the entry's config, the anchors' configs of its kind (FlashAttention-3, Triton's
+--space (offline, CPU): the tuning space of each 16-bit entry (fp32 keeps its one config) is the entry's config, the anchors' configs of its kind (FlashAttention-3, Triton's
 tutorial: kernels/attention.py, AOT_ANCHORS) and its one-step neighbours; each is compiled for the
-entry's arch (kernels/compile.py's machinery, two representative builds: bf16, kv_start, causal and
-not; decode into fp32 partials, the causal one over a whole cache) and kept when both compile without
-spills, fit shared memory and use wgmma where required. The other variants (fp16, no kv_start) are
+entry's arch (kernels/compile.py's machinery, representative builds: bf16, kv_start, causal and
+not, and without kv_start but decode; decode into fp32 partials, the causal one over a whole cache)
+and kept when all compile without spills, fit shared memory, use wgmma where required unserialized by
+ptxas and, in the sm_90 forward, keep the next QKᵀ in flight. The other variants (fp16) are
 compiled by python -m kernels.compile once a candidate is in use: run it after a retune. --intersect keeps only candidates already in the table that also compile
 here: run --space under one Triton version and --space --intersect under the other.
 
@@ -49,7 +49,10 @@ from benchmarks.common import results_dir, time_ms, write_csv  # noqa: E402
 from engine import reference  # noqa: E402
 from kernels import attention as attn  # noqa: E402
 
-TUNED_HEAD_DIMS = (64, 128)  # --space gives these 16-bit entries a space; the others keep one candidate
+# --space gives every 16-bit entry a space. fp32 entries keep one candidate: on a GPU fp32 attention is
+# the exact path (ieee dots on CUDA cores), not a fast one; its configs are the largest clean tiles.
+# A GPU times GPT-2's and Llama's head dims first, so a tight --budget-s still covers them.
+FIRST_HEAD_DIMS = (64, 128)
 MAX_CANDIDATES = 8
 # The anchors' configs per kind, [BLOCK_M, BLOCK_N, warps, stages] (AOT_ANCHORS says where each is
 # read): FA3's sm90 forward 128x128 (2 stages; its 12 warps are not a Triton option, 8 are), the
@@ -133,7 +136,7 @@ def trying(arch: int, kind: str, half: bool, d: int, c: list[int]):
 def space(e: dict) -> list[list[int]]:
     """The entry's config, its kind's anchors and its one-step neighbours (BLOCK_N halved and doubled,
     warps 4 <-> 8, one stage more and fewer; decode keeps its 16-row tiles), valid ones, first 8."""
-    if e["dtype"] != "16-bit" or e["head_dim"] not in TUNED_HEAD_DIMS:
+    if e["dtype"] != "16-bit":
         return [config(e)]
     bm, bn, w, s = config(e)
     found = [config(e), *map(list, ANCHORS[e["kind"]]), [bm, bn // 2, w, s], [bm, bn * 2, w, s],
@@ -154,11 +157,14 @@ _KERNEL = {"fwd": attn._attn_fwd, "decode": attn._attn_fwd, "dkdv": attn._attn_b
 def representative_builds(e: dict, c: list[int]) -> list[dict]:
     """kernels/compile.py's builds of entry e with config c that hold the most live state: bf16 (or fp32)
     with kv_start, causal and not; decode at batch 1 into fp32 partials, the causal one over a whole
-    cache (kv_lens)."""
-    return [_build(e, c, causal) for causal in (True, False)]
+    cache (kv_lens); the others also without kv_start, whose unmasked key (query) tiles get a loop of
+    their own (on sm_90 the forward's is the overlapped one; there ptxas must not serialize any wgmma:
+    compile_one's checks)."""
+    paddings = (True,) if e["kind"] == "decode" else (True, False)
+    return [_build(e, c, causal, padded) for padded in paddings for causal in (True, False)]
 
 
-def _build(e: dict, c: list[int], causal: bool) -> dict:
+def _build(e: dict, c: list[int], causal: bool, padded: bool) -> dict:
     arch, kind, half, d = e["arch"], e["kind"], attn.DTYPE_CLASSES[e["dtype"]], e["head_dim"]
     dtype = torch.bfloat16 if half else torch.float32
     b, h, sq, sk = (1, 12, 1, 4096) if kind == "decode" else (2, 12, 1024, 1024)
@@ -168,11 +174,12 @@ def _build(e: dict, c: list[int], causal: bool) -> dict:
     with trying(arch, kind, half, d, c):
         if kind in ("fwd", "decode"):
             kv_lens = kv_start if kind == "decode" and causal else None
-            launches = attn._forward_launches(q, k, v, causal, 1.0, kv_start, arch, attn._AOT_SMS[arch], kv_lens)[0]
+            launches = attn._forward_launches(q, k, v, causal, 1.0, kv_start if padded else None, arch,
+                                              attn._AOT_SMS[arch], kv_lens)[0]
         else:
             o, lse = q, torch.empty(b * h, sq, dtype=torch.float32, device="meta")
-            launches = attn._backward_launches(do, q, k, v, o, lse, causal, 1.0, kv_start, kind != "dkdv_atomic",
-                                               arch)[0]
+            launches = attn._backward_launches(do, q, k, v, o, lse, causal, 1.0, kv_start if padded else None,
+                                               kind != "dkdv_atomic", arch)[0]
     (launch,) = [x for x in launches if x.kernel is _KERNEL[kind]]
     return {**attn._aot_entry(launch, arch, dtype, "decode" if kind == "decode" else "fwd"), "launches": [launch]}
 
@@ -325,6 +332,7 @@ def main(argv=None) -> int:
     arch = attn._target(torch.device(device))[0]
     entries = [e for e in doc["entries"] if e["arch"] == arch and e["kind"] in kinds and e["head_dim"] in head_dims
                and e["dtype"] in dtypes and len(e.get("candidates", [])) > 1]
+    entries.sort(key=lambda e: e["head_dim"] not in FIRST_HEAD_DIMS)  # (stable: table order otherwise)
     out = results_dir(args.out)
     measured, start = {}, time.monotonic()
     print(f"tune_attention: sm_{arch}, {len(entries)} entries with a tuning space, results in {out}")

@@ -34,7 +34,10 @@ fewer is not split (one launch, as FlashAttention-3 decides).
 On sm_90 the 16-bit forward's K and V tiles come by TMA: host-side tensor descriptors over
 [B, Hkv, Sk, D], the copy engine zero-filling rows past the end (cp.async.bulk.tensor); a view whose
 start or strides are not 16-byte aligned, fp32, decode, and sm_80 load them through pointers. The
-interpreter runs descriptors too, so the sm_90 table's parity tests cover that path.
+interpreter runs descriptors too, so the sm_90 table's parity tests cover that path. There the unmasked
+key tiles also run software-pipelined (_fwd_tiles_overlapped): the next tile's QKᵀ stays in flight on
+the tensor cores while the softmax of the current one runs (the PTX keeps that wgmma group running
+past the exponentials; kernels/compile.py checks it and that ptxas does not serialize it).
 
 Launch configs come from one table, kernels/attention_configs.json (loaded into _CONFIGS), per
 arch (sm_80 / sm_90+), kind, 16-bit or fp32, and head dim; no autotuning at run time: the table is
@@ -146,6 +149,20 @@ def _fwd_key_rows(K, start_n, stride_kn, off_b, off_hkv, k_pos, SK, MASKED: tl.c
 
 
 @triton.jit
+def _softmax_step(qk, m_i, l_i, MASKED: tl.constexpr):
+    """Online softmax of one tile of scaled scores qk [BLOCK_M, BLOCK_N]: its probabilities p relative
+    to the new row max, the factor alpha that rescales what was accumulated before, and the new m, l."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_sub = m_new
+    if MASKED:
+        # a row that has seen no visible key yet keeps m = -inf; subtracting 0 keeps it NaN-free
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, off_b, off_hkv, q_pos, lo, hi, SK, kv_start, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, TMA: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -157,17 +174,48 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, off_b, off_hkv, q_pos, lo, hi,
         if MASKED:
             qk = tl.where(_visible(q_pos[:, None], k_pos[None, :], SK, kv_start, CAUSAL, HAS_KV_START),
                           qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_sub = m_new
-        if MASKED:
-            # a row that has seen no visible key yet keeps m = -inf; subtracting 0 keeps it NaN-free
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, MASKED)
         v = _fwd_key_rows(V, start_n, stride_kn, off_b, off_hkv, k_pos, SK, MASKED, TMA, BLOCK_N, HEAD_DIM)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
-        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_tiles_overlapped(acc, l_i, m_i, q, K, V, stride_kn, off_b, off_hkv, lo, hi, SK, qk_scale,
+                          TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """_fwd_tiles over unmasked key tiles [lo, hi), at least two, with the next tile's QKᵀ running on
+    the tensor cores while this tile's softmax runs (FlashAttention-3's intra-warpgroup overlap; sm_90).
+
+    Triton leaves a wgmma in flight past its issue only if its result is just carried to the next
+    iteration and read there after a wait for every wgmma (WGMMAPipeline.cpp, "properly async"); the
+    P·V product, whose P comes from registers, always ends in such a wait. So iteration i (tile i)
+    runs: P·V of tile i - 1 (its wait also completes tile i's scores), QKᵀ of tile i + 1 (left
+    running), softmax of tile i; its P goes to iteration i + 1. The scores are scaled into new
+    registers before the next QKᵀ is issued, by an fma that the compiler cannot fuse into the softmax's
+    subtraction: reading them after the issue (as a fused fma(qk, scale, -m) would) keeps them live
+    beside the new accumulator, the loop's back edge then copies that accumulator while it is still
+    being written, and ptxas serializes every wgmma (its C7514 note; kernels/compile.py checks)."""
+    offs_n = tl.arange(0, BLOCK_N)  # (unmasked loads read no positions)
+    k = _fwd_key_rows(K, lo, stride_kn, off_b, off_hkv, offs_n, SK, False, TMA, BLOCK_N, HEAD_DIM)
+    p, alpha, m_i, l_i = _softmax_step(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale, m_i, l_i, False)
+    acc = acc * alpha[:, None]
+    k = _fwd_key_rows(K, lo + BLOCK_N, stride_kn, off_b, off_hkv, offs_n, SK, False, TMA, BLOCK_N, HEAD_DIM)
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # tile 1's raw scores
+    for start_n in range(lo + BLOCK_N, hi - BLOCK_N, BLOCK_N):
+        v = _fwd_key_rows(V, start_n - BLOCK_N, stride_kn, off_b, off_hkv, offs_n, SK, False, TMA, BLOCK_N, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        qk = tl.fma(qk, qk_scale, 0.0)
+        k = _fwd_key_rows(K, start_n + BLOCK_N, stride_kn, off_b, off_hkv, offs_n, SK, False, TMA, BLOCK_N, HEAD_DIM)
+        qk_next = tl.dot(q, tl.trans(k), input_precision="ieee")
+        p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, False)
+        acc = acc * alpha[:, None]
+        qk = qk_next
+    # the last two tiles: P·V of the one before last; softmax and P·V of the last
+    v = _fwd_key_rows(V, hi - 2 * BLOCK_N, stride_kn, off_b, off_hkv, offs_n, SK, False, TMA, BLOCK_N, HEAD_DIM)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    p, alpha, m_i, l_i = _softmax_step(qk * qk_scale, m_i, l_i, False)
+    v = _fwd_key_rows(V, hi - BLOCK_N, stride_kn, off_b, off_hkv, offs_n, SK, False, TMA, BLOCK_N, HEAD_DIM)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
     return acc, l_i, m_i
 
 
@@ -179,7 +227,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_LENS, sm_scale,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               ROWS, H, GROUP, SQ, SK, SPLIT_SIZE,
               CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_KV_LENS: tl.constexpr, TMA: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              OVERLAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query tile against the keys [split · SPLIT_SIZE, +SPLIT_SIZE) (V has K's strides). O and LSE are
     [splits, ROWS = B·H·SQ, (D)]: with one split they are the result, else partials for _attn_combine.
     Query head h reads K/V head h // GROUP (GROUP = H / Hkv query heads share one K/V head).
@@ -215,8 +263,15 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_LENS, sm_scale,
                          BLOCK_M, BLOCK_N)
     # (a descriptor's coordinates are 32-bit: batch and head indices are far below 2^31)
     desc_b, desc_h = (pid_bh // H), (pid_bh % H // GROUP)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, desc_b, desc_h, q_pos, lo, mid, SK, kv_start,
-                               qk_scale, False, CAUSAL, HAS_KV_START, TMA, BLOCK_N, HEAD_DIM)
+    if OVERLAP:
+        if mid - lo >= 2 * BLOCK_N:
+            acc, l_i, m_i = _fwd_tiles_overlapped(acc, l_i, m_i, q, K, V, stride_kn, desc_b, desc_h, lo, mid, SK,
+                                                  qk_scale, TMA, BLOCK_N, HEAD_DIM)
+        else:
+            mid = lo  # a single unmasked tile joins the masked ones
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, desc_b, desc_h, q_pos, lo, mid, SK, kv_start,
+                                   qk_scale, False, CAUSAL, HAS_KV_START, TMA, BLOCK_N, HEAD_DIM)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, stride_kn, desc_b, desc_h, q_pos, mid, hi, SK, kv_start,
                                qk_scale, True, CAUSAL, HAS_KV_START, TMA, BLOCK_N, HEAD_DIM)
 
@@ -275,27 +330,31 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, stride_qm, stride_dom, 
     [BLOCK_N, BLOCK_M] so that no large tile needs a transpose. Query rows past SQ load as zeros
     and contribute nothing. ATOMIC_DQ: also add this key tile's share of dQ into the fp32 DQ_ACC
     (two fewer matmuls than the separate dQ pass, but the summation order varies run to run)."""
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        in_rows = offs_m < SQ
-        q = tl.load(_tile_ptrs(Q, start_m, stride_qm, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
-        do = tl.load(_tile_ptrs(DO, start_m, stride_dom, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
-        lse = tl.load(LSE + offs_m, mask=in_rows, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=in_rows, other=0.0)
-        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale - lse[None, :])
-        if MASKED:
-            q_pos = offs_m + (SK - SQ)
-            p_t = tl.where(_visible(q_pos[None, :], k_pos[:, None], SK, kv_start, CAUSAL, HAS_KV_START), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
-        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-        dk = tl.dot(ds_t, q, dk, input_precision="ieee")
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t), k, input_precision="ieee") * sm_scale
-            # relaxed: nothing in the kernel reads DQ_ACC, and the kernel's end orders the sums
-            # before the launcher reads them (acq_rel, the default, fences every add for nothing)
-            tl.atomic_add(_tile_ptrs(DQ_ACC, start_m, HEAD_DIM, BLOCK_M, HEAD_DIM), dq, mask=in_rows[:, None],
-                          sem="relaxed")
+    nonempty = lo < hi  # (an empty range skips the loop's final wgmma wait too: see _dq_tiles)
+    if k.dtype == tl.float32:
+        nonempty = True
+    if nonempty:
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            in_rows = offs_m < SQ
+            q = tl.load(_tile_ptrs(Q, start_m, stride_qm, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
+            do = tl.load(_tile_ptrs(DO, start_m, stride_dom, BLOCK_M, HEAD_DIM), mask=in_rows[:, None], other=0.0)
+            lse = tl.load(LSE + offs_m, mask=in_rows, other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=in_rows, other=0.0)
+            p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale - lse[None, :])
+            if MASKED:
+                q_pos = offs_m + (SK - SQ)
+                p_t = tl.where(_visible(q_pos[None, :], k_pos[:, None], SK, kv_start, CAUSAL, HAS_KV_START), p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision="ieee")
+            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk = tl.dot(ds_t, q, dk, input_precision="ieee")
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(ds_t), k, input_precision="ieee") * sm_scale
+                # relaxed: nothing in the kernel reads DQ_ACC, and the kernel's end orders the sums
+                # before the launcher reads them (acq_rel, the default, fences every add for nothing)
+                tl.atomic_add(_tile_ptrs(DQ_ACC, start_m, HEAD_DIM, BLOCK_M, HEAD_DIM), dq, mask=in_rows[:, None],
+                              sem="relaxed")
     return dk, dv
 
 
@@ -358,16 +417,23 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, q_pos, lo, hi, SK, kv_star
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        k_pos = start_n + offs_n
-        k = _load_key_rows(_tile_ptrs(K, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
-        v = _load_key_rows(_tile_ptrs(V, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])
-        if MASKED:
-            p = tl.where(_visible(q_pos[:, None], k_pos[None, :], SK, kv_start, CAUSAL, HAS_KV_START), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
+    # An empty range skips the loop's final wgmma wait as well: else the path around the loop defines the
+    # accumulator (its initial value) before a wait for it, and ptxas serializes every wgmma (C7515).
+    # fp32 (no wgmma) keeps the bare loop: the guard made some sm_80 fp32 builds spill 8-16 B.
+    nonempty = lo < hi
+    if q.dtype == tl.float32:
+        nonempty = True
+    if nonempty:
+        for start_n in range(lo, hi, BLOCK_N):
+            k_pos = start_n + offs_n
+            k = _load_key_rows(_tile_ptrs(K, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
+            v = _load_key_rows(_tile_ptrs(V, start_n, stride_kn, BLOCK_N, HEAD_DIM), k_pos, SK, MASKED)
+            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None])
+            if MASKED:
+                p = tl.where(_visible(q_pos[:, None], k_pos[None, :], SK, kv_start, CAUSAL, HAS_KV_START), p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")
     return dq
 
 
@@ -576,6 +642,9 @@ def _kernel_layout(q, k, v):
 # CUDA-core tiles already fill the registers, and with TMA's staging its D = 128 builds spilled 176-208 B.
 # Not decode's (16-row query tiles): Triton 3.6's ptxas spilled 8-16 B in 18 of its sm_90 builds.
 _TMA_ARCH = 90
+# There the 16-bit forward also software-pipelines its unmasked key tiles (_fwd_tiles_overlapped) while
+# this is True; benchmarks/attention.py times it off too ("ours-plain") until a GPU has measured both.
+OVERLAP = True
 
 
 def _tma_ready(t) -> bool:
@@ -607,14 +676,16 @@ def _forward_launches(q, k, v, causal, sm_scale, kv_start, arch, num_sms, kv_len
     else:  # fp32 partials for the combine, in one allocation
         part = torch.empty(splits * rows * (d + 1), dtype=torch.float32, device=dev)
         o_part, lse_part = part[: splits * rows * d].view(splits, rows, d), part[splits * rows * d:].view(splits, rows)
-    tma = arch >= _TMA_ARCH and kind == "fwd" and q.dtype != torch.float32 and _tma_ready(k) and _tma_ready(v)
+    hopper_fwd = arch >= _TMA_ARCH and kind == "fwd" and q.dtype != torch.float32
+    tma = hopper_fwd and _tma_ready(k) and _tma_ready(v)
+    overlap = OVERLAP and hopper_fwd and kv_start is None  # (with kv_start every tile is masked: none to overlap)
     keys = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, c.block_n, d]) for t in (k, v)] if tma else [k, v]
     forward = Launch(
         _attn_fwd, checked_grid(b * h, m_tiles, splits),
         (q, *keys, o_part, lse_part, q if kv_start is None else kv_start, q if kv_lens is None else kv_lens,
          sm_scale, *q.stride()[:3], *k.stride()[:3], rows, h, h // hkv, sq, sk, split_size),  # (q: unused pointer)
-        dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_KV_LENS=kv_lens is not None, TMA=tma, HEAD_DIM=d,
-             BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+        dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_KV_LENS=kv_lens is not None, TMA=tma,
+             OVERLAP=overlap, HEAD_DIM=d, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
         c.num_warps, c.num_stages)
     if splits == 1:
         return [forward], o, lse
@@ -720,12 +791,14 @@ def _aot_entry(launch, arch, dtype, forward_kind):
         words.append("fp32-partials")
     if "BLOCK_N" in c:
         words += [f"BM={c['BLOCK_M']}", f"BN={c['BLOCK_N']}"]
-    words += [f"w{launch.num_warps}", f"s{launch.num_stages}"] + ["tma"] * c.get("TMA", 0)
+    words += [f"w{launch.num_warps}", f"s{launch.num_stages}"]
+    words += ["tma"] * c.get("TMA", 0) + ["overlap"] * c.get("OVERLAP", 0)
     return {"kernel": f"attn_{name}", "arch": arch, "config": " ".join(words), "launch": launch,
             # (under TMA the key rows' stride is the descriptor's, 64-bit, and the kernel reads no stride_kn)
             "wide": tuple(p for p in _WIDE_OFFSETS[launch.kernel] if not (c.get("TMA") and p == "stride_kn")),
             # Hopper tensor cores for the 16-bit matmul kernels; decode tiles are 16 rows
-            "wgmma": arch >= 90 and dtype != torch.float32 and name in ("fwd", "dkdv", "dkdv_atomic", "dq")}
+            "wgmma": arch >= 90 and dtype != torch.float32 and name in ("fwd", "dkdv", "dkdv_atomic", "dq"),
+            "overlap": bool(c.get("OVERLAP"))}  # the next QKᵀ in flight during the softmax
 
 
 # The anchors each kernel is measured against, beside one build of ours (kernels/compile.py prints

@@ -530,6 +530,76 @@ def test_sm90_forward_loads_keys_by_tma_exactly_as_by_pointers(monkeypatch, reco
     assert torch.equal(unaligned, flash_attention(q, k, k, causal=causal, kv_start=kv_start))
 
 
+def unmasked_tile_counts(sq, sk, causal, block_m, block_n):
+    """How many unmasked key tiles each query tile of the forward sees (kernels/attention.py _key_tiles)."""
+    counts = set()
+    for start_m in range(0, sq, block_m):
+        full = sk // block_n * block_n
+        if causal:
+            full = min(full, (start_m + sk - sq + 1) // block_n * block_n)
+        counts.add(max(full, 0) // block_n)
+    return counts
+
+
+# (H, Hkv, Sq, Sk, D, causal, kv_lens, unmasked key tiles per query tile): sm_90's tiles are 128 x 128
+# at D = 64 and 128 x 64 at D = 128. With 0 or 1 unmasked tiles the masked loop takes them all; with
+# 2 the overlapped loop runs no iteration (prologue and epilogue only), with 3, one, and so on.
+OVERLAP_CASES = [(2, 1, 600, 600, 64, True, False, {0, 1, 2, 3, 4}), (1, 1, 400, 464, 128, True, False, {1, 3, 5, 7}),
+                 (2, 2, 129, 300, 128, False, False, {4}), (2, 1, 70, 650, 128, True, True, {9})]
+
+
+@pytest.mark.parametrize("case", OVERLAP_CASES, ids=lambda c: f"{c[2]}x{c[3]}-D{c[4]}-" + ("causal" if c[5] else "full")
+                         + ("-kv_lens" if c[6] else ""))
+def test_sm90_overlapped_forward_equals_the_plain_loop(monkeypatch, recorded_launches, case):
+    """Under sm_90's table the 16-bit forward software-pipelines its unmasked key tiles (the next QKᵀ
+    issued before this tile's softmax, P·V a tile behind): the interpreter gives the plain loop's
+    output and logsumexp bit for bit (a GPU fuses the scaling differently: there, the reference's
+    bound). kv_lens: a whole cache whose second row holds 200 keys fewer, NaN past them."""
+    h, hkv, sq, sk, d, causal, with_lens, tile_counts = case
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("a GPU runs its own arch's table: the overlapped loop is sm_90's")
+    monkeypatch.setenv(attn.ARCH_ENV, "90")
+    c = attn._CONFIGS[(90, "fwd", True)][d]
+    assert unmasked_tile_counts(sq, sk, causal, c.block_m, c.block_n) == tile_counts
+    q, k, v, _ = make_inputs(2, h, sq, sk, d, torch.float16, hkv=hkv)
+    kv_lens = None
+    if with_lens:
+        kv_lens = torch.tensor([sk, sk - 200], device=DEVICE)
+        k[1, :, sk - 200:], v[1, :, sk - 200:] = float("nan"), float("nan")
+    with torch.no_grad():
+        got = flash_attention(q, k, v, causal=causal, kv_lens=kv_lens)
+    (forward,) = [launch for launch in recorded_launches if launch.kernel is attn._attn_fwd]
+    assert forward.constexprs["OVERLAP"] and forward.constexprs["TMA"]
+    o, lse = forward.args[3], forward.args[4]
+    overlapped = o.clone(), lse.clone()
+    forward._replace(constexprs={**forward.constexprs, "OVERLAP": False})()
+    if DEVICE == "cpu":
+        assert torch.equal(o, overlapped[0]) and torch.equal(lse, overlapped[1])
+    for row in range(2):
+        n = sk if kv_lens is None else int(kv_lens[row])
+        own = [t[row : row + 1] for t in (q, k[:, :, :n], v[:, :, :n])]
+        truth = reference.attention(*(t.double() for t in own), causal=causal)
+        bound = 2 * max_err(torch_fp16(*own, causal=causal), truth) + 1e-5
+        assert max_err(got[row : row + 1], truth) <= bound, f"row {row}"
+        assert max_err(o[row : row + 1], truth) <= bound, f"row {row}, plain loop"
+
+
+def test_sm90_overlap_is_only_for_unpadded_16_bit_prefill(monkeypatch, recorded_launches):
+    """kv_start masks every tile (nothing to overlap); fp32, decode and sm_80 keep the plain loop."""
+    q, k, v, _ = make_inputs(1, 2, 40, 300, 32, torch.float16)
+    monkeypatch.setenv(attn.ARCH_ENV, "90")
+    with torch.no_grad():
+        flash_attention(q, k, v)
+        flash_attention(q, k, v, kv_start=torch.tensor([3], device=DEVICE))
+        flash_attention(q.float(), k.float(), v.float())
+        flash_attention(q[:, :, :2], k, v)
+        monkeypatch.setenv(attn.ARCH_ENV, "80")
+        flash_attention(q, k, v)
+    if DEVICE == "cpu":
+        assert [launch.constexprs["OVERLAP"] for launch in recorded_launches if launch.kernel is attn._attn_fwd] == \
+            [True, False, False, False, False]
+
+
 def test_arch_variable_names_a_config_table(monkeypatch):
     monkeypatch.setenv(attn.ARCH_ENV, "86")
     with pytest.raises(ValueError, match=r"LLM_ENGINE_ATTN_ARCH must be one of 80, 90 .* got '86'"):
@@ -561,12 +631,15 @@ def test_gqa_bf16_on_gpu(deterministic):
 
 
 def test_benchmark_smoke(tmp_path):
-    """benchmarks/attention.py --toy runs on the CPU (interpreter) and writes its CSV and plot."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    """benchmarks/attention.py --toy runs on the CPU (interpreter) and writes its CSV and plot; under
+    sm_90's table it also times the forward without the overlap ("ours-plain", forward only)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", attn.ARCH_ENV: "90"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--toy", "--out", str(tmp_path)],
                    check=True, env=env, cwd=ROOT, timeout=300)
     csvs = sorted(tmp_path.glob("*.csv"))
     assert csvs, "no CSV written"
     header = csvs[0].read_text().splitlines()[0].split(",")
     assert {"mode", "impl", "seqlen", "head_dim", "causal", "ms", "tflops"} <= set(header)
+    plain = [row for row in csvs[0].read_text().splitlines() if ",ours-plain," in row]
+    assert plain and all(row.startswith("fwd,") for row in plain)
     assert list(tmp_path.glob("*.png"))
