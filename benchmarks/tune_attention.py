@@ -19,14 +19,16 @@ keep their configs.
 Kinds time what they change: fwd and decode the forward op; dkdv and dq the deterministic backward op,
 dkdv_atomic the atomic one (the other kernels of the op keep the table's configs).
 
---space (offline, CPU): the tuning space of each 16-bit entry (fp32 keeps its one config) is the entry's config, the anchors' configs of its kind (FlashAttention-3, Triton's
-tutorial: kernels/attention.py, AOT_ANCHORS) and its one-step neighbours; each is compiled for the
-entry's arch (kernels/compile.py's machinery, representative builds: bf16, kv_start, causal and
-not, and without kv_start but decode; decode into fp32 partials, the causal one over a whole cache)
-and kept when all compile without spills, fit shared memory, use wgmma where required unserialized by
-ptxas and, in the sm_90 forward, keep the next QKᵀ in flight. The other variants (fp16) are
-compiled by python -m kernels.compile once a candidate is in use: run it after a retune. --intersect keeps only candidates already in the table that also compile
-here: run --space under one Triton version and --space --intersect under the other.
+--space (offline, CPU): the tuning space of each 16-bit entry (fp32 keeps its one config) is the
+entry's config, the anchors' configs of its kind (FlashAttention-3, Triton's tutorial:
+kernels/attention.py, AOT_ANCHORS) and its one-step neighbours; each is compiled for the entry's arch
+(kernels/compile.py's machinery, representative builds: bf16 with kv_start, causal and not, and the
+same without kv_start except decode; decode into fp32 partials, the causal one over a whole cache)
+and kept when all compile without spills, fit shared memory, use wgmma where required without ptxas
+serializing it and, in the sm_90 forward, keep the next QKᵀ in flight. The fp16 variants are
+compiled by python -m kernels.compile once a candidate is in use: run it after a retune. --intersect
+keeps only candidates already in the table that also compile here: run --space under one Triton
+version and --space --intersect under the other.
 
 --toy: the CPU path under TRITON_INTERPRET=1 (gpu_suite.sh --dry-run): fwd and dkdv at D=64, the first
 two candidates, tiny fp16 shapes, wall-clock timing; it never rewrites the committed table.
